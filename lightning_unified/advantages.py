@@ -1,0 +1,94 @@
+"""Rewards -> advantages: the scalar that sparse on-policy weights multiply.
+
+Responses come in groups of ``group_size`` consecutive rows, one group per prompt, as the
+sampler lays them out. All functions are pure; ``rewards`` is [B] unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] -> [B / G, G], with a clear error when B is not a multiple of G."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of group_size={group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def reinforce_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE with the batch-mean baseline: A_i = r_i - mean(r)."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    return rewards - rewards.mean()
+
+
+def rloo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
+    """RLOO: A_i = r_i - mean of the other G - 1 rewards of the same prompt.
+
+    The baseline excludes the sample itself, so it stays unbiased with small groups.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
+    groups = _groups(rewards, group_size)  # [P, G]
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6) -> Tensor:
+    """GRPO: A_i = (r_i - mean_g) / (std_g + eps), per prompt group (unbiased std, as in GRPO).
+
+    A group whose rewards are all equal gets zero advantage: it carries no signal.
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+def dr_grpo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
+    """Dr. GRPO: A_i = r_i - mean_g, no std division (which up-weights too-easy and
+    too-hard prompts). Pair it with the ``constant`` loss aggregation."""
+    groups = _groups(rewards, group_size)
+    return (groups - groups.mean(-1, keepdim=True)).reshape(-1)
+
+
+def to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Sequence advantages [B] onto every response token [B, T] (0 on padding)."""
+    return advantages.unsqueeze(-1) * mask.to(advantages.dtype)
+
+
+def kl_penalized_rewards(
+    rewards: Tensor, logp: Tensor, reference_logp: Tensor, mask: Tensor, *, kl_coef: float
+) -> Tensor:
+    """The k1 reference penalty in the reward: r_i - kl_coef * sum_t (l_theta - l_ref). [B].
+
+    ``logp`` and ``reference_logp`` [B, T] are the sampled tokens' log-probs (detached).
+    Summed over the sequence, k1 is an unbiased estimate of the sequence's KL to the
+    reference. (The k3 estimator as a loss term is
+    :func:`lightning_unified.weights.k3_reference_penalty`.)
+    """
+    k1 = ((logp - reference_logp) * mask).sum(-1)
+    return rewards - kl_coef * k1
+
+
+def reverse_kl_returns(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor) -> Tensor:
+    """Per-token advantages for on-policy distillation with the teacher as reward. [B, T].
+
+    The per-token reward is r_t = l_T(y_t) - l_theta(y_t); the advantage of token t is the
+    sum of rewards from t to the end of its sequence, because choosing y_t also changes
+    which later tokens get sampled. With ``advantage_indicator`` weights, its expectation is
+    the exact gradient of the sequence-level KL(student || teacher).
+    """
+    rewards = (teacher_logp - student_logp) * mask
+    # reverse cumulative sum: returns_t = sum_{s >= t} r_s
+    return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+
+
+def group_mean(values: Tensor, *, group_size: int) -> Tensor:
+    """Mean per prompt group, [B / G]: e.g. the share of a prompt's responses that were right."""
+    return _groups(values, group_size).mean(-1)
+

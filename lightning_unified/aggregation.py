@@ -1,0 +1,73 @@
+"""How per-token terms become one loss: the normaliser, as an explicit choice.
+
+The loss is ``sum_t token_scale_t * term_t``; :func:`token_scale` folds the padding mask
+and the normaliser into one per-token factor. The normaliser is always built from GLOBAL
+counts (over every micro-batch of an optimizer step and every rank), passed in by the
+caller. That makes each micro-batch's loss a share of one global sum, so summing the
+micro-batch gradients gives exactly the gradient of the whole batch, however it is split.
+A per-micro-batch mean would weight a token of a short micro-batch more than one of a long
+one.
+
+Modes (names follow verl's ``agg_loss``):
+
+- ``token_mean``: every token counts the same: ``1 / global_tokens``.
+- ``seq_mean_token_mean``: every sequence counts the same, its tokens share its weight:
+  ``1 / (len_i * global_sequences)`` (GRPO as published).
+- ``seq_mean_token_sum``: ``1 / global_sequences``; longer sequences weigh more.
+- ``constant``: ``1 / constant`` (Dr. GRPO: no length bias at all); ``constant`` is a
+  fixed budget such as ``max_new_tokens * sequences_per_step``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+
+
+class LossCounts(NamedTuple):
+    """Token and sequence counts of a mask; sum them over micro-batches and ranks."""
+
+    # tokens with mask 1
+    tokens: float
+    # sequences with at least one token with mask 1
+    sequences: float
+
+
+def loss_counts(mask: Tensor) -> LossCounts:
+    """Counts of the tokens and sequences of ``mask`` [B, T] that enter the loss."""
+    mask = mask.bool()
+    return LossCounts(tokens=float(mask.sum()), sequences=float(mask.any(-1).sum()))
+
+
+def token_scale(
+    mask: Tensor,
+    mode: str,
+    *,
+    global_counts: LossCounts | None = None,
+    constant: float | None = None,
+) -> Tensor:
+    """Per-token factor [B, T] = mask / normaliser, for :mod:`lightning_unified.objective`.
+
+    ``global_counts`` default to this mask's own counts (one process, one micro-batch).
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    # float64 masks stay float64 (the gradient tests); bool/int masks become float32
+    mask = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    counts = global_counts if global_counts is not None else loss_counts(mask)
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError(f"aggregation 'constant' needs constant > 0, got {constant}")
+        return mask / constant
+    if mode == "token_mean":
+        return mask / max(counts.tokens, 1.0)
+    if mode == "seq_mean_token_sum":
+        return mask / max(counts.sequences, 1.0)
+    lengths = mask.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1]
+    return mask / (lengths * max(counts.sequences, 1.0))

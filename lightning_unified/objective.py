@@ -1,0 +1,328 @@
+"""The one place where gradients flow: ``-sum stopgrad(w) * log pi_theta / normaliser``.
+
+Two paths compute the same loss:
+
+* :func:`chunked_weighted_nll` from the policy's final hidden states and its output
+  projection, a chunk of tokens at a time. The gradient of each chunk is computed in the
+  forward pass from the closed form ``p * sum(w) - w`` (as fused linear cross-entropy
+  kernels do), so no ``[tokens, vocab]`` tensor larger than one chunk ever exists, in the
+  forward pass or in the backward pass. Vocabularies of 150k tokens are normal.
+* :func:`weighted_nll_from_logits` from full logits, for heads that are not a plain linear
+  map (logit soft-capping, say). Plain autograd; it agrees with the chunked path.
+
+A weight builder (see :mod:`lightning_unified.weights`) is called once per chunk as
+``weight_fn(student_logp [c, V], targets [c], **fields)``, where ``fields`` are the per-token
+tensors given to the loss sliced to the chunk, plus ``teacher_logp`` [c, V] when a
+:class:`TeacherLogits` is given. ``student_logp`` is detached: builders only read it.
+
+``token_scale`` [N] multiplies every weight of a token; it carries the padding mask and the
+loss normaliser (see :mod:`lightning_unified.aggregation`). Tokens whose scale is zero are
+dropped before any vocabulary-sized work, so prompts and padding cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_unified.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
+
+WeightFn = Callable[..., TokenWeights]
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+class WeightedNLL(NamedTuple):
+    """What the loss returns."""
+
+    # scalar surrogate loss, the only tensor that carries a gradient
+    loss: Tensor
+    # scalar real objective (CE, KL, JSD, ...) aggregated with the same normaliser; detached
+    objective: Tensor
+    # [N] log pi_theta(y_t) of every token under the current policy (0 where scale == 0);
+    # detached, for importance-ratio diagnostics without another forward pass
+    target_logp: Tensor
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """A frozen teacher's full-vocabulary distribution, made one chunk of tokens at a time.
+
+    Give either ``hidden`` [N, H_t] with ``head_weight`` [V, H_t] (and ``head_bias`` [V]),
+    so the teacher's logits exist one chunk at a time like the student's, or ``logits``
+    [N, V] when they already exist. ``temperature`` divides the teacher's logits.
+    """
+
+    hidden: Tensor | None = None
+    head_weight: Tensor | None = None
+    head_bias: Tensor | None = None
+    logits: Tensor | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.logits is None) == (self.hidden is None or self.head_weight is None):
+            raise ValueError("TeacherLogits: give either logits, or hidden together with head_weight")
+        if self.temperature <= 0:
+            raise ValueError(f"TeacherLogits.temperature must be > 0, got {self.temperature}")
+
+    def flattened(self, leading: torch.Size) -> TeacherLogits:
+        """The teacher with its token dims, which must equal the student's, flattened."""
+        if self.logits is not None:
+            return replace(self, logits=_flatten_tokens("teacher logits", self.logits, leading).detach())
+        return replace(self, hidden=_flatten_tokens("teacher hidden", self.hidden, leading).detach())
+
+    def select(self, index: Tensor) -> TeacherLogits:
+        """The teacher restricted to the tokens ``index`` [M]."""
+        if self.logits is not None:
+            return replace(self, logits=self.logits.index_select(0, index))
+        return replace(self, hidden=self.hidden.index_select(0, index))
+
+    @torch.no_grad()
+    def log_probs(self, start: int, stop: int) -> Tensor:
+        """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V] float32."""
+        if self.logits is not None:
+            logits = self.logits[start:stop]
+        else:
+            logits = F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
+        return torch.log_softmax(logits.to(_compute_dtype(logits)) / self.temperature, dim=-1)
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
+    small probabilities), the input's own precision above that."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _flatten_tokens(name: str, tensor: Tensor, leading: torch.Size) -> Tensor:
+    if tensor.shape[: len(leading)] != leading:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}, but its leading dims must match the "
+            f"token dims {tuple(leading)} of hidden/logits"
+        )
+    return tensor.reshape(-1, *tensor.shape[len(leading):])
+
+
+def _kept_tokens(
+    rows: Tensor,
+    targets: Tensor,
+    token_scale: Tensor,
+    fields: dict[str, Tensor],
+    teacher: TeacherLogits | None,
+    vocab_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor], TeacherLogits | None]:
+    """Flatten to tokens and keep only those with a nonzero scale (the ones in the loss)."""
+    leading = rows.shape[:-1]
+    targets = _flatten_tokens("targets", targets, leading)
+    token_scale = _flatten_tokens("token_scale", token_scale, leading).detach()
+    if token_scale.requires_grad or not token_scale.is_floating_point():
+        raise ValueError("token_scale must be a floating-point tensor")
+    flat_fields = {k: _flatten_tokens(f"fields[{k!r}]", v, leading).detach() for k, v in fields.items()}
+
+    keep = (token_scale != 0).nonzero().squeeze(-1)
+    targets = targets.index_select(0, keep)
+    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
+        bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
+        raise ValueError(
+            f"targets hold token id {bad} at a position with nonzero token_scale; ids must lie "
+            f"in [0, {vocab_size}) wherever the loss is computed (mask ignored positions with scale 0)"
+        )
+    kept_fields = {k: v.index_select(0, keep) for k, v in flat_fields.items()}
+    kept_teacher = None if teacher is None else teacher.flattened(leading).select(keep)
+    return keep, rows.reshape(-1, rows.shape[-1]), targets, token_scale.index_select(0, keep), kept_fields, kept_teacher
+
+
+def _chunk_weights(
+    weight_fn: WeightFn,
+    student_logp: Tensor,
+    targets: Tensor,
+    scale: Tensor,
+    fields: dict[str, Tensor],
+    teacher: TeacherLogits | None,
+    start: int,
+    stop: int,
+) -> TokenWeights:
+    chunk_fields = {k: v[start:stop] for k, v in fields.items()}
+    if teacher is not None:
+        chunk_fields["teacher_logp"] = teacher.log_probs(start, stop)
+    weights = weight_fn(student_logp, targets, **chunk_fields)
+    return weights.scaled(scale.to(student_logp.dtype))
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """Everything the chunked loss needs besides the differentiable inputs."""
+
+    targets: Tensor
+    token_scale: Tensor
+    fields: dict[str, Tensor]
+    teacher: TeacherLogits | None
+    weight_fn: WeightFn
+    temperature: float
+    chunk_size: int
+
+
+class _ChunkedWeightedNLLFunction(torch.autograd.Function):
+    """Loss and its gradient in one pass over chunks; backward only scales the stored grads."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, plan: _ChunkPlan):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        num_tokens = hidden.shape[0]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # fp32 accumulators: a sum over many chunks in bf16 would lose the small ones
+        acc = _compute_dtype(hidden)
+        grad_weight = torch.zeros_like(head_weight, dtype=acc) if need_weight else None
+        grad_bias = torch.zeros_like(head_bias, dtype=acc) if need_bias else None
+        loss = hidden.new_zeros((), dtype=acc)
+        objective = hidden.new_zeros((), dtype=acc)
+        target_logp = hidden.new_zeros(num_tokens, dtype=acc)
+
+        for start in range(0, num_tokens, plan.chunk_size):
+            stop = min(start + plan.chunk_size, num_tokens)
+            h = hidden[start:stop]  # [c, H]
+            targets = plan.targets[start:stop]  # [c]
+            logits = F.linear(h, head_weight, head_bias).to(acc)  # [c, V]
+            logp = torch.log_softmax(logits / plan.temperature, dim=-1)  # [c, V]
+            del logits
+            weights = _chunk_weights(
+                plan.weight_fn, logp, targets, plan.token_scale[start:stop], plan.fields, plan.teacher, start, stop
+            )
+            loss -= weighted_log_likelihood(logp, targets, weights).sum()
+            if weights.objective is not None:
+                objective += weights.objective.sum()
+            target_logp[start:stop] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+            grad_logits = weighted_nll_logit_grad(logp, targets, weights) / plan.temperature  # [c, V]
+            del logp, weights
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits @ head_weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h).to(acc)
+
+        if need_weight:
+            grad_weight = grad_weight.to(head_weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(head_bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(objective, target_logp)
+        return loss, objective, target_logp
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_objective: Tensor, _grad_target_logp: Tensor):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads = [
+            grad * grad_loss.to(grad.dtype) if needed else None
+            for grad, needed in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad[:3])
+        ]
+        return *grads, None
+
+
+def _check_common(temperature: float, chunk_size: int) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+
+
+def chunked_weighted_nll(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    token_scale: Tensor,
+    weight_fn: WeightFn,
+    *,
+    head_bias: Tensor | None = None,
+    fields: dict[str, Tensor] | None = None,
+    teacher: TeacherLogits | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> WeightedNLL:
+    """The one loss from final hidden states [..., H] and the output projection [V, H].
+
+    ``targets`` and ``token_scale`` have the token dims of ``hidden``; ``fields`` hold
+    per-token tensors [..., *] for the weight builder; ``temperature`` divides the student's
+    logits (the gradient includes its 1/temperature).
+    """
+    _check_common(temperature, chunk_size)
+    if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"head_weight must be [vocab, hidden={hidden.shape[-1]}], got {tuple(head_weight.shape)}"
+        )
+    keep, flat_hidden, targets, scale, fields, teacher = _kept_tokens(
+        hidden, targets, token_scale, fields or {}, teacher, head_weight.shape[0]
+    )
+    plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size)
+    loss, objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
+        flat_hidden.index_select(0, keep), head_weight, head_bias, plan
+    )
+    target_logp = kept_logp.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_logp)
+    return WeightedNLL(loss, objective, target_logp.reshape(hidden.shape[:-1]))
+
+
+def weighted_nll_from_logits(
+    logits: Tensor,
+    targets: Tensor,
+    token_scale: Tensor,
+    weight_fn: WeightFn,
+    *,
+    fields: dict[str, Tensor] | None = None,
+    teacher: TeacherLogits | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> WeightedNLL:
+    """The same loss from full logits [..., V], by plain autograd (for non-linear heads)."""
+    _check_common(temperature, chunk_size)
+    keep, flat_logits, targets, scale, fields, teacher = _kept_tokens(
+        logits, targets, token_scale, fields or {}, teacher, logits.shape[-1]
+    )
+    kept_logits = flat_logits.index_select(0, keep)
+    acc = _compute_dtype(kept_logits)
+    loss = kept_logits.new_zeros((), dtype=acc)
+    objective = kept_logits.new_zeros((), dtype=acc)
+    kept_logp = []
+    for start in range(0, kept_logits.shape[0], chunk_size):
+        stop = min(start + chunk_size, kept_logits.shape[0])
+        chunk_targets = targets[start:stop]
+        logp = torch.log_softmax(kept_logits[start:stop].to(acc) / temperature, dim=-1)  # [c, V]
+        weights = _chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop], fields, teacher, start, stop)
+        loss = loss - weighted_log_likelihood(logp, chunk_targets, weights).sum()
+        if weights.objective is not None:
+            objective = objective + weights.objective.sum()
+        kept_logp.append(logp.detach().gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1))
+    kept = torch.cat(kept_logp) if kept_logp else loss.new_zeros(0)
+    target_logp = kept.new_zeros(flat_logits.shape[0]).index_copy(0, keep, kept)
+    return WeightedNLL(loss, objective.detach(), target_logp.reshape(logits.shape[:-1]))
+
+
+@torch.no_grad()
+def target_logprobs(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    *,
+    head_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """log pi(y_t) for every token, [...], chunked and without a gradient.
+
+    Sequence-level importance ratios need the whole sequence's log-probs before any token's
+    weight is known; this extra pass over the head is paid only by them.
+    """
+    _check_common(temperature, chunk_size)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).clamp_min(0)
+    acc = _compute_dtype(hidden)
+    out = torch.empty(flat_hidden.shape[0], dtype=acc, device=hidden.device)
+    for start in range(0, flat_hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, flat_hidden.shape[0])
+        logits = F.linear(flat_hidden[start:stop], head_weight, head_bias).to(acc) / temperature
+        out[start:stop] = logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1) - logits.logsumexp(-1)
+    return out.reshape(targets.shape)

@@ -1,0 +1,266 @@
+"""Weight builders: one pure function per row of DESIGN.md's table of weights.
+
+Each builder is called per chunk of ``c`` tokens as
+``builder(student_logp [c, V], targets [c], **fields) -> TokenWeights`` where
+``student_logp`` is the detached log pi_theta and ``fields`` are per-token tensors (teacher
+log-probs, advantages, behaviour log-probs ...) sliced to the chunk. Scalar settings are
+keyword arguments, bound with ``functools.partial`` (picklable, unlike a lambda).
+
+Every builder also reports the real objective per token, whose gradient the weights
+reproduce: the tests check each pair against autograd of an independent closed form.
+A new signal is a new function here; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_unified.importance import ppo_clip_active, truncated_ratio
+from lightning_unified.token_weights import TokenWeights
+
+
+def _gather(logp: Tensor, targets: Tensor) -> Tensor:
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
+
+
+def _p_log_ratio(logp_p: Tensor, logp_q: Tensor) -> Tensor:
+    """p * (log p - log q) elementwise, 0 where p == 0 (never 0 * inf)."""
+    p = logp_p.exp()
+    return torch.where(p > 0, p * (logp_p - logp_q), 0.0)
+
+
+# --- sparse: weight on the batch token --------------------------------------------------
+
+
+def indicator(student_logp: Tensor, targets: Tensor) -> TokenWeights:
+    """SFT: w = 1[v = y_t]; the objective is cross-entropy."""
+    return TokenWeights(coef=torch.ones_like(targets, dtype=student_logp.dtype), objective=-_gather(student_logp, targets))
+
+
+def advantage_indicator(student_logp: Tensor, targets: Tensor, advantages: Tensor) -> TokenWeights:
+    """On-policy RL (REINFORCE, RLOO, GRPO) and reward-weighted SFT: w = A_t * 1[v = y_t]."""
+    advantages = advantages.to(student_logp.dtype)
+    return TokenWeights(coef=advantages, objective=-advantages * _gather(student_logp, targets))
+
+
+def dft(student_logp: Tensor, targets: Tensor) -> TokenWeights:
+    """DFT ("On the Generalization of SFT"): w = stopgrad(pi_theta(y_t)) * 1[v = y_t].
+
+    Its objective is -pi_theta(y_t): SFT's gradient rescaled by the token's probability,
+    which stops rare tokens from dominating the update.
+    """
+    p = _gather(student_logp, targets).exp()
+    return TokenWeights(coef=p, objective=-p)
+
+
+def importance_weighted_advantage(
+    student_logp: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    behaviour_logp: Tensor,
+    log_ratio: Tensor | None = None,
+    *,
+    truncate: float | None = None,
+) -> TokenWeights:
+    """Off-policy policy gradient: w = rho_t * A_t * 1[v = y_t], rho = pi_theta / mu.
+
+    ``truncate`` caps rho at c (truncated importance sampling): the capped tokens keep the
+    weight c * A_t. ``log_ratio`` [c], when given, replaces the token-level log ratio (a
+    sequence-level ratio, precomputed with the whole sequence). The objective is the
+    importance-sampled surrogate -rho * A.
+    """
+    if log_ratio is None:
+        log_ratio = _gather(student_logp, targets) - behaviour_logp
+    rho = log_ratio.to(student_logp.dtype).exp()
+    weight = rho if truncate is None else truncated_ratio(rho, truncate)
+    advantages = advantages.to(student_logp.dtype)
+    return TokenWeights(coef=weight * advantages, objective=-weight * advantages)
+
+
+def ppo_clip(
+    student_logp: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    behaviour_logp: Tensor,
+    log_ratio: Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> TokenWeights:
+    """PPO's clipped surrogate: w = rho_t * A_t where the unclipped term is active, else 0.
+
+    ``eps_high > eps_low`` is DAPO's clip-higher. ``log_ratio`` as in
+    :func:`importance_weighted_advantage` (GSPO when it is the sequence-level ratio).
+    The objective is ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``.
+    """
+    if log_ratio is None:
+        log_ratio = _gather(student_logp, targets) - behaviour_logp
+    rho = log_ratio.to(student_logp.dtype).exp()
+    advantages = advantages.to(student_logp.dtype)
+    active = ppo_clip_active(rho, advantages, eps_low=eps_low, eps_high=eps_high)
+    clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)
+    surrogate = torch.minimum(rho * advantages, clipped_rho * advantages)
+    return TokenWeights(coef=torch.where(active, rho * advantages, 0.0), objective=-surrogate)
+
+
+def k3_reference_penalty(
+    student_logp: Tensor, targets: Tensor, reference_logp: Tensor, *, kl_coef: float
+) -> TokenWeights:
+    """KL-to-reference as a loss term, the k3 estimator on sampled tokens.
+
+    ``k3 = r - log r - 1`` with ``r = pi_ref(y_t) / pi_theta(y_t)``: non-negative, unbiased
+    for KL(pi_theta || pi_ref) under on-policy samples. Its gradient is ``(1 - r) grad l``,
+    so w = kl_coef * (r - 1) * 1[v = y_t]. Add it to another builder's weights with
+    :class:`WeightSum`. (The k1 estimator belongs in the reward: see
+    :func:`lightning_unified.advantages.kl_penalized_rewards`.)
+    """
+    log_r = reference_logp.to(student_logp.dtype) - _gather(student_logp, targets)
+    r = log_r.exp()
+    return TokenWeights(coef=kl_coef * (r - 1.0), objective=kl_coef * (r - log_r - 1.0))
+
+
+def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp: Tensor) -> TokenWeights:
+    """Reverse KL through the sampled token: the teacher as a per-token reward.
+
+    w = (l_T(y_t) - l_theta(y_t)) * 1[v = y_t] on tokens sampled from the student, whose
+    expectation is the gradient of KL(student || teacher) at that position. Needs only the
+    teacher's log-prob of the sampled token, which any API teacher returns. To sum the
+    reward over future tokens, build advantages with
+    :func:`lightning_unified.advantages.reverse_kl_returns` and use
+    :func:`advantage_indicator`. The objective is the per-token sample of the KL.
+    """
+    log_ratio = teacher_token_logp.to(student_logp.dtype) - _gather(student_logp, targets)
+    return TokenWeights(coef=log_ratio, objective=-log_ratio)
+
+
+# --- dense: weight over the vocabulary from a teacher -----------------------------------
+
+
+def forward_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> TokenWeights:
+    """KL(teacher || student) over the full vocabulary: w = pi_T(v)."""
+    return TokenWeights(dense=teacher_logp.exp(), objective=_p_log_ratio(teacher_logp, student_logp).sum(-1))
+
+
+def forward_kl_topk(
+    student_logp: Tensor,
+    targets: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logp: Tensor,
+    *,
+    tail: str = "bucket",
+) -> TokenWeights:
+    """KL(teacher || student) from the teacher's top-k ids [c, K] and log-probs [c, K].
+
+    The teacher's remaining mass ``1 - sum_k pi_T`` is its tail. ``tail="bucket"`` keeps it
+    as one more category, the tokens outside the top-k, matched against the student's mass
+    there: the KL over (k + 1) categories. Its weight on each outside token is
+    ``tail_T * pi_theta(v) / tail_theta``: the teacher's tail shared out like the student's.
+    ``tail="renormalize"`` drops the tail and renormalises the teacher over its top-k.
+    """
+    teacher_topk_logp = teacher_topk_logp.to(student_logp.dtype)
+    student_topk = student_logp.gather(-1, teacher_topk_ids)  # [c, K]
+    if tail == "renormalize":
+        teacher_q = torch.log_softmax(teacher_topk_logp, dim=-1)
+        return TokenWeights(
+            topk_ids=teacher_topk_ids,
+            topk_weight=teacher_q.exp(),
+            objective=_p_log_ratio(teacher_q, student_topk).sum(-1),
+        )
+    if tail != "bucket":
+        raise ValueError(f"forward_kl_topk: tail must be 'bucket' or 'renormalize', got {tail!r}")
+    # log(1 - sum p) computed stably; the clamp absorbs a teacher whose top-k sums to 1
+    tiny = torch.finfo(student_logp.dtype).tiny
+    teacher_in = teacher_topk_logp.logsumexp(-1)  # [c] log of the top-k mass
+    teacher_tail_mass = (1.0 - teacher_in.exp()).clamp_min(0.0)  # [c]
+    outside = torch.ones_like(student_logp, dtype=torch.bool).scatter(-1, teacher_topk_ids, False)  # [c, V]
+    student_p = student_logp.exp()
+    student_tail_mass = torch.where(outside, student_p, 0.0).sum(-1)  # [c]
+    share = torch.where(outside, student_p, 0.0) / student_tail_mass.clamp_min(tiny).unsqueeze(-1)
+    tail_kl = torch.where(
+        teacher_tail_mass > 0,
+        teacher_tail_mass * (teacher_tail_mass.clamp_min(tiny).log() - student_tail_mass.clamp_min(tiny).log()),
+        0.0,
+    )
+    return TokenWeights(
+        topk_ids=teacher_topk_ids,
+        topk_weight=teacher_topk_logp.exp(),
+        dense=teacher_tail_mass.unsqueeze(-1) * share,
+        objective=_p_log_ratio(teacher_topk_logp, student_topk).sum(-1) + tail_kl,
+    )
+
+
+def reverse_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> TokenWeights:
+    """Exact KL(student || teacher) over the full vocabulary: w = pi_theta(v) (l_T(v) - l_theta(v))."""
+    student_p = student_logp.exp()
+    return TokenWeights(
+        dense=student_p * (teacher_logp - student_logp),
+        objective=_p_log_ratio(student_logp, teacher_logp).sum(-1),
+    )
+
+
+def jsd(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor, *, beta: float = 0.5) -> TokenWeights:
+    """Generalised Jensen-Shannon divergence (GKD) with M = beta pi_T + (1 - beta) pi_theta.
+
+    ``JSD_beta = beta KL(T || M) + (1 - beta) KL(theta || M)``. Its gradient in pi_theta is
+    ``(1 - beta) log(pi_theta / M)``, so w = (1 - beta) pi_theta (l_M - l_theta). As in GKD,
+    beta = 0 is forward KL(T || theta) and beta = 1 is reverse KL(theta || T): the two limits
+    of JSD_beta / beta and JSD_beta / (1 - beta).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logp, targets, teacher_logp)
+    if beta == 1.0:
+        return reverse_kl(student_logp, targets, teacher_logp)
+    mixture_logp = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1.0 - beta)))
+    objective = beta * _p_log_ratio(teacher_logp, mixture_logp).sum(-1) + (1.0 - beta) * _p_log_ratio(
+        student_logp, mixture_logp
+    ).sum(-1)
+    dense = (1.0 - beta) * student_logp.exp() * (mixture_logp - student_logp)
+    return TokenWeights(dense=dense, objective=objective)
+
+
+# --- composition ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightSum:
+    """Several builders' weights added, e.g. GRPO's advantage term plus a k3 penalty.
+
+    Each part receives only the fields its signature names, so parts with different
+    inputs compose. A dataclass rather than a closure, so it pickles into spawned workers.
+    """
+
+    parts: tuple[Callable[..., TokenWeights], ...]
+
+    def __call__(self, student_logp: Tensor, targets: Tensor, **fields: Tensor) -> TokenWeights:
+        total = None
+        for part in self.parts:
+            required, optional = _field_names(part)
+            missing = required - fields.keys()
+            if missing:
+                raise KeyError(f"weight builder {_name(part)} needs fields {sorted(missing)}; got {sorted(fields)}")
+            given = {k: fields[k] for k in (required | optional) & fields.keys()}
+            weights = part(student_logp, targets, **given)
+            total = weights if total is None else total + weights
+        if total is None:
+            raise ValueError("WeightSum needs at least one part")
+        return total
+
+
+def _name(fn: Callable) -> str:
+    return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
+
+
+def _field_names(fn: Callable) -> tuple[set[str], set[str]]:
+    """The per-token fields a builder takes, (required, optional): its positional-or-keyword
+    parameters after the first two. Keyword-only parameters are scalar settings."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    fields = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    required = {p.name for p in fields if p.default is inspect.Parameter.empty}
+    return required, {p.name for p in fields} - required
