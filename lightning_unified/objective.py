@@ -33,7 +33,17 @@ from lightning_unified.token_weights import TokenWeights, weighted_log_likelihoo
 
 WeightFn = Callable[..., TokenWeights]
 
-DEFAULT_CHUNK_SIZE = 1024
+MIN_AUTO_CHUNK = 128
+
+
+def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk so that one chunk's [c, V] logits are about as large as the [N, H]
+    hidden states (the rule Liger-Kernel's fused linear losses use): the loss then adds no
+    more than one activation's worth of memory. A power of two, and at least MIN_AUTO_CHUNK
+    tokens, because thinner matmuls waste more time than the memory they save."""
+    ratio = -(-vocab_size // max(hidden_size, 1))  # ceil(V / H)
+    target = max(1, -(-num_tokens // ratio))
+    return max(MIN_AUTO_CHUNK, 1 << (target - 1).bit_length())
 
 
 class WeightedNLL(NamedTuple):
@@ -88,13 +98,20 @@ class TeacherLogits:
             logits = self.logits[start:stop]
         else:
             logits = F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
-        return torch.log_softmax(logits.to(_compute_dtype(logits)) / self.temperature, dim=-1)
+        return _log_softmax(logits, self.temperature, _compute_dtype(logits))
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
     small probabilities), the input's own precision above that."""
     return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    logits = logits.to(dtype)
+    if temperature != 1.0:  # skip a pass over [c, V] in the common case
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _flatten_tokens(name: str, tensor: Tensor, leading: torch.Size) -> Tensor:
@@ -118,14 +135,15 @@ def _kept_tokens(
     leading = rows.shape[:-1]
     targets = _flatten_tokens("targets", targets, leading)
     token_scale = _flatten_tokens("token_scale", token_scale, leading).detach()
-    if token_scale.requires_grad or not token_scale.is_floating_point():
-        raise ValueError("token_scale must be a floating-point tensor")
+    if not token_scale.is_floating_point():
+        raise ValueError(f"token_scale must be a floating-point tensor, got {token_scale.dtype}")
     flat_fields = {k: _flatten_tokens(f"fields[{k!r}]", v, leading).detach() for k, v in fields.items()}
 
     keep = (token_scale != 0).nonzero().squeeze(-1)
     targets = targets.index_select(0, keep)
-    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
-        bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
+    out_of_range = (targets < 0) | (targets >= vocab_size)
+    if out_of_range.any():
+        bad = targets[out_of_range][0].item()
         raise ValueError(
             f"targets hold token id {bad} at a position with nonzero token_scale; ids must lie "
             f"in [0, {vocab_size}) wherever the loss is computed (mask ignored positions with scale 0)"
@@ -185,9 +203,7 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
             stop = min(start + plan.chunk_size, num_tokens)
             h = hidden[start:stop]  # [c, H]
             targets = plan.targets[start:stop]  # [c]
-            logits = F.linear(h, head_weight, head_bias).to(acc)  # [c, V]
-            logp = torch.log_softmax(logits / plan.temperature, dim=-1)  # [c, V]
-            del logits
+            logp = _log_softmax(F.linear(h, head_weight, head_bias), plan.temperature, acc)  # [c, V]
             weights = _chunk_weights(
                 plan.weight_fn, logp, targets, plan.token_scale[start:stop], plan.fields, plan.teacher, start, stop
             )
@@ -196,7 +212,9 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
                 objective += weights.objective.sum()
             target_logp[start:stop] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-            grad_logits = weighted_nll_logit_grad(logp, targets, weights) / plan.temperature  # [c, V]
+            grad_logits = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
+            if plan.temperature != 1.0:
+                grad_logits.div_(plan.temperature)
             del logp, weights
             if need_bias:
                 grad_bias += grad_logits.sum(0)
@@ -224,10 +242,10 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         return *grads, None
 
 
-def _check_common(temperature: float, chunk_size: int) -> None:
+def _check_common(temperature: float, chunk_size: int | None) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size <= 0:
+    if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
 
 
@@ -242,13 +260,14 @@ def chunked_weighted_nll(
     fields: dict[str, Tensor] | None = None,
     teacher: TeacherLogits | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> WeightedNLL:
     """The one loss from final hidden states [..., H] and the output projection [V, H].
 
     ``targets`` and ``token_scale`` have the token dims of ``hidden``; ``fields`` hold
     per-token tensors [..., *] for the weight builder; ``temperature`` divides the student's
-    logits (the gradient includes its 1/temperature).
+    logits (the gradient includes its 1/temperature). ``chunk_size`` defaults to
+    :func:`auto_chunk_size`.
     """
     _check_common(temperature, chunk_size)
     if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[-1]:
@@ -258,6 +277,8 @@ def chunked_weighted_nll(
     keep, flat_hidden, targets, scale, fields, teacher = _kept_tokens(
         hidden, targets, token_scale, fields or {}, teacher, head_weight.shape[0]
     )
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(targets.shape[0], head_weight.shape[0], head_weight.shape[1])
     plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size)
     loss, objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
         flat_hidden.index_select(0, keep), head_weight, head_bias, plan
@@ -275,7 +296,7 @@ def weighted_nll_from_logits(
     fields: dict[str, Tensor] | None = None,
     teacher: TeacherLogits | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> WeightedNLL:
     """The same loss from full logits [..., V], by plain autograd (for non-linear heads)."""
     _check_common(temperature, chunk_size)
@@ -283,6 +304,8 @@ def weighted_nll_from_logits(
         logits, targets, token_scale, fields or {}, teacher, logits.shape[-1]
     )
     kept_logits = flat_logits.index_select(0, keep)
+    if chunk_size is None:
+        chunk_size = max(1, kept_logits.shape[0])  # the logits exist already; chunks only bound the builder's temporaries
     acc = _compute_dtype(kept_logits)
     loss = kept_logits.new_zeros((), dtype=acc)
     objective = kept_logits.new_zeros((), dtype=acc)
@@ -290,7 +313,7 @@ def weighted_nll_from_logits(
     for start in range(0, kept_logits.shape[0], chunk_size):
         stop = min(start + chunk_size, kept_logits.shape[0])
         chunk_targets = targets[start:stop]
-        logp = torch.log_softmax(kept_logits[start:stop].to(acc) / temperature, dim=-1)  # [c, V]
+        logp = _log_softmax(kept_logits[start:stop], temperature, acc)  # [c, V]
         weights = _chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop], fields, teacher, start, stop)
         loss = loss - weighted_log_likelihood(logp, chunk_targets, weights).sum()
         if weights.objective is not None:
@@ -309,7 +332,7 @@ def target_logprobs(
     *,
     head_bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """log pi(y_t) for every token, [...], chunked and without a gradient.
 
@@ -319,6 +342,8 @@ def target_logprobs(
     _check_common(temperature, chunk_size)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).clamp_min(0)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(flat_hidden.shape[0], head_weight.shape[0], head_weight.shape[1])
     acc = _compute_dtype(hidden)
     out = torch.empty(flat_hidden.shape[0], dtype=acc, device=hidden.device)
     for start in range(0, flat_hidden.shape[0], chunk_size):

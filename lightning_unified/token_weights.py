@@ -93,9 +93,12 @@ def weighted_log_likelihood(logp: Tensor, targets: Tensor, weights: TokenWeights
     if weights.topk_weight is not None:
         out = out + (weights.topk_weight * logp.gather(-1, weights.topk_ids)).sum(-1)
     if weights.dense is not None:
-        # where w == 0 the term is 0 even if logp is -inf (a vocabulary entry masked out)
-        term = torch.where(weights.dense == 0, 0.0, weights.dense * logp)
-        out = out + term.sum(-1)
+        dense_term = torch.linalg.vecdot(weights.dense, logp)  # fused: no [c, V] temporary
+        if dense_term.isnan().any():
+            # 0 * -inf (a vocabulary entry masked out of the logits) is nan: make it the 0 it
+            # means. Only logits with -inf entries get here; the plain path stays one pass.
+            dense_term = torch.where(weights.dense == 0, 0.0, weights.dense * logp).sum(-1)
+        out = out + dense_term
     return out
 
 
@@ -105,11 +108,12 @@ def weighted_nll_logit_grad(logp: Tensor, targets: Tensor, weights: TokenWeights
     This closed form is why the chunked loss never has to keep a chunk's logits for the
     backward pass: the gradient is known as soon as the weights are.
     """
-    grad = logp.exp() * weights.total(logp).unsqueeze(-1)
+    # in place on one fresh [c, V] tensor: each extra pass over the vocabulary costs time
+    grad = logp.exp().mul_(weights.total(logp).unsqueeze(-1))
     if weights.dense is not None:
-        grad = grad - weights.dense
+        grad.sub_(weights.dense)
     if weights.topk_weight is not None:
-        grad = grad.scatter_add(-1, weights.topk_ids, -weights.topk_weight)
+        grad.scatter_add_(-1, weights.topk_ids, -weights.topk_weight)
     if weights.coef is not None:
-        grad = grad.scatter_add(-1, targets.unsqueeze(-1), -weights.coef.unsqueeze(-1))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), -weights.coef.unsqueeze(-1))
     return grad

@@ -14,6 +14,7 @@ A new signal is a new function here; nothing else changes.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,10 +29,17 @@ def _gather(logp: Tensor, targets: Tensor) -> Tensor:
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
 
 
-def _p_log_ratio(logp_p: Tensor, logp_q: Tensor) -> Tensor:
-    """p * (log p - log q) elementwise, 0 where p == 0 (never 0 * inf)."""
-    p = logp_p.exp()
-    return torch.where(p > 0, p * (logp_p - logp_q), 0.0)
+def _kl_terms(logp_p: Tensor, logp_q: Tensor, p: Tensor | None = None) -> Tensor:
+    """sum_v p(v) (log p(v) - log q(v)) per row, [c]; a zero p(v) adds 0, never 0 * inf.
+
+    ``p`` is exp(logp_p) when the caller has it already: every pass over [c, V] costs.
+    """
+    if p is None:
+        p = logp_p.exp()
+    # where p = 0, log p = -inf makes the difference -inf or nan: set it to 0; an infinite
+    # KL (p > 0 where q = 0) keeps its +inf
+    diff = (logp_p - logp_q).nan_to_num_(nan=0.0, neginf=0.0, posinf=float("inf"))
+    return torch.linalg.vecdot(p, diff)
 
 
 # --- sparse: weight on the batch token --------------------------------------------------
@@ -143,7 +151,8 @@ def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp
 
 def forward_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> TokenWeights:
     """KL(teacher || student) over the full vocabulary: w = pi_T(v)."""
-    return TokenWeights(dense=teacher_logp.exp(), objective=_p_log_ratio(teacher_logp, student_logp).sum(-1))
+    teacher_p = teacher_logp.exp()
+    return TokenWeights(dense=teacher_p, objective=_kl_terms(teacher_logp, student_logp, teacher_p))
 
 
 def forward_kl_topk(
@@ -169,7 +178,7 @@ def forward_kl_topk(
         return TokenWeights(
             topk_ids=teacher_topk_ids,
             topk_weight=teacher_q.exp(),
-            objective=_p_log_ratio(teacher_q, student_topk).sum(-1),
+            objective=_kl_terms(teacher_q, student_topk),
         )
     if tail != "bucket":
         raise ValueError(f"forward_kl_topk: tail must be 'bucket' or 'renormalize', got {tail!r}")
@@ -190,17 +199,17 @@ def forward_kl_topk(
         topk_ids=teacher_topk_ids,
         topk_weight=teacher_topk_logp.exp(),
         dense=teacher_tail_mass.unsqueeze(-1) * share,
-        objective=_p_log_ratio(teacher_topk_logp, student_topk).sum(-1) + tail_kl,
+        objective=_kl_terms(teacher_topk_logp, student_topk) + tail_kl,
     )
 
 
 def reverse_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> TokenWeights:
     """Exact KL(student || teacher) over the full vocabulary: w = pi_theta(v) (l_T(v) - l_theta(v))."""
     student_p = student_logp.exp()
-    return TokenWeights(
-        dense=student_p * (teacher_logp - student_logp),
-        objective=_p_log_ratio(student_logp, teacher_logp).sum(-1),
-    )
+    log_ratio = teacher_logp - student_logp
+    # the KL is -sum_v w(v): no second pass over the vocabulary for the metric
+    dense = student_p * log_ratio
+    return TokenWeights(dense=dense, objective=-dense.sum(-1))
 
 
 def jsd(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor, *, beta: float = 0.5) -> TokenWeights:
@@ -217,10 +226,8 @@ def jsd(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor, *, beta: fl
         return forward_kl(student_logp, targets, teacher_logp)
     if beta == 1.0:
         return reverse_kl(student_logp, targets, teacher_logp)
-    mixture_logp = torch.logaddexp(teacher_logp + torch.log(torch.tensor(beta)), student_logp + torch.log(torch.tensor(1.0 - beta)))
-    objective = beta * _p_log_ratio(teacher_logp, mixture_logp).sum(-1) + (1.0 - beta) * _p_log_ratio(
-        student_logp, mixture_logp
-    ).sum(-1)
+    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    objective = beta * _kl_terms(teacher_logp, mixture_logp) + (1.0 - beta) * _kl_terms(student_logp, mixture_logp)
     dense = (1.0 - beta) * student_logp.exp() * (mixture_logp - student_logp)
     return TokenWeights(dense=dense, objective=objective)
 

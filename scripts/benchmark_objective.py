@@ -1,0 +1,198 @@
+"""Benchmark the chunked weighted loss against a plain PyTorch loop doing the same math.
+
+For each signal (SFT's cross-entropy, forward KL to a full teacher, reverse KL) it times a
+forward + backward of the loss head, from hidden states to gradients, and measures its peak
+memory, for:
+
+- ``plain``: full logits ``hidden @ W.T`` then ``F.cross_entropy`` / ``F.kl_div``, the way a
+  hand-written loop does it (the teacher's logits materialised too);
+- ``chunked``: :func:`lightning_unified.objective.chunked_weighted_nll`.
+
+Each variant runs in its own subprocess, so peak memory is the process's real high-water
+mark (on CPU: VmHWM after resetting it; on CUDA: the allocator's peak), above what the
+inputs already hold. Times are medians over repeats; ratios are chunked / plain from this
+same run. Prints a table and writes it as JSON with ``--out``.
+
+    python scripts/benchmark_objective.py                     # 131k vocabulary, CPU
+    python scripts/benchmark_objective.py --device cuda --tokens 16384 --hidden 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+SIGNALS = ("sft", "forward_kl", "reverse_kl")
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets the process's peak RSS (VmHWM)
+            f.write("5")
+
+
+def _memory_now(device: str) -> tuple[int, int]:
+    """(current, peak) bytes."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
+    logits = hidden @ head.T  # [N, V]
+    if signal == "sft":
+        loss = F.cross_entropy(logits.float(), targets)
+    else:
+        with torch.no_grad():
+            teacher_logp = torch.log_softmax((teacher_hidden @ teacher_head.T).float(), -1)  # [N, V]
+        student_logp = torch.log_softmax(logits.float(), -1)
+        if signal == "forward_kl":
+            loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+        else:
+            loss = F.kl_div(teacher_logp, student_logp, log_target=True, reduction="batchmean")
+    loss.backward()
+    return loss
+
+
+def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, chunk_size):
+    from lightning_unified import weights
+    from lightning_unified.objective import TeacherLogits, chunked_weighted_nll
+
+    scale = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
+    builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl}[signal]
+    teacher = None if signal == "sft" else TeacherLogits(hidden=teacher_hidden, head_weight=teacher_head)
+    out = chunked_weighted_nll(hidden, head, targets, scale, builder, teacher=teacher, chunk_size=chunk_size)
+    out.loss.backward()
+    return out.objective  # the real objective (CE, KL), comparable to the plain loop's loss
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One variant, one signal, in this process: median time and peak memory."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads) if args.threads else None
+    device, dtype = args.device, getattr(torch, args.dtype)
+    hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    head = (torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) / args.hidden**0.5).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    teacher_hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
+    teacher_head = torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) / args.hidden**0.5
+    if args.variant == "plain":
+        step = partial(_plain_step, args.signal)
+    else:
+        step = partial(_chunked_step, args.signal, chunk_size=args.chunk_size)
+    inputs = (hidden, head, targets, teacher_hidden, teacher_head)
+
+    step(*inputs)  # warm-up (allocator, kernels)
+    hidden.grad = head.grad = None
+    base, _ = _memory_now(device)
+    _reset_peak(device)
+    step(*inputs)
+    _, peak = _memory_now(device)
+    hidden.grad = head.grad = None
+
+    times = []
+    for _ in range(args.repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step(*inputs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        hidden.grad = head.grad = None
+    return {
+        "signal": args.signal,
+        "variant": args.variant,
+        "median_s": statistics.median(times),
+        "peak_extra_mib": (peak - base) / 2**20,
+        "loss": float(loss),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens in the loss (batch x response length)")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the final hidden states")
+    parser.add_argument("--vocab", type=int, default=131072, help="vocabulary size (131k as in Llama 3)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: auto)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant; the median is reported")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated subset of {SIGNALS}")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--variant", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--signal", choices=SIGNALS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variant:  # a child process: measure one cell of the table
+        print(json.dumps(run_one(args)))
+        return
+
+    rows = []
+    for signal in args.signals.split(","):
+        if signal not in SIGNALS:
+            parser.error(f"--signals: unknown signal {signal!r}; choose from {SIGNALS}")
+        cell = {}
+        for variant in ("plain", "chunked"):
+            child = [sys.executable, __file__, "--variant", variant, "--signal", signal] + sys.argv[1:]
+            done = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo_root()})
+            if done.returncode != 0:
+                sys.exit(f"{variant} {signal} failed:\n{done.stderr}")
+            cell[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        plain, chunked = cell["plain"], cell["chunked"]
+        rows.append(
+            {
+                "signal": signal,
+                "plain_s": plain["median_s"],
+                "chunked_s": chunked["median_s"],
+                "time_ratio": chunked["median_s"] / plain["median_s"],
+                "plain_peak_mib": plain["peak_extra_mib"],
+                "chunked_peak_mib": chunked["peak_extra_mib"],
+                "memory_ratio": chunked["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9),
+                "loss_diff": abs(chunked["loss"] - plain["loss"]),
+            }
+        )
+
+    print(
+        f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} dtype={args.dtype} "
+        f"device={args.device} repeats={args.repeats} (medians; ratios are chunked / plain)"
+    )
+    header = f"{'signal':<11}{'plain s':>10}{'chunked s':>11}{'time x':>8}{'plain MiB':>11}{'chunked MiB':>13}{'mem x':>8}{'|dloss|':>10}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['signal']:<11}{r['plain_s']:>10.3f}{r['chunked_s']:>11.3f}{r['time_ratio']:>8.2f}"
+            f"{r['plain_peak_mib']:>11.0f}{r['chunked_peak_mib']:>13.0f}{r['memory_ratio']:>8.2f}{r['loss_diff']:>10.1e}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+        print(f"results written to {args.out}")
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+if __name__ == "__main__":
+    main()

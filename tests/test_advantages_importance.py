@@ -1,0 +1,77 @@
+"""Advantage estimators and ratio diagnostics on hand-checkable numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_unified import advantages as adv
+from lightning_unified import importance
+
+
+def test_reinforce_subtracts_the_batch_mean() -> None:
+    torch.testing.assert_close(adv.reinforce_advantages(torch.tensor([1.0, 0.0, 0.0, 3.0])), torch.tensor([0.0, -1.0, -1.0, 2.0]))
+
+
+def test_rloo_leaves_the_sample_out() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])
+    got = adv.rloo_advantages(r, group_size=3)
+    want = torch.tensor([1.0 - 0.0, 0.0 - 0.5, 0.0 - 0.5, 2.0 - 3.5, 2.0 - 3.5, 5.0 - 2.0])
+    torch.testing.assert_close(got, want)
+
+
+def test_grpo_normalises_per_group_and_zeroes_uniform_groups() -> None:
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    got = adv.grpo_advantages(r, group_size=4)
+    first = r[:4]
+    torch.testing.assert_close(got[:4], (first - first.mean()) / (first.std() + 1e-6))
+    torch.testing.assert_close(got[4:], torch.zeros(4))  # no signal in a group that agrees
+
+
+def test_dr_grpo_only_centres() -> None:
+    r = torch.tensor([1.0, 0.0, 3.0, 5.0])
+    torch.testing.assert_close(adv.dr_grpo_advantages(r, group_size=2), torch.tensor([0.5, -0.5, -1.0, 1.0]))
+
+
+def test_group_size_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="groups of group_size=4"):
+        adv.grpo_advantages(torch.zeros(6), group_size=4)
+    with pytest.raises(ValueError, match="RLOO needs group_size >= 2"):
+        adv.rloo_advantages(torch.zeros(6), group_size=1)
+
+
+def test_to_tokens_and_kl_penalty() -> None:
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(adv.to_tokens(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -9.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]])
+    got = adv.kl_penalized_rewards(torch.tensor([1.0, 1.0]), logp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(got, torch.tensor([1.0 - 0.1 * (0.5 - 1.0), 1.0]))
+
+
+def test_reverse_kl_returns_sum_future_rewards() -> None:
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    teacher = torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    student = torch.tensor([[-2.0, -2.0, -1.0, -1.0]])
+    torch.testing.assert_close(adv.reverse_kl_returns(teacher, student, mask), torch.tensor([[-1.0, -2.0, -2.0, 0.0]]))
+
+
+def test_sequence_log_ratio_is_the_mean_over_the_sequence() -> None:
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    logp = torch.tensor([[-1.0, -1.0, -5.0], [-2.0, -5.0, -5.0]])
+    mu = torch.tensor([[-2.0, -1.5, 0.0], [-1.0, 0.0, 0.0]])
+    torch.testing.assert_close(importance.sequence_log_ratio(logp, mu, mask), torch.tensor([[0.75, 0.75, 0.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_diagnostics() -> None:
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    on_policy = importance.ratio_diagnostics(torch.zeros(1, 4), mask)
+    assert on_policy["ess"].item() == pytest.approx(1.0)
+    assert on_policy["mean_ratio"].item() == pytest.approx(1.0)
+    log_ratio = torch.log(torch.tensor([[2.0, 0.5, 1.0, 1.0]]))
+    a = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    d = importance.ratio_diagnostics(log_ratio, mask, advantages=a, eps_low=0.2, eps_high=0.2, truncate=1.5)
+    assert d["ess"].item() == pytest.approx(4.5**2 / (4 * 6.25))
+    assert d["clip_fraction"].item() == pytest.approx(0.5)  # 2.0 with A > 0 and 0.5 with A < 0
+    assert d["truncated_fraction"].item() == pytest.approx(0.25)
+    assert d["max_ratio"].item() == pytest.approx(2.0)

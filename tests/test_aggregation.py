@@ -1,0 +1,65 @@
+"""Loss normalisers use global counts, so any split into micro-batches gives the same gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_unified import weights
+from lightning_unified.aggregation import AGGREGATIONS, LossCounts, loss_counts, token_scale
+from lightning_unified.objective import chunked_weighted_nll
+from tests.conftest import make_problem
+
+
+def _loss(p, rows, mode, counts):
+    mask = p.mask[rows]
+    scale = token_scale(mask, mode, global_counts=counts, constant=50.0)
+    return chunked_weighted_nll(
+        p.hidden[rows], p.head, p.targets[rows], scale, weights.advantage_indicator,
+        fields={"advantages": p.advantages[rows]}, chunk_size=3,
+    ).loss
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_one_and_four_micro_batches_give_the_same_gradient(mode: str) -> None:
+    p = make_problem(seed=20, batch=8)
+    counts = loss_counts(p.mask)
+    whole = torch.autograd.grad(_loss(p, slice(None), mode, counts), p.leaves())
+    # four micro-batches of 1, 3, 2 and 2 sequences, with different token counts
+    bounds = [(0, 1), (1, 4), (4, 6), (6, 8)]
+    split = sum(_loss(p, slice(a, b), mode, counts) for a, b in bounds)
+    parts = torch.autograd.grad(split, p.leaves())
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a per-micro-batch normaliser would not: the test can tell the difference
+    if mode in ("token_mean", "seq_mean_token_mean"):
+        local = sum(_loss(p, slice(a, b), mode, loss_counts(p.mask[a:b])) / 4 for a, b in bounds)
+        local_grads = torch.autograd.grad(local, p.leaves())
+        assert (local_grads[1] - whole[1]).abs().max() > 1e-6
+
+
+def test_token_mean_is_cross_entropy_mean() -> None:
+    p = make_problem(seed=21)
+    scale = token_scale(p.mask, "token_mean")
+    out = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, weights.indicator)
+    ce = F.cross_entropy(p.student_logits().reshape(-1, p.vocab), p.targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ce)
+
+
+def test_scales_and_counts() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert loss_counts(mask) == LossCounts(tokens=4.0, sequences=2.0)
+    torch.testing.assert_close(token_scale(mask, "token_mean"), mask / 4.0)
+    torch.testing.assert_close(token_scale(mask, "seq_mean_token_sum"), mask / 2.0)
+    torch.testing.assert_close(token_scale(mask, "constant", constant=8.0), mask / 8.0)
+    seq_mean = token_scale(mask, "seq_mean_token_mean")
+    torch.testing.assert_close(seq_mean.sum(-1), torch.tensor([0.5, 0.5, 0.0]))  # each sequence weighs 1/2
+
+
+def test_bad_aggregation_names_the_choices() -> None:
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="token_mean"):
+        token_scale(mask, "mean")
+    with pytest.raises(ValueError, match="constant > 0"):
+        token_scale(mask, "constant")

@@ -1,0 +1,92 @@
+"""No [tokens x vocab] tensor larger than one chunk exists, in the forward or backward pass.
+
+Every tensor any aten op produces is recorded by a dispatch mode; the largest must fit in
+one chunk's [chunk, V]. The same probe on the full-logits fallback sees [N, V], which shows
+the probe can fail.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_unified import weights
+from lightning_unified.aggregation import token_scale
+from lightning_unified.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
+
+TOKENS, WIDTH, VOCAB, CHUNK = 384, 8, 2048, 16
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest element count among the outputs of every op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, TOKENS // 2, WIDTH, generator=gen).requires_grad_()
+    head = torch.randn(VOCAB, WIDTH, generator=gen).requires_grad_()
+    targets = torch.randint(0, VOCAB, (2, TOKENS // 2), generator=gen)
+    teacher = TeacherLogits(hidden=torch.randn(2, TOKENS // 2, WIDTH + 4, generator=gen), head_weight=torch.randn(VOCAB, WIDTH + 4, generator=gen))
+    topk_logp, topk_ids = torch.log_softmax(torch.randn(2, TOKENS // 2, VOCAB, generator=gen), -1).topk(8)
+    return hidden, head, targets, teacher, {"teacher_topk_ids": topk_ids, "teacher_topk_logp": topk_logp}
+
+
+BUILDERS = {
+    "sft": (weights.indicator, False, False),
+    "forward_kl": (weights.forward_kl, True, False),
+    "reverse_kl": (weights.reverse_kl, True, False),
+    "jsd": (partial(weights.jsd, beta=0.5), True, False),
+    "forward_kl_topk": (weights.forward_kl_topk, False, True),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_chunked_loss_never_holds_more_than_one_chunk_of_vocab(name: str) -> None:
+    weight_fn, needs_teacher, needs_topk = BUILDERS[name]
+    hidden, head, targets, teacher, topk = _inputs()
+    scale = token_scale(torch.ones(targets.shape), "token_mean")
+    with LargestTensor() as probe:
+        out = chunked_weighted_nll(
+            hidden, head, targets, scale, weight_fn,
+            teacher=teacher if needs_teacher else None, fields=topk if needs_topk else {}, chunk_size=CHUNK,
+        )
+        out.loss.backward()
+    assert hidden.grad is not None and head.grad is not None
+    assert probe.largest <= CHUNK * VOCAB, f"a tensor of {probe.largest} elements exceeds one chunk ({CHUNK * VOCAB})"
+
+
+def test_probe_sees_full_logits() -> None:
+    hidden, head, targets, _, _ = _inputs()
+    scale = token_scale(torch.ones(targets.shape), "token_mean")
+    with LargestTensor() as probe:
+        logits = hidden @ head.T
+        out = weighted_nll_from_logits(logits, targets, scale, weights.indicator, chunk_size=CHUNK)
+        out.loss.backward()
+    assert probe.largest >= TOKENS * VOCAB
+
+
+def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None:
+    from lightning_unified.objective import auto_chunk_size
+
+    assert auto_chunk_size(16384, 151936, 4096) == 512  # a 150k-vocabulary model: [512, V] per chunk
+    assert auto_chunk_size(10, 13, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time
+    hidden, head, targets, _, _ = _inputs()
+    scale = token_scale(torch.ones(targets.shape), "token_mean")
+    with LargestTensor() as probe:
+        chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
+    assert probe.largest <= auto_chunk_size(TOKENS, VOCAB, WIDTH) * VOCAB < TOKENS * VOCAB
