@@ -92,3 +92,15 @@ def group_mean(values: Tensor, *, group_size: int) -> Tensor:
     """Mean per prompt group, [B / G]: e.g. the share of a prompt's responses that were right."""
     return _groups(values, group_size).mean(-1)
 
+
+
+def reward_metrics(rewards: Tensor, *, group_size: int | None = None) -> dict[str, Tensor]:
+    """The real objective of a sparse on-policy run, as detached scalars: mean and std of the
+    reward and, per prompt group, the share of groups whose rewards all agree (they give
+    GRPO no gradient; DAPO resamples them)."""
+    rewards = rewards.detach().float()
+    out = {"reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())}
+    if group_size is not None:
+        groups = _groups(rewards, group_size)
+        out["zero_signal_fraction"] = (groups == groups[:, :1]).all(-1).float().mean()
+    return out

@@ -182,24 +182,18 @@ def forward_kl_topk(
         )
     if tail != "bucket":
         raise ValueError(f"forward_kl_topk: tail must be 'bucket' or 'renormalize', got {tail!r}")
-    # log(1 - sum p) computed stably; the clamp absorbs a teacher whose top-k sums to 1
     tiny = torch.finfo(student_logp.dtype).tiny
-    teacher_in = teacher_topk_logp.logsumexp(-1)  # [c] log of the top-k mass
-    teacher_tail_mass = (1.0 - teacher_in.exp()).clamp_min(0.0)  # [c]
-    outside = torch.ones_like(student_logp, dtype=torch.bool).scatter(-1, teacher_topk_ids, False)  # [c, V]
-    student_p = student_logp.exp()
-    student_tail_mass = torch.where(outside, student_p, 0.0).sum(-1)  # [c]
-    share = torch.where(outside, student_p, 0.0) / student_tail_mass.clamp_min(tiny).unsqueeze(-1)
-    tail_kl = torch.where(
-        teacher_tail_mass > 0,
-        teacher_tail_mass * (teacher_tail_mass.clamp_min(tiny).log() - student_tail_mass.clamp_min(tiny).log()),
-        0.0,
-    )
+    teacher_topk_p = teacher_topk_logp.exp()  # [c, K]
+    # a top-k that already sums to 1 (up to rounding) leaves no tail
+    teacher_tail = (1.0 - teacher_topk_p.sum(-1)).clamp_min(0.0)  # [c]
+    student_outside = student_logp.exp().scatter(-1, teacher_topk_ids, 0.0)  # [c, V] pi_theta off the top-k
+    student_tail = student_outside.sum(-1).clamp_min(tiny)  # [c]
+    tail_kl = torch.where(teacher_tail > 0, teacher_tail * (teacher_tail.clamp_min(tiny).log() - student_tail.log()), 0.0)
     return TokenWeights(
         topk_ids=teacher_topk_ids,
-        topk_weight=teacher_topk_logp.exp(),
-        dense=teacher_tail_mass.unsqueeze(-1) * share,
-        objective=_kl_terms(teacher_topk_logp, student_topk) + tail_kl,
+        topk_weight=teacher_topk_p,
+        dense=student_outside.mul_((teacher_tail / student_tail).unsqueeze(-1)),
+        objective=_kl_terms(teacher_topk_logp, student_topk, teacher_topk_p) + tail_kl,
     )
 
 

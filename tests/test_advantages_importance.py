@@ -75,3 +75,11 @@ def test_diagnostics() -> None:
     assert d["clip_fraction"].item() == pytest.approx(0.5)  # 2.0 with A > 0 and 0.5 with A < 0
     assert d["truncated_fraction"].item() == pytest.approx(0.25)
     assert d["max_ratio"].item() == pytest.approx(2.0)
+
+
+def test_reward_metrics() -> None:
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    m = adv.reward_metrics(r, group_size=2)
+    assert m["reward_mean"].item() == pytest.approx(0.5)
+    assert m["reward_std"].item() == pytest.approx(r.std().item())
+    assert m["zero_signal_fraction"].item() == pytest.approx(2 / 3)  # groups (1, 1) and (0, 0)
