@@ -5,7 +5,7 @@ the weight builders, :mod:`advantages` turns rewards into advantages, :mod:`impo
 forms ratios to the behaviour policy and :mod:`aggregation` picks the loss normaliser.
 """
 
-from lightning_unified.aggregation import AGGREGATIONS, LossCounts, loss_counts, token_scale
+from lightning_unified.aggregation import AGGREGATIONS, LossCounts, all_reduce_counts, loss_counts, token_scale
 from lightning_unified.objective import (
     TeacherLogits,
     WeightedNLL,
@@ -21,6 +21,7 @@ __all__ = [
     "TeacherLogits",
     "TokenWeights",
     "WeightedNLL",
+    "all_reduce_counts",
     "chunked_weighted_nll",
     "loss_counts",
     "target_logprobs",

@@ -3,10 +3,10 @@
 The loss is ``sum_t token_scale_t * term_t``; :func:`token_scale` folds the padding mask
 and the normaliser into one per-token factor. The normaliser is always built from GLOBAL
 counts (over every micro-batch of an optimizer step and every rank), passed in by the
-caller. That makes each micro-batch's loss a share of one global sum, so summing the
-micro-batch gradients gives exactly the gradient of the whole batch, however it is split.
-A per-micro-batch mean would weight a token of a short micro-batch more than one of a long
-one.
+caller; :func:`all_reduce_counts` sums them over ranks. Each micro-batch's loss is then a
+share of one global sum, so summing the micro-batch gradients gives exactly the gradient of
+the whole batch, however it is split. A per-micro-batch mean would weight a token of a
+short micro-batch more than one of a long one.
 
 Modes (names follow verl's ``agg_loss``):
 
@@ -41,6 +41,19 @@ def loss_counts(mask: Tensor) -> LossCounts:
     """Counts of the tokens and sequences of ``mask`` [B, T] that enter the loss."""
     mask = mask.bool()
     return LossCounts(tokens=float(mask.sum()), sequences=float(mask.any(-1).sum()))
+
+
+def all_reduce_counts(counts: LossCounts, group=None) -> LossCounts:
+    """Sum counts over the ranks of ``group`` (every rank must call it); the counts
+    unchanged when torch.distributed is not initialised. One small all-reduce per step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return counts
+    # float64 counts stay exact far beyond any batch size
+    summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64)
+    if "nccl" in str(torch.distributed.get_backend(group)):  # NCCL reduces only CUDA tensors
+        summed = summed.cuda()
+    torch.distributed.all_reduce(summed, group=group)
+    return LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
 
 
 def token_scale(

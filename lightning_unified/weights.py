@@ -21,12 +21,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_unified.importance import ppo_clip_active, truncated_ratio
+from lightning_unified.importance import ppo_clip_active, token_log_ratio, truncated_ratio
 from lightning_unified.token_weights import TokenWeights
 
 
 def _gather(logp: Tensor, targets: Tensor) -> Tensor:
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
+
+
+def _ratio(student_logp: Tensor, targets: Tensor, behaviour_logp: Tensor, log_ratio: Tensor | None) -> Tensor:
+    """rho_t [c] from the token-level log ratio, or from a precomputed (sequence-level) one."""
+    if log_ratio is None:
+        log_ratio = token_log_ratio(_gather(student_logp, targets), behaviour_logp)
+    return log_ratio.to(student_logp.dtype).exp()
 
 
 def _kl_terms(logp_p: Tensor, logp_q: Tensor, p: Tensor | None = None) -> Tensor:
@@ -82,9 +89,7 @@ def importance_weighted_advantage(
     sequence-level ratio, precomputed with the whole sequence). The objective is the
     importance-sampled surrogate -rho * A.
     """
-    if log_ratio is None:
-        log_ratio = _gather(student_logp, targets) - behaviour_logp
-    rho = log_ratio.to(student_logp.dtype).exp()
+    rho = _ratio(student_logp, targets, behaviour_logp, log_ratio)
     weight = rho if truncate is None else truncated_ratio(rho, truncate)
     advantages = advantages.to(student_logp.dtype)
     return TokenWeights(coef=weight * advantages, objective=-weight * advantages)
@@ -106,9 +111,7 @@ def ppo_clip(
     :func:`importance_weighted_advantage` (GSPO when it is the sequence-level ratio).
     The objective is ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``.
     """
-    if log_ratio is None:
-        log_ratio = _gather(student_logp, targets) - behaviour_logp
-    rho = log_ratio.to(student_logp.dtype).exp()
+    rho = _ratio(student_logp, targets, behaviour_logp, log_ratio)
     advantages = advantages.to(student_logp.dtype)
     active = ppo_clip_active(rho, advantages, eps_low=eps_low, eps_high=eps_high)
     clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)
