@@ -15,6 +15,10 @@ A weight builder (see :mod:`lightning_unified.weights`) is called once per chunk
 tensors given to the loss sliced to the chunk, plus ``teacher_logp`` [c, V] when a
 :class:`TeacherLogits` is given. ``student_logp`` is detached: builders only read it.
 
+What the chunked path keeps between forward and backward is the gradient itself: [N, H]
+for the hidden states and a [V, H] accumulator for the head (float32 for half-precision
+heads), never logits. Under ``torch.no_grad`` it computes only the loss.
+
 ``token_scale`` [N] multiplies every weight of a token; it carries the padding mask and the
 loss normaliser (see :mod:`lightning_unified.aggregation`). Tokens whose scale is zero are
 dropped before any vocabulary-sized work, so prompts and padding cost nothing.
@@ -181,6 +185,9 @@ class _ChunkPlan:
     weight_fn: WeightFn
     temperature: float
     chunk_size: int
+    # False under torch.no_grad (validation, metrics): skip the two gradient matmuls. The
+    # Function cannot ask itself: inside forward, grad mode is always off.
+    grad_enabled: bool
 
 
 class _ChunkedWeightedNLLFunction(torch.autograd.Function):
@@ -188,7 +195,7 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, plan: _ChunkPlan):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_hidden, need_weight, need_bias = (need and plan.grad_enabled for need in ctx.needs_input_grad[:3])
         num_tokens = hidden.shape[0]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # fp32 accumulators: a sum over many chunks in bf16 would lose the small ones
@@ -279,7 +286,7 @@ def chunked_weighted_nll(
     )
     if chunk_size is None:
         chunk_size = auto_chunk_size(targets.shape[0], head_weight.shape[0], head_weight.shape[1])
-    plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size)
+    plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size, torch.is_grad_enabled())
     loss, objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
         flat_hidden.index_select(0, keep), head_weight, head_bias, plan
     )

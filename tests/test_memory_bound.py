@@ -90,3 +90,29 @@ def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None
     with LargestTensor() as probe:
         chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
     assert probe.largest <= auto_chunk_size(TOKENS, VOCAB, WIDTH) * VOCAB < TOKENS * VOCAB
+
+
+class MatmulCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_grad_skips_the_gradient_matmuls() -> None:
+    """Under no_grad (validation) only the logits are computed: one matmul per chunk, not three."""
+    hidden, head, targets, _, _ = _inputs()
+    scale = token_scale(torch.ones(targets.shape), "token_mean")
+    chunks = TOKENS // CHUNK
+    with MatmulCount() as counted:
+        with_grad = chunked_weighted_nll(hidden, head, targets, scale, weights.indicator, chunk_size=CHUNK)
+    assert counted.calls == 3 * chunks
+    with MatmulCount() as counted, torch.no_grad():
+        without = chunked_weighted_nll(hidden, head, targets, scale, weights.indicator, chunk_size=CHUNK)
+    assert counted.calls == chunks
+    torch.testing.assert_close(without.loss, with_grad.loss.detach())
+    assert not without.loss.requires_grad
