@@ -85,9 +85,10 @@ def importance_weighted_advantage(
     """Off-policy policy gradient: w = rho_t * A_t * 1[v = y_t], rho = pi_theta / mu.
 
     ``truncate`` caps rho at c (truncated importance sampling): the capped tokens keep the
-    weight c * A_t. ``log_ratio`` [c], when given, replaces the token-level log ratio (a
-    sequence-level ratio, precomputed with the whole sequence). The objective is the
-    importance-sampled surrogate -rho * A.
+    weight c * A_t, a bounded-variance estimate of the policy gradient, rather than the zero
+    gradient of ``min(rho, c)``. ``log_ratio`` [c], when given, replaces the token-level log
+    ratio (a sequence-level ratio, precomputed with the whole sequence). The objective is the
+    importance-sampled surrogate ``-min(rho, c) A``.
     """
     rho = _ratio(student_logp, targets, behaviour_logp, log_ratio)
     weight = rho if truncate is None else truncated_ratio(rho, truncate)
