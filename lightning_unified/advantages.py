@@ -88,12 +88,6 @@ def reverse_kl_returns(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor)
     return rewards.flip(-1).cumsum(-1).flip(-1) * mask
 
 
-def group_mean(values: Tensor, *, group_size: int) -> Tensor:
-    """Mean per prompt group, [B / G]: e.g. the share of a prompt's responses that were right."""
-    return _groups(values, group_size).mean(-1)
-
-
-
 def reward_metrics(rewards: Tensor, *, group_size: int | None = None) -> dict[str, Tensor]:
     """The real objective of a sparse on-policy run, as detached scalars: mean and std of the
     reward and, per prompt group, the share of groups whose rewards all agree (they give

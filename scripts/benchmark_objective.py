@@ -88,7 +88,8 @@ def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, c
 def run_one(args: argparse.Namespace) -> dict:
     """One variant, one signal, in this process: median time and peak memory."""
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
     head = (torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) / args.hidden**0.5).requires_grad_()
