@@ -97,7 +97,8 @@ class TeacherLogits:
 
     @torch.no_grad()
     def log_probs(self, start: int, stop: int) -> Tensor:
-        """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V] float32."""
+        """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V], at
+        least float32."""
         if self.logits is not None:
             logits = self.logits[start:stop]
         else:
@@ -320,7 +321,9 @@ def weighted_nll_from_logits(
     for start in range(0, kept_logits.shape[0], chunk_size):
         stop = min(start + chunk_size, kept_logits.shape[0])
         chunk_targets = targets[start:stop]
-        logp = _log_softmax(kept_logits[start:stop], temperature, acc)  # [c, V]
+        # logits masked with -inf would make 0 * -inf = nan in the weighted sum; the most
+        # negative finite log-prob keeps their probability exactly 0 and the sum finite
+        logp = _log_softmax(kept_logits[start:stop], temperature, acc).clamp_min(torch.finfo(acc).min)  # [c, V]
         weights = _chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop], fields, teacher, start, stop)
         loss = loss - weighted_log_likelihood(logp, chunk_targets, weights).sum()
         if weights.objective is not None:

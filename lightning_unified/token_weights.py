@@ -93,12 +93,8 @@ def weighted_log_likelihood(logp: Tensor, targets: Tensor, weights: TokenWeights
     if weights.topk_weight is not None:
         out = out + (weights.topk_weight * logp.gather(-1, weights.topk_ids)).sum(-1)
     if weights.dense is not None:
-        dense_term = torch.linalg.vecdot(weights.dense, logp)  # fused: no [c, V] temporary
-        if dense_term.isnan().any():
-            # 0 * -inf (a vocabulary entry masked out of the logits) is nan: make it the 0 it
-            # means. Only logits with -inf entries get here; the plain path stays one pass.
-            dense_term = torch.where(weights.dense == 0, 0.0, weights.dense * logp).sum(-1)
-        out = out + dense_term
+        # ``logp`` must be finite: 0 * -inf is nan (the logits paths guarantee it)
+        out = out + torch.linalg.vecdot(weights.dense, logp)
     return out
 
 

@@ -13,6 +13,7 @@ A new signal is a new function here; nothing else changes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -262,10 +263,11 @@ def _name(fn: Callable) -> str:
     return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
 
 
-def _field_names(fn: Callable) -> tuple[set[str], set[str]]:
+@functools.lru_cache(maxsize=None)  # called for every chunk; a signature never changes
+def _field_names(fn: Callable) -> tuple[frozenset[str], frozenset[str]]:
     """The per-token fields a builder takes, (required, optional): its positional-or-keyword
     parameters after the first two. Keyword-only parameters are scalar settings."""
     params = list(inspect.signature(fn).parameters.values())[2:]
     fields = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    required = {p.name for p in fields if p.default is inspect.Parameter.empty}
-    return required, {p.name for p in fields} - required
+    required = frozenset(p.name for p in fields if p.default is inspect.Parameter.empty)
+    return required, frozenset(p.name for p in fields) - required

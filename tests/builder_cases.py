@@ -7,7 +7,7 @@ loss's gradient checks the weights, not the library against itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -87,7 +87,6 @@ class Case:
     fields: Callable[[Problem], dict] = lambda p: {}
     teacher: Callable[[Problem], TeacherLogits | None] = lambda p: None
     temperature: float = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 CASES = [

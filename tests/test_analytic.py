@@ -135,3 +135,5 @@ def test_jsd_limits_are_forward_and_reverse_kl(limit: str) -> None:
     # and at the endpoints themselves, JSD is defined as the KL (as in GKD)
     end_out, end_grads = _grads(p, partial(weights.jsd, beta=0.0 if limit == "forward" else 1.0), teacher=teacher)
     torch.testing.assert_close(end_out.objective, kl_out.objective)
+    for a, b in zip(end_grads, kl_grads):
+        torch.testing.assert_close(a, b)

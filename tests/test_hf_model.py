@@ -49,4 +49,4 @@ def test_sft_weights_reproduce_the_models_own_loss_and_gradients(tiny_llama_dir)
 
     torch.testing.assert_close(out.loss, reference)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
