@@ -334,6 +334,21 @@ def weighted_nll_from_logits(
     return WeightedNLL(loss, objective.detach(), target_logp.reshape(logits.shape[:-1]))
 
 
+def _logit_chunks(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, temperature: float,
+                  chunk_size: int | None):
+    """(start, stop, logits / temperature [c, V] at least float32) over the flattened tokens
+    of ``hidden``, one chunk at a time: the no-grad passes below never hold [N, V]."""
+    _check_common(temperature, chunk_size)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(flat_hidden.shape[0], head_weight.shape[0], head_weight.shape[1])
+    acc = _compute_dtype(hidden)
+    for start in range(0, flat_hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, flat_hidden.shape[0])
+        logits = F.linear(flat_hidden[start:stop], head_weight, head_bias).to(acc)
+        yield start, stop, logits / temperature if temperature != 1.0 else logits
+
+
 @torch.no_grad()
 def target_logprobs(
     hidden: Tensor,
@@ -347,17 +362,34 @@ def target_logprobs(
     """log pi(y_t) for every token, [...], chunked and without a gradient.
 
     Sequence-level importance ratios need the whole sequence's log-probs before any token's
-    weight is known; this extra pass over the head is paid only by them.
+    weight is known; this extra pass over the head is paid only by them. A teacher's
+    sampled-token log-probs come from the same pass.
     """
-    _check_common(temperature, chunk_size)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).clamp_min(0)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(flat_hidden.shape[0], head_weight.shape[0], head_weight.shape[1])
-    acc = _compute_dtype(hidden)
-    out = torch.empty(flat_hidden.shape[0], dtype=acc, device=hidden.device)
-    for start in range(0, flat_hidden.shape[0], chunk_size):
-        stop = min(start + chunk_size, flat_hidden.shape[0])
-        logits = F.linear(flat_hidden[start:stop], head_weight, head_bias).to(acc) / temperature
+    out = torch.empty(flat_targets.shape[0], dtype=_compute_dtype(hidden), device=hidden.device)
+    for start, stop, logits in _logit_chunks(hidden, head_weight, head_bias, temperature, chunk_size):
         out[start:stop] = logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1) - logits.logsumexp(-1)
     return out.reshape(targets.shape)
+
+
+@torch.no_grad()
+def topk_logprobs(
+    hidden: Tensor,
+    head_weight: Tensor,
+    k: int,
+    *,
+    head_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens and their log-probs, ([..., k] ids, [..., k] log-probs),
+    chunked: what a top-k teacher hands the loss (or an offline cache stores)."""
+    vocab_size = head_weight.shape[0]
+    if not 0 < k <= vocab_size:
+        raise ValueError(f"top-k needs 0 < k <= vocabulary size {vocab_size}, got {k}")
+    num_tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+    ids = torch.empty(num_tokens, k, dtype=torch.long, device=hidden.device)
+    logp = torch.empty(num_tokens, k, dtype=_compute_dtype(hidden), device=hidden.device)
+    for start, stop, logits in _logit_chunks(hidden, head_weight, head_bias, temperature, chunk_size):
+        logp[start:stop], ids[start:stop] = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return ids.reshape(*hidden.shape[:-1], k), logp.reshape(*hidden.shape[:-1], k)

@@ -1,0 +1,52 @@
+"""Every batch field, its shape and who adds it: the one place that documents the batch.
+
+A batch is a plain dict. The DataLoader yields the prompt (and, for off-policy data, the
+response); callbacks add the rest in ``on_train_batch_start``; ``training_step`` reads what
+is present. B is rows (prompts x generations once sampled), P prompt tokens (left-padded),
+R response tokens (right-padded, ending in EOS), H_t the teacher's width, K the top-k.
+"""
+
+# --- from the DataLoader -------------------------------------------------------------
+PROMPT_IDS = "prompt_ids"  # [B, P] long, left-padded
+PROMPT_MASK = "prompt_mask"  # [B, P] long, 1 on real prompt tokens
+RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or sampled
+RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
+REFERENCES = "references"  # list[str] of length B: the reference answer, for rewards
+
+# --- sampling callback (on-policy batches) -------------------------------------------
+BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from
+GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt
+
+# --- teacher callback (dense signal) ------------------------------------------------
+TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]
+TEACHER_TOPK_IDS = "teacher_topk_ids"  # [B, R, K] long, the teacher's top-k tokens
+TEACHER_TOPK_LOGP = "teacher_topk_logp"  # [B, R, K] float, their log-probs
+TEACHER_TOKEN_LOGP = "teacher_token_logp"  # [B, R] float, log pi_T(y_t) of the batch's tokens
+
+# --- reward callback (sparse signal) ------------------------------------------------
+REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions
+ADVANTAGES = "advantages"  # [B, R] float, the estimator's advantage on every response token
+
+# --- importance callback ---------------------------------------------------------------
+LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed (sequence-level) log pi_theta / mu
+
+# The fields a weight builder may take from the batch, each [B, R, ...] like the response.
+PER_TOKEN_FIELDS = (
+    BEHAVIOUR_LOGP,
+    TEACHER_TOPK_IDS,
+    TEACHER_TOPK_LOGP,
+    TEACHER_TOKEN_LOGP,
+    ADVANTAGES,
+    LOG_RATIO,
+)
+
+
+def require(batch: dict, *names: str, who: str) -> None:
+    """A clear error when a field a step depends on is missing (a callback not configured,
+    or a DataLoader that yields something else)."""
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise KeyError(
+            f"{who} needs batch field(s) {missing}, but the batch only has {sorted(batch)}; "
+            f"see lightning_unified/batch.py for who adds each field"
+        )

@@ -1,0 +1,9 @@
+"""The step's pipeline, one job per callback, each adding named fields to the batch in
+``on_train_batch_start`` (see :mod:`lightning_unified.batch`)."""
+
+from lightning_unified.callbacks.importance import ImportanceCallback
+from lightning_unified.callbacks.reward import RewardCallback
+from lightning_unified.callbacks.sampling import SamplingCallback
+from lightning_unified.callbacks.teacher import TeacherCallback
+
+__all__ = ["ImportanceCallback", "RewardCallback", "SamplingCallback", "TeacherCallback"]

@@ -1,0 +1,200 @@
+"""UnifiedModule: the policy forward, the weights from the batch's fields, the one loss.
+
+SFT, distillation, RL and on-policy distillation are the same ``training_step``; what
+differs is the batch the pipeline (:mod:`lightning_unified.pipeline`) hands it, and the
+weight builder :mod:`lightning_unified.weighting` picks from its fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_unified import batch as fields
+from lightning_unified.aggregation import (
+    AGGREGATIONS,
+    LossCounts,
+    loss_counts,
+    token_scale,
+)
+from lightning_unified.loss_head import install_loss_head
+from lightning_unified.models import (
+    check_vocabulary,
+    load_causal_lm,
+    response_hidden,
+)
+from lightning_unified.pipeline import build_pipeline
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
+from lightning_unified.weighting import builder_fields, select_weight_fn
+from lightning_unified.weights import WeightSum
+
+
+class UnifiedModule(L.LightningModule):
+    """One LightningModule for every (data_source, signal) pair.
+
+    ``policy`` is a Hugging Face causal LM or a local path to one; ``optimizer`` is a
+    partial taking the parameters (``functools.partial(torch.optim.AdamW, lr=1e-3)``);
+    ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
+    ``aggregation`` is the loss normaliser (:data:`lightning_unified.aggregation.AGGREGATIONS`),
+    global across ranks. ``max_new_tokens`` bounds greedy validation and, unless the sampling
+    spec says otherwise, sampling; None takes the datamodule's ``max_new_tokens``.
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel | str,
+        tokenizer: PreTrainedTokenizerBase | str,
+        data_source: OffPolicy | OnPolicy,
+        signal: Sparse | Dense,
+        optimizer: Callable = partial(torch.optim.AdamW, lr=1e-3),
+        scheduler: Callable | None = None,
+        *,
+        aggregation: str = "token_mean",
+        constant_normaliser: float | None = None,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+        max_new_tokens: int | None = None,
+    ):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.policy = load_causal_lm(policy) if isinstance(policy, str) else policy
+        if not isinstance(self.policy, nn.Module):
+            raise TypeError(f"policy must be a Hugging Face causal LM or a path to one, got {type(policy).__name__}")
+        self.policy.train()  # from_pretrained returns eval mode; Lightning toggles it from here on
+        install_loss_head(self.policy)  # the loss runs inside the head's forward (FSDP2 needs that)
+        check_vocabulary(self.policy, self.tokenizer, "policy")
+        self.data_source = data_source
+        self.signal = signal
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.aggregation = aggregation
+        self.constant_normaliser = constant_normaliser
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self._max_new_tokens = max_new_tokens
+        self.val_exact_match = MeanMetric()
+
+    # --- the pipeline -------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        return build_pipeline(self.data_source, self.signal)
+
+    @property
+    def max_new_tokens(self) -> int:
+        if self._max_new_tokens is not None:
+            return self._max_new_tokens
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        value = getattr(datamodule, "max_new_tokens", None)
+        if value is None:
+            raise ValueError("UnifiedModule needs max_new_tokens (the datamodule has no max_new_tokens)")
+        return value
+
+    # --- training -----------------------------------------------------------------------
+    def _global_counts(self, mask: torch.Tensor) -> LossCounts:
+        """Loss counts summed over ranks, so every rank divides by the same normaliser."""
+        counts = loss_counts(mask)
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64, device=mask.device)
+            summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
+            counts = LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
+        return counts
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
+                       who="training_step")
+        mask = batch[fields.RESPONSE_MASK]
+        # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
+        world = self.trainer.world_size
+        scale = token_scale(mask, self.aggregation, global_counts=self._global_counts(mask),
+                            constant=self.constant_normaliser) * world
+        importance = self.data_source.importance if self.data_source.samples else None
+        weight_fn = WeightSum((select_weight_fn(batch, self.signal, importance),))
+        hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
+                                 batch[fields.RESPONSE_IDS], mask)
+        out = self.policy.get_output_embeddings()(hidden, loss_inputs=dict(
+            targets=batch[fields.RESPONSE_IDS], token_scale=scale, weight_fn=weight_fn,
+            fields=builder_fields(batch), teacher=batch.get(fields.TEACHER),
+            temperature=self.temperature, chunk_size=self.chunk_size,
+        ))
+        rows = mask.shape[0]
+        # each rank holds its share of the global mean (times world); the mean over ranks is the whole
+        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
+        self.log("train/objective", out.objective, sync_dist=True, batch_size=rows)
+        self.log("train/response_tokens", mask.sum().float(), batch_size=rows, reduce_fx="sum")
+        return {"loss": out.loss, "target_logp": out.target_logp.detach()}
+
+    # --- validation: greedy exact match -------------------------------------------------
+    @torch.no_grad()
+    def generate_greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+        sequences = self.policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
+        )
+        return self.tokenizer.batch_decode(sequences[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+    def on_fit_start(self) -> None:
+        # a trainer.validate() before fit leaves the metric's state as inference tensors,
+        # which fit's no-grad validation cannot update in place; reset makes fresh ones
+        self.val_exact_match.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.REFERENCES, who="validation_step")
+        completions = self.generate_greedy(batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK])
+        correct = torch.tensor([float(c.strip() == r) for c, r in zip(completions, batch[fields.REFERENCES])],
+                               device=self.device)
+        self.val_exact_match.update(correct)
+        self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=correct.numel())
+
+    # --- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (FSDP2), shard each decoder layer, the embeddings and
+        the loss head as their own units; other strategies leave the model alone."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or self.policy_is_sharded():
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"]
+        for layer in self.policy.base_model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.policy.base_model, mesh=mesh)
+        fully_shard(self.policy.get_output_embeddings(), mesh=mesh)
+        fully_shard(self.policy, mesh=mesh)
+
+    def policy_is_sharded(self) -> bool:
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.policy.parameters())
+
+    def save_pretrained(self, directory: str) -> None:
+        """The policy and tokenizer as a Hugging Face directory (``from_pretrained`` loads it).
+        Call it on every rank: a sharded policy is gathered first (a collective), then
+        rank 0 writes."""
+        state_dict = None
+        if self.policy_is_sharded():
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            state_dict = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+        if self._trainer is None or self.trainer.is_global_zero:
+            self.policy.save_pretrained(directory, state_dict=state_dict)
+            self.tokenizer.save_pretrained(directory)

@@ -1,0 +1,174 @@
+"""What a run is made of: the ``data_source`` and ``signal`` specs.
+
+Plain dataclasses, so Hydra instantiates them from ``conf/data_source/*.yaml`` and
+``conf/signal/*.yaml`` and Python users construct them directly. A method is one
+``data_source`` combined with one ``signal``; the module builds its callback pipeline and
+its weights from them (see :mod:`lightning_unified.pipeline` and
+:mod:`lightning_unified.weighting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
+ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "dr_grpo")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
+WEIGHTINGS = ("indicator", "dft")
+TOPK_TAILS = ("bucket", "renormalize")
+
+
+def _one_of(owner: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class Sampling:
+    """How on-policy responses are generated (HF ``generate``, KV cache, no grad)."""
+
+    # responses per prompt (the group of GRPO / RLOO)
+    num_generations: int = 8
+    # longest response; None takes the task's (the data module's ``max_new_tokens``)
+    max_new_tokens: int | None = None
+    # the behaviour log-probs are those of this tempered, truncated distribution
+    temperature: float = 1.0
+    # nucleus sampling; 1.0 turns it off
+    top_p: float = 1.0
+    # top-k sampling; 0 turns it off
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 1:
+            raise ValueError(f"sampling.num_generations must be >= 1, got {self.num_generations}")
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Importance:
+    """How the policy is corrected for sampling from mu instead of pi_theta.
+
+    ``none``: the on-policy gradient A * grad log pi (exact when one update follows each
+    sampling at temperature 1); ``token``: rho_t = pi_theta(y_t) / mu(y_t); ``truncated``:
+    min(rho_t, truncate); ``ppo_clip``: PPO's clipped surrogate with eps_low/eps_high
+    (DAPO's clip-higher when eps_high > eps_low); ``sequence_clip``: the same clip on GSPO's
+    sequence-level ratio.
+    """
+
+    ratio: str = "truncated"
+    truncate: float = 2.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+
+    def __post_init__(self) -> None:
+        _one_of("importance", "ratio", self.ratio, RATIOS)
+        if self.truncate <= 0:
+            raise ValueError(f"importance.truncate must be > 0, got {self.truncate}")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ValueError(f"importance needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+
+
+@dataclass
+class OffPolicy:
+    """Responses come from the dataset (or a teacher that wrote it): no sampling, no ratio."""
+
+    samples = False
+
+
+@dataclass
+class OnPolicy:
+    """Responses are sampled from the policy being trained.
+
+    ``probability`` < 1 mixes: each batch is sampled with that probability and otherwise
+    keeps the dataset's responses (GKD's lambda), decided identically on every rank.
+    """
+
+    sampling: Sampling = field(default_factory=Sampling)
+    importance: Importance = field(default_factory=Importance)
+    probability: float = 1.0
+    # draws the per-batch on/off-policy choice of a mixed source, with the global step
+    seed: int = 0
+
+    samples = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"data_source.probability must be in [0, 1], got {self.probability}")
+
+
+@dataclass
+class Reward:
+    """A reward function and its weight in the sum.
+
+    ``fn(completions=list[str], references=list[str], completion_ids=[B, R],
+    completion_mask=[B, R]) -> [B]`` (take ``**kwargs`` for what you do not use). Hydra
+    builds it from ``_target_`` with ``_partial_: true``.
+    """
+
+    fn: Callable
+    weight: float = 1.0
+
+
+@dataclass
+class Sparse:
+    """Each token is pushed by an indicator or a reward: SFT on data, RL on samples.
+
+    On off-policy data without ``reward_data`` this is SFT (every data token has reward 1)
+    or DFT (``weighting="dft"``). On sampled responses, or on data with ``reward_data``
+    (reward-weighted SFT), the rewards go through the ``advantage`` estimator.
+    """
+
+    rewards: list[Reward] = field(default_factory=list)
+    advantage: str = "grpo"
+    weighting: str = "indicator"
+    reward_data: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        _one_of("signal", "weighting", self.weighting, WEIGHTINGS)
+        if self.reward_data and not self.rewards:
+            raise ValueError("signal.reward_data=true needs at least one entry in signal.rewards")
+
+
+@dataclass
+class Dense:
+    """Each token is pushed towards a frozen teacher's whole distribution.
+
+    ``divergence``: ``forward_kl`` (KL(teacher || student), mode covering), ``reverse_kl``
+    (exact over the vocabulary, mode seeking), ``jsd`` with ``beta`` (GKD's generalised JSD:
+    0 is forward KL, 1 reverse KL), or ``sampled_reverse_kl`` (the teacher's log-prob of each
+    sampled token as its reward). ``top_k`` > 0 gives forward KL from the teacher's top-k
+    only (what an API teacher or an offline cache provides), with the rest of its mass as
+    one ``bucket`` or dropped and the top-k ``renormalize``d.
+    """
+
+    teacher: str
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    # divides the teacher's logits
+    temperature: float = 1.0
+    top_k: int = 0
+    topk_tail: str = "bucket"
+
+    def __post_init__(self) -> None:
+        _one_of("signal", "divergence", self.divergence, DIVERGENCES)
+        _one_of("signal", "topk_tail", self.topk_tail, TOPK_TAILS)
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"signal.beta must be in [0, 1], got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"signal.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"signal.top_k must be >= 0, got {self.top_k}")
+        if self.top_k and self.divergence != "forward_kl":
+            raise ValueError(
+                f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
+                f"give {self.divergence!r}, which needs the teacher's whole distribution"
+            )

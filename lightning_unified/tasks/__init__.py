@@ -1,0 +1,1 @@
+"""Built-in tasks: small, generated, offline problems with exact rewards."""

@@ -1,0 +1,62 @@
+"""Which weight builder a batch gets: chosen from the fields the pipeline added and the specs.
+
+This is where a method is decided, and it never looks at a quadrant's name: a batch with
+``advantages`` is pushed by rewards, one with teacher fields by the teacher, one with
+``behaviour_logp`` is corrected for its sampler. A new method is a new builder in
+:mod:`lightning_unified.weights` and a line here.
+"""
+
+from __future__ import annotations
+
+from functools import cache, partial
+
+from lightning_unified import batch as fields
+from lightning_unified import weights
+from lightning_unified.objective import WeightFn
+from lightning_unified.specs import Dense, Importance, Sparse
+
+
+@cache
+def _configured(builder: WeightFn, **settings) -> WeightFn:
+    """One partial per (builder, settings), reused every step: the loss caches each
+    builder's signature, and a fresh partial per step would grow that cache forever."""
+    return partial(builder, **settings)
+
+
+def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None) -> WeightFn:
+    if fields.ADVANTAGES not in batch:
+        # data tokens with reward 1: SFT, or DFT's probability-scaled SFT
+        return weights.dft if signal.weighting == "dft" else weights.indicator
+    if fields.BEHAVIOUR_LOGP not in batch or importance is None or importance.ratio == "none":
+        return weights.advantage_indicator
+    if importance.ratio == "token":
+        return weights.importance_weighted_advantage
+    if importance.ratio == "truncated":
+        return _configured(weights.importance_weighted_advantage, truncate=importance.truncate)
+    # ppo_clip, or sequence_clip with the importance callback's LOG_RATIO field
+    return _configured(weights.ppo_clip, eps_low=importance.eps_low, eps_high=importance.eps_high)
+
+
+def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:
+    if fields.TEACHER_TOPK_IDS in batch:
+        return _configured(weights.forward_kl_topk, tail=signal.topk_tail)
+    if fields.TEACHER_TOKEN_LOGP in batch:
+        return weights.sampled_reverse_kl
+    fields.require(batch, fields.TEACHER, who=f"signal.divergence={signal.divergence!r}")
+    if signal.divergence == "forward_kl":
+        return weights.forward_kl
+    if signal.divergence == "reverse_kl":
+        return weights.reverse_kl
+    return _configured(weights.jsd, beta=signal.beta)
+
+
+def select_weight_fn(batch: dict, signal: Sparse | Dense, importance: Importance | None) -> WeightFn:
+    if isinstance(signal, Dense):
+        return dense_weight_fn(batch, signal)
+    return sparse_weight_fn(batch, signal, importance)
+
+
+def builder_fields(batch: dict) -> dict:
+    """The per-token fields a builder may take; the loss hands each builder those its
+    signature names (see :class:`lightning_unified.weights.WeightSum`)."""
+    return {name: batch[name] for name in fields.PER_TOKEN_FIELDS if name in batch}

@@ -1,0 +1,33 @@
+"""Train a policy; the method is ``data_source`` x ``signal`` (see conf/train.yaml).
+
+    python scripts/train.py experiment=sft
+    python scripts/train.py data_source=on_policy signal=dense
+    python scripts/train.py -m data_source=off_policy,on_policy signal=sparse,dense
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from lightning_unified.config import CONFIG_DIR, train
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    output_dir = HydraConfig.get().runtime.output_dir
+    metrics = train(cfg, output_dir)
+    if rank_zero_only.rank != 0:
+        return metrics.get("val/exact_match", 0.0)
+    print(f"run directory: {output_dir}")
+    print(f"  metrics:     {output_dir}/metrics.csv")
+    print(f"  checkpoints: {output_dir}/checkpoints")
+    if cfg.get("save_policy"):
+        print(f"  policy:      {output_dir}/{cfg.save_policy} (Hugging Face format)")
+    for name, value in metrics.items():
+        print(f"  {name} = {value:.4f}")
+    return metrics.get("val/exact_match", 0.0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Every config composes and instantiates, and the quadrant specialisation follows the
+data_source x signal choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_unified.config import CONFIG_DIR, build_run
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
+from tests.lightning_helpers import FAST_TASK, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+CPU_TRAINERS = ["cpu", "ddp", "ddp_spawn", "fsdp2_cpu"]
+GPU_TRAINERS = sorted({p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")} - set(CPU_TRAINERS))
+
+
+def test_every_preset_the_issue_names_exists() -> None:
+    assert {"sft", "distill", "rl", "on_policy_distill", "gkd", "dft"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_instantiates(experiment: str, tmp_path) -> None:
+    run = build_run(compose_config([f"experiment={experiment}", *FAST_TASK]), tmp_path)
+    assert run.module.policy.num_parameters() > 0
+    assert run.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("data_source", ["off_policy", "on_policy", "mixed"])
+@pytest.mark.parametrize("signal", ["sparse", "dense"])
+def test_quadrant_instantiates(data_source: str, signal: str, tmp_path) -> None:
+    run = build_run(compose_config([f"data_source={data_source}", f"signal={signal}", *FAST_TASK]), tmp_path)
+    assert isinstance(run.module.data_source, OffPolicy if data_source == "off_policy" else OnPolicy)
+    assert isinstance(run.module.signal, Sparse if signal == "sparse" else Dense)
+    if data_source == "mixed":
+        assert run.module.data_source.probability == 0.5
+
+
+def test_quadrant_specialisation_applies() -> None:
+    rl = compose_config(["data_source=on_policy", "signal=sparse"])
+    assert rl.model.path.endswith("rl_start"), "RL starts from the shipped, briefly trained policy"
+    opd = compose_config(["data_source=on_policy", "signal=dense"])
+    assert opd.signal.divergence == "reverse_kl" and opd.data_source.sampling.num_generations == 1
+    sft = compose_config(["data_source=off_policy", "signal=sparse"])
+    assert sft.model.path is None and sft.trainer.max_steps == 1200
+    # a command-line override still wins over the quadrant's default
+    assert compose_config(["experiment=rl", "trainer.max_steps=7"]).trainer.max_steps == 7
+
+
+@pytest.mark.parametrize("trainer", CPU_TRAINERS)
+def test_cpu_trainer_instantiates(trainer: str, tmp_path) -> None:
+    run = build_run(compose_config([f"trainer={trainer}", *FAST_TASK]), tmp_path)
+    assert run.trainer.num_devices == (1 if trainer == "cpu" else 2)
+
+
+@pytest.mark.parametrize("trainer", GPU_TRAINERS)
+def test_gpu_trainer_composes(trainer: str) -> None:
+    cfg = compose_config([f"trainer={trainer}"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
