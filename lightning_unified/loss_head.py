@@ -10,16 +10,26 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_unified.objective import WeightedNLL, chunked_weighted_nll
+from lightning_unified.objective import (
+    WeightedNLL,
+    chunked_weighted_nll,
+    target_logprobs,
+)
 
 
 class ChunkedLossHead(nn.Linear):
-    def forward(self, hidden: Tensor, loss_inputs: dict | None = None) -> Tensor | WeightedNLL:
+    def forward(
+        self, hidden: Tensor, loss_inputs: dict | None = None, target_ids: Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> Tensor | WeightedNLL:
         """Logits, as a plain ``nn.Linear`` (generation); or, given ``loss_inputs`` (the
-        keyword arguments of :func:`chunked_weighted_nll` after the head), the loss."""
-        if loss_inputs is None:
-            return super().forward(hidden)
-        return chunked_weighted_nll(hidden, self.weight, head_bias=self.bias, **loss_inputs)
+        keyword arguments of :func:`chunked_weighted_nll` after the head), the loss; or,
+        given ``target_ids``, their log-probs without a gradient (:func:`target_logprobs`)."""
+        if loss_inputs is not None:
+            return chunked_weighted_nll(hidden, self.weight, head_bias=self.bias, **loss_inputs)
+        if target_ids is not None:
+            return target_logprobs(hidden, self.weight, target_ids, head_bias=self.bias, temperature=temperature)
+        return super().forward(hidden)
 
 
 def install_loss_head(model: nn.Module) -> ChunkedLossHead:

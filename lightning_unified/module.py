@@ -40,7 +40,7 @@ class UnifiedModule(L.LightningModule):
     """One LightningModule for every (data_source, signal) pair.
 
     ``policy`` is a Hugging Face causal LM or a local path to one; ``optimizer`` is a
-    partial taking the parameters (``functools.partial(torch.optim.AdamW, lr=1e-3)``);
+    partial taking the parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
     ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.aggregation.AGGREGATIONS`),
     global across ranks. ``max_new_tokens`` bounds greedy validation and, unless the sampling
@@ -53,7 +53,7 @@ class UnifiedModule(L.LightningModule):
         tokenizer: PreTrainedTokenizerBase | str,
         data_source: OffPolicy | OnPolicy,
         signal: Sparse | Dense,
-        optimizer: Callable = partial(torch.optim.AdamW, lr=1e-3),
+        optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         *,
         aggregation: str = "token_mean",
@@ -74,7 +74,7 @@ class UnifiedModule(L.LightningModule):
         check_vocabulary(self.policy, self.tokenizer, "policy")
         self.data_source = data_source
         self.signal = signal
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.aggregation = aggregation
         self.constant_normaliser = constant_normaliser
@@ -171,8 +171,11 @@ class UnifiedModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = mesh["data_parallel"]
-        for layer in self.policy.base_model.layers:
-            fully_shard(layer, mesh=mesh)
+        # the blocks Hugging Face never splits across devices (decoder layers) are the units
+        blocks = set(getattr(self.policy, "_no_split_modules", None) or [])
+        for module in self.policy.base_model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
         fully_shard(self.policy.base_model, mesh=mesh)
         fully_shard(self.policy.get_output_embeddings(), mesh=mesh)
         fully_shard(self.policy, mesh=mesh)

@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_unified.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
+from lightning_unified.token_weights import (
+    TokenWeights,
+    weighted_log_likelihood,
+    weighted_nll_logit_grad,
+)
 
 WeightFn = Callable[..., TokenWeights]
 

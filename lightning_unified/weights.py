@@ -22,7 +22,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_unified.importance import ppo_clip_active, token_log_ratio, truncated_ratio
+from lightning_unified.importance import (
+    ppo_clip_active,
+    token_log_ratio,
+    truncated_ratio,
+)
 from lightning_unified.token_weights import TokenWeights
 
 

@@ -101,8 +101,3 @@ def test_mixed_source_samples_some_batches_and_keeps_data_for_others(teacher: st
     sampled = [F.BEHAVIOUR_LOGP in b for b in spy.batches]
     assert 0 < sum(sampled) < len(sampled), sampled
 
-
-def test_rl_without_rewards_is_refused() -> None:
-    module = tiny_module(on_policy(), Sparse())
-    with pytest.raises(ValueError, match="needs signal.rewards"):
-        module.configure_callbacks()

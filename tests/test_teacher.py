@@ -11,7 +11,12 @@ from lightning_unified.callbacks.teacher import TeacherCallback
 from lightning_unified.models import build_policy, load_causal_lm, response_hidden
 from lightning_unified.objective import target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense, OffPolicy
-from tests.lightning_helpers import TINY, save_tiny_teacher, tiny_datamodule, tiny_module
+from tests.lightning_helpers import (
+    TINY,
+    save_tiny_teacher,
+    tiny_datamodule,
+    tiny_module,
+)
 
 
 def full_response_logits(model, batch) -> torch.Tensor:

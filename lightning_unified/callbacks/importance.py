@@ -9,8 +9,7 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.importance import ratio_diagnostics, sequence_log_ratio
-from lightning_unified.models import output_head, response_hidden
-from lightning_unified.objective import target_logprobs
+from lightning_unified.models import response_hidden
 from lightning_unified.specs import Importance
 
 
@@ -30,9 +29,10 @@ class ImportanceCallback(L.Callback):
         with torch.no_grad():
             hidden = response_hidden(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                      batch[fields.RESPONSE_IDS], mask)
-            weight, bias = output_head(pl_module.policy)
-            logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
-                                   temperature=pl_module.temperature)
+            # through the head's own forward, so a sharded (FSDP2) head is gathered first
+            logp = pl_module.policy.get_output_embeddings()(
+                hidden, target_ids=batch[fields.RESPONSE_IDS], temperature=pl_module.temperature
+            )
         batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
 
     @override

@@ -64,16 +64,12 @@ def mixed_batch_is_on_policy(probability: float, seed: int, global_step: int, ba
 
 
 class SamplingCallback(L.Callback):
-    def __init__(self, data_source: OnPolicy, max_new_tokens: int | None = None):
+    def __init__(self, data_source: OnPolicy):
         self.data_source = data_source
-        self.max_new_tokens = max_new_tokens
 
-    def _max_new_tokens(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        for value in (self.data_source.sampling.max_new_tokens, self.max_new_tokens,
-                      getattr(pl_module, "max_new_tokens", None)):
-            if value is not None:
-                return value
-        raise ValueError("sampling needs max_new_tokens: set data_source.sampling.max_new_tokens or the module's")
+    def _max_new_tokens(self, pl_module: L.LightningModule) -> int:
+        """The sampling spec's, else the module's (which falls back to the datamodule's)."""
+        return self.data_source.sampling.max_new_tokens or pl_module.max_new_tokens
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
@@ -87,7 +83,7 @@ class SamplingCallback(L.Callback):
                            who="a mixed data source's off-policy batch")
             return
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="sampling")
-        self.sample_into(batch, pl_module, self._max_new_tokens(trainer, pl_module), synced=trainer.world_size > 1)
+        self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         ended = (batch[fields.RESPONSE_IDS] == pl_module.tokenizer.eos_token_id).any(-1).float()
         n = lengths.numel()

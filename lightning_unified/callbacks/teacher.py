@@ -28,6 +28,13 @@ class TeacherCallback(L.Callback):
         if stage == "fit" and self.teacher is None:
             teacher = load_causal_lm(self.signal.teacher)
             check_vocabulary(teacher, pl_module.tokenizer, f"teacher {self.signal.teacher}")
+            teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+            policy_vocab = pl_module.policy.get_output_embeddings().weight.shape[0]
+            if teacher_vocab != policy_vocab:
+                raise ValueError(
+                    f"teacher {self.signal.teacher} has a vocabulary of {teacher_vocab} tokens and the policy "
+                    f"{policy_vocab}; a dense signal compares distributions over one shared vocabulary"
+                )
             # kept out of the module so it is never trained, checkpointed or wrapped by DDP
             self.teacher = teacher.eval().requires_grad_(False)
 
