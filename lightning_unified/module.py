@@ -82,6 +82,8 @@ class UnifiedModule(L.LightningModule):
         self.chunk_size = chunk_size
         self._max_new_tokens = max_new_tokens
         self.val_exact_match = MeanMetric()
+        # tokens and sequences of the current optimizer step's micro-batches, on this rank
+        self._step_counts = LossCounts(0.0, 0.0)
 
     # --- the pipeline -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
@@ -98,38 +100,64 @@ class UnifiedModule(L.LightningModule):
         return value
 
     # --- training -----------------------------------------------------------------------
-    def _global_counts(self, mask: torch.Tensor) -> LossCounts:
-        """Loss counts summed over ranks, so every rank divides by the same normaliser."""
-        counts = loss_counts(mask)
+    def _all_ranks(self, counts: LossCounts) -> LossCounts:
+        """Counts summed over ranks (one small all-reduce); unchanged on one process."""
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64, device=mask.device)
+            summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64, device=self.device)
             summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
             counts = LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
         return counts
+
+    def _normaliser(self, counts: LossCounts) -> float:
+        """What the aggregation divides the summed per-token terms by (see aggregation.py)."""
+        if self.aggregation == "token_mean":
+            return max(counts.tokens, 1.0)
+        if self.aggregation == "constant":
+            return 1.0  # the constant is already in each token's scale
+        return max(counts.sequences, 1.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="training_step")
         mask = batch[fields.RESPONSE_MASK]
-        # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
-        world = self.trainer.world_size
-        scale = token_scale(mask, self.aggregation, global_counts=self._global_counts(mask),
-                            constant=self.constant_normaliser) * world
+        # Each micro-batch contributes its SUM of per-token terms; on_before_optimizer_step
+        # divides the gradient by the normaliser of the whole optimizer step (every
+        # micro-batch, every rank), which is known only once the step's last micro-batch has
+        # run. So any split into micro-batches and ranks gives the gradient of the whole batch.
+        counts = loss_counts(mask)
+        self._step_counts = LossCounts(self._step_counts.tokens + counts.tokens,
+                                       self._step_counts.sequences + counts.sequences)
+        unnormalised = token_scale(mask, self.aggregation, global_counts=LossCounts(1.0, 1.0),
+                                   constant=self.constant_normaliser)
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum((select_weight_fn(batch, self.signal, importance),))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], mask)
-        out = self.policy.get_output_embeddings()(hidden, loss_inputs=dict(
-            targets=batch[fields.RESPONSE_IDS], token_scale=scale, weight_fn=weight_fn,
-            fields=builder_fields(batch), teacher=batch.get(fields.TEACHER),
-            temperature=self.temperature, chunk_size=self.chunk_size,
-        ))
+        out = self.policy.get_output_embeddings()(hidden, loss_inputs={
+            "targets": batch[fields.RESPONSE_IDS], "token_scale": unnormalised, "weight_fn": weight_fn,
+            "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
+            "temperature": self.temperature, "chunk_size": self.chunk_size,
+        })
+        # logged values: this micro-batch's terms over its own normaliser, summed over ranks
         rows = mask.shape[0]
-        # each rank holds its share of the global mean (times world); the mean over ranks is the whole
-        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
-        self.log("train/objective", out.objective, sync_dist=True, batch_size=rows)
-        self.log("train/response_tokens", mask.sum().float(), batch_size=rows, reduce_fx="sum")
-        return {"loss": out.loss, "target_logp": out.target_logp.detach()}
+        norm = self._normaliser(self._all_ranks(counts))
+        self.log("train/loss", out.loss.detach() / norm, prog_bar=True, sync_dist=True, reduce_fx="sum",
+                 batch_size=rows)
+        self.log("train/objective", out.objective / norm, sync_dist=True, reduce_fx="sum", batch_size=rows)
+        self.log("train/response_tokens", mask.sum().float(), batch_size=rows)
+        # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
+        return {"loss": out.loss * self.trainer.accumulate_grad_batches, "target_logp": out.target_logp.detach()}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Divide the summed gradient by the whole step's normaliser. DDP and FSDP average
+        gradients over ranks, so the factor carries the world size; gradient clipping runs
+        after this hook, on the normalised gradient."""
+        total = self._all_ranks(self._step_counts)
+        self._step_counts = LossCounts(0.0, 0.0)
+        factor = self.trainer.world_size / self._normaliser(total)
+        for param in self.policy.parameters():
+            if param.grad is not None:
+                param.grad.mul_(factor)
 
     # --- validation: greedy exact match -------------------------------------------------
     @torch.no_grad()
