@@ -43,7 +43,7 @@ class UnifiedModule(L.LightningModule):
     partial taking the parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
     ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.aggregation.AGGREGATIONS`),
-    global across ranks. ``max_new_tokens`` bounds greedy validation and, unless the sampling
+    counted over the whole optimizer step: every accumulated micro-batch on every rank. ``max_new_tokens`` bounds greedy validation and, unless the sampling
     spec says otherwise, sampling; None takes the datamodule's ``max_new_tokens``.
     """
 
@@ -69,9 +69,9 @@ class UnifiedModule(L.LightningModule):
         self.policy = load_causal_lm(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, nn.Module):
             raise TypeError(f"policy must be a Hugging Face causal LM or a path to one, got {type(policy).__name__}")
+        check_vocabulary(self.policy, self.tokenizer, "policy")
         self.policy.train()  # from_pretrained returns eval mode; Lightning toggles it from here on
         install_loss_head(self.policy)  # the loss runs inside the head's forward (FSDP2 needs that)
-        check_vocabulary(self.policy, self.tokenizer, "policy")
         self.data_source = data_source
         self.signal = signal
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
