@@ -1,7 +1,9 @@
 """How per-token terms become one loss: the normaliser, as an explicit choice.
 
 The loss is ``sum_t token_scale_t * term_t``; :func:`token_scale` folds the padding mask
-and the normaliser into one per-token factor. The normaliser is always built from GLOBAL
+and the normaliser into one per-token factor. A trainer that only knows the normaliser once
+a step's micro-batches have run (``UnifiedModule``) uses :func:`token_terms` per micro-batch
+and divides the summed gradient by :func:`normaliser` of the step's global counts. The normaliser is always built from GLOBAL
 counts (over every micro-batch of an optimizer step and every rank), passed in by the
 caller; :func:`all_reduce_counts` sums them over ranks. Each micro-batch's loss is then a
 share of one global sum, so summing the micro-batch gradients gives exactly the gradient of
@@ -43,17 +45,52 @@ def loss_counts(mask: Tensor) -> LossCounts:
     return LossCounts(tokens=float(mask.sum()), sequences=float(mask.any(-1).sum()))
 
 
+def all_reduce_sum(values: Tensor, group=None) -> Tensor:
+    """``values`` summed over the ranks of ``group`` (every rank must call it), as float64 on
+    the input's device; unchanged when torch.distributed is not initialised."""
+    values = values.detach().to(torch.float64)  # float64 counts stay exact far beyond any batch
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    device = values.device
+    if "nccl" in str(torch.distributed.get_backend(group)) and device.type != "cuda":
+        values = values.cuda()  # NCCL reduces only CUDA tensors
+    values = values.clone()
+    torch.distributed.all_reduce(values, group=group)
+    return values.to(device)
+
+
 def all_reduce_counts(counts: LossCounts, group=None) -> LossCounts:
     """Sum counts over the ranks of ``group`` (every rank must call it); the counts
     unchanged when torch.distributed is not initialised. One small all-reduce per step."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return counts
-    # float64 counts stay exact far beyond any batch size
-    summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64)
-    if "nccl" in str(torch.distributed.get_backend(group)):  # NCCL reduces only CUDA tensors
-        summed = summed.cuda()
-    torch.distributed.all_reduce(summed, group=group)
+    summed = all_reduce_sum(torch.tensor([counts.tokens, counts.sequences]), group)
     return LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
+
+
+def normaliser(mode: str, counts: LossCounts) -> float:
+    """What the summed per-token terms of a step are divided by, from its global counts."""
+    if mode == "token_mean":
+        return max(counts.tokens, 1.0)
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return max(counts.sequences, 1.0)
+    return 1.0  # constant: already in every token's term
+
+
+def token_terms(mask: Tensor, mode: str, *, constant: float | None = None) -> Tensor:
+    """Per-token factor [B, T] before the normaliser: ``mask`` (token_mean,
+    seq_mean_token_sum), ``mask / len_i`` (seq_mean_token_mean) or ``mask / constant``."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    # float64 masks stay float64 (the gradient tests); bool/int masks become float32
+    mask = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError(f"aggregation 'constant' needs constant > 0, got {constant}")
+        return mask / constant
+    if mode == "seq_mean_token_mean":
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
+    return mask
 
 
 def token_scale(
@@ -63,24 +100,10 @@ def token_scale(
     global_counts: LossCounts | None = None,
     constant: float | None = None,
 ) -> Tensor:
-    """Per-token factor [B, T] = mask / normaliser, for :mod:`lightning_unified.objective`.
+    """Per-token factor [B, T] = term / normaliser, for :mod:`lightning_unified.objective`.
 
     ``global_counts`` default to this mask's own counts (one process, one micro-batch).
     """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
-    if mask.dim() != 2:
-        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
-    # float64 masks stay float64 (the gradient tests); bool/int masks become float32
-    mask = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    terms = token_terms(mask, mode, constant=constant)
     counts = global_counts if global_counts is not None else loss_counts(mask)
-    if mode == "constant":
-        if constant is None or constant <= 0:
-            raise ValueError(f"aggregation 'constant' needs constant > 0, got {constant}")
-        return mask / constant
-    if mode == "token_mean":
-        return mask / max(counts.tokens, 1.0)
-    if mode == "seq_mean_token_sum":
-        return mask / max(counts.sequences, 1.0)
-    lengths = mask.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1]
-    return mask / (lengths * max(counts.sequences, 1.0))
+    return terms / normaliser(mode, counts)

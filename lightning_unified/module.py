@@ -12,7 +12,6 @@ from functools import partial
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,8 +20,10 @@ from lightning_unified import batch as fields
 from lightning_unified.aggregation import (
     AGGREGATIONS,
     LossCounts,
+    all_reduce_sum,
     loss_counts,
-    token_scale,
+    normaliser,
+    token_terms,
 )
 from lightning_unified.loss_head import install_loss_head
 from lightning_unified.models import (
@@ -82,8 +83,9 @@ class UnifiedModule(L.LightningModule):
         self.chunk_size = chunk_size
         self._max_new_tokens = max_new_tokens
         self.val_exact_match = MeanMetric()
-        # tokens and sequences of the current optimizer step's micro-batches, on this rank
-        self._step_counts = LossCounts(0.0, 0.0)
+        # [surrogate, objective, tokens, sequences] summed over this optimizer step's
+        # micro-batches on this rank; reset at the step
+        self._step_sums: torch.Tensor | None = None
 
     # --- the pipeline -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
@@ -100,22 +102,6 @@ class UnifiedModule(L.LightningModule):
         return value
 
     # --- training -----------------------------------------------------------------------
-    def _all_ranks(self, counts: LossCounts) -> LossCounts:
-        """Counts summed over ranks (one small all-reduce); unchanged on one process."""
-        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            summed = torch.tensor([counts.tokens, counts.sequences], dtype=torch.float64, device=self.device)
-            summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
-            counts = LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
-        return counts
-
-    def _normaliser(self, counts: LossCounts) -> float:
-        """What the aggregation divides the summed per-token terms by (see aggregation.py)."""
-        if self.aggregation == "token_mean":
-            return max(counts.tokens, 1.0)
-        if self.aggregation == "constant":
-            return 1.0  # the constant is already in each token's scale
-        return max(counts.sequences, 1.0)
-
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="training_step")
@@ -124,40 +110,42 @@ class UnifiedModule(L.LightningModule):
         # divides the gradient by the normaliser of the whole optimizer step (every
         # micro-batch, every rank), which is known only once the step's last micro-batch has
         # run. So any split into micro-batches and ranks gives the gradient of the whole batch.
-        counts = loss_counts(mask)
-        self._step_counts = LossCounts(self._step_counts.tokens + counts.tokens,
-                                       self._step_counts.sequences + counts.sequences)
-        unnormalised = token_scale(mask, self.aggregation, global_counts=LossCounts(1.0, 1.0),
-                                   constant=self.constant_normaliser)
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum((select_weight_fn(batch, self.signal, importance),))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], mask)
         out = self.policy.get_output_embeddings()(hidden, loss_inputs={
-            "targets": batch[fields.RESPONSE_IDS], "token_scale": unnormalised, "weight_fn": weight_fn,
-            "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
+            "targets": batch[fields.RESPONSE_IDS],
+            "token_scale": token_terms(mask, self.aggregation, constant=self.constant_normaliser),
+            "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
             "temperature": self.temperature, "chunk_size": self.chunk_size,
         })
-        # logged values: this micro-batch's terms over its own normaliser, summed over ranks
-        rows = mask.shape[0]
-        norm = self._normaliser(self._all_ranks(counts))
-        self.log("train/loss", out.loss.detach() / norm, prog_bar=True, sync_dist=True, reduce_fx="sum",
-                 batch_size=rows)
-        self.log("train/objective", out.objective / norm, sync_dist=True, reduce_fx="sum", batch_size=rows)
-        self.log("train/response_tokens", mask.sum().float(), batch_size=rows)
+        counts = loss_counts(mask)
+        # [surrogate, objective, tokens, sequences] of this step so far, on this rank
+        sums = torch.stack([out.loss.detach().double(), out.objective.double(),
+                            out.loss.new_tensor(counts.tokens, dtype=torch.float64),
+                            out.loss.new_tensor(counts.sequences, dtype=torch.float64)])
+        self._step_sums = sums if self._step_sums is None else self._step_sums + sums
+        self.log("train/response_tokens", mask.sum().float(), batch_size=mask.shape[0])
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
         return {"loss": out.loss * self.trainer.accumulate_grad_batches, "target_logp": out.target_logp.detach()}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Divide the summed gradient by the whole step's normaliser. DDP and FSDP average
-        gradients over ranks, so the factor carries the world size; gradient clipping runs
-        after this hook, on the normalised gradient."""
-        total = self._all_ranks(self._step_counts)
-        self._step_counts = LossCounts(0.0, 0.0)
-        factor = self.trainer.world_size / self._normaliser(total)
+        """Divide the summed gradient by the whole step's normaliser, and log the step's
+        loss and objective with the same normaliser (one all-reduce per step). DDP and FSDP
+        average gradients over ranks, so the factor carries the world size; gradient
+        clipping runs after this hook, on the normalised gradient."""
+        if self._step_sums is None:
+            return
+        total = all_reduce_sum(self._step_sums)
+        self._step_sums = None
+        norm = normaliser(self.aggregation, LossCounts(tokens=float(total[2]), sequences=float(total[3])))
+        factor = self.trainer.world_size / norm
         for param in self.policy.parameters():
             if param.grad is not None:
                 param.grad.mul_(factor)
+        self.log("train/loss", (total[0] / norm).float(), prog_bar=True, batch_size=1)
+        self.log("train/objective", (total[1] / norm).float(), batch_size=1)
 
     # --- validation: greedy exact match -------------------------------------------------
     @torch.no_grad()
