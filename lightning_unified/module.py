@@ -7,11 +7,13 @@ weight builder :mod:`lightning_unified.weighting` picks from its fields.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from functools import partial
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +37,25 @@ from lightning_unified.pipeline import build_pipeline
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
 from lightning_unified.weights import WeightSum
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter does. Lightning registers this only
+    for NCCL; a gloo group left to interpreter shutdown (ddp_spawn workers exit through
+    sys.exit) can abort with "terminate called without an active exception"."""
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED or not (dist.is_available() and dist.is_initialized()):
+        return
+    atexit.register(_destroy_process_group)
+    _EXIT_HOOK_REGISTERED = True
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_EXIT_HOOK_REGISTERED = False
 
 
 class UnifiedModule(L.LightningModule):
@@ -86,6 +107,9 @@ class UnifiedModule(L.LightningModule):
         # [surrogate, objective, tokens, sequences] summed over this optimizer step's
         # micro-batches on this rank; reset at the step
         self._step_sums: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        _destroy_process_group_at_exit()
 
     # --- the pipeline -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
