@@ -8,7 +8,7 @@ advantages, :mod:`importance` forms ratios to the behaviour policy and :mod:`agg
 picks the loss normaliser.
 """
 
-from lightning_unified.aggregation import (
+from lightning_unified.losses.aggregation import (
     AGGREGATIONS,
     LossCounts,
     all_reduce_counts,
@@ -22,7 +22,7 @@ from lightning_unified.callbacks import (
     TeacherCallback,
 )
 from lightning_unified.module import UnifiedModule
-from lightning_unified.objective import (
+from lightning_unified.losses.objective import (
     TeacherLogits,
     WeightedNLL,
     chunked_weighted_nll,
@@ -38,7 +38,7 @@ from lightning_unified.specs import (
     Sampling,
     Sparse,
 )
-from lightning_unified.token_weights import TokenWeights
+from lightning_unified.losses.token_weights import TokenWeights
 
 __all__ = [
     "AGGREGATIONS",

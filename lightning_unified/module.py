@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_unified import batch as fields
-from lightning_unified.aggregation import (
+from lightning_unified.losses.aggregation import (
     AGGREGATIONS,
     LossCounts,
     all_reduce_sum,
@@ -27,8 +27,8 @@ from lightning_unified.aggregation import (
     normaliser,
     token_terms,
 )
-from lightning_unified.loss_head import install_loss_head
-from lightning_unified.models import (
+from lightning_unified.models.loss_head import install_loss_head
+from lightning_unified.models.loading import (
     check_vocabulary,
     load_causal_lm,
     response_hidden,
@@ -36,7 +36,7 @@ from lightning_unified.models import (
 from lightning_unified.pipeline import build_pipeline
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
-from lightning_unified.weights import WeightSum
+from lightning_unified.losses.weights import WeightSum
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -64,7 +64,7 @@ class UnifiedModule(L.LightningModule):
     ``policy`` is a Hugging Face causal LM or a local path to one; ``optimizer`` is a
     partial taking the parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
     ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
-    ``aggregation`` is the loss normaliser (:data:`lightning_unified.aggregation.AGGREGATIONS`),
+    ``aggregation`` is the loss normaliser (:data:`lightning_unified.losses.aggregation.AGGREGATIONS`),
     counted over the whole optimizer step: every accumulated micro-batch on every rank. ``max_new_tokens`` bounds greedy validation and, unless the sampling
     spec says otherwise, sampling; None takes the datamodule's ``max_new_tokens``.
     """

@@ -3,7 +3,7 @@
 This is where a method is decided, and it never looks at a quadrant's name: a batch with
 ``advantages`` is pushed by rewards, one with teacher fields by the teacher, one with
 ``behaviour_logp`` is corrected for its sampler. A new method is a new builder in
-:mod:`lightning_unified.weights` and a line here.
+:mod:`lightning_unified.losses.weights` and a line here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import cache, partial
 
 from lightning_unified import batch as fields
-from lightning_unified import weights
-from lightning_unified.objective import WeightFn
+from lightning_unified.losses import weights
+from lightning_unified.losses.objective import WeightFn
 from lightning_unified.specs import Dense, Importance, Sparse
 
 
@@ -58,5 +58,5 @@ def select_weight_fn(batch: dict, signal: Sparse | Dense, importance: Importance
 
 def builder_fields(batch: dict) -> dict:
     """The per-token fields a builder may take; the loss hands each builder those its
-    signature names (see :class:`lightning_unified.weights.WeightSum`)."""
+    signature names (see :class:`lightning_unified.losses.weights.WeightSum`)."""
     return {name: batch[name] for name in fields.PER_TOKEN_FIELDS if name in batch}

@@ -6,7 +6,7 @@ memory, for:
 
 - ``plain``: full logits ``hidden @ W.T`` then ``F.cross_entropy`` / ``F.kl_div``, the way a
   hand-written loop does it (the teacher's logits materialised too);
-- ``chunked``: :func:`lightning_unified.objective.chunked_weighted_nll`.
+- ``chunked``: :func:`lightning_unified.losses.objective.chunked_weighted_nll`.
 
 Each variant runs in its own subprocess, so peak memory is the process's real high-water
 mark (on CPU: VmHWM after resetting it; on CUDA: the allocator's peak), above what the
@@ -74,8 +74,8 @@ def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
 
 
 def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, chunk_size):
-    from lightning_unified import weights
-    from lightning_unified.objective import TeacherLogits, chunked_weighted_nll
+    from lightning_unified.losses import weights
+    from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 
     scale = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
     builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl}[signal]

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lightning_unified.objective import TeacherLogits
-from lightning_unified import weights
+from lightning_unified.losses.objective import TeacherLogits
+from lightning_unified.losses import weights
 from tests.conftest import Problem
 
 TOPK = 4

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lightning_unified.config import CONFIG_DIR
-from lightning_unified.models import build_policy
+from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.tasks.addition import AdditionDataModule
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unified.models import build_policy
+from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import OffPolicy, Sparse
 from lightning_unified.tasks.addition import PromptResponseCollator, PromptResponseDataset, addition_tokenizer

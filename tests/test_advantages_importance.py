@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_unified import advantages as adv
-from lightning_unified import importance
+from lightning_unified.losses import advantages as adv
+from lightning_unified.losses import importance
 
 
 def test_reinforce_subtracts_the_batch_mean() -> None:

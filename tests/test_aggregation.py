@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_unified import weights
-from lightning_unified.aggregation import AGGREGATIONS, LossCounts, loss_counts, token_scale
-from lightning_unified.objective import chunked_weighted_nll
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import AGGREGATIONS, LossCounts, loss_counts, token_scale
+from lightning_unified.losses.objective import chunked_weighted_nll
 from tests.conftest import make_problem
 
 

@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from lightning_unified import weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.importance import ppo_clip_active
-from lightning_unified.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.importance import ppo_clip_active
+from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
 from tests.conftest import make_problem
 
 TOL = dict(rtol=1e-6, atol=1e-9)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_unified import weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.objective import TeacherLogits, chunked_weighted_nll, target_logprobs, weighted_nll_from_logits
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll, target_logprobs, weighted_nll_from_logits
 from tests.builder_cases import CASE_IDS, CASES, Case
 from tests.conftest import make_problem
 

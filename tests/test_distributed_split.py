@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_unified import weights
-from lightning_unified.aggregation import AGGREGATIONS, all_reduce_counts, loss_counts, token_scale
-from lightning_unified.objective import chunked_weighted_nll
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import AGGREGATIONS, all_reduce_counts, loss_counts, token_scale
+from lightning_unified.losses.objective import chunked_weighted_nll
 from tests.conftest import make_problem
 
 ROWS = {0: slice(0, 3), 1: slice(3, 8)}  # uneven shares: 3 and 5 sequences

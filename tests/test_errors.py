@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from lightning_unified import weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.objective import TeacherLogits, chunked_weighted_nll
-from lightning_unified.token_weights import TokenWeights
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
+from lightning_unified.losses.token_weights import TokenWeights
 from tests.conftest import make_problem
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from lightning_unified import weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.objective import chunked_weighted_nll
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.objective import chunked_weighted_nll
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_unified import weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
 
 TOKENS, WIDTH, VOCAB, CHUNK = 384, 8, 2048, 16
 
@@ -81,7 +81,7 @@ def test_probe_sees_full_logits() -> None:
 
 
 def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None:
-    from lightning_unified.objective import auto_chunk_size
+    from lightning_unified.losses.objective import auto_chunk_size
 
     assert auto_chunk_size(16384, 151936, 4096) == 512  # a 150k-vocabulary model: [512, V] per chunk
     assert auto_chunk_size(10, 13, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time

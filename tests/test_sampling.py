@@ -12,7 +12,7 @@ from lightning_unified.callbacks.sampling import (
     mixed_batch_is_on_policy,
     response_mask_until_eos,
 )
-from lightning_unified.models import response_hidden
+from lightning_unified.models.loading import response_hidden
 from lightning_unified.specs import OnPolicy, Sampling, Sparse
 from tests.lightning_helpers import tiny_datamodule, tiny_module
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_unified import advantages as adv
-from lightning_unified import importance, weights
-from lightning_unified.aggregation import token_scale
-from lightning_unified.objective import chunked_weighted_nll, target_logprobs
+from lightning_unified.losses import advantages as adv
+from lightning_unified.losses import importance, weights
+from lightning_unified.losses.aggregation import token_scale
+from lightning_unified.losses.objective import chunked_weighted_nll, target_logprobs
 from tests.builder_cases import CASE_IDS, CASES, Case
 from tests.conftest import Problem, make_problem
 

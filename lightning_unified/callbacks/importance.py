@@ -8,8 +8,8 @@ import torch
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.importance import ratio_diagnostics, sequence_log_ratio
-from lightning_unified.models import response_hidden
+from lightning_unified.losses.importance import ratio_diagnostics, sequence_log_ratio
+from lightning_unified.models.loading import response_hidden
 from lightning_unified.specs import Importance
 
 

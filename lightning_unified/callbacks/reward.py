@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_unified import advantages as estimators
+from lightning_unified.losses import advantages as estimators
 from lightning_unified import batch as fields
 from lightning_unified.specs import Reward, Sparse
 

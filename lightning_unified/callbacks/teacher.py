@@ -8,13 +8,13 @@ import torch
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.models import (
+from lightning_unified.models.loading import (
     check_vocabulary,
     load_causal_lm,
     output_head,
     response_hidden,
 )
-from lightning_unified.objective import TeacherLogits, target_logprobs, topk_logprobs
+from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_unified.objective import (
+from lightning_unified.losses.objective import (
     WeightedNLL,
     chunked_weighted_nll,
     target_logprobs,

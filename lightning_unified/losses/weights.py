@@ -22,12 +22,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_unified.importance import (
+from lightning_unified.losses.importance import (
     ppo_clip_active,
     token_log_ratio,
     truncated_ratio,
 )
-from lightning_unified.token_weights import TokenWeights
+from lightning_unified.losses.token_weights import TokenWeights
 
 
 def _gather(logp: Tensor, targets: Tensor) -> Tensor:
@@ -134,7 +134,7 @@ def k3_reference_penalty(
     for KL(pi_theta || pi_ref) under on-policy samples. Its gradient is ``(1 - r) grad l``,
     so w = kl_coef * (r - 1) * 1[v = y_t]. Add it to another builder's weights with
     :class:`WeightSum`. (The k1 estimator belongs in the reward: see
-    :func:`lightning_unified.advantages.kl_penalized_rewards`.)
+    :func:`lightning_unified.losses.advantages.kl_penalized_rewards`.)
     """
     log_r = reference_logp.to(student_logp.dtype) - _gather(student_logp, targets)
     r = log_r.exp()
@@ -148,7 +148,7 @@ def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp
     expectation is the gradient of KL(student || teacher) at that position. Needs only the
     teacher's log-prob of the sampled token, which any API teacher returns. To sum the
     reward over future tokens, build advantages with
-    :func:`lightning_unified.advantages.reverse_kl_returns` and use
+    :func:`lightning_unified.losses.advantages.reverse_kl_returns` and use
     :func:`advantage_indicator`. The objective is the per-token sample of the KL.
     """
     log_ratio = teacher_token_logp.to(student_logp.dtype) - _gather(student_logp, targets)

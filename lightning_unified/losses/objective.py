@@ -10,7 +10,7 @@ Two paths compute the same loss:
 * :func:`weighted_nll_from_logits` from full logits, for heads that are not a plain linear
   map (logit soft-capping, say). Plain autograd; it agrees with the chunked path.
 
-A weight builder (see :mod:`lightning_unified.weights`) is called once per chunk as
+A weight builder (see :mod:`lightning_unified.losses.weights`) is called once per chunk as
 ``weight_fn(student_logp [c, V], targets [c], **fields)``, where ``fields`` are the per-token
 tensors given to the loss sliced to the chunk, plus ``teacher_logp`` [c, V] when a
 :class:`TeacherLogits` is given. ``student_logp`` is detached: builders only read it.
@@ -20,7 +20,7 @@ for the hidden states and a [V, H] accumulator for the head (float32 for half-pr
 heads), never logits. Under ``torch.no_grad`` it computes only the loss.
 
 ``token_scale`` [N] multiplies every weight of a token; it carries the padding mask and the
-loss normaliser (see :mod:`lightning_unified.aggregation`). Tokens whose scale is zero are
+loss normaliser (see :mod:`lightning_unified.losses.aggregation`). Tokens whose scale is zero are
 dropped before any vocabulary-sized work, so prompts and padding cost nothing.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_unified.token_weights import (
+from lightning_unified.losses.token_weights import (
     TokenWeights,
     weighted_log_likelihood,
     weighted_nll_logit_grad,

@@ -100,7 +100,7 @@ def token_scale(
     global_counts: LossCounts | None = None,
     constant: float | None = None,
 ) -> Tensor:
-    """Per-token factor [B, T] = term / normaliser, for :mod:`lightning_unified.objective`.
+    """Per-token factor [B, T] = term / normaliser, for :mod:`lightning_unified.losses.objective`.
 
     ``global_counts`` default to this mask's own counts (one process, one micro-batch).
     """
