@@ -11,7 +11,7 @@ PROMPT_IDS = "prompt_ids"  # [B, P] long, left-padded
 PROMPT_MASK = "prompt_mask"  # [B, P] long, 1 on real prompt tokens
 RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or sampled
 RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
-REFERENCES = "references"  # list[str] of length B: the reference answer, for rewards
+REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
 
 # --- sampling callback (on-policy batches) -------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from
@@ -23,8 +23,12 @@ TEACHER_TOPK_IDS = "teacher_topk_ids"  # [B, R, K] long, the teacher's top-k tok
 TEACHER_TOPK_LOGP = "teacher_topk_logp"  # [B, R, K] float, their log-probs
 TEACHER_TOKEN_LOGP = "teacher_token_logp"  # [B, R] float, log pi_T(y_t) of the batch's tokens
 
+# --- reference callback (a KL penalty to a frozen reference) --------------------------
+REFERENCE_LOGP = "reference_logp"  # [B, R] float, log pi_ref(y_t) of the batch's tokens (0 on padding)
+
 # --- reward callback (sparse signal) ------------------------------------------------
-REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions
+REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions (or the data's reward column)
+COMPLETIONS = "completions"  # list[str] of length B, the decoded responses the rewards scored
 ADVANTAGES = "advantages"  # [B, R] float, the estimator's advantage on every response token
 
 # --- importance callback ---------------------------------------------------------------
@@ -38,6 +42,7 @@ PER_TOKEN_FIELDS = (
     TEACHER_TOKEN_LOGP,
     ADVANTAGES,
     LOG_RATIO,
+    REFERENCE_LOGP,
 )
 
 

@@ -47,6 +47,7 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
         signal=instantiate(cfg.signal, _convert_="all"),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        reference=instantiate(cfg.reference) if cfg.get("reference") else None,
     )
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
@@ -67,5 +68,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     final = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     if cfg.get("save_policy"):
-        run.module.save_pretrained(str(run.output_dir / cfg.save_policy))  # every rank: may gather shards
+        merged = run.output_dir / f"{cfg.save_policy}_merged" if cfg.get("save_merged") else None
+        # every rank: a sharded policy is gathered first
+        run.module.save_pretrained(str(run.output_dir / cfg.save_policy), None if merged is None else str(merged))
     return {k: float(v) for k, v in (final[0] if final else {}).items()}

@@ -8,6 +8,7 @@ weight builder :mod:`lightning_unified.weighting` picks from its fields.
 from __future__ import annotations
 
 import atexit
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_unified import batch as fields
 from lightning_unified.losses.aggregation import (
@@ -27,16 +28,22 @@ from lightning_unified.losses.aggregation import (
     normaliser,
     token_terms,
 )
-from lightning_unified.models.loss_head import install_loss_head
+from lightning_unified.callbacks.reward import compute_rewards, decode_prompts
+from lightning_unified.data.chat import stop_token_ids
+from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.loading import (
     check_vocabulary,
+    decoder,
     load_causal_lm,
+    load_tokenizer,
     response_hidden,
 )
+from lightning_unified.models.lora import is_lora, merged_copy
+from lightning_unified.models.loss_head import install_loss_head
 from lightning_unified.pipeline import build_pipeline
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
+from lightning_unified.rewards.text import exact_match
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Reward, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
-from lightning_unified.losses.weights import WeightSum
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -61,12 +68,18 @@ _EXIT_HOOK_REGISTERED = False
 class UnifiedModule(L.LightningModule):
     """One LightningModule for every (data_source, signal) pair.
 
-    ``policy`` is a Hugging Face causal LM or a local path to one; ``optimizer`` is a
-    partial taking the parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
+    ``policy`` is a Hugging Face causal LM (a peft LoRA model too) or a local path to one;
+    ``tokenizer`` a tokenizer or a path to one. ``optimizer`` is a partial taking the
+    trainable parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
     ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.losses.aggregation.AGGREGATIONS`),
-    counted over the whole optimizer step: every accumulated micro-batch on every rank. ``max_new_tokens`` bounds greedy validation and, unless the sampling
-    spec says otherwise, sampling; None takes the datamodule's ``max_new_tokens``.
+    counted over the whole optimizer step: every accumulated micro-batch on every rank.
+    ``reference`` adds a KL penalty to a frozen reference. ``max_new_tokens`` bounds greedy
+    validation and, unless the sampling spec says otherwise, sampling; None takes the
+    datamodule's ``max_new_tokens``. ``val_rewards`` ({name: fn}) score the greedy
+    validation completions as ``val/<name>``; None takes the datamodule's ``val_rewards``,
+    else exact match. ``samples_every_n_steps`` writes sampled completions to
+    ``<log dir>/samples.jsonl`` (None: never).
     """
 
     def __init__(
@@ -78,24 +91,30 @@ class UnifiedModule(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         *,
+        reference: Reference | None = None,
         aggregation: str = "token_mean",
         constant_normaliser: float | None = None,
         temperature: float = 1.0,
         chunk_size: int | None = None,
         max_new_tokens: int | None = None,
+        val_rewards: dict[str, Callable] | None = None,
+        samples_every_n_steps: int | None = 50,
     ):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.policy = load_causal_lm(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, nn.Module):
             raise TypeError(f"policy must be a Hugging Face causal LM or a path to one, got {type(policy).__name__}")
         check_vocabulary(self.policy, self.tokenizer, "policy")
         self.policy.train()  # from_pretrained returns eval mode; Lightning toggles it from here on
         install_loss_head(self.policy)  # the loss runs inside the head's forward (FSDP2 needs that)
+        # EOS and the chat template's end-of-turn token end a response
+        self.stop_token_ids = stop_token_ids(self.tokenizer)
         self.data_source = data_source
         self.signal = signal
+        self.reference = reference
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.aggregation = aggregation
@@ -103,39 +122,66 @@ class UnifiedModule(L.LightningModule):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self._max_new_tokens = max_new_tokens
-        self.val_exact_match = MeanMetric()
+        self._val_rewards = val_rewards
+        self.samples_every_n_steps = samples_every_n_steps
+        self.val_metrics = nn.ModuleDict()
+        self._pipeline: list[L.Callback] | None = None
         # [surrogate, objective, tokens, sequences] summed over this optimizer step's
         # micro-batches on this rank; reset at the step
         self._step_sums: torch.Tensor | None = None
+        # what a run has trained on so far, kept across a resume (see on_save_checkpoint)
+        self.progress = {"tokens_seen": 0.0, "train_seconds": 0.0}
+        self._step_started: float | None = None
 
     def setup(self, stage: str) -> None:
         _destroy_process_group_at_exit()
+        for name in self.val_rewards:
+            if name not in self.val_metrics:
+                self.val_metrics[name] = MeanMetric()
 
     # --- the pipeline -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
-        return build_pipeline(self.data_source, self.signal)
+        """The pipeline, built once. Lightning asks again at every ``validate`` and ``fit``;
+        callbacks it already holds are not handed over twice (that would replace them, and
+        say so on the console at every call)."""
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps)
+        held = self._trainer.callbacks if self._trainer is not None else []
+        return [c for c in self._pipeline if not any(c is h for h in held)]
 
     @property
     def max_new_tokens(self) -> int:
         if self._max_new_tokens is not None:
             return self._max_new_tokens
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        value = getattr(datamodule, "max_new_tokens", None)
+        value = getattr(self._datamodule(), "max_new_tokens", None)
         if value is None:
             raise ValueError("UnifiedModule needs max_new_tokens (the datamodule has no max_new_tokens)")
         return value
+
+    @property
+    def val_rewards(self) -> dict[str, Callable]:
+        """{name: reward fn} scoring greedy validation completions: the module's, else the
+        datamodule's, else exact match."""
+        if self._val_rewards is not None:
+            return dict(self._val_rewards)
+        return dict(getattr(self._datamodule(), "val_rewards", None) or {"exact_match": exact_match})
+
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="training_step")
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
         mask = batch[fields.RESPONSE_MASK]
         # Each micro-batch contributes its SUM of per-token terms; on_before_optimizer_step
         # divides the gradient by the normaliser of the whole optimizer step (every
         # micro-batch, every rank), which is known only once the step's last micro-batch has
         # run. So any split into micro-batches and ranks gives the gradient of the whole batch.
         importance = self.data_source.importance if self.data_source.samples else None
-        weight_fn = WeightSum((select_weight_fn(batch, self.signal, importance),))
+        weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], mask)
         out = self.policy.get_output_embeddings()(hidden, loss_inputs={
@@ -170,33 +216,63 @@ class UnifiedModule(L.LightningModule):
                 param.grad.mul_(factor)
         self.log("train/loss", (total[0] / norm).float(), prog_bar=True, batch_size=1)
         self.log("train/objective", (total[1] / norm).float(), batch_size=1)
+        # throughput: every rank's response tokens over the step's wall time (sampling and scoring included)
+        seconds = time.perf_counter() - self._step_started if self._step_started is not None else 0.0
+        self._step_started = None
+        self.progress["tokens_seen"] += float(total[2])
+        self.progress["train_seconds"] += seconds
+        if seconds > 0:
+            self.log("train/tokens_per_sec", float(total[2]) / seconds, prog_bar=True, batch_size=1)
+        self.log("train/tokens_seen", self.progress["tokens_seen"], batch_size=1)
+        self.log("train/train_seconds", self.progress["train_seconds"], batch_size=1)
 
-    # --- validation: greedy exact match -------------------------------------------------
+    # --- validation: greedy completions scored by the validation rewards ---------------
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         sequences = self.policy.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=self.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_token_ids,
             synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
         )
         return self.tokenizer.batch_decode(sequences[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
     def on_fit_start(self) -> None:
-        # a trainer.validate() before fit leaves the metric's state as inference tensors,
+        # a trainer.validate() before fit leaves the metrics' state as inference tensors,
         # which fit's no-grad validation cannot update in place; reset makes fresh ones
-        self.val_exact_match.reset()
+        for metric in self.val_metrics.values():
+            metric.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.REFERENCES, who="validation_step")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="validation_step")
         completions = self.generate_greedy(batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK])
-        correct = torch.tensor([float(c.strip() == r) for c, r in zip(completions, batch[fields.REFERENCES])],
-                               device=self.device)
-        self.val_exact_match.update(correct)
-        self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=correct.numel())
+        references = batch.get(fields.REFERENCES, [None] * len(completions))
+        prompts = decode_prompts(self.tokenizer, batch)
+        scores = {}
+        for name, fn in self.val_rewards.items():
+            value, _ = compute_rewards([Reward(fn)], completions=completions, references=references, prompts=prompts,
+                                       completion_ids=None, completion_mask=None)
+            scores[name] = value
+            self.val_metrics[name].update(value.to(self.device))
+            self.log(f"val/{name}", self.val_metrics[name], prog_bar=True, batch_size=value.numel())
+        return {"completions": completions, "prompts": prompts, "scores": scores}
+
+    # --- checkpoints: LoRA keeps only its adapters; progress survives a resume ----------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lightning_unified"] = {"progress": dict(self.progress)}
+        if is_lora(self.policy):
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k in trainable or not k.startswith("policy.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.progress.update(checkpoint.get("lightning_unified", {}).get("progress", {}))
+        if is_lora(self.policy):
+            self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.policy.parameters())
+        # with LoRA only the adapters train; frozen parameters never reach the optimizer
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -213,10 +289,11 @@ class UnifiedModule(L.LightningModule):
         mesh = mesh["data_parallel"]
         # the blocks Hugging Face never splits across devices (decoder layers) are the units
         blocks = set(getattr(self.policy, "_no_split_modules", None) or [])
-        for module in self.policy.base_model.modules():
+        body = decoder(self.policy)
+        for module in body.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
-        fully_shard(self.policy.base_model, mesh=mesh)
+        fully_shard(body, mesh=mesh)
         fully_shard(self.policy.get_output_embeddings(), mesh=mesh)
         fully_shard(self.policy, mesh=mesh)
 
@@ -225,8 +302,10 @@ class UnifiedModule(L.LightningModule):
 
         return any(isinstance(p, DTensor) for p in self.policy.parameters())
 
-    def save_pretrained(self, directory: str) -> None:
-        """The policy and tokenizer as a Hugging Face directory (``from_pretrained`` loads it).
+    def save_pretrained(self, directory: str, merged_directory: str | None = None) -> None:
+        """The policy and tokenizer as a Hugging Face directory (``from_pretrained`` loads it;
+        with LoRA it holds the adapter, which peft loads onto the base model), plus, with
+        LoRA and ``merged_directory``, a plain model with the adapters merged in.
         Call it on every rank: a sharded policy is gathered first (a collective), then
         rank 0 writes."""
         state_dict = None
@@ -241,3 +320,6 @@ class UnifiedModule(L.LightningModule):
         if self._trainer is None or self.trainer.is_global_zero:
             self.policy.save_pretrained(directory, state_dict=state_dict)
             self.tokenizer.save_pretrained(directory)
+            if merged_directory is not None and is_lora(self.policy):
+                merged_copy(self.policy).save_pretrained(merged_directory)
+                self.tokenizer.save_pretrained(merged_directory)

@@ -1,5 +1,5 @@
 """The callbacks a (data_source, signal) pair needs, in the order a step's data flows:
-sample, then score (teacher) or reward, then reweight."""
+sample, then score (reference, teacher) or reward, then reweight; and what a run shows."""
 
 from __future__ import annotations
 
@@ -7,26 +7,36 @@ import lightning as L
 
 from lightning_unified.callbacks import (
     ImportanceCallback,
+    ReferenceCallback,
     RewardCallback,
+    SampleLog,
     SamplingCallback,
     TeacherCallback,
 )
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Sparse
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Sparse
 
 
-def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense) -> list[L.Callback]:
+def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense, reference: Reference | None = None,
+                   samples_every_n_steps: int | None = None) -> list[L.Callback]:
     stages: list[L.Callback] = []
     if data_source.samples:
         stages.append(SamplingCallback(data_source))
+    if reference is not None:
+        if reference.estimator == "k1" and not (data_source.samples and isinstance(signal, Sparse)):
+            raise ValueError("reference.estimator=k1 puts the KL penalty in the reward of sampled responses; it "
+                             "needs data_source=on_policy with signal=sparse (use k3 elsewhere)")
+        stages.append(ReferenceCallback(reference))
     if isinstance(signal, Dense):
         stages.append(TeacherCallback(signal))
-    elif signal.rewards and (data_source.samples or signal.reward_data):
-        stages.append(RewardCallback(signal))
-    elif data_source.samples:
-        raise ValueError(
-            "a sparse signal on sampled responses is RL and needs signal.rewards (e.g. the task's "
-            "exact_match); without them every sampled token would be pushed up"
-        )
+    elif data_source.samples or signal.reward_data:
+        if data_source.samples and not signal.rewards:
+            raise ValueError(
+                "a sparse signal on sampled responses is RL and needs signal.rewards (e.g. the task's "
+                "exact_match); without them every sampled token would be pushed up"
+            )
+        stages.append(RewardCallback(signal, reference))
     if data_source.samples:
         stages.append(ImportanceCallback(data_source.importance))
+    if samples_every_n_steps:
+        stages.append(SampleLog(every_n_steps=samples_every_n_steps))
     return stages

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
+KL_ESTIMATORS = ("k3", "k1")
 ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "dr_grpo")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 WEIGHTINGS = ("indicator", "dft")
@@ -122,8 +123,10 @@ class Sparse:
     """Each token is pushed by an indicator or a reward: SFT on data, RL on samples.
 
     On off-policy data without ``reward_data`` this is SFT (every data token has reward 1)
-    or DFT (``weighting="dft"``). On sampled responses, or on data with ``reward_data``
-    (reward-weighted SFT), the rewards go through the ``advantage`` estimator.
+    or DFT (``weighting="dft"``). On sampled responses the rewards go through the
+    ``advantage`` estimator. With ``reward_data`` the dataset's responses are weighted by
+    their reward (reward-weighted SFT): the data's ``reward`` column when it has one, else
+    the reward functions on the data's responses.
     """
 
     rewards: list[Reward] = field(default_factory=list)
@@ -134,8 +137,6 @@ class Sparse:
     def __post_init__(self) -> None:
         _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _one_of("signal", "weighting", self.weighting, WEIGHTINGS)
-        if self.reward_data and not self.rewards:
-            raise ValueError("signal.reward_data=true needs at least one entry in signal.rewards")
 
 
 @dataclass
@@ -172,3 +173,26 @@ class Dense:
                 f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
                 f"give {self.divergence!r}, which needs the teacher's whole distribution"
             )
+
+
+@dataclass
+class Reference:
+    """A KL penalty that keeps the policy near a frozen reference.
+
+    The reference scores each batch's responses once. ``estimator="k3"`` adds
+    ``kl_coef * k3`` as a loss term (:func:`lightning_unified.losses.weights.k3_reference_penalty`);
+    ``"k1"`` subtracts ``kl_coef * sum_t (log pi - log pi_ref)`` from each sampled
+    response's reward before its advantage (:func:`lightning_unified.losses.advantages.kl_penalized_rewards`),
+    with the sampler's log-probs as log pi. ``path`` is a local Hugging Face directory;
+    null takes the starting policy (with LoRA: the same base model, adapters switched
+    off, never a second copy).
+    """
+
+    kl_coef: float = 0.05
+    estimator: str = "k3"
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)
+        if self.kl_coef < 0:
+            raise ValueError(f"reference.kl_coef must be >= 0, got {self.kl_coef}")

@@ -47,3 +47,36 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    """A real character-level fast tokenizer with a ChatML template, EOS and no pad token
+    (like many chat checkpoints), so loading has to give it one."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
+    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def save_chat_model(directory: Path, seed: int = 0, **config) -> str:
+    """A tiny Llama and its chat tokenizer in one directory, as save_pretrained writes them."""
+    tokenizer = chat_tokenizer()
+    model = build_policy(tokenizer, config={**TINY, "max_position_embeddings": 256, **config}, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -15,6 +15,7 @@ from lightning_unified.specs import (
     Importance,
     OffPolicy,
     OnPolicy,
+    Reference,
     Reward,
     Sampling,
     Sparse,
@@ -47,8 +48,8 @@ def test_bad_spec_values_name_the_field() -> None:
         Sampling(top_p=0.0)
     with pytest.raises(ValueError, match="importance.truncate"):
         Importance(truncate=0.0)
-    with pytest.raises(ValueError, match="reward_data=true needs"):
-        Sparse(reward_data=True)
+    with pytest.raises(ValueError, match="reference.estimator must be one of"):
+        Reference(estimator="k2")
 
 
 def test_missing_checkpoints_name_the_path(tmp_path) -> None:

@@ -1,9 +1,12 @@
 """The step's pipeline, one job per callback, each adding named fields to the batch in
-``on_train_batch_start`` (see :mod:`lightning_unified.batch`)."""
+``on_train_batch_start`` (see :mod:`lightning_unified.batch`), and the sample log."""
 
 from lightning_unified.callbacks.importance import ImportanceCallback
+from lightning_unified.callbacks.reference import ReferenceCallback
 from lightning_unified.callbacks.reward import RewardCallback
+from lightning_unified.callbacks.samples import SampleLog
 from lightning_unified.callbacks.sampling import SamplingCallback
 from lightning_unified.callbacks.teacher import TeacherCallback
 
-__all__ = ["ImportanceCallback", "RewardCallback", "SamplingCallback", "TeacherCallback"]
+__all__ = ["ImportanceCallback", "ReferenceCallback", "RewardCallback", "SampleLog", "SamplingCallback",
+           "TeacherCallback"]

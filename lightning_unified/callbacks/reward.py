@@ -1,4 +1,5 @@
-"""Sparse signal: rewards on the decoded responses, then advantages."""
+"""Sparse signal: rewards on the decoded responses (or the data's reward column), an
+optional k1 KL penalty, then advantages."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_unified.losses import advantages as estimators
 from lightning_unified import batch as fields
-from lightning_unified.specs import Reward, Sparse
+from lightning_unified.losses import advantages as estimators
+from lightning_unified.specs import Reference, Reward, Sparse
 
 
 def reward_name(reward: Reward) -> str:
@@ -18,16 +19,25 @@ def reward_name(reward: Reward) -> str:
 
 
 def compute_rewards(rewards: list[Reward], **inputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of every reward function, [B], and each one's batch mean."""
+    """The weighted sum of every reward function, [B], and each one's batch mean. A
+    function that raises, or returns the wrong shape or a non-finite value, is named."""
     total, parts = None, {}
+    size = len(inputs["completions"])
     for reward in rewards:
-        value = torch.as_tensor(reward.fn(**inputs), dtype=torch.float32)
-        if value.shape != (len(inputs["completions"]),):
+        name = reward_name(reward)
+        try:
+            value = torch.as_tensor(reward.fn(**inputs), dtype=torch.float32).cpu()
+        except Exception as error:
+            raise RuntimeError(f"reward {name} raised {type(error).__name__}: {error}") from error
+        if value.shape != (size,):
             raise ValueError(
-                f"reward {reward_name(reward)} returned shape {tuple(value.shape)}; it must return one "
-                f"float per completion, shape ({len(inputs['completions'])},)"
+                f"reward {name} returned shape {tuple(value.shape)}; it must return one float per completion, "
+                f"shape ({size},)"
             )
-        parts[reward_name(reward)] = value.mean()
+        if not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+            raise ValueError(f"reward {name} returned non-finite values {value[bad].tolist()} for completions {bad}")
+        parts[name] = value.mean()
         total = reward.weight * value if total is None else total + reward.weight * value
     return total, parts
 
@@ -46,13 +56,25 @@ def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Ten
     return fn(rewards, group_size=group_size)
 
 
+def decode_responses(tokenizer, batch: dict) -> list[str]:
+    ids, mask = batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK]
+    return tokenizer.batch_decode(torch.where(mask.bool(), ids, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
+def decode_prompts(tokenizer, batch: dict) -> list[str]:
+    ids, mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
+    return tokenizer.batch_decode(torch.where(mask.bool(), ids, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
 class RewardCallback(L.Callback):
     """Scores sampled responses (RL), or the dataset's when ``reward_data`` is set
     (reward-weighted SFT: the reward itself is the weight, with no baseline, so data tokens
-    are never pushed down)."""
+    are never pushed down). With a k1 reference, the sampled responses' rewards lose
+    ``kl_coef * sum_t (log pi - log pi_ref)`` before their advantages."""
 
-    def __init__(self, signal: Sparse):
+    def __init__(self, signal: Sparse, reference: Reference | None = None):
         self.signal = signal
+        self.k1 = reference if reference is not None and reference.estimator == "k1" else None
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
@@ -61,19 +83,30 @@ class RewardCallback(L.Callback):
             return  # off-policy data under plain SFT: every data token has reward 1
         fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK, who="rewards")
         response_ids, mask = batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK]
-        tokenizer = pl_module.tokenizer
-        completions = tokenizer.batch_decode(torch.where(mask.bool(), response_ids, tokenizer.pad_token_id),
-                                             skip_special_tokens=True)
-        references = batch.get(fields.REFERENCES, [None] * len(completions))
-        rewards, parts = compute_rewards(self.signal.rewards, completions=completions, references=references,
-                                         completion_ids=response_ids, completion_mask=mask)
+        n = response_ids.shape[0]
+        if not sampled and fields.REWARDS in batch:
+            rewards = batch[fields.REWARDS].float()  # the data's own reward column
+        else:
+            if not self.signal.rewards:
+                raise ValueError("signal.reward_data=true needs a 'reward' column in the data or an entry in "
+                                 "signal.rewards")
+            completions = decode_responses(pl_module.tokenizer, batch)
+            batch[fields.COMPLETIONS] = completions
+            rewards, parts = compute_rewards(
+                self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
+                prompts=decode_prompts(pl_module.tokenizer, batch), completion_ids=response_ids,
+                completion_mask=mask)
+            for name, value in parts.items():
+                pl_module.log(f"reward/{name}", value, batch_size=n)
         rewards = rewards.to(response_ids.device)
+        batch[fields.REWARDS] = rewards
+        if sampled and self.k1 is not None:
+            fields.require(batch, fields.REFERENCE_LOGP, who="the k1 reference penalty")
+            rewards = estimators.kl_penalized_rewards(rewards, batch[fields.BEHAVIOUR_LOGP], batch[fields.REFERENCE_LOGP],
+                                                      mask, kl_coef=self.k1.kl_coef)
         group_size = batch.get(fields.GROUP_SIZE, 1)
         advantages = estimate_advantages(rewards, self.signal.advantage, group_size) if sampled else rewards
-        batch[fields.REWARDS] = rewards
         batch[fields.ADVANTAGES] = estimators.to_tokens(advantages, mask)
-        n = rewards.numel()
-        for name, value in parts.items():
-            pl_module.log(f"reward/{name}", value, batch_size=n)
-        for name, value in estimators.reward_metrics(rewards, group_size=group_size if group_size > 1 else None).items():
+        for name, value in estimators.reward_metrics(batch[fields.REWARDS],
+                                                     group_size=group_size if group_size > 1 else None).items():
             pl_module.log(f"reward/{name}", value, batch_size=n, prog_bar=name == "reward_mean")

@@ -46,9 +46,11 @@ class BehaviourLogProbs(LogitsProcessor):
         return out
 
 
-def response_mask_until_eos(response_ids: Tensor, eos_token_id: int) -> Tensor:
-    """1 up to and including the first EOS, 0 after it (generate pads finished rows), [B, R]."""
-    is_eos = (response_ids == eos_token_id).long()
+def response_mask_until_eos(response_ids: Tensor, eos_token_id: int | list[int]) -> Tensor:
+    """1 up to and including the first stop token (EOS, or any of a list), 0 after it
+    (generate pads finished rows), [B, R]."""
+    stops = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
+    is_eos = torch.isin(response_ids, stops).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_eos).long()
 
@@ -85,7 +87,8 @@ class SamplingCallback(L.Callback):
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="sampling")
         self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
-        ended = (batch[fields.RESPONSE_IDS] == pl_module.tokenizer.eos_token_id).any(-1).float()
+        stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
+        ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()
         n = lengths.numel()
         pl_module.log("sampling/response_length", lengths.mean(), batch_size=n)
         pl_module.log("sampling/eos_fraction", ended.mean(), batch_size=n)
@@ -120,7 +123,7 @@ class SamplingCallback(L.Callback):
                 max_new_tokens=max_new_tokens,
                 logits_processor=processors,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=pl_module.stop_token_ids,
                 use_cache=True,
                 # sharded strategies hang unless every rank runs the same number of forwards
                 synced_gpus=synced,
@@ -128,7 +131,7 @@ class SamplingCallback(L.Callback):
         finally:
             policy.train(was_training)
         response_ids = sequences[:, prompt_ids.shape[1]:]
-        mask = response_mask_until_eos(response_ids, tokenizer.eos_token_id)
+        mask = response_mask_until_eos(response_ids, pl_module.stop_token_ids)
         behaviour = recorder.finish(sequences)
         batch[fields.PROMPT_IDS] = prompt_ids
         batch[fields.PROMPT_MASK] = prompt_mask

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.models.loading import (
-    check_vocabulary,
+    check_same_vocabulary,
     load_causal_lm,
     output_head,
     response_hidden,
@@ -27,14 +27,8 @@ class TeacherCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.teacher is None:
             teacher = load_causal_lm(self.signal.teacher)
-            check_vocabulary(teacher, pl_module.tokenizer, f"teacher {self.signal.teacher}")
-            teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-            policy_vocab = pl_module.policy.get_output_embeddings().weight.shape[0]
-            if teacher_vocab != policy_vocab:
-                raise ValueError(
-                    f"teacher {self.signal.teacher} has a vocabulary of {teacher_vocab} tokens and the policy "
-                    f"{policy_vocab}; a dense signal compares distributions over one shared vocabulary"
-                )
+            check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, self.signal.teacher,
+                                  f"teacher {self.signal.teacher}")
             # kept out of the module so it is never trained, checkpointed or wrapped by DDP
             self.teacher = teacher.eval().requires_grad_(False)
 

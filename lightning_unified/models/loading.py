@@ -1,8 +1,11 @@
-"""Policies and teachers: Hugging Face causal LMs, loaded from a local directory or built
-from a config, and the one forward pass every stage shares."""
+"""Policies, teachers and reference models: any Hugging Face causal LM, from a local
+directory (or a hub id where a hub is reachable) or built from a config; their tokenizer;
+the checks that a model, its tokenizer and a teacher belong together; and the one forward
+pass every stage shares."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,17 +13,78 @@ from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+log = logging.getLogger(__name__)
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
-    """``from_pretrained`` on a local directory (the same path serves any real checkpoint)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face checkpoint at {path} (config.json is missing)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)} (or null for the checkpoint's), got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _looks_local(path: str | Path) -> bool:
+    text = str(path)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """``from_pretrained`` on a local directory, or on a hub id (``org/name``) where a hub
+    is reachable. ``trust_remote_code`` stays off unless asked for: a checkpoint's own
+    Python code runs only with the user's consent."""
+    if _looks_local(path):
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no Hugging Face checkpoint at {path} (config.json is missing)")
+    kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"could not load a causal LM from {str(path)!r}: not a local checkpoint directory, and the hub "
+            f"({error.__class__.__name__}) did not give one"
+        ) from error
+
+
+def has_tokenizer(path: str | Path | None) -> bool:
+    return path is not None and Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, *, pad_token: str | None = None, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory, ready for batches: prompts are left-padded, and
+    a tokenizer without a pad token gets ``pad_token`` (default: its EOS), said in the log."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if pad_token is not None and pad_token != tokenizer.pad_token:
+        if pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token {pad_token!r} is not a token of the tokenizer at {path}")
+        tokenizer.pad_token = pad_token
+        log.info("tokenizer %s: pad token set to %r (configured)", path, pad_token)
+    elif tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer at {path} has neither a pad token nor an EOS token; set task.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.warning("tokenizer %s has no pad token: using its EOS token %r for padding (padding is masked out "
+                    "of every loss; set task.pad_token to choose another)", path, tokenizer.eos_token)
+    return tokenizer
 
 
 def build_policy(
@@ -28,12 +92,19 @@ def build_policy(
     path: str | None = None,
     config: dict | None = None,
     seed: int = 0,
-) -> PreTrainedModel:
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    lora: dict | None = None,
+) -> PreTrainedModel | nn.Module:
     """The policy to train: from ``path`` when given, else a fresh model built from
     ``config`` (``model_type`` plus its fields; vocabulary and special ids come from the
-    tokenizer), initialised from ``seed``."""
+    tokenizer), initialised from ``seed``. ``lora`` (r, alpha, dropout, target_modules)
+    wraps it in peft adapters, so only those train; ``r: 0`` leaves it off."""
     if path is not None:
-        model = load_causal_lm(path)
+        model = load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
+        check_tokenizer_matches(model, tokenizer, str(path))
     elif config is not None:
         config = dict(config)
         model_type = config.pop("model_type", "llama")
@@ -45,13 +116,59 @@ def build_policy(
             bos_token_id=tokenizer.bos_token_id,
             **config,
         )
+        if attn_implementation is not None:
+            hf_config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(hf_config)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(dtype))
     else:
         raise ValueError("model: give either path (a local Hugging Face directory) or config")
     check_vocabulary(model, tokenizer, "model")
+    if lora and lora.get("r"):
+        from lightning_unified.models.lora import add_lora
+
+        model = add_lora(model, **lora)
     return model
+
+
+def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return getattr(tokenizer, "name_or_path", "") or f"a {type(tokenizer).__name__} of {len(tokenizer)} tokens"
+
+
+def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str | None:
+    """None when the two tokenizers map every token to the same id; else what differs:
+    the sizes, or the first id whose token differs."""
+    if len(a) != len(b):
+        return f"sizes differ: {len(a)} tokens against {len(b)}"
+    by_id_a = {i: t for t, i in a.get_vocab().items()}
+    by_id_b = {i: t for t, i in b.get_vocab().items()}
+    for i in sorted(set(by_id_a) | set(by_id_b)):
+        if by_id_a.get(i) != by_id_b.get(i):
+            return f"token {i} differs: {by_id_a.get(i)!r} against {by_id_b.get(i)!r}"
+    return None
+
+
+def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    """A model and the tokenizer that feeds it must belong together. When the model's
+    directory has its own tokenizer, the two vocabularies must be the same; a task that
+    brings a tokenizer of its own (the built-in one) cannot feed another model's ids."""
+    if has_tokenizer(path):
+        own = AutoTokenizer.from_pretrained(path)
+        difference = vocabulary_difference(tokenizer, own)
+        if difference:
+            raise ValueError(
+                f"the tokenizer {_tokenizer_name(tokenizer)} does not belong to the model at {path}, whose own "
+                f"tokenizer maps tokens differently ({difference}). Use the model's tokenizer (task=files takes "
+                f"it from model.path), or a model trained with this tokenizer"
+            )
+        return
+    rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    # checkpoints pad their vocabulary to a multiple of 64 or 128; more than that means another tokenizer
+    if rows is not None and rows - len(tokenizer) >= 256:
+        raise ValueError(
+            f"the model at {path} has a vocabulary of {rows} tokens but the tokenizer "
+            f"{_tokenizer_name(tokenizer)} has {len(tokenizer)}: they do not belong together"
+        )
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, what: str) -> None:
@@ -67,6 +184,31 @@ def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             f"{what} soft-caps its logits (final_logit_softcapping); the chunked loss needs a linear "
             f"head. weighted_nll_from_logits covers such heads but is not wired into the module yet"
         )
+
+
+def check_same_vocabulary(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, other: nn.Module,
+                          other_path: str | None, what: str) -> None:
+    """A teacher or reference compares distributions with the policy token by token, so
+    both must share one vocabulary: the same head size, and, where the other model's
+    directory has a tokenizer, the same token for every id. The error says which differs."""
+    other_rows = other.get_output_embeddings().weight.shape[0]
+    policy_rows = policy.get_output_embeddings().weight.shape[0]
+    if other_rows != policy_rows:
+        raise ValueError(
+            f"{what} has a vocabulary of {other_rows} tokens and the policy {policy_rows}; a dense signal "
+            f"compares distributions over one shared vocabulary (sizes differ)"
+        )
+    if has_tokenizer(other_path):
+        difference = vocabulary_difference(tokenizer, AutoTokenizer.from_pretrained(other_path))
+        if difference:
+            raise ValueError(f"{what} uses another tokenizer than the policy: {difference}")
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body under the LM head (``LlamaModel`` in ``LlamaForCausalLM``),
+    through a peft wrapper if there is one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
 
 
 def output_head(model: PreTrainedModel) -> tuple[Tensor, Tensor | None]:
@@ -86,8 +228,8 @@ def response_hidden(
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False)
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     # position p predicts token p + 1: the last prompt token predicts the first response token
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]

@@ -14,10 +14,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from lightning_unified import batch as fields
+from lightning_unified.data.collate import ListDataset, TokenCollator
+from lightning_unified.rewards.text import exact_match
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARACTERS = "0123456789+="
@@ -83,11 +84,6 @@ def _completion_chars(completions: list[str], references: list[str]) -> list[tup
     return [(c.strip(), r) for c, r in zip(completions, references)]
 
 
-def exact_match(completions: list[str], references: list[str], **_) -> torch.Tensor:
-    """1.0 where the decoded completion is exactly the reference answer, [B]."""
-    return torch.tensor([float(c == r) for c, r in _completion_chars(completions, references)])
-
-
 def digit_match(completions: list[str], references: list[str], **_) -> torch.Tensor:
     """The share of the reference's digits the completion gets right, position by position,
     with characters beyond the reference's length counted as wrong, [B]. A denser reward
@@ -99,46 +95,29 @@ def digit_match(completions: list[str], references: list[str], **_) -> torch.Ten
     return torch.tensor(scores)
 
 
-class PromptResponseDataset(Dataset):
-    def __init__(self, problems: list[dict]):
-        self.problems = problems
-
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.problems[i]
+PromptResponseDataset = ListDataset
 
 
 class PromptResponseCollator:
-    """Examples {prompt, response, reference} to the batch fields of
+    """Examples {prompt, response?, reference} as text to the batch fields of
     :mod:`lightning_unified.batch`: prompts left-padded, responses right-padded and ended
     with EOS. Examples without a ``response`` (prompt-only data for on-policy runs) give
     prompts only."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast):
         self.tokenizer = tokenizer
+        self.collate = TokenCollator(tokenizer.pad_token_id)
 
     def __call__(self, examples: list[dict]) -> dict:
         tok = self.tokenizer
-        prompts = tok([e["prompt"] for e in examples], padding=True, padding_side="left", return_tensors="pt",
-                      add_special_tokens=False)
-        out = {
-            fields.PROMPT_IDS: prompts.input_ids,
-            fields.PROMPT_MASK: prompts.attention_mask,
-            fields.REFERENCES: [e["reference"] for e in examples],
-        }
-        if all("response" in e for e in examples):
-            responses = [tok(e["response"], add_special_tokens=False).input_ids + [tok.eos_token_id] for e in examples]
-            width = max(len(r) for r in responses)
-            ids = torch.full((len(responses), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(responses), width), dtype=torch.long)
-            for i, r in enumerate(responses):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-            out[fields.RESPONSE_IDS] = ids
-            out[fields.RESPONSE_MASK] = mask
-        return out
+        tokenized = []
+        for e in examples:
+            example = {"prompt_ids": tok(e["prompt"], add_special_tokens=False).input_ids,
+                       "reference": e.get("reference")}
+            if "response" in e:
+                example["response_ids"] = tok(e["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            tokenized.append(example)
+        return self.collate(tokenized)
 
 
 class AdditionDataModule(L.LightningDataModule):
@@ -165,6 +144,11 @@ class AdditionDataModule(L.LightningDataModule):
     def max_new_tokens(self) -> int:
         """The answer's digits plus EOS."""
         return self.hparams.digits + 2
+
+    @property
+    def val_rewards(self) -> dict:
+        """What validation reports: ``val/exact_match``."""
+        return {"exact_match": exact_match}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

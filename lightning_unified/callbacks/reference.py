@@ -1,0 +1,88 @@
+"""A frozen reference scores each batch's responses once, for a KL penalty (k3 as a loss
+term, or k1 in the reward), and ``train/kl_ref`` reports how far the policy has moved."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from lightning_unified import batch as fields
+from lightning_unified.models.loading import (
+    check_same_vocabulary,
+    load_causal_lm,
+    output_head,
+    response_hidden,
+)
+from lightning_unified.models.lora import adapters_disabled, is_lora
+from lightning_unified.losses.objective import target_logprobs
+from lightning_unified.specs import Reference
+
+
+class ReferenceCallback(L.Callback):
+    """``reference.path`` loads a model; without one the reference is the starting policy:
+    with LoRA the same base model with its adapters switched off (no copy), otherwise a
+    frozen copy taken before the first step."""
+
+    def __init__(self, reference: Reference):
+        self.reference = reference
+        self.model = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.model is not None or is_lora(pl_module.policy):
+            return
+        if self.reference.path is not None:
+            model = load_causal_lm(self.reference.path)
+            check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
+                                  f"reference {self.reference.path}")
+        else:
+            model = copy.deepcopy(pl_module.policy)
+        # kept out of the module so it is never trained, checkpointed or wrapped by DDP
+        self.model = model.eval().requires_grad_(False)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.model is not None:
+            self.model.to(pl_module.device)
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
+                       who="reference scoring")
+        batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
+
+    @torch.no_grad()
+    def score(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
+        """log pi_ref(y_t) [B, R] of the batch's response tokens, 0 on padding."""
+        mask = batch[fields.RESPONSE_MASK]
+        inputs = (batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], batch[fields.RESPONSE_IDS], mask)
+        if self.model is None:  # LoRA: the policy's own base model
+            policy = pl_module.policy
+            was_training = policy.training
+            policy.eval()  # no adapter dropout: the reference is deterministic
+            try:
+                with adapters_disabled(policy):
+                    hidden = response_hidden(policy, *inputs)
+            finally:
+                policy.train(was_training)
+            weight, bias = output_head(policy)
+        else:
+            hidden = response_hidden(self.model, *inputs)
+            weight, bias = output_head(self.model)
+        logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
+                               temperature=pl_module.temperature)
+        return torch.where(mask.bool(), logp, 0.0)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+                           batch_idx: int) -> None:
+        if not isinstance(outputs, dict) or "target_logp" not in outputs or fields.REFERENCE_LOGP not in batch:
+            return
+        mask = batch[fields.RESPONSE_MASK].bool()
+        # the k3 estimate of KL(policy || reference) per token: non-negative, low variance
+        log_r = (batch[fields.REFERENCE_LOGP] - outputs["target_logp"])[mask].float()
+        kl = (log_r.exp() - log_r - 1).mean() if log_r.numel() else log_r.new_zeros(())
+        pl_module.log("train/kl_ref", kl, prog_bar=True, batch_size=int(mask.sum()))

@@ -1,0 +1,56 @@
+"""Tokenized examples to the batch fields of :mod:`lightning_unified.batch`: prompts
+left-padded (so generated tokens line up), responses right-padded."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_unified import batch as fields
+
+
+def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
+    """([B, T] ids, [B, T] mask) with every row padded to the longest on ``side``."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if not seq:
+            continue
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[i, span] = torch.tensor(seq, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class ListDataset(Dataset):
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+class TokenCollator:
+    """Examples ``{prompt_ids, response_ids?, reference?, reward?}`` (token id lists) to a
+    batch. Responses already end with their stop token. A batch where every example has
+    a response is off-policy data; prompt-only examples give prompts only."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        out = {}
+        out[fields.PROMPT_IDS], out[fields.PROMPT_MASK] = pad([e["prompt_ids"] for e in examples],
+                                                               self.pad_token_id, "left")
+        out[fields.REFERENCES] = [e.get("reference") for e in examples]
+        if all(e.get("response_ids") for e in examples):
+            out[fields.RESPONSE_IDS], out[fields.RESPONSE_MASK] = pad([e["response_ids"] for e in examples],
+                                                                       self.pad_token_id, "right")
+        if all(e.get("reward") is not None for e in examples):
+            out[fields.REWARDS] = torch.tensor([float(e["reward"]) for e in examples])
+        return out

@@ -1,0 +1,225 @@
+"""Examples from files: JSONL, Parquet, or a Hugging Face ``datasets`` dataset on disk.
+
+``datasets`` does the reading; this module names what is wrong with the input. Every
+error says the file and the line (JSONL) or row (other formats), and the column: a
+malformed JSON line, a missing column, an empty prompt or response, a chat message without
+role or content, an example over the length limit. Nothing is silently skipped or
+truncated: overlong examples are an error unless ``overlong="drop"``, and then the count
+of what was dropped is said in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from lightning_unified.data.chat import is_chat, prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+# the columns a file may have, by their names in the code; task.columns renames them
+COLUMNS = ("prompt", "response", "reference", "reward", "chosen", "rejected")
+REQUIRED = ("prompt",)
+OVERLONG = ("error", "drop")
+
+
+class DataError(ValueError):
+    """Bad input in a data file; the message names the file and the line, row or column."""
+
+
+def _format(path: Path) -> str:
+    if path.is_dir():
+        return "saved" if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")) \
+            else "directory"
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    formats = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".parquet": "parquet", ".csv": "csv"}
+    if suffix not in formats:
+        raise DataError(f"{path}: unknown data format {suffix!r}; give .jsonl, .json, .parquet, .csv, or a directory "
+                        f"written by datasets' save_to_disk")
+    return formats[suffix]
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N, column C: reason' of the first line that is not a JSON object, if any."""
+    opener = open
+    if path.suffix == ".gz":
+        import gzip
+
+        opener = gzip.open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number}, column {error.colno}: malformed JSON ({error.msg})"
+            if not isinstance(value, dict):
+                return f"line {number}: a JSON {type(value).__name__}, not an object with named columns"
+    return None
+
+
+def read_table(path: str | Path):
+    """The rows of ``path`` as a ``datasets.Dataset``; the format follows from the path."""
+    import datasets
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    kind = _format(path)
+    try:
+        if kind == "saved":
+            table = datasets.load_from_disk(str(path))
+        elif kind == "directory":
+            table = datasets.load_dataset(str(path), split="train")
+        else:
+            table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as error:
+        where = _first_bad_json_line(path) if kind == "json" else None
+        if where:
+            raise DataError(f"{path}: {where}") from error
+        raise DataError(f"{path}: could not be read as {kind}: {error}") from error
+    if isinstance(table, datasets.DatasetDict):
+        raise DataError(f"{path} holds several splits {sorted(table)}; point to one of them ({path}/<split>)")
+    return table
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits of one example, and what to do with an example over them."""
+
+    max_prompt_tokens: int | None = None
+    max_response_tokens: int | None = None
+    overlong: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"task.overlong must be one of {OVERLONG}, got {self.overlong!r}")
+        for name in ("max_prompt_tokens", "max_response_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"task.{name} must be >= 1, got {value}")
+
+
+class _Locator:
+    """Names a row: 'file, line N' for JSONL (blank lines skipped, as the reader does),
+    'file, row N' otherwise."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind, self._lines = path, kind, None
+
+    def __call__(self, row: int) -> str:
+        if self.kind != "json":
+            return f"{self.path}, row {row}"
+        if self._lines is None:
+            with open(self.path, encoding="utf-8") as f:
+                self._lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+        return f"{self.path}, line {self._lines[row]}" if row < len(self._lines) else f"{self.path}, row {row}"
+
+
+def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: Path) -> dict[str, str]:
+    """{code name: file column} for the columns this file has. A required column, or one
+    the user renamed, that the file lacks is an error naming it and the columns found."""
+    columns = dict(columns or {})
+    unknown = set(columns) - set(COLUMNS)
+    if unknown:
+        raise DataError(f"task.columns has unknown name(s) {sorted(unknown)}; the names are {list(COLUMNS)}")
+    resolved = {}
+    for name in COLUMNS:
+        column = columns.get(name) or name
+        if column in found:
+            resolved[name] = column
+        elif name in REQUIRED or column != name:  # a column the user named must be there
+            hint = f" (task.columns.{name}={column})" if column != name else ""
+            raise DataError(f"{path}: missing column {column!r}{hint}; the file has columns {found}")
+    return resolved
+
+
+def _check_text(value, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {what!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: column {what!r} is empty")
+    return value
+
+
+def _check_prompt(value, column: str, where: str):
+    if not is_chat(value):
+        return _check_text(value, column, where)
+    if not value:
+        raise DataError(f"{where}: column {column!r} is an empty list of chat messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise DataError(f"{where}: column {column!r}, message {i} is a {type(message).__name__}, not "
+                            f"{{role, content}}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str) or (key == "role" and not message[key]):
+                raise DataError(f"{where}: column {column!r}, message {i} has no {key!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def tokenize_table(
+    table,
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    columns: Mapping[str, str] | None,
+    limits: Limits,
+    stop_id: int,
+) -> list[dict]:
+    """Checked, tokenized examples ``{prompt_ids, response_ids?, reference?, reward?,
+    chosen_ids?, rejected_ids?}``; each response ends with ``stop_id``."""
+    path = Path(path)
+    resolved = resolve_columns(list(table.column_names), columns, path)
+    locate = _Locator(path, _format(path) if path.exists() else "")
+    examples, dropped = [], 0
+    for row, record in enumerate(table):
+        where = locate(row)
+        prompt = _check_prompt(record[resolved["prompt"]], resolved["prompt"], where)
+        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt)}
+        responses = {}
+        for name in ("response", "chosen", "rejected"):
+            if name in resolved:
+                text = _check_text(record[resolved[name]], resolved[name], where)
+                responses[name] = tokenizer(text, add_special_tokens=False).input_ids + [stop_id]
+        if "reference" in resolved:
+            reference = record[resolved["reference"]]
+            if reference is None or (isinstance(reference, str) and not reference.strip()):
+                raise DataError(f"{where}: column {resolved['reference']!r} is empty")
+            example["reference"] = str(reference)
+        if "reward" in resolved:
+            reward = record[resolved["reward"]]
+            if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
+                raise DataError(f"{where}: column {resolved['reward']!r} must be a finite number, got {reward!r}")
+            example["reward"] = float(reward)
+        too_long = _over_limit(len(example["prompt_ids"]), responses, limits)
+        if too_long:
+            if limits.overlong == "error":
+                raise DataError(f"{where}: {too_long}; raise the limit, or set task.overlong=drop to leave such "
+                                f"examples out (they are counted)")
+            dropped += 1
+            continue
+        example.update({f"{name}_ids": ids for name, ids in responses.items()})
+        examples.append(example)
+    if dropped:
+        log.warning("%s: dropped %d of %d examples over the length limits (task.overlong=drop)",
+                    path, dropped, len(table))
+    if not examples:
+        raise DataError(f"{path}: no examples left" + (f" ({dropped} over the length limits)" if dropped else ""))
+    return examples
+
+
+def _over_limit(prompt_tokens: int, responses: dict[str, list[int]], limits: Limits) -> str | None:
+    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
+        return f"the prompt has {prompt_tokens} tokens, over task.max_prompt_tokens={limits.max_prompt_tokens}"
+    for name, ids in responses.items():
+        if limits.max_response_tokens is not None and len(ids) > limits.max_response_tokens:
+            return (f"the {name} has {len(ids)} tokens (with its end token), over "
+                    f"task.max_response_tokens={limits.max_response_tokens}")
+    return None

