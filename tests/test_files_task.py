@@ -182,3 +182,10 @@ def test_a_model_and_a_foreign_tokenizer_are_refused_at_start(chat_model: str, t
     cfg = compose_config(["experiment=sft", f"model.path={chat_model}"])
     with pytest.raises(Exception, match=r"tokenizer .* does not belong to the model at .*chat_model"):
         build_run(cfg, tmp_path)
+
+
+def test_a_column_mapped_to_null_is_left_out(chat_model: str, tmp_path: Path) -> None:
+    data = load(tmp_path, chat_model, chat_rows(), columns={"prompt": "question", "response": None})
+    assert all("response_ids" not in e for e in data.train_examples), "prompt-only, for on-policy runs"
+    with pytest.raises(DataError, match="task.columns.prompt cannot be null"):
+        load(tmp_path, chat_model, chat_rows(), columns={"prompt": None})

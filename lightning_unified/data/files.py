@@ -125,14 +125,19 @@ class _Locator:
 
 def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: Path) -> dict[str, str]:
     """{code name: file column} for the columns this file has. A required column, or one
-    the user renamed, that the file lacks is an error naming it and the columns found."""
+    the user renamed, that the file lacks is an error naming it and the columns found; a
+    column mapped to null is left out."""
     columns = dict(columns or {})
     unknown = set(columns) - set(COLUMNS)
     if unknown:
         raise DataError(f"task.columns has unknown name(s) {sorted(unknown)}; the names are {list(COLUMNS)}")
     resolved = {}
     for name in COLUMNS:
-        column = columns.get(name) or name
+        if name in columns and columns[name] is None:
+            if name in REQUIRED:
+                raise DataError(f"task.columns.{name} cannot be null: every example needs a {name}")
+            continue  # switched off: e.g. a prompt-only run over a file that also has responses
+        column = columns.get(name, name)
         if column in found:
             resolved[name] = column
         elif name in REQUIRED or column != name:  # a column the user named must be there

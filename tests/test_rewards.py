@@ -1,0 +1,88 @@
+"""Built-in rewards do what their docstring examples say; a reward model scores prompt +
+completion as a direct forward does, in batches, loaded once; a reward function that
+raises, returns NaN or the wrong shape is named."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from lightning_unified.callbacks.reward import compute_rewards
+from lightning_unified.rewards import RewardModel, length_penalty, numeric_answer, regex_format, text
+from lightning_unified.specs import Reward
+from tests.lightning_helpers import chat_tokenizer
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(text)
+    assert result.attempted >= 7 and result.failed == 0, result
+
+
+def test_numeric_answer_cases() -> None:
+    completions = ["The answer is \\boxed{1,024}.", "-48", "49-97 = -48", "3.50", "no idea", "12 then 13"]
+    references = ["1024", "-48", "-48", "3.5", "3", "12"]
+    assert numeric_answer(completions, references).tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="reward numeric_answer compares with references"):
+        numeric_answer(["1"], [None])
+    with pytest.raises(ValueError, match="holds no number"):
+        numeric_answer(["1"], ["one"])
+
+
+def test_format_and_length_rewards() -> None:
+    assert regex_format(["<answer>4</answer>", "4"], pattern=r"<answer>\d+</answer>").tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        length_penalty(torch.ones(1, 3), max_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("reward_model")
+    tokenizer = chat_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_reward_model_scores_like_a_direct_forward(reward_model_dir: str) -> None:
+    prompts = ["What is 2+2? ", "Say hi. ", "Count: "]
+    completions = ["4", "hi there", "1 2 3"]
+    model = RewardModel(reward_model_dir, batch_size=2)
+    scores = model(completions=completions, prompts=prompts)
+    loaded = model._model
+    assert scores.shape == (3,)
+    assert torch.equal(model(completions=completions, prompts=prompts), scores) and model._model is loaded, \
+        "loaded once, deterministic"
+    direct = LlamaForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    tokenizer = chat_tokenizer()
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids = torch.tensor([tokenizer(p + c).input_ids])
+            torch.testing.assert_close(scores[i], direct(input_ids=ids).logits[0, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="over its max_length=3"):
+        RewardModel(reward_model_dir, max_length=3)(completions=completions, prompts=prompts)
+
+
+def test_reward_model_path_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="reward model: no Hugging Face checkpoint"):
+        RewardModel(str(tmp_path))(completions=["x"])
+
+
+def test_failing_reward_functions_are_named() -> None:
+    def raises(completions, **_):
+        raise KeyError("boom")
+
+    def gives_nan(completions, **_):
+        return torch.tensor([1.0, float("nan")])
+
+    with pytest.raises(RuntimeError, match="reward raises raised KeyError"):
+        compute_rewards([Reward(raises)], completions=["a", "b"])
+    with pytest.raises(ValueError, match=r"reward gives_nan returned non-finite values \[nan\] for completions \[1\]"):
+        compute_rewards([Reward(gives_nan)], completions=["a", "b"])

