@@ -6,6 +6,7 @@ builds, from ``hydra.compose``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,24 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # ${lu.checkpoint:teacher} is the path of a checkpoint shipped with the package
 OmegaConf.register_new_resolver("lu.checkpoint", checkpoint_path, replace=True)
+
+
+class _DropNoise(logging.Filter):
+    """Console lines a user cannot act on: Lightning's advertisement for its cloud logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage() and "litmodels" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """Keep the console to what a user can act on (called by scripts/train.py)."""
+    import warnings
+
+    for name in ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+                 "lightning.pytorch.trainer.connectors.callback_connector", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNoise())
+    # Lightning calls a deprecated torch pytree API internally; nothing for a user to change
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @dataclass
@@ -51,8 +70,12 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     )
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
+    # metrics.csv always; a configured logger (TensorBoard) writes beside it
+    loggers = [AppendingCSVLogger(save_dir=output_dir, name="", version="")]
+    if cfg.get("logger"):
+        loggers.append(instantiate(cfg.logger, _partial_=True)(save_dir=output_dir))
     trainer = instantiate(cfg.trainer, _partial_=True)(
-        logger=AppendingCSVLogger(save_dir=output_dir, name="", version=""),
+        logger=loggers,
         callbacks=[checkpoints, *instantiate(cfg.get("callbacks") or [])],
         default_root_dir=output_dir,
     )

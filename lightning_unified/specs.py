@@ -20,6 +20,15 @@ WEIGHTINGS = ("indicator", "dft")
 TOPK_TAILS = ("bucket", "renormalize")
 
 
+LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
+
+
+def _known_options(owner: str, options: dict) -> None:
+    unknown = set(options) - set(LOAD_OPTIONS)
+    if unknown:
+        raise ValueError(f"{owner} has unknown key(s) {sorted(unknown)}; known: {list(LOAD_OPTIONS)}")
+
+
 def _one_of(owner: str, name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
@@ -158,9 +167,12 @@ class Dense:
     temperature: float = 1.0
     top_k: int = 0
     topk_tail: str = "bucket"
+    # keyword arguments of load_causal_lm for the teacher: dtype, attn_implementation, trust_remote_code
+    teacher_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of("signal", "divergence", self.divergence, DIVERGENCES)
+        _known_options("signal.teacher_options", self.teacher_options)
         _one_of("signal", "topk_tail", self.topk_tail, TOPK_TAILS)
         if not 0 <= self.beta <= 1:
             raise ValueError(f"signal.beta must be in [0, 1], got {self.beta}")
@@ -191,8 +203,11 @@ class Reference:
     kl_coef: float = 0.05
     estimator: str = "k3"
     path: str | None = None
+    # keyword arguments of load_causal_lm for ``path``: dtype, attn_implementation, trust_remote_code
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _known_options("reference.options", self.options)
         _one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)
         if self.kl_coef < 0:
             raise ValueError(f"reference.kl_coef must be >= 0, got {self.kl_coef}")

@@ -10,11 +10,12 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_unified.config import CONFIG_DIR, train
+from lightning_unified.config import CONFIG_DIR, quiet_console, train
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    quiet_console()
     output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg, output_dir)
     if rank_zero_only.rank != 0:

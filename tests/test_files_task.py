@@ -56,7 +56,8 @@ def test_sft_on_a_chat_jsonl_from_the_command_line(chat_model: str, tmp_path: Pa
     train_path = write_jsonl(tmp_path / "train.jsonl", chat_rows())
     val_path = write_jsonl(tmp_path / "val.jsonl", chat_rows()[:8])
     out = tmp_path / "run"
-    done = run_script("experiment=sft", *files_overrides(chat_model, train_path, val_path), f"hydra.run.dir={out}")
+    done = run_script("experiment=sft", *files_overrides(chat_model, train_path, val_path), "logger=tensorboard",
+                      f"hydra.run.dir={out}")
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows if r.get("val/exact_match")][0] == "0", "the starting policy is scored first"
     assert any(r.get("train/loss") for r in rows) and any(r.get("train/tokens_per_sec") for r in rows)
@@ -66,8 +67,20 @@ def test_sft_on_a_chat_jsonl_from_the_command_line(chat_model: str, tmp_path: Pa
     # the exported policy carries its own chat tokenizer, now with a pad token
     exported = json.loads((out / "policy" / "tokenizer_config.json").read_text())
     assert exported.get("pad_token") == "<|endoftext|>"
-    # Lightning's note about callbacks overriding callbacks is gone from the console
-    assert "will override existing callbacks" not in done.stdout + done.stderr
+    # TensorBoard beside metrics.csv, with the samples in its text panel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, tensors = set(), set()
+    for events in (out / "tensorboard").glob("events.out.tfevents*"):  # one per validate / fit
+        tags = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload().Tags()
+        scalars |= set(tags["scalars"])
+        tensors |= set(tags["tensors"])
+    assert {"val/exact_match", "train/loss"} <= scalars
+    assert any(tag.startswith("samples/val") for tag in tensors)
+    # nothing on the console a user cannot act on: no note about callbacks overriding
+    # callbacks at every validate and fit, no advertisement
+    console = done.stdout + done.stderr
+    assert "will override existing callbacks" not in console and "litlogger" not in console
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "saved_dataset"])

@@ -35,7 +35,7 @@ class ReferenceCallback(L.Callback):
         if stage != "fit" or self.model is not None or is_lora(pl_module.policy):
             return
         if self.reference.path is not None:
-            model = load_causal_lm(self.reference.path)
+            model = load_causal_lm(self.reference.path, **self.reference.options)
             check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
                                   f"reference {self.reference.path}")
         else:

@@ -26,7 +26,7 @@ class TeacherCallback(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.teacher is None:
-            teacher = load_causal_lm(self.signal.teacher)
+            teacher = load_causal_lm(self.signal.teacher, **self.signal.teacher_options)
             check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, self.signal.teacher,
                                   f"teacher {self.signal.teacher}")
             # kept out of the module so it is never trained, checkpointed or wrapped by DDP
