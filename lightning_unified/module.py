@@ -28,6 +28,7 @@ from lightning_unified.losses.aggregation import (
     normaliser,
     token_terms,
 )
+from lightning_unified.callbacks.finite_guard import NonFiniteGuard
 from lightning_unified.callbacks.reward import compute_rewards, decode_prompts
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.losses.weights import WeightSum
@@ -79,7 +80,9 @@ class UnifiedModule(L.LightningModule):
     datamodule's ``max_new_tokens``. ``val_rewards`` ({name: fn}) score the greedy
     validation completions as ``val/<name>``; None takes the datamodule's ``val_rewards``,
     else exact match. ``samples_every_n_steps`` writes sampled completions to
-    ``<log dir>/samples.jsonl`` (None: never).
+    ``<log dir>/samples.jsonl`` (None: never). ``non_finite``: what a step with a NaN or
+    infinite gradient does (:class:`~lightning_unified.callbacks.NonFiniteGuard`): ``skip``
+    it (stopping after ``max_non_finite_steps`` in a row), ``stop``, or None (no check).
     """
 
     def __init__(
@@ -99,6 +102,8 @@ class UnifiedModule(L.LightningModule):
         max_new_tokens: int | None = None,
         val_rewards: dict[str, Callable] | None = None,
         samples_every_n_steps: int | None = 50,
+        non_finite: str | None = "skip",
+        max_non_finite_steps: int = 3,
     ):
         super().__init__()
         if aggregation not in AGGREGATIONS:
@@ -124,6 +129,10 @@ class UnifiedModule(L.LightningModule):
         self._max_new_tokens = max_new_tokens
         self._val_rewards = val_rewards
         self.samples_every_n_steps = samples_every_n_steps
+        self.non_finite = non_finite
+        self.max_non_finite_steps = max_non_finite_steps
+        if non_finite is not None:
+            NonFiniteGuard(non_finite, max_non_finite_steps)  # bad settings fail here, not at fit
         self.val_metrics = nn.ModuleDict()
         self._pipeline: list[L.Callback] | None = None
         # [surrogate, objective, tokens, sequences] summed over this optimizer step's
@@ -146,6 +155,8 @@ class UnifiedModule(L.LightningModule):
         say so on the console at every call)."""
         if self._pipeline is None:
             self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps)
+            if self.non_finite is not None:
+                self._pipeline.append(NonFiniteGuard(self.non_finite, self.max_non_finite_steps))
         held = self._trainer.callbacks if self._trainer is not None else []
         return [c for c in self._pipeline if not any(c is h for h in held)]
 
@@ -173,8 +184,6 @@ class UnifiedModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="training_step")
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
         mask = batch[fields.RESPONSE_MASK]
         # Each micro-batch contributes its SUM of per-token terms; on_before_optimizer_step
         # divides the gradient by the normaliser of the whole optimizer step (every
@@ -216,9 +225,11 @@ class UnifiedModule(L.LightningModule):
                 param.grad.mul_(factor)
         self.log("train/loss", (total[0] / norm).float(), prog_bar=True, batch_size=1)
         self.log("train/objective", (total[1] / norm).float(), batch_size=1)
-        # throughput: every rank's response tokens over the step's wall time (sampling and scoring included)
-        seconds = time.perf_counter() - self._step_started if self._step_started is not None else 0.0
-        self._step_started = None
+        # throughput: every rank's response tokens over the step's wall time, from the end of
+        # the previous step (or of a validation), so loading, sampling and scoring count
+        now = time.perf_counter()
+        seconds = now - self._step_started if self._step_started is not None else 0.0
+        self._step_started = now
         self.progress["tokens_seen"] += float(total[2])
         self.progress["train_seconds"] += seconds
         if seconds > 0:
@@ -241,6 +252,13 @@ class UnifiedModule(L.LightningModule):
         # which fit's no-grad validation cannot update in place; reset makes fresh ones
         for metric in self.val_metrics.values():
             metric.reset()
+
+    def on_train_start(self) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        if self._step_started is not None:  # validation time is not training time
+            self._step_started = time.perf_counter()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="validation_step")

@@ -83,3 +83,20 @@ def test_reward_metrics() -> None:
     assert m["reward_mean"].item() == pytest.approx(0.5)
     assert m["reward_std"].item() == pytest.approx(r.std().item())
     assert m["zero_signal_fraction"].item() == pytest.approx(2 / 3)  # groups (1, 1) and (0, 0)
+
+
+def test_ratios_never_overflow_and_equal_rewards_give_zero_advantages() -> None:
+    from lightning_unified.losses import weights
+    from lightning_unified.losses.importance import MAX_LOG_RATIO, ratio_diagnostics
+
+    logp = torch.log_softmax(torch.randn(3, 5), -1)
+    targets = torch.tensor([0, 1, 2])
+    behaviour = torch.tensor([-200.0, -1.0, -300.0])  # a stale sampler: log rho of about 200
+    for builder in (weights.importance_weighted_advantage, weights.ppo_clip):
+        out = builder(logp, targets, advantages=torch.tensor([-1.0, 1.0, -2.0]), behaviour_logp=behaviour)
+        assert torch.isfinite(out.coef).all() and torch.isfinite(out.objective).all(), builder.__name__
+    stats = ratio_diagnostics(torch.tensor([[250.0, 0.0]]), torch.ones(1, 2))
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert float(stats["max_ratio"]) == pytest.approx(float(torch.tensor(MAX_LOG_RATIO).exp()))
+    for estimator in (adv.grpo_advantages, adv.rloo_advantages, adv.dr_grpo_advantages):
+        assert torch.equal(estimator(torch.full((6,), 0.7), group_size=3), torch.zeros(6)), estimator.__name__

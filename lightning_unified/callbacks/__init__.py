@@ -1,6 +1,7 @@
 """The step's pipeline, one job per callback, each adding named fields to the batch in
 ``on_train_batch_start`` (see :mod:`lightning_unified.batch`), and the sample log."""
 
+from lightning_unified.callbacks.finite_guard import NonFiniteGuard
 from lightning_unified.callbacks.importance import ImportanceCallback
 from lightning_unified.callbacks.reference import ReferenceCallback
 from lightning_unified.callbacks.reward import RewardCallback
@@ -8,5 +9,5 @@ from lightning_unified.callbacks.samples import SampleLog
 from lightning_unified.callbacks.sampling import SamplingCallback
 from lightning_unified.callbacks.teacher import TeacherCallback
 
-__all__ = ["ImportanceCallback", "ReferenceCallback", "RewardCallback", "SampleLog", "SamplingCallback",
+__all__ = ["ImportanceCallback", "NonFiniteGuard", "ReferenceCallback", "RewardCallback", "SampleLog", "SamplingCallback",
            "TeacherCallback"]

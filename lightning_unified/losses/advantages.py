@@ -18,6 +18,14 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
+def _centred(groups: Tensor) -> Tensor:
+    """r - mean per group, [P, G]; exactly 0 for a group whose rewards are all equal (a
+    rounded mean would leave ~1e-8, which GRPO's std division would blow up)."""
+    centred = groups - groups.mean(-1, keepdim=True)
+    same = (groups == groups[:, :1]).all(-1, keepdim=True)
+    return centred.masked_fill(same, 0.0)
+
+
 def reinforce_advantages(rewards: Tensor) -> Tensor:
     """REINFORCE with the batch-mean baseline: A_i = r_i - mean(r)."""
     if rewards.dim() != 1:
@@ -33,8 +41,8 @@ def rloo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
     groups = _groups(rewards, group_size)  # [P, G]
-    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others_mean).reshape(-1)
+    # r_i - mean of the others = G / (G - 1) * (r_i - mean of all)
+    return (_centred(groups) * (group_size / (group_size - 1))).reshape(-1)
 
 
 def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -45,15 +53,13 @@ def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6) -> T
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
     groups = _groups(rewards, group_size)
-    centred = groups - groups.mean(-1, keepdim=True)
-    return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(-1)
+    return (_centred(groups) / (groups.std(-1, keepdim=True) + eps)).reshape(-1)
 
 
 def dr_grpo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
     """Dr. GRPO: A_i = r_i - mean_g, no std division (which up-weights too-easy and
     too-hard prompts). Pair it with the ``constant`` loss aggregation."""
-    groups = _groups(rewards, group_size)
-    return (groups - groups.mean(-1, keepdim=True)).reshape(-1)
+    return _centred(_groups(rewards, group_size)).reshape(-1)
 
 
 def to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:

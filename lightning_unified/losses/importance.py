@@ -14,6 +14,16 @@ import torch
 from torch import Tensor
 
 
+# rho = exp(log rho) is formed from log rho capped here: e^20 is about 5e8, far past any clip
+# or truncation, and a float32 exp overflows to inf (and inf * 0 to NaN) past about 88
+MAX_LOG_RATIO = 20.0
+
+
+def ratio_from_log(log_ratio: Tensor) -> Tensor:
+    """rho = exp(log rho), never infinite: log rho is capped at MAX_LOG_RATIO first."""
+    return log_ratio.clamp_max(MAX_LOG_RATIO).exp()
+
+
 def token_log_ratio(logp: Tensor, behaviour_logp: Tensor) -> Tensor:
     """log rho_t = log pi_theta(y_t) - log mu(y_t), any shape."""
     return logp - behaviour_logp
@@ -75,7 +85,7 @@ def ratio_diagnostics(
       and eps); ``truncated_fraction``: share above ``truncate``.
     """
     valid = mask.bool()
-    rho = log_ratio[valid].float().exp()
+    rho = ratio_from_log(log_ratio[valid].float())
     if rho.numel() == 0:
         return {}
     out = {

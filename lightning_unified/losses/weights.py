@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_unified.losses.importance import (
     ppo_clip_active,
+    ratio_from_log,
     token_log_ratio,
     truncated_ratio,
 )
@@ -38,7 +39,7 @@ def _ratio(student_logp: Tensor, targets: Tensor, behaviour_logp: Tensor, log_ra
     """rho_t [c] from the token-level log ratio, or from a precomputed (sequence-level) one."""
     if log_ratio is None:
         log_ratio = token_log_ratio(_gather(student_logp, targets), behaviour_logp)
-    return log_ratio.to(student_logp.dtype).exp()
+    return ratio_from_log(log_ratio.to(student_logp.dtype))
 
 
 def _kl_terms(logp_p: Tensor, logp_q: Tensor, p: Tensor | None = None) -> Tensor:
