@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_unified.csv_logger import AppendingCSVLogger
+from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
 from lightning_unified.tasks.addition import checkpoint_path
 
@@ -82,13 +82,43 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     return Run(module, datamodule, trainer, output_dir)
 
 
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """The checkpoint a run continues from: ``ckpt_path``, or with ``resume=true`` the run
+    directory's ``checkpoints/last.ckpt``; None for a fresh run."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
+        return path
+    if not cfg.get("resume"):
+        return None
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(
+            f"resume=true, but {last} does not exist: run the same command with hydra.run.dir=<the run's "
+            f"directory> to resume it (checkpoints are written every checkpoint_every_n_steps steps), or drop "
+            f"resume=true to start afresh"
+        )
+    return last
+
+
 def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
-    """Validate the starting policy, fit, validate again; returns the final metrics."""
+    """Validate the starting policy, fit, validate again; returns the final metrics. A
+    resumed run skips the first validation and continues from its checkpoint, its
+    metrics.csv cut back to the rows that checkpoint had seen."""
     run = build_run(cfg, output_dir)
-    if not cfg.trainer.get("fast_dev_run"):
-        # the first val/exact_match row of every run is the starting policy's score
+    ckpt = resume_checkpoint(cfg, run.output_dir)
+    if ckpt is not None:
+        if run.trainer.is_global_zero:
+            import torch
+
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            truncate_after_step(run.output_dir / "metrics.csv", state["global_step"])
+    elif not cfg.trainer.get("fast_dev_run"):
+        # the first val/* row of every run is the starting policy's score
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: a checkpoint holds tensors and plain values only, never code to run
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=True)
     final = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     if cfg.get("save_policy"):
         merged = run.output_dir / f"{cfg.save_policy}_merged" if cfg.get("save_merged") else None

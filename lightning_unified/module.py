@@ -275,15 +275,43 @@ class UnifiedModule(L.LightningModule):
         return {"completions": completions, "prompts": prompts, "scores": scores}
 
     # --- checkpoints: LoRA keeps only its adapters; progress survives a resume ----------
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed into this module: the method (the
+        data_source and signal kinds) and the trainable parameters' names and shapes."""
+        return {
+            "method": f"data_source={type(self.data_source).__name__}, signal={type(self.signal).__name__}",
+            "parameters": [[name, list(p.shape)] for name, p in self.policy.named_parameters() if p.requires_grad],
+        }
+
+    def _check_fingerprint(self, saved: dict | None) -> None:
+        """A checkpoint from another model or another method is refused, not half-loaded."""
+        if not saved:
+            return
+        mine = self.fingerprint()
+        if saved["method"] != mine["method"]:
+            raise ValueError(f"the checkpoint was written by a run with {saved['method']}; this run has "
+                             f"{mine['method']}: resume it with the method it was trained with")
+        theirs, ours = dict((n, s) for n, s in saved["parameters"]), dict((n, s) for n, s in mine["parameters"])
+        if theirs != ours:
+            missing = sorted(set(ours) - set(theirs))
+            extra = sorted(set(theirs) - set(ours))
+            reshaped = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+            detail = (f"{reshaped[0]} is {theirs[reshaped[0]]} there and {ours[reshaped[0]]} here" if reshaped else
+                      f"{missing[0]} is not in it" if missing else f"it has {extra[0]}, which this policy lacks")
+            raise ValueError(f"the checkpoint holds another model's trainable parameters ({detail}); resume "
+                             f"with the model.path / model.lora it was trained with")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lightning_unified"] = {"progress": dict(self.progress)}
+        checkpoint["lightning_unified"] = {"progress": dict(self.progress), "fingerprint": self.fingerprint()}
         if is_lora(self.policy):
             trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in trainable or not k.startswith("policy.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.progress.update(checkpoint.get("lightning_unified", {}).get("progress", {}))
+        saved = checkpoint.get("lightning_unified", {})
+        self._check_fingerprint(saved.get("fingerprint"))
+        self.progress.update(saved.get("progress", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 

@@ -65,6 +65,10 @@ def mixed_batch_is_on_policy(probability: float, seed: int, global_step: int, ba
     return random.Random(f"{seed}:{global_step}:{batch_idx}").random() < probability
 
 
+def sampling_seed(seed: int, global_step: int, batch_idx: int, rank: int) -> int:
+    return random.Random(f"sample:{seed}:{global_step}:{batch_idx}:{rank}").getrandbits(63)
+
+
 class SamplingCallback(L.Callback):
     def __init__(self, data_source: OnPolicy):
         self.data_source = data_source
@@ -85,7 +89,13 @@ class SamplingCallback(L.Callback):
                            who="a mixed data source's off-policy batch")
             return
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="sampling")
-        self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1)
+        # the draws depend on (seed, step, batch, rank) only: a resumed run samples exactly
+        # what the uninterrupted one did, whatever else used the global RNG before
+        seed = sampling_seed(self.data_source.seed, trainer.global_step, batch_idx, trainer.global_rank)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()

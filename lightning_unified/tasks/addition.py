@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerFast
 
 from lightning_unified.data.collate import ListDataset, TokenCollator
@@ -150,8 +150,9 @@ class AdditionDataModule(L.LightningDataModule):
         """What validation reports: ``val/exact_match``."""
         return {"exact_match": exact_match}
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+    def train_dataloader(self) -> StatefulDataLoader:
+        # stateful: a resumed run continues mid-epoch with the very batches it would have seen
+        return StatefulDataLoader(
             PromptResponseDataset(self.train_problems),
             batch_size=self.hparams.batch_size,
             shuffle=True,
@@ -160,9 +161,9 @@ class AdditionDataModule(L.LightningDataModule):
             collate_fn=PromptResponseCollator(self.tokenizer),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         prompts = [{k: e[k] for k in ("prompt", "reference")} for e in self.val_problems]
-        return DataLoader(
+        return StatefulDataLoader(
             PromptResponseDataset(prompts),
             batch_size=self.hparams.val_batch_size,
             num_workers=self.hparams.num_workers,

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
 from lightning_unified.data.collate import ListDataset, TokenCollator
@@ -78,15 +78,16 @@ class FilesDataModule(L.LightningDataModule):
     def val_rewards(self) -> dict[str, Callable]:
         return dict(self._val_rewards)
 
-    def _loader(self, examples: list[dict], batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(ListDataset(examples), batch_size=batch_size, shuffle=train and self.shuffle,
+    def _loader(self, examples: list[dict], batch_size: int, train: bool) -> StatefulDataLoader:
+        # stateful: a resumed run continues mid-epoch with the very batches it would have seen
+        return StatefulDataLoader(ListDataset(examples), batch_size=batch_size, shuffle=train and self.shuffle,
                           drop_last=train and len(examples) >= batch_size, num_workers=self.num_workers,
                           collate_fn=TokenCollator(self.tokenizer.pad_token_id))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_examples, self.batch_size, train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> StatefulDataLoader | list:
         if not self.val_examples:
             return []
         # validation generates from the prompt; the responses stay out of the batch

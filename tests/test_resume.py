@@ -1,0 +1,95 @@
+"""A run killed with SIGKILL mid-training and resumed with resume=true writes the same
+train/loss and val rows as an uninterrupted run, for every quadrant and GKD: the data
+order, the sampler's draws, the mixed source's choices and every callback's state come
+back. A checkpoint that does not fit is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unified.config import train
+from tests.lightning_helpers import FAST_TASK, compose_config
+from tests.test_runs import ROOT, read_metrics
+
+STEPS = 5
+
+
+class PauseBefore(L.Callback):
+    """Holds the run before the batch of optimizer step ``step``, so the test kills it there:
+    after the checkpoint of step 2 and the rows of step 2 were written."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            time.sleep(self.seconds)
+
+
+def overrides(experiment: str) -> list[str]:
+    sampled = ["data_source.sampling.num_generations=2"] if experiment in ("rl", "on_policy_distill", "gkd") else []
+    return [f"experiment={experiment}", f"trainer.max_steps={STEPS}", "checkpoint_every_n_steps=2",
+            "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null", *sampled,
+            *FAST_TASK, "task.num_val=16"]
+
+
+def rows(run_dir: Path) -> list[tuple]:
+    out = []
+    for r in read_metrics(run_dir / "metrics.csv"):
+        for key in ("train/loss", "val/exact_match"):
+            if r.get(key):
+                out.append((int(r["step"]), key, float(r[key])))
+    return out
+
+
+@pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd"])
+def test_killed_and_resumed_equals_uninterrupted(experiment: str, tmp_path: Path) -> None:
+    common = overrides(experiment)
+    train(compose_config(common), tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    pause = "callbacks=[{_target_:tests.test_resume.PauseBefore,step:3,seconds:60}]"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *common, pause,
+                                f"hydra.run.dir={killed}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not any(step >= 2 and key == "train/loss" for step, key, _ in
+                      (rows(killed) if (killed / "metrics.csv").is_file() else [])):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert max(step for step, _, _ in rows(killed)) >= 2, "rows past the checkpoint were written before the kill"
+
+    train(compose_config([*common, "resume=true"]), killed)
+    whole, resumed = rows(tmp_path / "whole"), rows(killed)
+    assert [(s, k) for s, k, _ in resumed] == [(s, k) for s, k, _ in whole]
+    for (step, key, a), (_, _, b) in zip(resumed, whole):
+        assert abs(a - b) <= 1e-6, f"{experiment}: step {step} {key}: resumed {a} against {b}"
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"resume=true, but .*last.ckpt does not exist"):
+        train(compose_config([*overrides("sft"), "resume=true"]), tmp_path)
+
+
+@pytest.mark.parametrize("other", [["experiment=distill"], ["model.config.hidden_size=32"]])
+def test_a_checkpoint_that_does_not_fit_is_refused(other: list[str], tmp_path: Path) -> None:
+    train(compose_config([*overrides("sft"), "trainer.max_steps=2"]), tmp_path)
+    message = "written by a run with data_source=OffPolicy, signal=Sparse" if other[0].startswith("experiment") \
+        else "another model's trainable parameters"
+    with pytest.raises(ValueError, match=message):
+        train(compose_config([*overrides("sft"), *other, "resume=true"]), tmp_path)
