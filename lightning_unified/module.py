@@ -29,6 +29,7 @@ from lightning_unified.losses.aggregation import (
     token_terms,
 )
 from lightning_unified.callbacks.finite_guard import NonFiniteGuard
+from lightning_unified.callbacks.rank_failure import RankFailureWatch
 from lightning_unified.callbacks.reward import compute_rewards, decode_prompts
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.losses.weights import WeightSum
@@ -157,6 +158,7 @@ class UnifiedModule(L.LightningModule):
             self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps)
             if self.non_finite is not None:
                 self._pipeline.append(NonFiniteGuard(self.non_finite, self.max_non_finite_steps))
+            self._pipeline.append(RankFailureWatch())
         held = self._trainer.callbacks if self._trainer is not None else []
         return [c for c in self._pipeline if not any(c is h for h in held)]
 
