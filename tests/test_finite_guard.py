@@ -86,3 +86,35 @@ def test_without_the_guard_nan_reaches_the_weights() -> None:
 def test_bad_guard_settings_are_named() -> None:
     with pytest.raises(ValueError, match="guard.mode must be one of"):
         NonFiniteGuard(mode="ignore")
+
+
+class RankOneNaN(RewardedCollator):
+    """Under DDP: only rank 1's second batch has NaN rewards."""
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1 and self.calls == 2:
+            batch[F.REWARDS] = torch.full((len(examples),), float("nan"))
+        return batch
+
+
+def test_under_ddp_every_rank_skips_the_same_step() -> None:
+    """Two gloo ranks; one rank's batch is bad. Both skip (had rank 0 stepped, its weights
+    would hold the NaN the gradient all-reduce brought it), and training goes on."""
+    tokenizer = addition_tokenizer()
+    module = UnifiedModule(build_policy(tokenizer, config=TINY, seed=0), tokenizer, OffPolicy(), Sparse(reward_data=True),
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), max_new_tokens=4,
+                           samples_every_n_steps=None)
+    start = {k: v.detach().clone() for k, v in module.policy.named_parameters()}
+    loader = DataLoader(PromptResponseDataset(PROBLEMS), batch_size=2, collate_fn=RankOneNaN(tokenizer, set()))
+    quiet_trainer(max_steps=3, limit_val_batches=0, strategy="ddp_spawn", devices=2).fit(module, train_dataloaders=loader)
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert any(not torch.equal(p.detach(), start[k]) for k, p in module.policy.named_parameters())
+
+
+def test_trust_remote_code_is_off_unless_set() -> None:
+    from tests.lightning_helpers import compose_config
+
+    cfg = compose_config([])
+    assert cfg.model.trust_remote_code is False and cfg.teacher.trust_remote_code is False
+    assert compose_config(["reference=k3"]).reference.options.trust_remote_code is False

@@ -93,3 +93,41 @@ def test_a_checkpoint_that_does_not_fit_is_refused(other: list[str], tmp_path: P
         else "another model's trainable parameters"
     with pytest.raises(ValueError, match=message):
         train(compose_config([*overrides("sft"), *other, "resume=true"]), tmp_path)
+
+
+def test_kills_while_checkpointing_never_leave_a_broken_last_ckpt(tmp_path: Path) -> None:
+    """Kill a run that checkpoints every step at random moments, three times, resuming in
+    between: last.ckpt always loads (Lightning writes to a temporary file and moves it)."""
+    import random
+
+    rng = random.Random(0)
+    common = [*overrides("sft"), "trainer.max_steps=40", "checkpoint_every_n_steps=1", "trainer.val_check_interval=40"]
+    for attempt in range(3):
+        resume = ["resume=true"] if attempt else []
+        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *common, *resume,
+                                    f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        last = tmp_path / "checkpoints" / "last.ckpt"
+        deadline = time.time() + 120
+        while not last.is_file() or (attempt and torch.load(last, weights_only=True)["global_step"] <= 2 * attempt):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        state = torch.load(last, weights_only=True)  # never a half-written file
+        assert state["global_step"] >= 1 and "state_dict" in state
+
+
+def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    """A checkpoint is loaded with weights_only=True: one carrying a pickled object (code
+    that would run on load) is refused."""
+    import collections
+
+    train(compose_config([*overrides("sft"), "trainer.max_steps=2"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    state["smuggled"] = collections.OrderedDict(a=PauseBefore(1, 1.0))
+    torch.save(state, last)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        train(compose_config([*overrides("sft"), "trainer.max_steps=3", "resume=true"]), tmp_path)
