@@ -2,10 +2,12 @@
 
 :class:`UnifiedModule` is the LightningModule; a method is a ``data_source`` spec
 (:class:`OffPolicy`, :class:`OnPolicy`) combined with a ``signal`` spec (:class:`Sparse`,
-:class:`Dense`). The math underneath: :mod:`objective` is the one place where gradients
-flow, :mod:`weights` holds the weight builders, :mod:`advantages` turns rewards into
-advantages, :mod:`importance` forms ratios to the behaviour policy and :mod:`aggregation`
-picks the loss normaliser.
+:class:`Dense`), optionally with a :class:`Reference` KL penalty. The math underneath
+lives in :mod:`lightning_unified.losses`: :mod:`~lightning_unified.losses.objective` is the
+one place where gradients flow, :mod:`~lightning_unified.losses.weights` holds the weight
+builders. Models are in :mod:`lightning_unified.models`, data in
+:mod:`lightning_unified.data`, rewards in :mod:`lightning_unified.rewards`, tasks in
+:mod:`lightning_unified.tasks`.
 """
 
 from lightning_unified.losses.aggregation import (
@@ -17,7 +19,11 @@ from lightning_unified.losses.aggregation import (
 )
 from lightning_unified.callbacks import (
     ImportanceCallback,
+    NonFiniteGuard,
+    RankFailureWatch,
+    ReferenceCallback,
     RewardCallback,
+    SampleLog,
     SamplingCallback,
     TeacherCallback,
 )
@@ -34,6 +40,7 @@ from lightning_unified.specs import (
     Importance,
     OffPolicy,
     OnPolicy,
+    Reference,
     Reward,
     Sampling,
     Sparse,
@@ -45,6 +52,11 @@ __all__ = [
     "Dense",
     "Importance",
     "ImportanceCallback",
+    "NonFiniteGuard",
+    "RankFailureWatch",
+    "Reference",
+    "ReferenceCallback",
+    "SampleLog",
     "LossCounts",
     "OffPolicy",
     "OnPolicy",

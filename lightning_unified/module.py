@@ -76,7 +76,8 @@ class UnifiedModule(L.LightningModule):
     ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.losses.aggregation.AGGREGATIONS`),
     counted over the whole optimizer step: every accumulated micro-batch on every rank.
-    ``reference`` adds a KL penalty to a frozen reference. ``max_new_tokens`` bounds greedy
+    ``reference`` adds a KL penalty to a frozen reference. ``temperature`` divides the
+    policy's logits in the loss; None follows the sampler's temperature. ``max_new_tokens`` bounds greedy
     validation and, unless the sampling spec says otherwise, sampling; None takes the
     datamodule's ``max_new_tokens``. ``val_rewards`` ({name: fn}) score the greedy
     validation completions as ``val/<name>``; None takes the datamodule's ``val_rewards``,
@@ -98,7 +99,7 @@ class UnifiedModule(L.LightningModule):
         reference: Reference | None = None,
         aggregation: str = "token_mean",
         constant_normaliser: float | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         chunk_size: int | None = None,
         max_new_tokens: int | None = None,
         val_rewards: dict[str, Callable] | None = None,
@@ -125,6 +126,12 @@ class UnifiedModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.aggregation = aggregation
         self.constant_normaliser = constant_normaliser
+        # the policy in the loss is the one the sampler drew from, unless set apart on purpose:
+        # a loss at temperature 1 against samples at 0.7 starts every ratio away from 1
+        if temperature is None:
+            temperature = data_source.sampling.temperature if data_source.samples else 1.0
+        if temperature <= 0:
+            raise ValueError(f"module.temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.chunk_size = chunk_size
         self._max_new_tokens = max_new_tokens

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
 KL_ESTIMATORS = ("k3", "k1")
+BEHAVIOURS = ("tempered", "sampled")
 ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "dr_grpo")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 WEIGHTINGS = ("indicator", "dft")
@@ -48,6 +49,11 @@ class Sampling:
     top_p: float = 1.0
     # top-k sampling; 0 turns it off
     top_k: int = 0
+    # what behaviour_logp records under top-k / top-p: "tempered", the tempered distribution
+    # before truncation (what inference servers report; the ratio to the policy at the
+    # sampler's temperature is 1 before any update), or "sampled", the truncated distribution
+    # actually sampled from (exact importance weights; the ratio then starts at the kept mass)
+    behaviour: str = "tempered"
 
     def __post_init__(self) -> None:
         if self.num_generations < 1:
@@ -60,6 +66,7 @@ class Sampling:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _one_of("sampling", "behaviour", self.behaviour, BEHAVIOURS)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from lightning_unified.callbacks.sampling import (
     response_mask_until_eos,
 )
 from lightning_unified.models.loading import response_hidden
-from lightning_unified.specs import OnPolicy, Sampling, Sparse
+from lightning_unified.specs import OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.tasks.addition import digit_match
 from tests.lightning_helpers import tiny_datamodule, tiny_module
 
 
@@ -34,10 +35,15 @@ def recomputed_logp(module, batch, temperature: float, top_k: int, top_p: float)
     return logits.log_softmax(-1).gather(-1, batch[F.RESPONSE_IDS][..., None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("behaviour", ["sampled", "tempered"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
-def test_behaviour_logp_is_the_sampled_distribution(temperature: float, top_k: int, top_p: float) -> None:
+def test_behaviour_logp_is_the_documented_distribution(temperature: float, top_k: int, top_p: float,
+                                                       behaviour: str) -> None:
+    """``sampled``: the tempered, truncated distribution actually sampled from;
+    ``tempered``: the tempered one before truncation."""
     torch.manual_seed(0)
-    spec = OnPolicy(sampling=Sampling(num_generations=3, temperature=temperature, top_k=top_k, top_p=top_p))
+    spec = OnPolicy(sampling=Sampling(num_generations=3, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      behaviour=behaviour))
     module = tiny_module(spec, Sparse(rewards=[]))
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
     SamplingCallback(spec).sample_into(batch, module, max_new_tokens=6, synced=False)
@@ -46,7 +52,10 @@ def test_behaviour_logp_is_the_sampled_distribution(temperature: float, top_k: i
     assert batch[F.RESPONSE_IDS].shape[0] == 18 and batch[F.GROUP_SIZE] == 3
     assert batch[F.PROMPT_IDS].shape[0] == 18 and len(batch[F.REFERENCES]) == 18
     with torch.no_grad():
-        expected = recomputed_logp(module, batch, temperature, top_k, top_p)
+        if behaviour == "sampled":
+            expected = recomputed_logp(module, batch, temperature, top_k, top_p)
+        else:
+            expected = recomputed_logp(module, batch, temperature, 0, 1.0)
     assert torch.isfinite(batch[F.BEHAVIOUR_LOGP][mask]).all()
     torch.testing.assert_close(batch[F.BEHAVIOUR_LOGP][mask], expected[mask], atol=1e-4, rtol=1e-4)
     assert (batch[F.BEHAVIOUR_LOGP][~mask] == 0).all()
@@ -67,3 +76,36 @@ def test_mixed_choice_is_deterministic_and_follows_the_probability() -> None:
     assert 0.25 < sum(draws) / len(draws) < 0.35
     assert all(mixed_batch_is_on_policy(1.0, 0, s, 0) for s in range(10))
     assert not any(mixed_batch_is_on_policy(0.0, 0, s, 0) for s in range(10))
+
+
+@pytest.mark.parametrize("behaviour", ["tempered", "sampled"])
+def test_ratio_before_any_update_at_temperature_and_top_p(behaviour: str) -> None:
+    """At temperature 0.7 and top-p 0.9 the loss follows the sampler's temperature. With the
+    tempered behaviour the ratio before any update is 1; with the sampled (truncated) one,
+    each token's ratio is the nucleus mass that step kept."""
+    import lightning as L
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.batch, self.target_logp = dict(batch), outputs["target_logp"]
+
+    spec = OnPolicy(sampling=Sampling(num_generations=4, temperature=0.7, top_p=0.9, behaviour=behaviour))
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    assert module.temperature == 0.7, "the loss follows the sampler's temperature"
+    spy = Spy()
+    from tests.lightning_helpers import quiet_trainer
+    quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy]).fit(module, datamodule=tiny_datamodule(batch_size=8))
+    mask = spy.batch[F.RESPONSE_MASK].bool()
+    rho = (spy.target_logp - spy.batch[F.BEHAVIOUR_LOGP])[mask].exp()
+    if behaviour == "tempered":
+        assert 0.98 <= float(rho.mean()) <= 1.02
+        torch.testing.assert_close(rho, torch.ones_like(rho), atol=1e-4, rtol=1e-4)
+    else:
+        # the kept mass of each step's nucleus, from the sampler's own (pre-step) policy
+        with torch.no_grad():
+            before = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+            tempered = recomputed_logp(before, spy.batch, 0.7, 0, 1.0)
+            truncated = recomputed_logp(before, spy.batch, 0.7, 0, 0.9)
+        kept_mass = (tempered - truncated)[mask].exp()
+        torch.testing.assert_close(rho, kept_mass, atol=1e-4, rtol=1e-4)
+        assert float(rho.mean()) < 0.98, "truncation to the nucleus shows in the ratio"

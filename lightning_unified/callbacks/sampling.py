@@ -22,10 +22,10 @@ from lightning_unified.specs import OnPolicy
 
 
 class BehaviourLogProbs(LogitsProcessor):
-    """The last logits processor: keeps log mu(. | context) of the current step only, and
+    """A logits processor that keeps log mu(. | context) of the current step only, and
     gathers the previous step's at the token that was then sampled (it is the newest
-    token of ``input_ids``). So the sampler's log-probs are exact, after temperature and
-    truncation, without holding a [B, T, V] tensor of scores."""
+    token of ``input_ids``), without holding a [B, T, V] tensor of scores. Placed after the
+    temperature, it records the tempered distribution; placed last, the truncated one."""
 
     def __init__(self) -> None:
         self.pending: Tensor | None = None
@@ -114,11 +114,14 @@ class SamplingCallback(L.Callback):
         processors = LogitsProcessorList()
         if spec.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(spec.temperature))
+        if spec.behaviour == "tempered":
+            processors.append(recorder)  # before truncation: the tempered distribution
         if spec.top_k:
             processors.append(TopKLogitsWarper(spec.top_k))
         if spec.top_p < 1.0:
             processors.append(TopPLogitsWarper(spec.top_p))
-        processors.append(recorder)
+        if spec.behaviour == "sampled":
+            processors.append(recorder)  # after truncation: what was actually sampled from
         was_training = policy.training
         policy.eval()
         try:
