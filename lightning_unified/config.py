@@ -39,8 +39,9 @@ def quiet_console() -> None:
     for name in ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
                  "lightning.pytorch.trainer.connectors.callback_connector", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropNoise())
-    # Lightning calls a deprecated torch pytree API internally; nothing for a user to change
+    # Lightning and torchdata call deprecated torch APIs internally; nothing for a user to change
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")
 
 
 @dataclass
