@@ -148,3 +148,13 @@ def test_k1_needs_sampled_rewards() -> None:
     rl = lora_module(Reference(estimator="k1"), OnPolicy(sampling=Sampling(num_generations=2)),
                      Sparse(rewards=[Reward(digit_match)]))
     assert any(isinstance(c, ReferenceCallback) for c in rl.configure_callbacks())
+
+
+def test_a_reference_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    from tests.lightning_helpers import save_chat_model
+
+    other = save_chat_model(tmp_path / "other")  # 100 tokens against the policy's 15
+    module = UnifiedModule(build_policy(tiny_datamodule().tokenizer, config=TINY), tiny_datamodule().tokenizer,
+                           OffPolicy(), Sparse(), reference=Reference(path=other))
+    with pytest.raises(ValueError, match=r"reference .* has a vocabulary of 100 tokens and the policy 15"):
+        ReferenceCallback(module.reference).setup(None, module, "fit")

@@ -132,7 +132,8 @@ def build_policy(
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
-    return getattr(tokenizer, "name_or_path", "") or f"a {type(tokenizer).__name__} of {len(tokenizer)} tokens"
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"the tokenizer {name}" if name else f"the task's own tokenizer ({len(tokenizer)} tokens)"
 
 
 def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str | None:
@@ -157,7 +158,7 @@ def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         difference = vocabulary_difference(tokenizer, own)
         if difference:
             raise ValueError(
-                f"the tokenizer {_tokenizer_name(tokenizer)} does not belong to the model at {path}, whose own "
+                f"{_tokenizer_name(tokenizer)} does not belong to the model at {path}, whose own "
                 f"tokenizer maps tokens differently ({difference}). Use the model's tokenizer (task=files takes "
                 f"it from model.path), or a model trained with this tokenizer"
             )
@@ -166,8 +167,8 @@ def check_tokenizer_matches(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     # checkpoints pad their vocabulary to a multiple of 64 or 128; more than that means another tokenizer
     if rows is not None and rows - len(tokenizer) >= 256:
         raise ValueError(
-            f"the model at {path} has a vocabulary of {rows} tokens but the tokenizer "
-            f"{_tokenizer_name(tokenizer)} has {len(tokenizer)}: they do not belong together"
+            f"the model at {path} has a vocabulary of {rows} tokens but {_tokenizer_name(tokenizer)} has "
+            f"{len(tokenizer)}: they do not belong together"
         )
 
 
