@@ -50,6 +50,15 @@ def test_two_by_two_sweep_from_the_command_line(tmp_path: Path) -> None:
         assert scores[0]["step"] == "0", f"{run}: the starting policy is scored first"
         assert any(r.get("train/loss") for r in rows), f"{run}: no training loss logged"
     assert "val/exact_match" in done.stdout
+    # the comparison report of the sweep: a table and a picture from the runs' metrics.csv
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path), "--out", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    report = (out / "comparison.md").read_text().splitlines()
+    assert len(report) == 2 + 2 + 4, report
+    assert any("on_policy x dense" in line for line in report)
+    assert all(line.count("|") == 8 for line in report[2:])
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ddp_two_cpu_processes_on_policy(tmp_path: Path) -> None:
