@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -111,8 +112,6 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     ckpt = resume_checkpoint(cfg, run.output_dir)
     if ckpt is not None:
         if run.trainer.is_global_zero:
-            import torch
-
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             truncate_after_step(run.output_dir / "metrics.csv", state["global_step"])
     elif not cfg.trainer.get("fast_dev_run"):

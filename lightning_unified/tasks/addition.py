@@ -110,13 +110,13 @@ class PromptResponseCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         tok = self.tokenizer
-        tokenized = []
-        for e in examples:
-            example = {"prompt_ids": tok(e["prompt"], add_special_tokens=False).input_ids,
-                       "reference": e.get("reference")}
-            if "response" in e:
-                example["response_ids"] = tok(e["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-            tokenized.append(example)
+        # one batched tokenizer call per field: this runs for every training batch
+        prompts = tok([e["prompt"] for e in examples], add_special_tokens=False).input_ids
+        tokenized = [{"prompt_ids": p, "reference": e.get("reference")} for p, e in zip(prompts, examples)]
+        if all("response" in e for e in examples):
+            responses = tok([e["response"] for e in examples], add_special_tokens=False).input_ids
+            for example, response in zip(tokenized, responses):
+                example["response_ids"] = response + [tok.eos_token_id]
         return self.collate(tokenized)
 
 
