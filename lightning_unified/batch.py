@@ -12,10 +12,12 @@ PROMPT_MASK = "prompt_mask"  # [B, P] long, 1 on real prompt tokens
 RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or sampled
 RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
 REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
+PROMPTS = "prompts"  # list[str | list[dict]] of length B: each prompt as the data gave it (text or chat messages)
+PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
 
 # --- sampling callback (on-policy batches) -------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from
-GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt
+GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 
 # --- teacher callback (dense signal) ------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]
@@ -31,6 +33,10 @@ REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions (or t
 COMPLETIONS = "completions"  # list[str] of length B, the decoded responses the rewards scored
 ADVANTAGES = "advantages"  # [B, R] float, the estimator's advantage on every response token
 
+# --- preference callback (preference signal), refreshed before every update ---------------
+PREFERENCE_WEIGHT = "preference_weight"  # [B, R] float, the pair's sequence-level weight on each response token
+PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over its tokens (sums to the pair's loss)
+
 # --- importance callback ---------------------------------------------------------------
 LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed (sequence-level) log pi_theta / mu
 
@@ -43,7 +49,12 @@ PER_TOKEN_FIELDS = (
     ADVANTAGES,
     LOG_RATIO,
     REFERENCE_LOGP,
+    PREFERENCE_WEIGHT,
+    PREFERENCE_LOSS,
 )
+
+# Fields that hold one value for the whole batch rather than one per row.
+BATCH_WIDE_FIELDS = (GROUP_SIZE,)
 
 
 def require(batch: dict, *names: str, who: str) -> None:
@@ -55,3 +66,21 @@ def require(batch: dict, *names: str, who: str) -> None:
             f"{who} needs batch field(s) {missing}, but the batch only has {sorted(batch)}; "
             f"see lightning_unified/batch.py for who adds each field"
         )
+
+
+def select_rows(batch: dict, start: int, stop: int) -> dict:
+    """The rows ``start:stop`` of every per-row field: a mini-batch of a rollout. Tensors and
+    lists are sliced (tensor slices are views, no copy); objects with a ``rows`` method (the
+    teacher's :class:`~lightning_unified.losses.objective.TeacherLogits`) slice themselves."""
+    out = {}
+    for name, value in batch.items():
+        if name in BATCH_WIDE_FIELDS or value is None:
+            out[name] = value
+        elif hasattr(value, "rows"):
+            out[name] = value.rows(start, stop)
+        elif isinstance(value, (list, tuple)) or hasattr(value, "shape"):
+            out[name] = value[start:stop]
+        else:
+            raise TypeError(f"batch field {name!r} ({type(value).__name__}) cannot be split into mini-batches; "
+                            f"give it one value per row, or list it in BATCH_WIDE_FIELDS")
+    return out

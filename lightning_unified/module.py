@@ -42,7 +42,7 @@ from lightning_unified.models.loading import (
 )
 from lightning_unified.models.lora import is_lora, merged_copy
 from lightning_unified.models.loss_head import install_loss_head
-from lightning_unified.pipeline import build_pipeline
+from lightning_unified.pipeline import build_pipeline, check_replay
 from lightning_unified.rewards.text import exact_match
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Reward, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
@@ -119,6 +119,7 @@ class UnifiedModule(L.LightningModule):
         install_loss_head(self.policy)  # the loss runs inside the head's forward (FSDP2 needs that)
         # EOS and the chat template's end-of-turn token end a response
         self.stop_token_ids = stop_token_ids(self.tokenizer)
+        check_replay(data_source, signal)
         self.data_source = data_source
         self.signal = signal
         self.reference = reference
@@ -147,11 +148,20 @@ class UnifiedModule(L.LightningModule):
         # micro-batches on this rank; reset at the step
         self._step_sums: torch.Tensor | None = None
         # what a run has trained on so far, kept across a resume (see on_save_checkpoint)
-        self.progress = {"tokens_seen": 0.0, "train_seconds": 0.0}
+        self.progress = {"tokens_seen": 0.0, "train_seconds": 0.0, "optimizer_steps": 0.0}
         self._step_started: float | None = None
+        # several updates per rollout: which one is running, and the log-probs of this pass
+        self._update_index = 0
+        self._pass_logp: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         _destroy_process_group_at_exit()
+        if stage == "fit" and self.data_source.updates_per_batch > 1 and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"data_source.updates_per_rollout x minibatches = {self.data_source.updates_per_batch} optimizer steps "
+                f"per batch cannot be combined with trainer.accumulate_grad_batches="
+                f"{self.trainer.accumulate_grad_batches}: set it to 1 and make the batch larger instead"
+            )
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric()
@@ -193,6 +203,14 @@ class UnifiedModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="training_step")
+        full_batch = batch
+        batch = self._update_batch(full_batch)
+        # stages that must see the policy as it is at this very update (a sequence-level
+        # ratio, a preference margin) refresh their fields here, once per optimizer step
+        for stage in self._pipeline or ():
+            hook = getattr(stage, "on_update_start", None)
+            if hook is not None:
+                hook(self.trainer, self, batch)
         mask = batch[fields.RESPONSE_MASK]
         # Each micro-batch contributes its SUM of per-token terms; on_before_optimizer_step
         # divides the gradient by the normaliser of the whole optimizer step (every
@@ -216,7 +234,54 @@ class UnifiedModule(L.LightningModule):
         self._step_sums = sums if self._step_sums is None else self._step_sums + sums
         self.log("train/response_tokens", mask.sum().float(), batch_size=mask.shape[0])
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
-        return {"loss": out.loss * self.trainer.accumulate_grad_batches, "target_logp": out.target_logp.detach()}
+        return {"loss": out.loss * self.trainer.accumulate_grad_batches,
+                "target_logp": self._rollout_logp(full_batch, out.target_logp.detach())}
+
+    # --- several updates per sampled batch (data_source.updates_per_rollout, minibatches) --
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Each training batch makes ``data_source.updates_per_batch`` optimizer steps: the
+        closure (training_step + backward) runs once per step, each time on the next
+        mini-batch of the same rollout (see :meth:`_update_batch`). With one update this is
+        Lightning's own optimizer_step. ``trainer.global_step`` and the learning-rate
+        schedule count training batches (rollouts); ``train/optimizer_steps`` counts steps."""
+        updates = self.data_source.updates_per_batch
+        for update in range(updates):
+            self._update_index = update
+            optimizer.step(closure=optimizer_closure)
+        self._update_index = 0
+        self.progress["optimizer_steps"] += updates
+        if updates > 1:
+            self.log("train/optimizer_steps", self.progress["optimizer_steps"], batch_size=1)
+
+    def _update_batch(self, batch: dict) -> dict:
+        """The rows this update trains on: the whole batch, or for several updates per
+        rollout mini-batch ``update % minibatches`` of it: contiguous whole groups (a
+        prompt's samples, a preference pair), in order."""
+        if self.data_source.updates_per_batch == 1:
+            return batch
+        start, stop = self._update_rows(batch)
+        return fields.select_rows(batch, start, stop)
+
+    def _update_rows(self, batch: dict) -> tuple[int, int]:
+        minibatches = self.data_source.minibatches
+        group = batch.get(fields.GROUP_SIZE, 1)
+        groups = batch[fields.RESPONSE_IDS].shape[0] // group
+        if groups < minibatches:
+            raise ValueError(f"data_source.minibatches={minibatches} splits a batch by prompt, but this batch has "
+                             f"{groups} prompts; use fewer mini-batches or more prompts per batch")
+        part = self._update_index % minibatches
+        return group * (groups * part // minibatches), group * (groups * (part + 1) // minibatches)
+
+    def _rollout_logp(self, batch: dict, logp: torch.Tensor) -> torch.Tensor:
+        """[B, R] the loss's log-probs of every row of the batch: this update's rows written
+        into a buffer, so the batch's last update hands callbacks the whole final pass."""
+        if self.data_source.updates_per_batch == 1:
+            return logp
+        if self._update_index == 0 or self._pass_logp is None or self._pass_logp.shape != batch[fields.RESPONSE_IDS].shape:
+            self._pass_logp = torch.zeros(batch[fields.RESPONSE_IDS].shape, dtype=logp.dtype, device=logp.device)
+        start, stop = self._update_rows(batch)
+        self._pass_logp[start:stop] = logp
+        return self._pass_logp
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Divide the summed gradient by the whole step's normaliser, and log the step's

@@ -7,17 +7,19 @@ import lightning as L
 
 from lightning_unified.callbacks import (
     ImportanceCallback,
+    PreferenceCallback,
     ReferenceCallback,
     RewardCallback,
     SampleLog,
     SamplingCallback,
     TeacherCallback,
 )
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Sparse
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse
 
 
-def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense, reference: Reference | None = None,
-                   samples_every_n_steps: int | None = None) -> list[L.Callback]:
+def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
+                   reference: Reference | None = None, samples_every_n_steps: int | None = None) -> list[L.Callback]:
+    check_replay(data_source, signal)
     stages: list[L.Callback] = []
     if data_source.samples:
         stages.append(SamplingCallback(data_source))
@@ -26,8 +28,14 @@ def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense, re
             raise ValueError("reference.estimator=k1 puts the KL penalty in the reward of sampled responses; it "
                              "needs data_source=on_policy with signal=sparse (use k3 elsewhere)")
         stages.append(ReferenceCallback(reference))
+    elif isinstance(signal, Preference) and signal.needs_reference:
+        # DPO's margin is measured against a reference; scoring only, no KL penalty
+        stages.append(ReferenceCallback(Reference(kl_coef=0.0, path=signal.reference_path,
+                                                  options=signal.reference_options)))
     if isinstance(signal, Dense):
-        stages.append(TeacherCallback(signal))
+        stages.append(TeacherCallback(signal, copy_head=data_source.updates_per_batch > 1))
+    elif isinstance(signal, Preference):
+        stages.append(PreferenceCallback(signal))
     elif data_source.samples or signal.reward_data:
         if data_source.samples and not signal.rewards:
             raise ValueError(
@@ -40,3 +48,15 @@ def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense, re
     if samples_every_n_steps:
         stages.append(SampleLog(every_n_steps=samples_every_n_steps))
     return stages
+
+
+def check_replay(data_source: OffPolicy | OnPolicy, signal) -> None:
+    """Replayed samples come from an older policy than the one being updated; a policy
+    gradient that ignores that is biased, so it is refused rather than run."""
+    if (data_source.updates_per_batch > 1 and isinstance(signal, Sparse)
+            and data_source.importance.ratio == "none"):
+        raise ValueError(
+            f"data_source.updates_per_rollout={data_source.updates_per_rollout} with minibatches="
+            f"{data_source.minibatches} replays samples after the policy has moved; importance.ratio=none ignores "
+            f"that. Use token, truncated, ppo_clip or sequence_clip"
+        )

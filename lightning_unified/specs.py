@@ -19,6 +19,8 @@ ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "dr_grpo")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 WEIGHTINGS = ("indicator", "dft")
 TOPK_TAILS = ("bucket", "renormalize")
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
+SELF_TEACHER = "self"
 
 
 LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
@@ -98,6 +100,7 @@ class OffPolicy:
     """Responses come from the dataset (or a teacher that wrote it): no sampling, no ratio."""
 
     samples = False
+    updates_per_batch = 1
 
 
 @dataclass
@@ -113,12 +116,26 @@ class OnPolicy:
     probability: float = 1.0
     # draws the per-batch on/off-policy choice of a mixed source, with the global step
     seed: int = 0
+    # optimizer steps per sampled batch: the rollout is split into ``minibatches`` parts and
+    # replayed ``updates_per_rollout`` times (PPO's epochs, GRPO's num_iterations, verl's
+    # ppo_epochs), so later updates see a policy that has moved from the sampler's
+    updates_per_rollout: int = 1
+    minibatches: int = 1
 
     samples = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.probability <= 1:
             raise ValueError(f"data_source.probability must be in [0, 1], got {self.probability}")
+        if self.updates_per_rollout < 1:
+            raise ValueError(f"data_source.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
+        if self.minibatches < 1:
+            raise ValueError(f"data_source.minibatches must be >= 1, got {self.minibatches}")
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps each sampled batch makes."""
+        return self.updates_per_rollout * self.minibatches
 
 
 @dataclass
@@ -174,10 +191,25 @@ class Dense:
     temperature: float = 1.0
     top_k: int = 0
     topk_tail: str = "bucket"
-    # keyword arguments of load_causal_lm for the teacher: dtype, attn_implementation, trust_remote_code
+    # keyword arguments of load_causal_lm for the teacher: dtype, attn_implementation,
+    # trust_remote_code (unused by teacher=self, which is the policy as it is)
     teacher_options: dict = field(default_factory=dict)
+    # the teacher's prompt, when it should see more than the student: a template over the
+    # example's columns, ``{prompt}`` and ``{reference}`` (see data/chat.py:contextual_prompt)
+    teacher_context: str | None = None
+
+    @property
+    def is_self(self) -> bool:
+        """Self-distillation: the policy itself, under no_grad, is the teacher."""
+        return self.teacher == SELF_TEACHER
 
     def __post_init__(self) -> None:
+        if self.is_self and not self.teacher_context:
+            raise ValueError(
+                "signal.teacher=self makes the policy its own teacher; without signal.teacher_context (a template "
+                "giving the teacher privileged context, e.g. '{prompt}' with the '{reference}' answer) the two "
+                "distributions are the same and there is nothing to learn"
+            )
         _one_of("signal", "divergence", self.divergence, DIVERGENCES)
         _known_options("signal.teacher_options", self.teacher_options)
         _one_of("signal", "topk_tail", self.topk_tail, TOPK_TAILS)
@@ -192,6 +224,47 @@ class Dense:
                 f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
                 f"give {self.divergence!r}, which needs the teacher's whole distribution"
             )
+
+
+@dataclass
+class Preference:
+    """Each example is a chosen and a rejected response to one prompt, pushed apart.
+
+    Pairs come from the data (``chosen`` / ``rejected`` columns, or the built-in task's
+    right answer against a corrupted one), or, on sampled responses (online DPO), from the
+    ``rewards``: each prompt's best and worst of its ``num_generations`` samples. Every
+    token of the chosen response gets the sequence-level weight ``+g``, every token of the
+    rejected one ``-g``, with ``g = -dloss/dmargin`` of the ``loss``:
+
+    - ``dpo``: ``-log sigmoid(beta * margin)``, margin = (log pi - log pi_ref) of chosen
+      minus that of rejected, summed over tokens; g = beta * sigmoid(-beta * margin).
+    - ``ipo``: ``(margin - 1 / (2 beta))^2`` on log-probs averaged over each response's tokens.
+    - ``simpo``: ``-log sigmoid(beta * margin - gamma)`` with length-averaged log-probs and no
+      reference.
+
+    DPO and IPO need reference log-probs: the starting policy by default, or
+    ``reference_path``.
+    """
+
+    loss: str = "dpo"
+    beta: float = 0.1
+    # SimPO's target margin
+    gamma: float = 0.5
+    # on sampled responses: picks each prompt's chosen (highest total) and rejected (lowest)
+    rewards: list[Reward] = field(default_factory=list)
+    # a local Hugging Face directory; null takes the starting policy (as reference=... does)
+    reference_path: str | None = None
+    reference_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of("signal", "loss", self.loss, PREFERENCE_LOSSES)
+        _known_options("signal.reference_options", self.reference_options)
+        if self.beta <= 0:
+            raise ValueError(f"signal.beta must be > 0, got {self.beta}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss != "simpo"
 
 
 @dataclass

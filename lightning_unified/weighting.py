@@ -13,7 +13,7 @@ from functools import cache, partial
 from lightning_unified import batch as fields
 from lightning_unified.losses import weights
 from lightning_unified.losses.objective import WeightFn
-from lightning_unified.specs import Dense, Importance, Reference, Sparse
+from lightning_unified.specs import Dense, Importance, Preference, Reference, Sparse
 
 
 @cache
@@ -50,11 +50,21 @@ def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:
     return _configured(weights.jsd, beta=signal.beta)
 
 
-def select_weight_fn(batch: dict, signal: Sparse | Dense, importance: Importance | None,
+def preference_weight_fn(batch: dict) -> WeightFn:
+    fields.require(batch, fields.PREFERENCE_WEIGHT, fields.PREFERENCE_LOSS, who="signal=preference")
+    return weights.preference
+
+
+def select_weight_fn(batch: dict, signal: Sparse | Dense | Preference, importance: Importance | None,
                      reference: Reference | None = None) -> tuple[WeightFn, ...]:
     """The builders whose weights add up to this batch's: the signal's, plus the k3
     reference penalty when the reference scored the batch."""
-    main = dense_weight_fn(batch, signal) if isinstance(signal, Dense) else sparse_weight_fn(batch, signal, importance)
+    if isinstance(signal, Preference):
+        main = preference_weight_fn(batch)
+    elif isinstance(signal, Dense):
+        main = dense_weight_fn(batch, signal)
+    else:
+        main = sparse_weight_fn(batch, signal, importance)
     if reference is not None and reference.estimator == "k3" and fields.REFERENCE_LOGP in batch:
         return main, _configured(weights.k3_reference_penalty, kl_coef=reference.kl_coef)
     return (main,)

@@ -3,6 +3,7 @@
 
 from lightning_unified.callbacks.finite_guard import NonFiniteGuard
 from lightning_unified.callbacks.importance import ImportanceCallback
+from lightning_unified.callbacks.preference import PreferenceCallback
 from lightning_unified.callbacks.rank_failure import RankFailureWatch
 from lightning_unified.callbacks.reference import ReferenceCallback
 from lightning_unified.callbacks.reward import RewardCallback
@@ -10,5 +11,5 @@ from lightning_unified.callbacks.samples import SampleLog
 from lightning_unified.callbacks.sampling import SamplingCallback
 from lightning_unified.callbacks.teacher import TeacherCallback
 
-__all__ = ["ImportanceCallback", "NonFiniteGuard", "RankFailureWatch", "ReferenceCallback", "RewardCallback", "SampleLog", "SamplingCallback",
+__all__ = ["ImportanceCallback", "NonFiniteGuard", "PreferenceCallback", "RankFailureWatch", "ReferenceCallback", "RewardCallback", "SampleLog", "SamplingCallback",
            "TeacherCallback"]

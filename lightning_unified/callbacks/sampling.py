@@ -152,5 +152,6 @@ class SamplingCallback(L.Callback):
         batch[fields.RESPONSE_MASK] = mask
         batch[fields.BEHAVIOUR_LOGP] = torch.where(mask.bool(), behaviour, 0.0)
         batch[fields.GROUP_SIZE] = group
-        if fields.REFERENCES in batch:
-            batch[fields.REFERENCES] = [r for r in batch[fields.REFERENCES] for _ in range(group)]
+        for name in (fields.REFERENCES, fields.PROMPTS):  # per-prompt lists, now one entry per row
+            if name in batch:
+                batch[name] = [value for value in batch[name] for _ in range(group)]

@@ -14,18 +14,28 @@ from lightning_unified.models.loading import (
     output_head,
     response_hidden,
 )
+from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
+from lightning_unified.data.collate import pad
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense
 
 
 class TeacherCallback(L.Callback):
-    def __init__(self, signal: Dense):
+    """``signal.teacher`` is a model directory, or ``self``: the policy itself, in eval mode
+    and under no_grad, with no second copy of its weights (self-distillation). With
+    ``signal.teacher_context`` the teacher scores the responses after a prompt with
+    privileged context (the reference answer, a demonstration) rather than the student's.
+    ``copy_head``: a self-teacher's output layer is copied, because with several updates
+    per batch the policy's own layer changes before the last update reads the teacher."""
+
+    def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
+        self.copy_head = copy_head
         self.teacher = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.teacher is None:
+        if stage == "fit" and self.teacher is None and not self.signal.is_self:
             teacher = load_causal_lm(self.signal.teacher, **self.signal.teacher_options)
             check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, self.signal.teacher,
                                   f"teacher {self.signal.teacher}")
@@ -34,17 +44,31 @@ class TeacherCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.teacher.to(pl_module.device)
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="teacher scoring")
         signal = self.signal
+        prompt_ids, prompt_mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
+        if signal.teacher_context:
+            prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)
+            prompt_ids, prompt_mask = prompt_ids.to(pl_module.device), prompt_mask.to(pl_module.device)
+        teacher = pl_module.policy if signal.is_self else self.teacher
+        was_training = teacher.training
+        teacher.eval()  # a self-teacher scores without dropout
+        try:
+            with torch.no_grad():
+                hidden = response_hidden(teacher, prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS],
+                                         batch[fields.RESPONSE_MASK])  # [B, R, H_t]
+        finally:
+            teacher.train(was_training)
+        weight, bias = output_head(teacher)
+        if signal.is_self:
+            weight, bias = _frozen(weight, self.copy_head), _frozen(bias, self.copy_head)
         with torch.no_grad():
-            hidden = response_hidden(self.teacher, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                     batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])  # [B, R, H_t]
-            weight, bias = output_head(self.teacher)
             if signal.top_k:
                 ids, logp = topk_logprobs(hidden, weight, signal.top_k, head_bias=bias, temperature=signal.temperature)
                 batch[fields.TEACHER_TOPK_IDS], batch[fields.TEACHER_TOPK_LOGP] = ids, logp
@@ -56,3 +80,21 @@ class TeacherCallback(L.Callback):
                 batch[fields.TEACHER] = TeacherLogits(
                     hidden=hidden, head_weight=weight, head_bias=bias, temperature=signal.temperature
                 )
+
+
+def _frozen(tensor: torch.Tensor | None, copy: bool) -> torch.Tensor | None:
+    """The policy's own parameter as a teacher's: detached, and copied when it will change
+    before the teacher is read."""
+    if tensor is None:
+        return None
+    return tensor.detach().clone() if copy else tensor.detach()
+
+
+def context_prompts(tokenizer, batch: dict, template: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, P'] left-padded ids and mask of every row's prompt with the teacher's context."""
+    fields.require(batch, fields.PROMPTS, who="signal.teacher_context (the prompts as text)")
+    prompts = batch[fields.PROMPTS]
+    references = batch.get(fields.REFERENCES) or [None] * len(prompts)
+    ids = [prompt_token_ids(tokenizer, contextual_prompt(p, template, {"reference": r}))
+           for p, r in zip(prompts, references)]
+    return pad(ids, tokenizer.pad_token_id, "left")

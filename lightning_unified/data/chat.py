@@ -61,3 +61,33 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every id that ends a response: EOS and the end-of-turn token (often the same)."""
     ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def contextual_prompt(prompt: str | list[dict], template: str, columns: dict[str, str | None]) -> str | list[dict]:
+    """The prompt with privileged context, for a teacher that should see more than the
+    student (self-distillation): ``template`` formatted with ``{prompt}`` (a plain prompt's
+    text, or a chat prompt's last user message) and the example's other ``columns``
+    (``{reference}``). A chat prompt keeps its other messages; the template's result
+    replaces that last user message."""
+    if is_chat(prompt):
+        users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
+        if not users:
+            raise ValueError("signal.teacher_context: a chat prompt without a user message has nowhere to put the context")
+        text = prompt[users[-1]]["content"]
+    else:
+        text = prompt
+    values = {"prompt": text, **columns}
+    try:
+        rendered = template.format(**values)
+    except KeyError as error:
+        raise ValueError(f"signal.teacher_context names {{{error.args[0]}}}, but an example has only "
+                         f"{sorted(values)}") from None
+    missing = [name for name, value in values.items() if value is None and "{" + name + "}" in template]
+    if missing:
+        raise ValueError(f"signal.teacher_context uses {{{missing[0]}}}, which this example does not have "
+                         f"(the data needs a '{missing[0]}' column)")
+    if not is_chat(prompt):
+        return rendered
+    messages = [dict(m) for m in prompt]
+    messages[users[-1]]["content"] = rendered
+    return messages

@@ -36,21 +36,39 @@ class ListDataset(Dataset):
 
 
 class TokenCollator:
-    """Examples ``{prompt_ids, response_ids?, reference?, reward?}`` (token id lists) to a
+    """Examples ``{prompt_ids, response_ids?, reference?, reward?, prompt?, chosen_ids?,
+    rejected_ids?}`` (token id lists; ``prompt`` the prompt as the data gave it) to a
     batch. Responses already end with their stop token. A batch where every example has
-    a response is off-policy data; prompt-only examples give prompts only."""
+    a response is off-policy data; prompt-only examples give prompts only. A batch where
+    every example has ``chosen_ids`` and ``rejected_ids`` is preference pairs: two rows per
+    example, chosen then rejected, marked +1 / -1 in ``preference``."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
+        if examples and all(e.get("chosen_ids") and e.get("rejected_ids") for e in examples):
+            return self._pairs(examples)
         out = {}
         out[fields.PROMPT_IDS], out[fields.PROMPT_MASK] = pad([e["prompt_ids"] for e in examples],
                                                                self.pad_token_id, "left")
         out[fields.REFERENCES] = [e.get("reference") for e in examples]
+        if all("prompt" in e for e in examples):
+            out[fields.PROMPTS] = [e["prompt"] for e in examples]
         if all(e.get("response_ids") for e in examples):
             out[fields.RESPONSE_IDS], out[fields.RESPONSE_MASK] = pad([e["response_ids"] for e in examples],
                                                                        self.pad_token_id, "right")
         if all(e.get("reward") is not None for e in examples):
             out[fields.REWARDS] = torch.tensor([float(e["reward"]) for e in examples])
+        return out
+
+    def _pairs(self, examples: list[dict]) -> dict:
+        rows = []
+        for e in examples:
+            for key in ("chosen_ids", "rejected_ids"):
+                rows.append({"prompt_ids": e["prompt_ids"], "response_ids": e[key], "reference": e.get("reference"),
+                             **({"prompt": e["prompt"]} if "prompt" in e else {})})
+        out = self(rows)
+        out[fields.PREFERENCE] = torch.tensor([1.0, -1.0] * len(examples))
+        out[fields.GROUP_SIZE] = 2
         return out

@@ -143,6 +143,10 @@ def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: P
         elif name in REQUIRED or column != name:  # a column the user named must be there
             hint = f" (task.columns.{name}={column})" if column != name else ""
             raise DataError(f"{path}: missing column {column!r}{hint}; the file has columns {found}")
+    if ("chosen" in resolved) != ("rejected" in resolved):
+        have, lack = ("chosen", "rejected") if "chosen" in resolved else ("rejected", "chosen")
+        raise DataError(f"{path}: column {resolved[have]!r} ({have}) needs a {lack} column beside it for preference "
+                        f"pairs; the file has columns {found}")
     return resolved
 
 
@@ -187,7 +191,7 @@ def tokenize_table(
     for row, record in enumerate(table):
         where = locate(row)
         prompt = _check_prompt(record[resolved["prompt"]], resolved["prompt"], where)
-        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt)}
+        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt), "prompt": prompt}
         responses = {}
         for name in ("response", "chosen", "rejected"):
             if name in resolved:

@@ -93,6 +93,12 @@ class TeacherLogits:
             return replace(self, logits=_flatten_tokens("teacher logits", self.logits, leading).detach())
         return replace(self, hidden=_flatten_tokens("teacher hidden", self.hidden, leading).detach())
 
+    def rows(self, start: int, stop: int) -> TeacherLogits:
+        """The sequences ``start:stop`` of an unflattened [B, R, ...] teacher (a mini-batch)."""
+        if self.logits is not None:
+            return replace(self, logits=self.logits[start:stop])
+        return replace(self, hidden=self.hidden[start:stop])
+
     def select(self, index: Tensor) -> TeacherLogits:
         """The teacher restricted to the tokens ``index`` [M]."""
         if self.logits is not None:

@@ -156,6 +156,14 @@ def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp
     return TokenWeights(coef=log_ratio, objective=-log_ratio)
 
 
+def preference(student_logp: Tensor, targets: Tensor, preference_weight: Tensor, preference_loss: Tensor) -> TokenWeights:
+    """Preference pairs (DPO, IPO, SimPO): w = g * 1[v = y_t] with the pair's sequence-level
+    weight g, +g on the chosen response and -g on the rejected one
+    (:func:`lightning_unified.losses.preference.preference_terms` computes both fields from
+    the whole sequences). The objective is the pair's loss, shared over its tokens."""
+    return TokenWeights(coef=preference_weight.to(student_logp.dtype), objective=preference_loss.to(student_logp.dtype))
+
+
 # --- dense: weight over the vocabulary from a teacher -----------------------------------
 
 

@@ -112,18 +112,31 @@ class PromptResponseCollator:
         tok = self.tokenizer
         # one batched tokenizer call per field: this runs for every training batch
         prompts = tok([e["prompt"] for e in examples], add_special_tokens=False).input_ids
-        tokenized = [{"prompt_ids": p, "reference": e.get("reference")} for p, e in zip(prompts, examples)]
-        if all("response" in e for e in examples):
-            responses = tok([e["response"] for e in examples], add_special_tokens=False).input_ids
-            for example, response in zip(tokenized, responses):
-                example["response_ids"] = response + [tok.eos_token_id]
+        tokenized = [{"prompt_ids": p, "prompt": e["prompt"], "reference": e.get("reference")}
+                     for p, e in zip(prompts, examples)]
+        for column, key in (("response", "response_ids"), ("response", "chosen_ids"), ("rejected", "rejected_ids")):
+            if key != "response_ids" and not all("rejected" in e for e in examples):
+                continue  # pairs only where every example has a rejected answer
+            if all(column in e for e in examples):
+                texts = tok([e[column] for e in examples], add_special_tokens=False).input_ids
+                for example, ids in zip(tokenized, texts):
+                    example[key] = ids + [tok.eos_token_id]
         return self.collate(tokenized)
+
+
+def corrupted_answer(answer: str, rng: random.Random) -> str:
+    """The answer with one digit changed: a wrong answer of the right form, the rejected
+    side of a built-in preference pair."""
+    position = rng.randrange(len(answer))
+    wrong = rng.choice([d for d in "0123456789" if d != answer[position]])
+    return answer[:position] + wrong + answer[position + 1:]
 
 
 class AdditionDataModule(L.LightningDataModule):
     """Train and held-out addition problems. Training batches carry the reference
     response (off-policy data learns from it; on-policy sampling replaces it); held-out
-    batches carry prompts and references only."""
+    batches carry prompts and references only. ``pairs``: each training example is a
+    preference pair instead, the right answer against one with a digit changed."""
 
     def __init__(
         self,
@@ -134,11 +147,15 @@ class AdditionDataModule(L.LightningDataModule):
         val_batch_size: int = 500,
         seed: int = 0,
         num_workers: int = 0,
+        pairs: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = addition_tokenizer()
         self.train_problems, self.val_problems = make_splits(digits, num_train, num_val, seed)
+        if pairs:  # preference pairs: the right answer (chosen) against one corrupted digit (rejected)
+            rng = random.Random(f"pairs:{seed}")
+            self.train_problems = [{**p, "rejected": corrupted_answer(p["response"], rng)} for p in self.train_problems]
 
     @property
     def max_new_tokens(self) -> int:

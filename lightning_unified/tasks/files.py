@@ -91,5 +91,5 @@ class FilesDataModule(L.LightningDataModule):
         if not self.val_examples:
             return []
         # validation generates from the prompt; the responses stay out of the batch
-        prompts = [{k: v for k, v in e.items() if k in ("prompt_ids", "reference")} for e in self.val_examples]
+        prompts = [{k: v for k, v in e.items() if k in ("prompt_ids", "prompt", "reference")} for e in self.val_examples]
         return self._loader(prompts, self.val_batch_size, train=False)

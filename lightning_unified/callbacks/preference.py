@@ -1,0 +1,76 @@
+"""Preference signal: which response of each pair is chosen (from the data, or from rewards
+on sampled responses), then before every update the pairs' sequence-level weights."""
+
+from __future__ import annotations
+
+import lightning as L
+from typing_extensions import override
+
+from lightning_unified import batch as fields
+from lightning_unified.callbacks.reward import compute_rewards, decode_prompts, decode_responses
+from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
+from lightning_unified.models.loss_head import response_logprobs
+from lightning_unified.specs import Preference
+
+
+class PreferenceCallback(L.Callback):
+    """Data pairs arrive marked (``preference``: +1 chosen, -1 rejected, in groups of 2). A
+    sampled batch (online DPO) is scored by ``signal.rewards``, and each prompt's best and
+    worst samples become its pair; a prompt whose samples all score the same has no pair
+    and trains nothing (``preference/usable_pairs`` says how many did).
+
+    The weights need the policy's whole-sequence log-probs at the moment of the update, so
+    :meth:`on_update_start` pays one no-grad forward per optimizer step."""
+
+    def __init__(self, signal: Preference):
+        self.signal = signal
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+                             batch_idx: int) -> None:
+        fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK, who="signal=preference")
+        if fields.PREFERENCE in batch:
+            return  # pairs from the data
+        if fields.BEHAVIOUR_LOGP not in batch:
+            raise ValueError(
+                "signal=preference on data without pairs: give the data 'chosen' and 'rejected' columns (the built-in "
+                "task: task.pairs=true), or sample the responses (data_source=on_policy) and set signal.rewards"
+            )
+        if not self.signal.rewards:
+            raise ValueError("signal=preference on sampled responses (online DPO) needs signal.rewards to pick "
+                             "each prompt's chosen and rejected samples")
+        n = batch[fields.RESPONSE_IDS].shape[0]
+        completions = decode_responses(pl_module.tokenizer, batch)
+        batch[fields.COMPLETIONS] = completions
+        rewards, parts = compute_rewards(
+            self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
+            prompts=decode_prompts(pl_module.tokenizer, batch),
+            completion_ids=batch[fields.RESPONSE_IDS], completion_mask=batch[fields.RESPONSE_MASK])
+        rewards = rewards.to(batch[fields.RESPONSE_IDS].device)
+        batch[fields.REWARDS] = rewards
+        batch[fields.PREFERENCE] = pairs_from_rewards(rewards, batch.get(fields.GROUP_SIZE, 1))
+        for name, value in parts.items():
+            pl_module.log(f"reward/{name}", value, batch_size=n)
+        pl_module.log("reward/reward_mean", rewards.mean(), batch_size=n, prog_bar=True)
+
+    def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
+        """Called by the module before each optimizer step, on that step's rows."""
+        fields.require(batch, fields.PREFERENCE, who="signal=preference")
+        if self.signal.needs_reference:
+            fields.require(batch, fields.REFERENCE_LOGP, who=f"signal.loss={self.signal.loss}")
+        mask = batch[fields.RESPONSE_MASK]
+        logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
+                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature)
+        terms = preference_terms(logp, mask, batch[fields.PREFERENCE], batch.get(fields.GROUP_SIZE, 2),
+                                 batch.get(fields.REFERENCE_LOGP), loss=self.signal.loss, beta=self.signal.beta,
+                                 gamma=self.signal.gamma)
+        batch[fields.PREFERENCE_WEIGHT] = terms.weight
+        batch[fields.PREFERENCE_LOSS] = terms.loss
+        pairs = terms.margin.numel()
+        pl_module.log("preference/usable_pairs", float(pairs), batch_size=1)
+        if pairs:
+            pl_module.log("preference/loss", terms.pair_loss.mean(), batch_size=pairs, prog_bar=True)
+            pl_module.log("preference/margin", terms.margin.mean(), batch_size=pairs)
+            pl_module.log("preference/accuracy", (terms.margin > 0).float().mean(), batch_size=pairs, prog_bar=True)
+            pl_module.log("preference/chosen_score", terms.chosen_score.mean(), batch_size=pairs)
+            pl_module.log("preference/rejected_score", terms.rejected_score.mean(), batch_size=pairs)

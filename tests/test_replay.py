@@ -1,0 +1,158 @@
+"""Several updates per rollout: the sampled batch is replayed, so the ratio to the stored
+behaviour log-probs drifts from 1 and PPO's clip acts, and the gradient is still exact."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unified import batch as F
+from lightning_unified.models.loading import response_hidden
+from lightning_unified.module import UnifiedModule
+from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.tasks.addition import digit_match
+from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module
+
+
+class StepSpy(L.Callback):
+    """Before every optimizer step (after the module has normalised the gradient): the
+    gradient and the parameters it was taken at; at the batch's end, the batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning runs the closure (forward, backward, normalisation) inside optimizer.step,
+        # so the pre-hook sees the parameters and the post-hook the gradient of one step
+        def before(optimizer, args, kwargs):
+            self._params = {name: p.detach().clone() for name, p in pl_module.policy.named_parameters()}
+
+        def after(optimizer, args, kwargs):
+            self.steps.append({name: (self._params[name], p.grad.detach().clone())
+                               for name, p in pl_module.policy.named_parameters() if p.grad is not None})
+        trainer.optimizers[0].register_step_pre_hook(before)
+        trainer.optimizers[0].register_step_post_hook(after)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batch, self.outputs = dict(batch), outputs
+
+
+def clipped_surrogate_gradient(module: UnifiedModule, params: dict, batch: dict, eps: float) -> tuple[dict, float]:
+    """Autograd of PPO's clipped surrogate, token-mean, against the stored behaviour
+    log-probs, at ``params``; and the share of tokens where the clip is active."""
+    policy = module.policy
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if name in params:
+                p.copy_(params[name][0])
+    policy.zero_grad()
+    mask = batch[F.RESPONSE_MASK].bool()
+    hidden = response_hidden(policy, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
+                             batch[F.RESPONSE_MASK])
+    logp = torch.log_softmax(policy.lm_head.weight.new_tensor(0) + torch.nn.functional.linear(
+        hidden, policy.lm_head.weight) / module.temperature, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+    rho = (logp - batch[F.BEHAVIOUR_LOGP]).exp()
+    adv = batch[F.ADVANTAGES]
+    surrogate = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
+    loss = -(surrogate * mask).sum() / mask.sum()
+    loss.backward()
+    clipped = ((rho.detach() * adv) != surrogate.detach()) & mask
+    return ({name: p.grad.detach().clone() for name, p in policy.named_parameters() if name in params},
+            float(clipped.sum() / mask.sum()))
+
+
+def test_second_update_matches_the_clipped_surrogate_and_clips() -> None:
+    eps = 0.2
+    spec = OnPolicy(sampling=Sampling(num_generations=4), importance=Importance(ratio="ppo_clip", eps_low=eps,
+                                                                                  eps_high=eps),
+                    updates_per_rollout=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    # a large step, so the second update sees a policy far enough from the sampler's to clip
+    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=20.0)
+    spy = StepSpy()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy])
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
+
+    assert len(spy.steps) == 2, "one sampled batch, two optimizer steps"
+    assert trainer.global_step == 1, "global_step counts sampled batches"
+    assert module.progress["optimizer_steps"] == 2
+    checker = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    for step, expected_clip in ((0, "none"), (1, "some")):
+        grads, clip_fraction = clipped_surrogate_gradient(checker, spy.steps[step], spy.batch, eps)
+        for name, (_, grad) in spy.steps[step].items():
+            torch.testing.assert_close(grad, grads[name], atol=1e-5, rtol=1e-4, msg=f"update {step + 1}, {name}")
+        if expected_clip == "none":
+            assert clip_fraction == 0.0, "before any update the ratio is 1: nothing is clipped"
+        else:
+            assert clip_fraction > 0.0, "the second update must see clipped tokens"
+            # the logged diagnostic is the last pass's, and agrees
+            logged = float(trainer.callback_metrics["importance/clip_fraction"])
+            assert logged == pytest.approx(clip_fraction, abs=1e-6)
+
+
+def test_minibatches_split_whole_prompts_and_cover_the_batch() -> None:
+    """2 mini-batches x 2 updates: four steps, each on half of the prompts' groups, in order;
+    the callbacks see the final pass's log-probs for every row."""
+    spec = OnPolicy(sampling=Sampling(num_generations=3), importance=Importance(ratio="truncated"),
+                    updates_per_rollout=2, minibatches=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    rows_seen = []
+    original = module._update_batch
+
+    def spy_rows(batch):
+        out = original(batch)
+        rows_seen.append((module._update_index, out[F.RESPONSE_IDS].shape[0], out[F.ADVANTAGES].shape[0]))
+        return out
+
+    module._update_batch = spy_rows
+    spy = StepSpy()
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[spy]).fit(module, datamodule=tiny_datamodule(batch_size=4))
+    # 4 prompts x 3 samples = 12 rows; each mini-batch is 2 whole prompts = 6 rows
+    assert rows_seen == [(i, 6, 6) for i in range(4)] * 2
+    assert len(spy.steps) == 8 and module.progress["optimizer_steps"] == 8
+    logp = spy.outputs["target_logp"]
+    assert logp.shape == spy.batch[F.RESPONSE_IDS].shape
+    assert (logp[spy.batch[F.RESPONSE_MASK].bool()] < 0).all(), "every row's log-prob was filled in"
+
+
+def test_sequence_clip_ratio_is_refreshed_before_every_update() -> None:
+    spec = OnPolicy(sampling=Sampling(num_generations=2), importance=Importance(ratio="sequence_clip"),
+                    updates_per_rollout=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    ratios = []
+    original = module._update_batch
+
+    def spy_rows(batch):
+        out = original(batch)
+        ratios.append(out)  # the importance callback writes log_ratio into this dict
+        return out
+
+    module._update_batch = spy_rows
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=tiny_datamodule(batch_size=4))
+    first, second = (r[F.LOG_RATIO] for r in ratios)
+    mask = ratios[0][F.RESPONSE_MASK].bool()
+    torch.testing.assert_close(first[mask], torch.zeros_like(first[mask]), atol=1e-5, rtol=0)
+    assert second[mask].abs().max() > 1e-4, "the second update's sequence ratio sees the moved policy"
+
+
+def test_replay_without_a_ratio_is_refused() -> None:
+    spec = OnPolicy(importance=Importance(ratio="none"), updates_per_rollout=2)
+    with pytest.raises(ValueError, match="importance.ratio=none ignores"):
+        tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+
+
+def test_replay_with_accumulation_is_refused() -> None:
+    spec = OnPolicy(sampling=Sampling(num_generations=2), updates_per_rollout=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
+        quiet_trainer(max_steps=1, limit_val_batches=0, accumulate_grad_batches=2).fit(
+            module, datamodule=tiny_datamodule(batch_size=4))
+
+
+@pytest.mark.parametrize("field,value", [("updates_per_rollout", 0), ("minibatches", 0)])
+def test_bad_replay_settings(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"data_source.{field} must be >= 1"):
+        OnPolicy(**{field: value})

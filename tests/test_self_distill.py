@@ -1,0 +1,91 @@
+"""Self-distillation: the policy is its own teacher, shown privileged context; no second
+copy of the weights, and the teacher's fields are a no-grad forward on the longer prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_unified import batch as F
+from lightning_unified.callbacks.sampling import SamplingCallback
+from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.data.chat import contextual_prompt
+from lightning_unified.data.collate import pad
+from lightning_unified.specs import Dense, OnPolicy, Sampling
+from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module
+
+TEMPLATE = "{reference}={prompt}"
+
+
+def sampled_batch(module, spec):
+    batch = next(iter(tiny_datamodule(batch_size=4).train_dataloader()))
+    SamplingCallback(spec).sample_into(batch, module, max_new_tokens=5, synced=False)
+    return batch
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "sampled_reverse_kl"])
+def test_teacher_fields_are_the_policy_on_the_context_prompt(divergence: str) -> None:
+    spec = OnPolicy(sampling=Sampling(num_generations=2))
+    signal = Dense(teacher="self", teacher_context=TEMPLATE, divergence=divergence)
+    module = tiny_module(spec, signal)
+    batch = sampled_batch(module, spec)
+    TeacherCallback(signal).on_train_batch_start(None, module, batch, 0)
+    assert module.policy.training, "the policy goes back to train mode after scoring"
+
+    # independently: the context prompt as text, tokenized, left-padded, one plain HF forward
+    texts = [f"{r}={p}" for r, p in zip(batch[F.REFERENCES], batch[F.PROMPTS])]
+    ids, mask = pad([module.tokenizer(t, add_special_tokens=False).input_ids for t in texts],
+                    module.tokenizer.pad_token_id, "left")
+    response, response_mask = batch[F.RESPONSE_IDS], batch[F.RESPONSE_MASK]
+    full_mask = torch.cat([mask, response_mask], 1)
+    module.policy.eval()
+    with torch.no_grad():
+        logits = module.policy(input_ids=torch.cat([ids, response], 1), attention_mask=full_mask,
+                               position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
+    module.policy.train()
+    expected = torch.log_softmax(logits[:, ids.shape[1] - 1: -1].float(), -1)  # [B, R, V]
+    valid = response_mask.bool()
+    if divergence == "sampled_reverse_kl":
+        got = batch[F.TEACHER_TOKEN_LOGP]
+        want = expected.gather(-1, response[..., None])[..., 0]
+        torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    else:
+        teacher = batch[F.TEACHER]
+        got = torch.log_softmax(torch.nn.functional.linear(teacher.hidden, teacher.head_weight), -1)
+        torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
+        assert teacher.head_weight.data_ptr() == module.policy.lm_head.weight.data_ptr(), "no copy of the weights"
+
+
+def test_self_distillation_trains_without_a_second_model() -> None:
+    """Two updates per rollout: the teacher's head is a copy taken before the first, so the
+    second update's teacher is still the one that scored the batch."""
+    spec = OnPolicy(sampling=Sampling(num_generations=2), updates_per_rollout=2)
+    signal = Dense(teacher="self", teacher_context=TEMPLATE, divergence="reverse_kl")
+    module = tiny_module(spec, signal)
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
+    teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
+    assert teacher.teacher is None and teacher.copy_head
+    assert torch.isfinite(trainer.callback_metrics["train/objective"])
+    assert float(trainer.callback_metrics["train/objective"]) > 0, "the context makes the teacher differ"
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters())
+
+
+def test_self_teacher_needs_a_context() -> None:
+    with pytest.raises(ValueError, match="signal.teacher=self .* without signal.teacher_context"):
+        Dense(teacher="self")
+
+
+def test_context_template_errors_name_the_column() -> None:
+    with pytest.raises(ValueError, match=r"names \{answer\}, but an example has only \['prompt', 'reference'\]"):
+        contextual_prompt("1+1=", "{answer} {prompt}", {"reference": "2"})
+    with pytest.raises(ValueError, match=r"uses \{reference\}, which this example does not have"):
+        contextual_prompt("1+1=", "{reference} {prompt}", {"reference": None})
+
+
+def test_chat_context_replaces_the_last_user_message() -> None:
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    out = contextual_prompt(prompt, "{prompt} (the answer is {reference})", {"reference": "4"})
+    assert out == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2? (the answer is 4)"}]
+    assert prompt[1]["content"] == "2+2?", "the student's prompt is left as it was"
