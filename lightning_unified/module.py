@@ -156,6 +156,7 @@ class UnifiedModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         _destroy_process_group_at_exit()
+        self._evaluate_without_inference_mode()
         if stage == "fit" and self.data_source.updates_per_batch > 1 and self.trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"data_source.updates_per_rollout x minibatches = {self.data_source.updates_per_batch} optimizer steps "
@@ -165,6 +166,19 @@ class UnifiedModule(L.LightningModule):
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric()
+
+    def _evaluate_without_inference_mode(self) -> None:
+        """Under ModelParallelStrategy (FSDP2), validate under no_grad, not inference_mode:
+        FSDP2's unshard inside ``generate`` writes to parameters, and "Inference tensors do
+        not track version counter" stops the run (on NCCL; Lightning already uses no_grad
+        on gloo, and for FSDP1)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        for loop in (self.trainer.validate_loop, self.trainer.fit_loop.epoch_loop.val_loop, self.trainer.test_loop,
+                     self.trainer.predict_loop):
+            loop.inference_mode = False
 
     # --- the pipeline -------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:

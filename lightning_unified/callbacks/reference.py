@@ -10,6 +10,7 @@ import torch
 from typing_extensions import override
 
 from lightning_unified import batch as fields
+from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.models.loading import (
     check_same_vocabulary,
     load_causal_lm,
@@ -52,7 +53,8 @@ class ReferenceCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="reference scoring")
-        batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
+        with trainer_precision(pl_module):
+            batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
 
     @torch.no_grad()
     def score(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:

@@ -18,6 +18,7 @@ from transformers import (
 from typing_extensions import override
 
 from lightning_unified import batch as fields
+from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.specs import OnPolicy
 
 
@@ -93,7 +94,7 @@ class SamplingCallback(L.Callback):
         # what the uninterrupted one did, whatever else used the global RNG before
         seed = sampling_seed(self.data_source.seed, trainer.global_step, batch_idx, trainer.global_rank)
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), trainer_precision(pl_module):
             torch.manual_seed(seed)
             self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()

@@ -14,6 +14,7 @@ from lightning_unified.models.loading import (
     output_head,
     response_hidden,
 )
+from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
@@ -60,7 +61,7 @@ class TeacherCallback(L.Callback):
         was_training = teacher.training
         teacher.eval()  # a self-teacher scores without dropout
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer_precision(pl_module):
                 hidden = response_hidden(teacher, prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS],
                                          batch[fields.RESPONSE_MASK])  # [B, R, H_t]
         finally:
@@ -68,7 +69,7 @@ class TeacherCallback(L.Callback):
         weight, bias = output_head(teacher)
         if signal.is_self:
             weight, bias = _frozen(weight, self.copy_head), _frozen(bias, self.copy_head)
-        with torch.no_grad():
+        with torch.no_grad(), trainer_precision(pl_module):
             if signal.top_k:
                 ids, logp = topk_logprobs(hidden, weight, signal.top_k, head_bias=bias, temperature=signal.temperature)
                 batch[fields.TEACHER_TOPK_IDS], batch[fields.TEACHER_TOPK_LOGP] = ids, logp

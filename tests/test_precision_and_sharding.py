@@ -1,0 +1,66 @@
+"""Work outside training_step runs under the trainer's precision, and validation under FSDP2
+runs without inference mode (FSDP2's unshard in generate fails on inference tensors)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.callbacks.reference import ReferenceCallback
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Reward, Sampling, Sparse
+from lightning_unified.tasks.addition import digit_match
+from tests.lightning_helpers import quiet_trainer, save_tiny_teacher, tiny_datamodule, tiny_module
+
+
+class AutocastSpy:
+    """A forward pre-hook noting whether CPU autocast was on when a model ran."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seen: list[bool] = []
+        model.register_forward_pre_hook(lambda module, args: self.seen.append(torch.is_autocast_enabled("cpu")))
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16-mixed", True), ("32-true", False)])
+def test_teacher_reference_and_sampling_run_under_the_trainer_precision(tmp_path, precision: str,
+                                                                         expected: bool) -> None:
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
+    spec = OnPolicy(sampling=Sampling(num_generations=2, max_new_tokens=3))
+    module = tiny_module(spec, Dense(teacher=teacher_dir, divergence="reverse_kl"))
+    module.reference = Reference(kl_coef=0.1)
+    pipeline = module.configure_callbacks()
+    teacher = next(c for c in pipeline if isinstance(c, TeacherCallback))
+    reference = next(c for c in pipeline if isinstance(c, ReferenceCallback))
+    spies = {}
+
+    class Attach(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            spies["teacher"] = AutocastSpy(teacher.teacher.model)
+            spies["reference"] = AutocastSpy(reference.model.model)
+            spies["policy"] = AutocastSpy(pl_module.policy.model)  # sampling and the step
+
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, precision=precision, callbacks=[Attach()])
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=2))
+    for name, spy in spies.items():
+        assert spy.seen and all(seen == expected for seen in spy.seen), (name, spy.seen)
+
+
+def test_fsdp2_validates_without_inference_mode() -> None:
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["inference_mode"] = torch.is_inference_mode_enabled()
+            seen["loop"] = trainer.validate_loop.inference_mode
+
+    module = tiny_module(OffPolicy(), Sparse())
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1,
+                                                                                     tensor_parallel_size=1),
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Spy()])
+    trainer.validate(module, datamodule=tiny_datamodule())
+    assert module.policy_is_sharded()
+    assert seen == {"inference_mode": False, "loop": False}
+    assert trainer.fit_loop.epoch_loop.val_loop.inference_mode is False
