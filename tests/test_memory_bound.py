@@ -86,6 +86,11 @@ def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None
     assert auto_chunk_size(16384, 151936, 4096) == 512  # a 150k-vocabulary model: [512, V] per chunk
     assert auto_chunk_size(10, 13, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time
     assert auto_chunk_size(16384, 151936, 4096, "cpu") == 512  # the CPU rule is unchanged
+    hidden, head, targets, _, _ = _inputs()
+    scale = token_scale(torch.ones(targets.shape), "token_mean")
+    with LargestTensor() as probe:
+        chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
+    assert probe.largest <= auto_chunk_size(TOKENS, VOCAB, WIDTH) * VOCAB < TOKENS * VOCAB
 
 
 def test_accelerator_chunks_fill_a_memory_budget() -> None:
@@ -97,11 +102,6 @@ def test_accelerator_chunks_fill_a_memory_budget() -> None:
     assert accelerator_chunk_size(300, 151936, 141 * gib) == 300  # never more than the tokens there are
     assert accelerator_chunk_size(1 << 20, 32000, 141 * gib) == 8192  # a small vocabulary: the upper bound
     assert accelerator_chunk_size(1 << 20, 262144, 24 * gib) == 1024  # a small card: the lower bound
-    hidden, head, targets, _, _ = _inputs()
-    scale = token_scale(torch.ones(targets.shape), "token_mean")
-    with LargestTensor() as probe:
-        chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
-    assert probe.largest <= auto_chunk_size(TOKENS, VOCAB, WIDTH) * VOCAB < TOKENS * VOCAB
 
 
 class MatmulCount(TorchDispatchMode):
