@@ -13,6 +13,7 @@ RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or 
 RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
 REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
 PROMPTS = "prompts"  # list[str | list[dict]] of length B: each prompt as the data gave it (text or chat messages)
+EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module's training examples (a teacher cache's key)
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
 
 # --- sampling callback (on-policy batches) -------------------------------------------

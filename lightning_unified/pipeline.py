@@ -33,6 +33,9 @@ def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | P
         stages.append(ReferenceCallback(Reference(kl_coef=0.0, path=signal.reference_path,
                                                   options=signal.reference_options)))
     if isinstance(signal, Dense):
+        if signal.cache is not None and data_source.samples:
+            raise ValueError("signal.cache holds the teacher's scores of the dataset's responses; sampled responses "
+                             "need a live teacher (drop signal.cache, or use data_source=off_policy)")
         stages.append(TeacherCallback(signal, copy_head=data_source.updates_per_batch > 1))
     elif isinstance(signal, Preference):
         stages.append(PreferenceCallback(signal))

@@ -197,6 +197,9 @@ class Dense:
     # the teacher's prompt, when it should see more than the student: a template over the
     # example's columns, ``{prompt}`` and ``{reference}`` (see data/chat.py:contextual_prompt)
     teacher_context: str | None = None
+    # an offline teacher: a directory written by scripts/cache_teacher.py with the teacher's
+    # top-k on the dataset's responses; no teacher is loaded (forward KL from the top-k)
+    cache: str | None = None
 
     @property
     def is_self(self) -> bool:
@@ -211,6 +214,12 @@ class Dense:
                 "distributions are the same and there is nothing to learn"
             )
         _one_of("signal", "divergence", self.divergence, DIVERGENCES)
+        if self.cache is not None and (self.divergence != "forward_kl" or self.is_self or self.teacher_context):
+            raise ValueError(
+                "signal.cache holds the teacher's top-k on the dataset's responses: it gives forward KL "
+                f"(signal.divergence=forward_kl), from a teacher other than the policy, without teacher_context; "
+                f"got divergence={self.divergence!r}, teacher={self.teacher!r}, teacher_context={self.teacher_context!r}"
+            )
         _known_options("signal.teacher_options", self.teacher_options)
         _one_of("signal", "topk_tail", self.topk_tail, TOPK_TAILS)
         if not 0 <= self.beta <= 1:

@@ -1,6 +1,6 @@
 """Benchmark the chunked weighted loss against a plain PyTorch loop doing the same math.
 
-For each signal (SFT's cross-entropy, forward KL to a full teacher, reverse KL) it times a
+For each signal (SFT's cross-entropy, forward KL to a full teacher, reverse KL, GKD's JSD) it times a
 forward + backward of the loss head, from hidden states to gradients, and measures its peak
 memory, for:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,31 +31,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from peak_memory import memory_now as _memory_now, reset_peak as _reset_peak
 
-SIGNALS = ("sft", "forward_kl", "reverse_kl")
-
-
-def _reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # resets the process's peak RSS (VmHWM)
-            f.write("5")
-
-
-def _memory_now(device: str) -> tuple[int, int]:
-    """(current, peak) bytes."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values["VmRSS"], values["VmHWM"]
+SIGNALS = ("sft", "forward_kl", "reverse_kl", "jsd")
+JSD_BETA = 0.5
 
 
 def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
@@ -67,6 +47,10 @@ def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
         student_logp = torch.log_softmax(logits.float(), -1)
         if signal == "forward_kl":
             loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+        elif signal == "jsd":  # GKD's beta-JSD: beta KL(T || M) + (1 - beta) KL(S || M)
+            mixture = torch.logaddexp(teacher_logp + math.log(JSD_BETA), student_logp + math.log(1 - JSD_BETA))
+            loss = (JSD_BETA * F.kl_div(mixture, teacher_logp, log_target=True, reduction="batchmean")
+                    + (1 - JSD_BETA) * F.kl_div(mixture, student_logp, log_target=True, reduction="batchmean"))
         else:
             loss = F.kl_div(teacher_logp, student_logp, log_target=True, reduction="batchmean")
     loss.backward()
@@ -78,7 +62,8 @@ def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, c
     from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 
     scale = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
-    builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl}[signal]
+    builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl,
+               "jsd": partial(weights.jsd, beta=JSD_BETA)}[signal]
     teacher = None if signal == "sft" else TeacherLogits(hidden=teacher_hidden, head_weight=teacher_head)
     out = chunked_weighted_nll(hidden, head, targets, scale, builder, teacher=teacher, chunk_size=chunk_size)
     out.loss.backward()

@@ -25,7 +25,7 @@ from tests.lightning_helpers import (
     tiny_module,
 )
 
-BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.RESPONSE_IDS, F.RESPONSE_MASK}
+BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.EXAMPLE_INDEX, F.RESPONSE_IDS, F.RESPONSE_MASK}
 SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE}
 REWARDS = [Reward(exact_match), Reward(digit_match, weight=0.5)]
 

@@ -3,6 +3,8 @@ loss its hidden states and head (or a top-k, or one log-prob per token), never [
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 from typing_extensions import override
@@ -17,8 +19,12 @@ from lightning_unified.models.loading import (
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad
+from lightning_unified.data.teacher_cache import TeacherCache, teacher_id
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense
+
+
+log = logging.getLogger(__name__)
 
 
 class TeacherCallback(L.Callback):
@@ -26,22 +32,41 @@ class TeacherCallback(L.Callback):
     and under no_grad, with no second copy of its weights (self-distillation). With
     ``signal.teacher_context`` the teacher scores the responses after a prompt with
     privileged context (the reference answer, a demonstration) rather than the student's.
-    ``copy_head``: a self-teacher's output layer is copied, because with several updates
+    ``signal.cache``: an offline teacher (scripts/cache_teacher.py), read by example
+    index; no teacher is loaded. ``copy_head``: a self-teacher's output layer is copied, because with several updates
     per batch the policy's own layer changes before the last update reads the teacher."""
 
     def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
         self.copy_head = copy_head
         self.teacher = None
+        self.cache: TeacherCache | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.signal.cache is not None:
+            self._open_cache(trainer, pl_module)
+            return
         if stage == "fit" and self.teacher is None and not self.signal.is_self:
             teacher = load_causal_lm(self.signal.teacher, **self.signal.teacher_options)
             check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, self.signal.teacher,
                                   f"teacher {self.signal.teacher}")
             # kept out of the module so it is never trained, checkpointed or wrapped by DDP
             self.teacher = teacher.eval().requires_grad_(False)
+
+    def _open_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The offline teacher, checked against this run's tokenizer, data and settings."""
+        if self.cache is not None:
+            return
+        cache = TeacherCache(self.signal.cache)
+        examples_of = getattr(trainer.datamodule, "training_examples", None) if trainer.datamodule else None
+        if examples_of is None:
+            log.warning("signal.cache: the data module has no training_examples(); the cache is checked example by "
+                        "example (response lengths) but not as a whole dataset")
+        cache.check(tokenizer=pl_module.tokenizer, examples=examples_of() if examples_of else None,
+                    teacher=teacher_id(self.signal.teacher), top_k=self.signal.top_k,
+                    temperature=self.signal.temperature)
+        self.cache = cache
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -53,6 +78,12 @@ class TeacherCallback(L.Callback):
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="teacher scoring")
         signal = self.signal
+        if self.cache is not None:
+            fields.require(batch, fields.EXAMPLE_INDEX, who="signal.cache (each row's example index)")
+            k = signal.top_k or self.cache.top_k
+            batch[fields.TEACHER_TOPK_IDS], batch[fields.TEACHER_TOPK_LOGP] = self.cache.rows(
+                batch[fields.EXAMPLE_INDEX], batch[fields.RESPONSE_MASK], k)
+            return
         prompt_ids, prompt_mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
         if signal.teacher_context:
             prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)

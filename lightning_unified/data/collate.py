@@ -32,11 +32,11 @@ class ListDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+        return {**self.examples[i], "index": i}  # the index keys an offline teacher cache
 
 
 class TokenCollator:
-    """Examples ``{prompt_ids, response_ids?, reference?, reward?, prompt?, chosen_ids?,
+    """Examples ``{prompt_ids, response_ids?, reference?, reward?, prompt?, index?, chosen_ids?,
     rejected_ids?}`` (token id lists; ``prompt`` the prompt as the data gave it) to a
     batch. Responses already end with their stop token. A batch where every example has
     a response is off-policy data; prompt-only examples give prompts only. A batch where
@@ -55,6 +55,8 @@ class TokenCollator:
         out[fields.REFERENCES] = [e.get("reference") for e in examples]
         if all("prompt" in e for e in examples):
             out[fields.PROMPTS] = [e["prompt"] for e in examples]
+        if all("index" in e for e in examples):
+            out[fields.EXAMPLE_INDEX] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
         if all(e.get("response_ids") for e in examples):
             out[fields.RESPONSE_IDS], out[fields.RESPONSE_MASK] = pad([e["response_ids"] for e in examples],
                                                                        self.pad_token_id, "right")
@@ -67,7 +69,7 @@ class TokenCollator:
         for e in examples:
             for key in ("chosen_ids", "rejected_ids"):
                 rows.append({"prompt_ids": e["prompt_ids"], "response_ids": e[key], "reference": e.get("reference"),
-                             **({"prompt": e["prompt"]} if "prompt" in e else {})})
+                             **{k: e[k] for k in ("prompt", "index") if k in e}})
         out = self(rows)
         out[fields.PREFERENCE] = torch.tensor([1.0, -1.0] * len(examples))
         out[fields.GROUP_SIZE] = 2

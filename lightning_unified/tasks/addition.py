@@ -112,8 +112,8 @@ class PromptResponseCollator:
         tok = self.tokenizer
         # one batched tokenizer call per field: this runs for every training batch
         prompts = tok([e["prompt"] for e in examples], add_special_tokens=False).input_ids
-        tokenized = [{"prompt_ids": p, "prompt": e["prompt"], "reference": e.get("reference")}
-                     for p, e in zip(prompts, examples)]
+        tokenized = [{"prompt_ids": p, "prompt": e["prompt"], "reference": e.get("reference"),
+                      **({"index": e["index"]} if "index" in e else {})} for p, e in zip(prompts, examples)]
         for column, key in (("response", "response_ids"), ("response", "chosen_ids"), ("rejected", "rejected_ids")):
             if key != "response_ids" and not all("rejected" in e for e in examples):
                 continue  # pairs only where every example has a rejected answer
@@ -166,6 +166,18 @@ class AdditionDataModule(L.LightningDataModule):
     def val_rewards(self) -> dict:
         """What validation reports: ``val/exact_match``."""
         return {"exact_match": exact_match}
+
+    def training_examples(self) -> list[dict]:
+        """The training examples as token ids ({prompt_ids, response_ids}, ending in EOS), in
+        the order of their ``example_index``: what an offline teacher cache scores."""
+        collate = PromptResponseCollator(self.tokenizer)
+        out = []
+        for start in range(0, len(self.train_problems), 1024):
+            batch = collate([{k: p[k] for k in ("prompt", "response")} for p in self.train_problems[start:start + 1024]])
+            for ids, mask, rids, rmask in zip(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                              batch["response_mask"]):
+                out.append({"prompt_ids": ids[mask.bool()].tolist(), "response_ids": rids[rmask.bool()].tolist()})
+        return out
 
     def train_dataloader(self) -> StatefulDataLoader:
         # stateful: a resumed run continues mid-epoch with the very batches it would have seen

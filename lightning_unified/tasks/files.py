@@ -78,6 +78,13 @@ class FilesDataModule(L.LightningDataModule):
     def val_rewards(self) -> dict[str, Callable]:
         return dict(self._val_rewards)
 
+    def training_examples(self) -> list[dict]:
+        """The training examples as token ids ({prompt_ids, response_ids}), in the order of
+        their ``example_index``: what an offline teacher cache scores."""
+        if not all("response_ids" in e for e in self.train_examples):
+            raise ValueError("a teacher cache scores the data's responses; the training data has no response column")
+        return [{"prompt_ids": e["prompt_ids"], "response_ids": e["response_ids"]} for e in self.train_examples]
+
     def _loader(self, examples: list[dict], batch_size: int, train: bool) -> StatefulDataLoader:
         # stateful: a resumed run continues mid-epoch with the very batches it would have seen
         return StatefulDataLoader(ListDataset(examples), batch_size=batch_size, shuffle=train and self.shuffle,

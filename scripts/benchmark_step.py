@@ -1,0 +1,328 @@
+"""Benchmark the project's whole training step against a plain PyTorch loop, per quadrant.
+
+Each method runs twice on the same model, batch and optimizer (AdamW):
+
+- ``plain``: a hand-written loop: forward to full logits, the method's loss (cross-entropy,
+  forward KL to a teacher's full logits, exact reverse KL on sampled responses, GRPO's
+  group-normalised policy gradient), backward, step; under bf16 autocast when
+  ``--precision bf16-mixed``;
+- ``project``: ``UnifiedModule`` in a plain ``L.Trainer`` with that precision, its
+  callbacks (sampling, teacher, rewards) included, timed between the ends of
+  consecutive steps, so everything a step costs counts.
+
+Methods: ``sft``, ``distill`` (forward KL to a teacher of the policy's shape),
+``on_policy_distill`` (the student samples ``--gen`` tokens, exact reverse KL),
+``grpo`` (``--groups`` prompts x ``--samples`` samples of ``--gen`` tokens) and
+``cached_distill`` (forward KL from an offline top-k teacher cache written by
+scripts/cache_teacher.py: no teacher forward; its baseline is the plain SFT loop).
+
+Each cell runs in its own subprocess, so peak memory is that process's (CUDA allocator
+peak, or VmHWM on CPU) above what the model and optimizer already hold. Times are medians
+of ``--steps`` steps after ``--warmup``; ratios are project / plain from this run. Prints a
+table; ``--out`` appends JSON lines.
+
+    python scripts/benchmark_step.py                                   # small model, CPU
+    python scripts/benchmark_step.py --vocab 131072 --hidden 256       # a 131k vocabulary, CPU
+    python scripts/benchmark_step.py --device cuda --precision bf16-mixed --hidden 1024 --layers 12 \\
+        --vocab 151936 --batch 16 --prompt 128 --response 384 --gen 64   # the 0.5B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peak_memory import memory_now, reset_peak
+
+METHODS = ("sft", "distill", "on_policy_distill", "grpo", "cached_distill")
+PAD, EOS = 0, 1
+
+
+def length_reward(completions: list[str], **_) -> torch.Tensor:
+    """A cheap reward that varies between samples: how many distinct tokens a sample has."""
+    return torch.tensor([float(len(set(c.split()))) for c in completions])
+
+
+def build_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD, "<eos>": EOS, **{f"t{i}": i for i in range(2, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   padding_side="left")
+
+
+def build_model(args, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
+                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                         num_key_value_heads=max(1, args.hidden // 64),
+                         max_position_embeddings=args.prompt + max(args.response, args.gen) + 8,
+                         tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
+    return LlamaForCausalLM(config)
+
+
+def make_batch(args, on_policy: bool) -> dict:
+    """Random tokens (never PAD or EOS), every row full length: the same batch every step."""
+    g = torch.Generator().manual_seed(0)
+    rows = args.groups if args.method == "grpo" else args.batch
+    prompt = torch.randint(2, args.vocab, (rows, args.prompt), generator=g)
+    batch = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt)}
+    if not on_policy:
+        response = torch.randint(2, args.vocab, (rows, args.response), generator=g)
+        response[:, -1] = EOS
+        batch.update(response_ids=response, response_mask=torch.ones_like(response))
+    return batch
+
+
+def autocast(args):
+    if args.precision == "bf16-mixed":
+        return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --- the plain loop ------------------------------------------------------------------
+
+
+def generate(model, batch: dict, num: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses [B * num, gen] and their prompts, with the KV cache."""
+    prompt = batch["prompt_ids"].repeat_interleave(num, 0)
+    mask = batch["prompt_mask"].repeat_interleave(num, 0)
+    model.eval()
+    with torch.no_grad(), autocast(args):
+        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=True, max_new_tokens=args.gen,
+                             min_new_tokens=args.gen, pad_token_id=PAD, eos_token_id=EOS, top_k=0)
+    model.train()
+    return prompt, out[:, prompt.shape[1]:]
+
+
+def response_logits(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    ids = torch.cat([prompt, response], 1)
+    logits = model(input_ids=ids).logits
+    return logits[:, prompt.shape[1] - 1: -1]  # [B, R, V]
+
+
+def plain_step(args, model, teacher, optimizer, batch, tokenizer) -> None:
+    if args.method in ("sft", "distill", "cached_distill"):
+        prompt, response = batch["prompt_ids"], batch["response_ids"]
+    elif args.method == "grpo":
+        prompt, response = generate(model, batch, args.samples, args)
+    else:
+        prompt, response = generate(model, batch, 1, args)
+    with autocast(args):
+        logits = response_logits(model, prompt, response).float()
+        if args.method in ("sft", "cached_distill"):
+            loss = F.cross_entropy(logits.flatten(0, 1), response.flatten())
+        elif args.method == "grpo":
+            texts = tokenizer.batch_decode(response)
+            rewards = length_reward(texts).to(logits.device).view(-1, args.samples)
+            advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).view(-1, 1)
+            logp = torch.log_softmax(logits, -1).gather(-1, response[..., None])[..., 0]
+            loss = -(advantages * logp).mean()
+        else:
+            with torch.no_grad():
+                teacher_logp = torch.log_softmax(response_logits(teacher, prompt, response).float(), -1)
+            student_logp = torch.log_softmax(logits, -1)
+            if args.method == "distill":  # KL(teacher || student)
+                loss = F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True,
+                                reduction="batchmean")
+            else:  # KL(student || teacher)
+                loss = F.kl_div(teacher_logp.flatten(0, 1), student_logp.flatten(0, 1), log_target=True,
+                                reduction="batchmean")
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_plain(args) -> dict:
+    device = torch.device(args.device)
+    tokenizer = build_tokenizer(args.vocab)
+    model = build_model(args, seed=0).to(device)
+    teacher = build_model(args, seed=1).to(device).eval().requires_grad_(False) if "distill" in args.method and \
+        args.method != "cached_distill" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = {k: v.to(device) for k, v in make_batch(args, on_policy=args.method in ("grpo", "on_policy_distill")).items()}
+    times = []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            base, _ = memory_now(args.device)
+            reset_peak(args.device)
+        sync(args)
+        start = time.perf_counter()
+        plain_step(args, model, teacher, optimizer, batch, tokenizer)
+        sync(args)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    _, peak = memory_now(args.device)
+    return {"median_s": statistics.median(times), "peak_extra_mib": (peak - base) / 2**20}
+
+
+# --- the project ---------------------------------------------------------------------
+
+
+def run_project(args) -> dict:
+    import lightning as L
+
+    from lightning_unified.module import UnifiedModule
+    from lightning_unified.specs import Dense, Importance, OffPolicy, OnPolicy, Reward, Sampling, Sparse
+
+    tokenizer = build_tokenizer(args.vocab)
+    model = build_model(args, seed=0)
+    workdir = Path(tempfile.mkdtemp(prefix="lu-bench-"))
+    on_policy = args.method in ("grpo", "on_policy_distill")
+    batch = make_batch(args, on_policy)
+    if args.method in ("distill", "on_policy_distill"):
+        build_model(args, seed=1).save_pretrained(workdir / "teacher")
+        signal = Dense(teacher=str(workdir / "teacher"),
+                       divergence="forward_kl" if args.method == "distill" else "reverse_kl")
+    elif args.method == "cached_distill":
+        signal = Dense(teacher=str(workdir / "teacher"), cache=str(workdir / "cache"), top_k=args.top_k)
+        write_cache(args, workdir, batch, tokenizer)
+    elif args.method == "grpo":
+        signal = Sparse(rewards=[Reward(length_reward)], advantage="grpo")
+    else:
+        signal = Sparse()
+    if on_policy:
+        num = args.samples if args.method == "grpo" else 1
+        source = OnPolicy(sampling=Sampling(num_generations=num, max_new_tokens=args.gen),
+                          importance=Importance(ratio="none"))
+    else:
+        source = OffPolicy()
+    module = UnifiedModule(model, tokenizer, source, signal, optimizer=partial(torch.optim.AdamW, lr=1e-5),
+                           max_new_tokens=args.gen, samples_every_n_steps=None, non_finite=None,
+                           chunk_size=args.chunk_size)
+
+    class Data(L.LightningDataModule):
+        max_new_tokens = args.gen
+
+        def train_dataloader(self):
+            from lightning_unified.data.collate import ListDataset
+
+            rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["prompt_ids"].shape[0])]
+            repeated = rows * (args.warmup + args.steps + 1)
+            return torch.utils.data.DataLoader(ListDataset(repeated), batch_size=len(rows), shuffle=False,
+                                               collate_fn=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+
+    class StepClock(L.Callback):
+        def __init__(self):
+            self.ends, self.base, self.peak = [], 0, 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            sync(args)
+            self.ends.append(time.perf_counter())
+            if len(self.ends) == args.warmup:
+                self.base, _ = memory_now(args.device)
+                reset_peak(args.device)
+
+        def on_train_end(self, trainer, pl_module):
+            _, self.peak = memory_now(args.device)
+
+    clock = StepClock()
+    trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
+                        precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
+    trainer.fit(module, datamodule=Data())
+    times = [b - a for a, b in zip(clock.ends[args.warmup - 1:], clock.ends[args.warmup:])]
+    return {"median_s": statistics.median(times), "peak_extra_mib": (clock.peak - clock.base) / 2**20}
+
+
+def write_cache(args, workdir: Path, batch: dict, tokenizer) -> None:
+    """The teacher's top-k for the benchmark batch, written by scripts/cache_teacher.py's
+    own function, before the timed run."""
+    from cache_teacher import write_teacher_cache
+
+    build_model(args, seed=1).save_pretrained(workdir / "teacher")
+    tokenizer.save_pretrained(workdir / "teacher")
+    rows = [{k: v[i].tolist() for k, v in batch.items()} for i in range(batch["prompt_ids"].shape[0])]
+    examples = [{"prompt_ids": [t for t, m in zip(r["prompt_ids"], r["prompt_mask"]) if m],
+                 "response_ids": [t for t, m in zip(r["response_ids"], r["response_mask"]) if m]} for r in rows]
+    write_teacher_cache(examples, teacher=str(workdir / "teacher"), tokenizer=tokenizer, out=workdir / "cache",
+                        top_k=args.top_k, device=args.device, dataset_id="benchmark")
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per off-policy step")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--response", type=int, default=64, help="response tokens (off-policy)")
+    parser.add_argument("--gen", type=int, default=16, help="sampled tokens (on-policy)")
+    parser.add_argument("--groups", type=int, default=4, help="GRPO prompts per step")
+    parser.add_argument("--samples", type=int, default=4, help="GRPO samples per prompt")
+    parser.add_argument("--top-k", type=int, default=64, help="the cached teacher's top-k")
+    parser.add_argument("--chunk-size", type=int, default=None, help="the loss's chunk (default: the device rule)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default=None, help="append one JSON line per method here")
+    parser.add_argument("--variant", choices=["plain", "project"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant:  # a child: one cell
+        result = run_plain(args) if args.variant == "plain" else run_project(args)
+        print(json.dumps(result))
+        return
+
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
+             f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}")
+    print(f"{device_name}: {shape}; medians of {args.steps} steps; ratios project / plain")
+    print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'plain MiB':>11}{'project MiB':>13}{'mem x':>7}")
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            parser.error(f"--methods: unknown {method!r}; choose from {METHODS}")
+        cell = {}
+        # the cached teacher's baseline is plain SFT: the claim is that a cached distillation step costs an SFT step
+        for variant, as_method in (("plain", "sft" if method == "cached_distill" else method), ("project", method)):
+            child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--method", as_method]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                                 os.environ.get("PYTHONPATH", "")])}
+            done = subprocess.run(child, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                sys.exit(f"{variant} {method} failed:\n{done.stderr[-4000:]}")
+            cell[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        plain, project = cell["plain"], cell["project"]
+        row = {"method": method, "device": device_name, "shape": shape, "plain_s": plain["median_s"],
+               "project_s": project["median_s"], "time_ratio": project["median_s"] / plain["median_s"],
+               "plain_peak_mib": plain["peak_extra_mib"], "project_peak_mib": project["peak_extra_mib"],
+               "memory_ratio": project["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9)}
+        print(f"{method:<19}{row['plain_s']:>9.3f}{row['project_s']:>11.3f}{row['time_ratio']:>8.2f}"
+              f"{row['plain_peak_mib']:>11.0f}{row['project_peak_mib']:>13.0f}{row['memory_ratio']:>7.2f}", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
