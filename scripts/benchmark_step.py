@@ -69,12 +69,14 @@ def build_model(args, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    device = torch.device(args.device)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                          num_key_value_heads=max(1, args.hidden // 64),
                          max_position_embeddings=args.prompt + max(args.response, args.gen) + 8,
                          tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
-    return LlamaForCausalLM(config)
+    with device:  # initialised where it runs: a 0.5B model's random init on a CPU takes long
+        return LlamaForCausalLM(config)
 
 
 def make_batch(args, on_policy: bool) -> dict:
@@ -216,11 +218,11 @@ def run_project(args) -> dict:
         max_new_tokens = args.gen
 
         def train_dataloader(self):
-            from lightning_unified.data.collate import ListDataset
-
-            rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["prompt_ids"].shape[0])]
+            # the same batch every step; example_index keys the teacher cache
+            rows = [{**{k: v[i] for k, v in batch.items()}, "example_index": torch.tensor(i)}
+                    for i in range(batch["prompt_ids"].shape[0])]
             repeated = rows * (args.warmup + args.steps + 1)
-            return torch.utils.data.DataLoader(ListDataset(repeated), batch_size=len(rows), shuffle=False,
+            return torch.utils.data.DataLoader(repeated, batch_size=len(rows), shuffle=False,
                                                collate_fn=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]})
 
     class StepClock(L.Callback):
@@ -250,7 +252,7 @@ def run_project(args) -> dict:
 def write_cache(args, workdir: Path, batch: dict, tokenizer) -> None:
     """The teacher's top-k for the benchmark batch, written by scripts/cache_teacher.py's
     own function, before the timed run."""
-    from cache_teacher import write_teacher_cache
+    from lightning_unified.data.teacher_cache import write_teacher_cache
 
     build_model(args, seed=1).save_pretrained(workdir / "teacher")
     tokenizer.save_pretrained(workdir / "teacher")
