@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.losses import advantages as estimators
+from lightning_unified.losses.aggregation import all_reduce_sum
 from lightning_unified.specs import Reference, Reward, Sparse
 
 
@@ -45,7 +46,9 @@ def compute_rewards(rewards: list[Reward], **inputs) -> tuple[Tensor, dict[str, 
 def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Tensor:
     """[B] rewards to [B] advantages. Groups are consecutive rows sharing a prompt."""
     if estimator == "reinforce":
-        return estimators.reinforce_advantages(rewards)
+        # the mean over the whole global batch, not this rank's share of it
+        total = all_reduce_sum(torch.stack([rewards.sum().double(), rewards.new_tensor(rewards.numel()).double()]))
+        return estimators.reinforce_advantages(rewards, baseline=(total[0] / total[1]).to(rewards.dtype))
     if group_size < 2:
         raise ValueError(
             f"signal.advantage={estimator!r} compares responses to the same prompt, but the batch has "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_unified import batch as fields
 
@@ -74,3 +74,14 @@ class TokenCollator:
         out[fields.PREFERENCE] = torch.tensor([1.0, -1.0] * len(examples))
         out[fields.GROUP_SIZE] = 2
         return out
+
+
+def training_sampling(dataset: Dataset, trainer, *, shuffle: bool, seed: int) -> dict:
+    """The DataLoader keywords that order a training set: ``shuffle`` on one process; on
+    several, the task's own DistributedSampler, so ``shuffle`` and ``seed`` hold there too
+    (Lightning's injected sampler always shuffles, with seed 0). Each rank takes every
+    world_size-th example, so a global batch is the one a single process would read."""
+    if trainer is None or trainer.world_size <= 1:
+        return {"shuffle": shuffle}
+    return {"sampler": DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                          shuffle=shuffle, seed=seed, drop_last=True)}

@@ -26,11 +26,12 @@ def _centred(groups: Tensor) -> Tensor:
     return centred.masked_fill(same, 0.0)
 
 
-def reinforce_advantages(rewards: Tensor) -> Tensor:
-    """REINFORCE with the batch-mean baseline: A_i = r_i - mean(r)."""
+def reinforce_advantages(rewards: Tensor, baseline: Tensor | float | None = None) -> Tensor:
+    """REINFORCE with a baseline: A_i = r_i - b, by default the batch mean. Across ranks,
+    pass the global batch's mean, so every process layout gives the same advantages."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
-    return rewards - rewards.mean()
+    return rewards - (rewards.mean() if baseline is None else baseline)
 
 
 def rloo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:

@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerFast
 
-from lightning_unified.data.collate import ListDataset, TokenCollator
+from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
 from lightning_unified.rewards.text import exact_match
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -148,6 +148,7 @@ class AdditionDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pairs: bool = False,
+        shuffle: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -181,10 +182,11 @@ class AdditionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         # stateful: a resumed run continues mid-epoch with the very batches it would have seen
+        dataset = PromptResponseDataset(self.train_problems)
         return StatefulDataLoader(
-            PromptResponseDataset(self.train_problems),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            **training_sampling(dataset, self.trainer, shuffle=self.hparams.shuffle, seed=self.hparams.seed),
             drop_last=True,
             num_workers=self.hparams.num_workers,
             collate_fn=PromptResponseCollator(self.tokenizer),

@@ -17,7 +17,7 @@ import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
-from lightning_unified.data.collate import ListDataset, TokenCollator
+from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
 from lightning_unified.data.files import Limits, read_table, tokenize_table
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.rewards.text import exact_match
@@ -49,6 +49,7 @@ class FilesDataModule(L.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if tokenizer is None:
@@ -59,7 +60,7 @@ class FilesDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer, pad_token=pad_token, trust_remote_code=trust_remote_code)
         self.limits = Limits(max_prompt_tokens, max_response_tokens, overlong)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.shuffle, self.num_workers = shuffle, num_workers
+        self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
         self._val_rewards = dict(val_rewards) if val_rewards else {"exact_match": exact_match}
         stop = end_of_turn_id(self.tokenizer)
         self.train_examples = self._load(train, columns, stop)
@@ -87,9 +88,11 @@ class FilesDataModule(L.LightningDataModule):
 
     def _loader(self, examples: list[dict], batch_size: int, train: bool) -> StatefulDataLoader:
         # stateful: a resumed run continues mid-epoch with the very batches it would have seen
-        return StatefulDataLoader(ListDataset(examples), batch_size=batch_size, shuffle=train and self.shuffle,
-                          drop_last=train and len(examples) >= batch_size, num_workers=self.num_workers,
-                          collate_fn=TokenCollator(self.tokenizer.pad_token_id))
+        dataset = ListDataset(examples)
+        order = training_sampling(dataset, self.trainer, shuffle=self.shuffle, seed=self.seed) if train else {}
+        return StatefulDataLoader(dataset, batch_size=batch_size, **order,
+                                  drop_last=train and len(examples) >= batch_size, num_workers=self.num_workers,
+                                  collate_fn=TokenCollator(self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_examples, self.batch_size, train=True)
