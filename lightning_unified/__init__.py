@@ -2,7 +2,7 @@
 
 :class:`UnifiedModule` is the LightningModule; a method is a ``data_source`` spec
 (:class:`OffPolicy`, :class:`OnPolicy`) combined with a ``signal`` spec (:class:`Sparse`,
-:class:`Dense`), optionally with a :class:`Reference` KL penalty. The math underneath
+:class:`Dense`, :class:`Preference`), optionally with a :class:`Reference` KL penalty. The math underneath
 lives in :mod:`lightning_unified.losses`: :mod:`~lightning_unified.losses.objective` is the
 one place where gradients flow, :mod:`~lightning_unified.losses.weights` holds the weight
 builders. Models are in :mod:`lightning_unified.models`, data in
@@ -20,6 +20,7 @@ from lightning_unified.losses.aggregation import (
 from lightning_unified.callbacks import (
     ImportanceCallback,
     NonFiniteGuard,
+    PreferenceCallback,
     RankFailureWatch,
     ReferenceCallback,
     RewardCallback,
@@ -40,6 +41,7 @@ from lightning_unified.specs import (
     Importance,
     OffPolicy,
     OnPolicy,
+    Preference,
     Reference,
     Reward,
     Sampling,
@@ -60,6 +62,8 @@ __all__ = [
     "LossCounts",
     "OffPolicy",
     "OnPolicy",
+    "Preference",
+    "PreferenceCallback",
     "Reward",
     "RewardCallback",
     "Sampling",

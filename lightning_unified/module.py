@@ -44,7 +44,7 @@ from lightning_unified.models.lora import is_lora, merged_copy
 from lightning_unified.models.loss_head import install_loss_head
 from lightning_unified.pipeline import build_pipeline, check_replay
 from lightning_unified.rewards.text import exact_match
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Reward, Sparse
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Reward, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
 
 
@@ -92,7 +92,7 @@ class UnifiedModule(L.LightningModule):
         policy: PreTrainedModel | str,
         tokenizer: PreTrainedTokenizerBase | str,
         data_source: OffPolicy | OnPolicy,
-        signal: Sparse | Dense,
+        signal: Sparse | Dense | Preference,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         *,

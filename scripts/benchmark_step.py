@@ -318,9 +318,11 @@ def main() -> None:
         row = {"method": method, "device": device_name, "shape": shape, "plain_s": plain["median_s"],
                "project_s": project["median_s"], "time_ratio": project["median_s"] / plain["median_s"],
                "plain_peak_mib": plain["peak_extra_mib"], "project_peak_mib": project["peak_extra_mib"],
-               "memory_ratio": project["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9)}
+               # below a MiB the process's high-water mark is noise, not a peak to divide by
+               "memory_ratio": project["peak_extra_mib"] / plain["peak_extra_mib"] if plain["peak_extra_mib"] >= 1 else None}
+        ratio = f"{row['memory_ratio']:>7.2f}" if row["memory_ratio"] is not None else f"{'n/a':>7}"
         print(f"{method:<19}{row['plain_s']:>9.3f}{row['project_s']:>11.3f}{row['time_ratio']:>8.2f}"
-              f"{row['plain_peak_mib']:>11.0f}{row['project_peak_mib']:>13.0f}{row['memory_ratio']:>7.2f}", flush=True)
+              f"{row['plain_peak_mib']:>11.0f}{row['project_peak_mib']:>13.0f}{ratio}", flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

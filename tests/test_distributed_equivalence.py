@@ -54,3 +54,27 @@ def _start(method: str) -> str | None:
     from lightning_unified.tasks.addition import checkpoint_path
 
     return checkpoint_path("rl_start") if method == "rl" else None
+
+
+def test_ranks_that_sample_different_lengths_do_not_hang(tmp_path: Path) -> None:
+    """One prompt per rank, sampled from an untrained model: each rank's response ends at
+    its own EOS, so the ranks generate different numbers of tokens; generation keeps them in
+    step (synced_gpus) and the run finishes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_runs import ROOT
+
+    widths = tmp_path / "widths"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=on_policy_distill", "trainer=ddp",
+           "task.batch_size=1", "task.num_train=32", "task.num_val=8", "task.val_batch_size=8", "trainer.max_steps=6",
+           "trainer.val_check_interval=6", "data_source.sampling.max_new_tokens=12", "save_policy=null",
+           f"+callbacks=[{{_target_: tests.rank_widths.RecordWidths, path: '{widths}'}}]", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [[json.loads(line)["width"] for line in open(f"{widths}.rank{r}")] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert any(a != b for a, b in zip(*ranks)), f"the ranks never sampled different lengths: {ranks}"

@@ -10,8 +10,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_unified.callbacks.teacher import TeacherCallback
 from lightning_unified.callbacks.reference import ReferenceCallback
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Reward, Sampling, Sparse
-from lightning_unified.tasks.addition import digit_match
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Sampling, Sparse
 from tests.lightning_helpers import quiet_trainer, save_tiny_teacher, tiny_datamodule, tiny_module
 
 

@@ -4,7 +4,6 @@ batch's ratio diagnostics (effective sample size, clip and truncation fractions)
 from __future__ import annotations
 
 import lightning as L
-import torch
 from typing_extensions import override
 
 from lightning_unified import batch as fields
