@@ -46,7 +46,24 @@ def test_teacher_reference_and_sampling_run_under_the_trainer_precision(tmp_path
         assert spy.seen and all(seen == expected for seen in spy.seen), (name, spy.seen)
 
 
-def test_fsdp2_validates_without_inference_mode() -> None:
+@pytest.fixture
+def in_process_group():
+    """The strategy below starts a one-process gloo group in this pytest process and sets
+    MASTER_PORT here; left alive, later tests' DDP subprocesses inherit that port and find
+    it taken. Tear the group down and put the environment back."""
+    import os
+
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_fsdp2_validates_without_inference_mode(in_process_group) -> None:
     seen = {}
 
     class Spy(L.Callback):
