@@ -6,11 +6,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_unified.callbacks.teacher import TeacherCallback
 from lightning_unified.callbacks.reference import ReferenceCallback
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Reference, Sampling, Sparse
+from lightning_unified.specs import Dense, OnPolicy, Reference, Sampling
 from tests.lightning_helpers import quiet_trainer, save_tiny_teacher, tiny_datamodule, tiny_module
 
 
@@ -46,37 +45,46 @@ def test_teacher_reference_and_sampling_run_under_the_trainer_precision(tmp_path
         assert spy.seen and all(seen == expected for seen in spy.seen), (name, spy.seen)
 
 
-@pytest.fixture
-def in_process_group():
-    """The strategy below starts a one-process gloo group in this pytest process and sets
-    MASTER_PORT here; left alive, later tests' DDP subprocesses inherit that port and find
-    it taken. Tear the group down and put the environment back."""
+FSDP2_VALIDATION = """
+import json
+import lightning as L
+import torch
+from lightning_unified.specs import OffPolicy, Sparse
+from tests.lightning_helpers import tiny_datamodule, tiny_module
+
+seen = {}
+
+
+class Spy(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        seen["inference_mode"] = torch.is_inference_mode_enabled()
+        seen["loop"] = trainer.validate_loop.inference_mode
+        seen["fit_val_loop"] = trainer.fit_loop.epoch_loop.val_loop.inference_mode
+
+
+module = tiny_module(OffPolicy(), Sparse())
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1,
+                    tensor_parallel_size=1), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[Spy()])
+trainer.validate(module, datamodule=tiny_datamodule())
+seen["sharded"] = module.policy_is_sharded()
+print("SEEN " + json.dumps(seen))
+"""
+
+
+def test_fsdp2_validates_without_inference_mode() -> None:
+    """In its own process: the strategy starts a process group and sets MASTER_PORT, which
+    later DDP runs of this test session would otherwise inherit."""
+    import json
     import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import torch.distributed as dist
-
-    saved = dict(os.environ)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_fsdp2_validates_without_inference_mode(in_process_group) -> None:
-    seen = {}
-
-    class Spy(L.Callback):
-        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            seen["inference_mode"] = torch.is_inference_mode_enabled()
-            seen["loop"] = trainer.validate_loop.inference_mode
-
-    module = tiny_module(OffPolicy(), Sparse())
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1,
-                                                                                     tensor_parallel_size=1),
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Spy()])
-    trainer.validate(module, datamodule=tiny_datamodule())
-    assert module.policy_is_sharded()
-    assert seen == {"inference_mode": False, "loop": False}
-    assert trainer.fit_loop.epoch_loop.val_loop.inference_mode is False
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FSDP2_VALIDATION], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("SEEN "))
+    assert json.loads(line[5:]) == {"inference_mode": False, "loop": False, "fit_val_loop": False, "sharded": True}

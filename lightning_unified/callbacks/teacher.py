@@ -33,8 +33,9 @@ class TeacherCallback(L.Callback):
     ``signal.teacher_context`` the teacher scores the responses after a prompt with
     privileged context (the reference answer, a demonstration) rather than the student's.
     ``signal.cache``: an offline teacher (scripts/cache_teacher.py), read by example
-    index; no teacher is loaded. ``copy_head``: a self-teacher's output layer is copied, because with several updates
-    per batch the policy's own layer changes before the last update reads the teacher."""
+    index; no teacher is loaded. ``copy_head``: a self-teacher's output layer is copied,
+    because with several updates per batch the policy's own layer changes before the last
+    update reads the teacher."""
 
     def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
