@@ -49,6 +49,7 @@ FSDP2_VALIDATION = """
 import json
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_unified.specs import OffPolicy, Sparse
 from tests.lightning_helpers import tiny_datamodule, tiny_module
 
