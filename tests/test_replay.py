@@ -52,8 +52,8 @@ def clipped_surrogate_gradient(module: UnifiedModule, params: dict, batch: dict,
     mask = batch[F.RESPONSE_MASK].bool()
     hidden = response_hidden(policy, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
                              batch[F.RESPONSE_MASK])
-    logp = torch.log_softmax(policy.lm_head.weight.new_tensor(0) + torch.nn.functional.linear(
-        hidden, policy.lm_head.weight) / module.temperature, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+    logits = torch.nn.functional.linear(hidden, policy.lm_head.weight) / module.temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
     rho = (logp - batch[F.BEHAVIOUR_LOGP]).exp()
     adv = batch[F.ADVANTAGES]
     surrogate = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
