@@ -6,7 +6,9 @@ Two paths compute the same loss:
   projection, a chunk of tokens at a time. The gradient of each chunk is computed in the
   forward pass from the closed form ``p * sum(w) - w`` (as fused linear cross-entropy
   kernels do), so no ``[tokens, vocab]`` tensor larger than one chunk ever exists, in the
-  forward pass or in the backward pass. Vocabularies of 150k tokens are normal.
+  forward pass or in the backward pass. Vocabularies of 150k tokens are normal. The
+  vocabulary-sized math of one chunk is :func:`lightning_unified.losses.chunk_math.chunk_math`,
+  eager or compiled.
 * :func:`weighted_nll_from_logits` from full logits, for heads that are not a plain linear
   map (logit soft-capping, say). Plain autograd; it agrees with the chunked path.
 
@@ -27,19 +29,20 @@ dropped before any vocabulary-sized work, so prompts and padding cost nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_unified.losses.token_weights import (
-    TokenWeights,
-    weighted_log_likelihood,
-    weighted_nll_logit_grad,
+from lightning_unified.losses.chunk_math import (
+    WeightFn,
+    chunk_math,
+    compiled_chunk_math,
+    compute_dtype as _compute_dtype,
+    log_softmax as _log_softmax,
 )
-
-WeightFn = Callable[..., TokenWeights]
+from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood
 
 MIN_AUTO_CHUNK = 128
 # On an accelerator, one chunk's float32 logits may take this share of the device's memory
@@ -128,27 +131,18 @@ class TeacherLogits:
         return replace(self, hidden=self.hidden.index_select(0, index))
 
     @torch.no_grad()
+    def chunk_logits(self, start: int, stop: int) -> Tensor:
+        """The raw teacher logits of tokens [start, stop), [c, V], before the temperature."""
+        if self.logits is not None:
+            return self.logits[start:stop]
+        return F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
+
+    @torch.no_grad()
     def log_probs(self, start: int, stop: int) -> Tensor:
         """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V], at
         least float32."""
-        if self.logits is not None:
-            logits = self.logits[start:stop]
-        else:
-            logits = F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
+        logits = self.chunk_logits(start, stop)
         return _log_softmax(logits, self.temperature, _compute_dtype(logits))
-
-
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
-    small probabilities), the input's own precision above that."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def _log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    logits = logits.to(dtype)
-    if temperature != 1.0:  # skip a pass over [c, V] in the common case
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
 
 
 def _flatten_tokens(name: str, tensor: Tensor, leading: torch.Size) -> Tensor:
@@ -221,6 +215,8 @@ class _ChunkPlan:
     # False under torch.no_grad (validation, metrics): skip the two gradient matmuls. The
     # Function cannot ask itself: inside forward, grad mode is always off.
     grad_enabled: bool
+    # the per-chunk math through torch.compile (see lightning_unified.losses.chunk_math)
+    compile: bool = False
 
 
 class _ChunkedWeightedNLLFunction(torch.autograd.Function):
@@ -239,30 +235,34 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         objective = hidden.new_zeros((), dtype=acc)
         target_logp = hidden.new_zeros(num_tokens, dtype=acc)
 
+        math = compiled_chunk_math() if plan.compile else chunk_math
         for start in range(0, num_tokens, plan.chunk_size):
             stop = min(start + plan.chunk_size, num_tokens)
             h = hidden[start:stop]  # [c, H]
-            targets = plan.targets[start:stop]  # [c]
-            logp = _log_softmax(F.linear(h, head_weight, head_bias), plan.temperature, acc)  # [c, V]
-            weights = _chunk_weights(
-                plan.weight_fn, logp, targets, plan.token_scale[start:stop], plan.fields, plan.teacher, start, stop
+            logits = F.linear(h, head_weight, head_bias)  # [c, V]: bf16 under bf16 autocast
+            chunk = math(
+                logits,
+                plan.targets[start:stop],
+                plan.token_scale[start:stop],
+                {k: v[start:stop] for k, v in plan.fields.items()},
+                None if plan.teacher is None else plan.teacher.chunk_logits(start, stop),
+                weight_fn=plan.weight_fn,
+                temperature=plan.temperature,
+                teacher_temperature=1.0 if plan.teacher is None else plan.teacher.temperature,
+                # the logits' dtype: under autocast the two gradient matmuls run in bf16
+                # anyway, and a float32 [c, V] gradient would be written, then cast twice
+                grad_dtype=logits.dtype if need_hidden or need_weight or need_bias else None,
+                bias_grad=need_bias,
             )
-            loss -= weighted_log_likelihood(logp, targets, weights).sum()
-            if weights.objective is not None:
-                objective += weights.objective.sum()
-            target_logp[start:stop] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-            grad_logits = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
-            if plan.temperature != 1.0:
-                grad_logits.div_(plan.temperature)
-            del logp, weights
+            loss += chunk.loss
+            objective += chunk.objective
+            target_logp[start:stop] = chunk.target_logp
             if need_bias:
-                grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(h.dtype)
+                grad_bias += chunk.grad_bias
             if need_hidden:
-                grad_hidden[start:stop] = grad_logits @ head_weight
+                grad_hidden[start:stop] = chunk.grad_logits @ head_weight
             if need_weight:
-                grad_weight += (grad_logits.t() @ h).to(acc)
+                grad_weight += (chunk.grad_logits.t() @ h).to(acc)
 
         if need_weight:
             grad_weight = grad_weight.to(head_weight.dtype)
@@ -301,13 +301,16 @@ def chunked_weighted_nll(
     teacher: TeacherLogits | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> WeightedNLL:
     """The one loss from final hidden states [..., H] and the output projection [V, H].
 
     ``targets`` and ``token_scale`` have the token dims of ``hidden``; ``fields`` hold
     per-token tensors [..., *] for the weight builder; ``temperature`` divides the student's
     logits (the gradient includes its 1/temperature). ``chunk_size`` defaults to
-    :func:`auto_chunk_size` for the device the hidden states are on.
+    :func:`auto_chunk_size` for the device the hidden states are on. ``compile`` runs the
+    per-chunk vocabulary math through ``torch.compile`` (fused kernels; the first call of
+    each weight builder compiles it).
     """
     _check_common(temperature, chunk_size)
     if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[-1]:
@@ -319,7 +322,8 @@ def chunked_weighted_nll(
     )
     if chunk_size is None:
         chunk_size = auto_chunk_size(targets.shape[0], head_weight.shape[0], head_weight.shape[1], hidden.device)
-    plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size, torch.is_grad_enabled())
+    plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size, torch.is_grad_enabled(),
+                      compile)
     loss, objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
         flat_hidden.index_select(0, keep), head_weight, head_bias, plan
     )

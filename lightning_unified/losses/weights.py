@@ -13,10 +13,9 @@ A new signal is a new function here; nothing else changes.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -256,19 +255,24 @@ class WeightSum:
     """
 
     parts: tuple[Callable[..., TokenWeights], ...]
+    # (required, optional) field names of each part, read from the signatures once here:
+    # the call runs for every chunk, and under torch.compile it must not inspect anything
+    part_fields: tuple[tuple[frozenset[str], frozenset[str]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("WeightSum needs at least one part")
+        object.__setattr__(self, "part_fields", tuple(_field_names(part) for part in self.parts))
 
     def __call__(self, student_logp: Tensor, targets: Tensor, **fields: Tensor) -> TokenWeights:
         total = None
-        for part in self.parts:
-            required, optional = _field_names(part)
+        for part, (required, optional) in zip(self.parts, self.part_fields):
             missing = required - fields.keys()
             if missing:
                 raise KeyError(f"weight builder {_name(part)} needs fields {sorted(missing)}; got {sorted(fields)}")
             given = {k: fields[k] for k in (required | optional) & fields.keys()}
             weights = part(student_logp, targets, **given)
             total = weights if total is None else total + weights
-        if total is None:
-            raise ValueError("WeightSum needs at least one part")
         return total
 
 
@@ -276,7 +280,6 @@ def _name(fn: Callable) -> str:
     return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
 
 
-@functools.lru_cache(maxsize=None)  # called for every chunk; a signature never changes
 def _field_names(fn: Callable) -> tuple[frozenset[str], frozenset[str]]:
     """The per-token fields a builder takes, (required, optional): its positional-or-keyword
     parameters after the first two. Keyword-only parameters are scalar settings."""

@@ -1,0 +1,102 @@
+"""One chunk of the one loss: [c, V] logits in; loss, objective, log-probs and logit gradient out.
+
+Everything the chunked loss does over the vocabulary happens here, between the head's
+matmul and the two gradient matmuls: log-softmax, the teacher's log-softmax, the weight
+builder, the weighted log-likelihood and the closed-form logit gradient ``p * sum(w) - w``.
+In eager PyTorch that is several passes over a [c, V] float32 tensor, each its own kernel;
+on a GPU those passes, not the matmuls, are what makes small chunks slow.
+
+:func:`compiled_chunk_math` is the same function through ``torch.compile``: the compiler
+fuses the passes (reading the half-precision logits once, writing the gradient once in the
+head's dtype), as hand-written fused linear-cross-entropy kernels do, but for every weight
+builder, sparse, top-k and dense alike, without a kernel per signal. It is exact up to
+float reassociation; ``tests/test_compiled_chunk.py`` compares it with this eager path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
+
+WeightFn = Callable[..., TokenWeights]
+
+
+class ChunkResult(NamedTuple):
+    # scalar: -sum_t sum_v w_t(v) log pi(v | t) over the chunk (already scaled)
+    loss: Tensor
+    # scalar: the chunk's summed real objective (0 when the builder reports none)
+    objective: Tensor
+    # [c] log pi(y_t) at the loss temperature
+    target_logp: Tensor
+    # [c, V] d loss / d logits in ``grad_dtype`` (None when no gradient is wanted)
+    grad_logits: Tensor | None
+    # [V] the same summed over tokens, in the compute dtype (only for a head with a bias)
+    grad_bias: Tensor | None
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
+    small probabilities), the input's own precision above that."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    logits = logits.to(dtype)
+    if temperature != 1.0:  # skip a pass over [c, V] in the common case
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def chunk_math(
+    logits: Tensor,
+    targets: Tensor,
+    scale: Tensor,
+    fields: dict[str, Tensor],
+    teacher_logits: Tensor | None,
+    *,
+    weight_fn: WeightFn,
+    temperature: float,
+    teacher_temperature: float,
+    grad_dtype: torch.dtype | None,
+    bias_grad: bool,
+) -> ChunkResult:
+    """The loss terms of ``c`` tokens from their raw logits [c, V] (``h @ W.T + b``).
+
+    ``targets`` [c], ``scale`` [c] (mask and normaliser), ``fields`` per-token tensors for
+    the builder [c, *], ``teacher_logits`` [c, V] raw (divided by ``teacher_temperature``
+    here) or None. ``grad_dtype`` None skips the gradient (no_grad evaluation)."""
+    acc = compute_dtype(logits)
+    logp = log_softmax(logits, temperature, acc)  # [c, V]
+    builder_fields = dict(fields)
+    if teacher_logits is not None:
+        builder_fields["teacher_logp"] = log_softmax(teacher_logits, teacher_temperature, compute_dtype(teacher_logits))
+    weights = weight_fn(logp, targets, **builder_fields).scaled(scale.to(acc))
+    loss = -weighted_log_likelihood(logp, targets, weights).sum()
+    objective = weights.objective.sum() if weights.objective is not None else loss.new_zeros(())
+    target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
+    if grad_dtype is None:
+        return ChunkResult(loss, objective, target_logp, None, None)
+    grad = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
+    if temperature != 1.0:
+        grad = grad / temperature
+    grad_bias = grad.sum(0) if bias_grad else None
+    return ChunkResult(loss, objective, target_logp, grad.to(grad_dtype), grad_bias)
+
+
+_COMPILED: Callable[..., ChunkResult] | None = None
+
+
+def compiled_chunk_math() -> Callable[..., ChunkResult]:
+    """:func:`chunk_math` through ``torch.compile``, built once per process.
+
+    ``dynamic=True``: the last chunk of every step has another length, and responses vary;
+    one graph serves every length instead of a recompile per shape. Each weight builder
+    (and each setting bound into it) is its own graph, compiled on first use."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(chunk_math, dynamic=True)
+    return _COMPILED
