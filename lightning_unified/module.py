@@ -77,7 +77,10 @@ class UnifiedModule(L.LightningModule):
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.losses.aggregation.AGGREGATIONS`),
     counted over the whole optimizer step: every accumulated micro-batch on every rank.
     ``reference`` adds a KL penalty to a frozen reference. ``temperature`` divides the
-    policy's logits in the loss; None follows the sampler's temperature. ``max_new_tokens`` bounds greedy
+    policy's logits in the loss; None follows the sampler's temperature. ``chunk_size`` is the
+    loss's tokens per chunk (None: chosen for the device); ``compile_loss`` fuses each chunk's
+    vocabulary math with ``torch.compile`` (:mod:`lightning_unified.losses.chunk_math`).
+    ``max_new_tokens`` bounds greedy
     validation and, unless the sampling spec says otherwise, sampling; None takes the
     datamodule's ``max_new_tokens``. ``val_rewards`` ({name: fn}) score the greedy
     validation completions as ``val/<name>``; None takes the datamodule's ``val_rewards``,
@@ -101,6 +104,7 @@ class UnifiedModule(L.LightningModule):
         constant_normaliser: float | None = None,
         temperature: float | None = None,
         chunk_size: int | None = None,
+        compile_loss: bool = False,
         max_new_tokens: int | None = None,
         val_rewards: dict[str, Callable] | None = None,
         samples_every_n_steps: int | None = 50,
@@ -135,6 +139,7 @@ class UnifiedModule(L.LightningModule):
             raise ValueError(f"module.temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.compile_loss = compile_loss
         self._max_new_tokens = max_new_tokens
         self._val_rewards = val_rewards
         self.samples_every_n_steps = samples_every_n_steps
@@ -238,7 +243,7 @@ class UnifiedModule(L.LightningModule):
             "targets": batch[fields.RESPONSE_IDS],
             "token_scale": token_terms(mask, self.aggregation, constant=self.constant_normaliser),
             "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
-            "temperature": self.temperature, "chunk_size": self.chunk_size,
+            "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
         counts = loss_counts(mask)
         # [surrogate, objective, tokens, sequences] of this step so far, on this rank
@@ -308,9 +313,10 @@ class UnifiedModule(L.LightningModule):
         self._step_sums = None
         norm = normaliser(self.aggregation, LossCounts(tokens=float(total[2]), sequences=float(total[3])))
         factor = self.trainer.world_size / norm
-        for param in self.policy.parameters():
-            if param.grad is not None:
-                param.grad.mul_(factor)
+        # one multi-tensor kernel for all gradients, not a launch per parameter
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
         self.log("train/loss", (total[0] / norm).float(), prog_bar=True, batch_size=1)
         self.log("train/objective", (total[1] / norm).float(), batch_size=1)
         # throughput: every rank's response tokens over the step's wall time, from the end of
@@ -414,7 +420,8 @@ class UnifiedModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2), shard each decoder layer, the embeddings and
-        the loss head as their own units; other strategies leave the model alone."""
+        the loss head as their own units (embeddings and head as one unit when they share
+        their weight); other strategies leave the model alone."""
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or self.policy_is_sharded():
             return
@@ -427,8 +434,13 @@ class UnifiedModule(L.LightningModule):
         for module in body.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
-        fully_shard(body, mesh=mesh)
-        fully_shard(self.policy.get_output_embeddings(), mesh=mesh)
+        head = self.policy.get_output_embeddings()
+        if head.weight is self.policy.get_input_embeddings().weight:
+            # tied embeddings (SmolLM2, Gemma): one parameter, so one unit for both modules
+            fully_shard([body, head], mesh=mesh)
+        else:
+            fully_shard(body, mesh=mesh)
+            fully_shard(head, mesh=mesh)
         fully_shard(self.policy, mesh=mesh)
 
     def policy_is_sharded(self) -> bool:
