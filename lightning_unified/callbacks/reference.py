@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
 from typing_extensions import override
 
@@ -33,15 +34,27 @@ class ReferenceCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.model is not None or is_lora(pl_module.policy):
+        if self.model is not None or is_lora(pl_module.policy):
+            return
+        # FSDP2 shards the policy in configure_model, right after this hook, and a sharded
+        # model cannot be copied: take the starting policy at the first setup, a
+        # validation's included (it does not change the weights)
+        sharding = isinstance(trainer.strategy, ModelParallelStrategy) and self.reference.path is None
+        if stage != "fit" and not sharding:
             return
         if self.reference.path is not None:
             model = load_causal_lm(self.reference.path, **self.reference.options)
             check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
                                   f"reference {self.reference.path}")
         else:
+            if pl_module.policy_is_sharded():
+                raise RuntimeError(
+                    "the reference is the starting policy, but the policy was sharded (FSDP2) before this "
+                    "callback saw it, and a sharded model cannot be copied; give reference.path (the "
+                    "starting model's directory) or attach the callback before the first validate/fit")
             model = copy.deepcopy(pl_module.policy)
-        # kept out of the module so it is never trained, checkpointed or wrapped by DDP
+        # kept out of the module so it is never trained, checkpointed or wrapped by DDP; a
+        # whole copy on every rank under FSDP2 too (scored without collectives)
         self.model = model.eval().requires_grad_(False)
 
     @override

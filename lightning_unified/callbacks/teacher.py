@@ -7,6 +7,7 @@ import logging
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_unified import batch as fields
@@ -117,9 +118,13 @@ class TeacherCallback(L.Callback):
 
 def _frozen(tensor: torch.Tensor | None, copy: bool) -> torch.Tensor | None:
     """The policy's own parameter as a teacher's: detached, and copied when it will change
-    before the teacher is read."""
+    before the teacher is read. Under FSDP2 the parameter is a shard (a DTensor) outside
+    the head's forward: it is gathered whole here (a collective every rank makes), which
+    is a copy already."""
     if tensor is None:
         return None
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor()
     return tensor.detach().clone() if copy else tensor.detach()
 
 
