@@ -6,7 +6,9 @@ memory, for:
 
 - ``plain``: full logits ``hidden @ W.T`` then ``F.cross_entropy`` / ``F.kl_div``, the way a
   hand-written loop does it (the teacher's logits materialised too);
-- ``chunked``: :func:`lightning_unified.losses.objective.chunked_weighted_nll`.
+- ``chunked``: :func:`lightning_unified.losses.objective.chunked_weighted_nll`;
+- ``compiled`` (with ``--compile``): the same with its per-chunk math through
+  ``torch.compile`` (the compile happens in the untimed warm-up step).
 
 Each variant runs in its own subprocess, so peak memory is the process's real high-water
 mark (on CPU: VmHWM after resetting it; on CUDA: the allocator's peak), above what the
@@ -14,7 +16,7 @@ inputs already hold. Times are medians over repeats; ratios are chunked / plain 
 same run. Prints a table and writes it as JSON with ``--out``.
 
     python scripts/benchmark_objective.py                     # 131k vocabulary, CPU
-    python scripts/benchmark_objective.py --device cuda --tokens 16384 --hidden 4096
+    python scripts/benchmark_objective.py --device cuda --tokens 16384 --hidden 4096 --compile
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
     return loss
 
 
-def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, chunk_size):
+def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, chunk_size, compile):
     from lightning_unified.losses import weights
     from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 
@@ -65,7 +67,8 @@ def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, c
     builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl,
                "jsd": partial(weights.jsd, beta=JSD_BETA)}[signal]
     teacher = None if signal == "sft" else TeacherLogits(hidden=teacher_hidden, head_weight=teacher_head)
-    out = chunked_weighted_nll(hidden, head, targets, scale, builder, teacher=teacher, chunk_size=chunk_size)
+    out = chunked_weighted_nll(hidden, head, targets, scale, builder, teacher=teacher, chunk_size=chunk_size,
+                               compile=compile)
     out.loss.backward()
     return out.objective  # the real objective (CE, KL), comparable to the plain loop's loss
 
@@ -84,7 +87,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.variant == "plain":
         step = partial(_plain_step, args.signal)
     else:
-        step = partial(_chunked_step, args.signal, chunk_size=args.chunk_size)
+        step = partial(_chunked_step, args.signal, chunk_size=args.chunk_size, compile=args.variant == "compiled")
     inputs = (hidden, head, targets, teacher_hidden, teacher_head)
 
     step(*inputs)  # warm-up (allocator, kernels)
@@ -125,8 +128,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated subset of {SIGNALS}")
+    parser.add_argument("--compile", action="store_true", help="also time the loss with its chunk math compiled")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--variant", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["plain", "chunked", "compiled"], help=argparse.SUPPRESS)
     parser.add_argument("--signal", choices=SIGNALS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -134,42 +138,45 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
+    variants = ("plain", "chunked", "compiled") if args.compile else ("plain", "chunked")
     rows = []
     for signal in args.signals.split(","):
         if signal not in SIGNALS:
             parser.error(f"--signals: unknown signal {signal!r}; choose from {SIGNALS}")
         cell = {}
-        for variant in ("plain", "chunked"):
+        for variant in variants:
             child = [sys.executable, __file__, "--variant", variant, "--signal", signal] + sys.argv[1:]
             done = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo_root()})
             if done.returncode != 0:
                 sys.exit(f"{variant} {signal} failed:\n{done.stderr}")
             cell[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        plain, chunked = cell["plain"], cell["chunked"]
-        rows.append(
-            {
-                "signal": signal,
-                "plain_s": plain["median_s"],
-                "chunked_s": chunked["median_s"],
-                "time_ratio": chunked["median_s"] / plain["median_s"],
-                "plain_peak_mib": plain["peak_extra_mib"],
-                "chunked_peak_mib": chunked["peak_extra_mib"],
-                "memory_ratio": chunked["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9),
-                "loss_diff": abs(chunked["loss"] - plain["loss"]),
-            }
-        )
+        plain = cell["plain"]
+        row = {"signal": signal, "plain_s": plain["median_s"], "plain_peak_mib": plain["peak_extra_mib"]}
+        for variant in variants[1:]:
+            ours = cell[variant]
+            row.update({
+                f"{variant}_s": ours["median_s"],
+                f"{variant}_time_ratio": ours["median_s"] / plain["median_s"],
+                f"{variant}_peak_mib": ours["peak_extra_mib"],
+                f"{variant}_memory_ratio": ours["peak_extra_mib"] / max(plain["peak_extra_mib"], 1e-9),
+                f"{variant}_loss_diff": abs(ours["loss"] - plain["loss"]),
+            })
+        rows.append(row)
 
     print(
         f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} dtype={args.dtype} "
-        f"device={args.device} repeats={args.repeats} (medians; ratios are chunked / plain)"
+        f"device={args.device} repeats={args.repeats} (medians; ratios against plain)"
     )
-    header = f"{'signal':<11}{'plain s':>10}{'chunked s':>11}{'time x':>8}{'plain MiB':>11}{'chunked MiB':>13}{'mem x':>8}{'|dloss|':>10}"
+    header = f"{'signal':<11}{'plain s':>10}{'plain MiB':>11}"
+    for variant in variants[1:]:
+        header += f"{variant + ' s':>13}{'time x':>8}{'mem x':>7}{'|dloss|':>9}"
     print(header)
     for r in rows:
-        print(
-            f"{r['signal']:<11}{r['plain_s']:>10.3f}{r['chunked_s']:>11.3f}{r['time_ratio']:>8.2f}"
-            f"{r['plain_peak_mib']:>11.0f}{r['chunked_peak_mib']:>13.0f}{r['memory_ratio']:>8.2f}{r['loss_diff']:>10.1e}"
-        )
+        line = f"{r['signal']:<11}{r['plain_s']:>10.3f}{r['plain_peak_mib']:>11.0f}"
+        for v in variants[1:]:
+            line += (f"{r[v + '_s']:>13.3f}{r[v + '_time_ratio']:>8.2f}{r[v + '_memory_ratio']:>7.2f}"
+                     f"{r[v + '_loss_diff']:>9.1e}")
+        print(line)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": vars(args), "rows": rows}, f, indent=2)

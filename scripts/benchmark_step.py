@@ -103,6 +103,31 @@ def sync(args) -> None:
         torch.cuda.synchronize()
 
 
+def start_profiler(args):
+    """torch.profiler over the timed steps (``--profile``), else None."""
+    if not args.profile:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def save_profile(args, profiler) -> None:
+    """The top operators by self time, as a table, and a Chrome trace (chrome://tracing)."""
+    if profiler is None:
+        return
+    profiler.stop()
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.method}_{args.variant}"
+    sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    (out / f"{name}.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+    profiler.export_chrome_trace(str(out / f"{name}.trace.json"))
+
+
 # --- the plain loop ------------------------------------------------------------------
 
 
@@ -164,11 +189,12 @@ def run_plain(args) -> dict:
         args.method != "cached_distill" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = {k: v.to(device) for k, v in make_batch(args, on_policy=args.method in ("grpo", "on_policy_distill")).items()}
-    times = []
+    times, profiler = [], None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             base, _ = memory_now(args.device)
             reset_peak(args.device)
+            profiler = start_profiler(args)
         sync(args)
         start = time.perf_counter()
         plain_step(args, model, teacher, optimizer, batch, tokenizer)
@@ -176,6 +202,7 @@ def run_plain(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     _, peak = memory_now(args.device)
+    save_profile(args, profiler)
     return {"median_s": statistics.median(times), "peak_extra_mib": (peak - base) / 2**20}
 
 
@@ -212,7 +239,7 @@ def run_project(args) -> dict:
         source = OffPolicy()
     module = UnifiedModule(model, tokenizer, source, signal, optimizer=partial(torch.optim.AdamW, lr=1e-5),
                            max_new_tokens=args.gen, samples_every_n_steps=None, non_finite=None,
-                           chunk_size=args.chunk_size)
+                           chunk_size=args.chunk_size, compile_loss=args.compile)
 
     class Data(L.LightningDataModule):
         max_new_tokens = args.gen
@@ -227,7 +254,7 @@ def run_project(args) -> dict:
 
     class StepClock(L.Callback):
         def __init__(self):
-            self.ends, self.base, self.peak = [], 0, 0
+            self.ends, self.base, self.peak, self.profiler = [], 0, 0, None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
             sync(args)
@@ -235,9 +262,11 @@ def run_project(args) -> dict:
             if len(self.ends) == args.warmup:
                 self.base, _ = memory_now(args.device)
                 reset_peak(args.device)
+                self.profiler = start_profiler(args)
 
         def on_train_end(self, trainer, pl_module):
             _, self.peak = memory_now(args.device)
+            save_profile(args, self.profiler)
 
     clock = StepClock()
     trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
@@ -282,6 +311,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="GRPO samples per prompt")
     parser.add_argument("--top-k", type=int, default=64, help="the cached teacher's top-k")
     parser.add_argument("--chunk-size", type=int, default=None, help="the loss's chunk (default: the device rule)")
+    parser.add_argument("--compile", action="store_true", help="the project's loss with its chunk math compiled")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile the timed steps with torch.profiler: a table of the top operators and a "
+                             "Chrome trace per cell, written to DIR")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
@@ -298,7 +331,8 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
-             f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}")
+             f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}"
+             f"{' compile' if args.compile else ''}")
     print(f"{device_name}: {shape}; medians of {args.steps} steps; ratios project / plain")
     print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'plain MiB':>11}{'project MiB':>13}{'mem x':>7}")
     for method in args.methods.split(","):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (about 8 minutes on one H100 or H200): the whole-step benchmark
-# at the 0.5B shape, the presets under trainer=gpu and trainer=fsdp2_gpu, then the loss-head
-# benchmark. Results land in $OUT (default gpu_out/): step.jsonl, objective.json, presets.txt.
+# The GPU checks in one run (about 10 minutes on one H100 or H200): the whole-step benchmark
+# at the 0.5B shape, eager and with the compiled loss, the loss-head benchmark (eager and
+# compiled), then every built-in preset under trainer=gpu and trainer=fsdp2_gpu (on every
+# visible GPU). Results land in $OUT (default gpu_out/): step.jsonl, objective.json, presets.txt.
 #   bash scripts/gpu_checks.sh
 set -u
 OUT=${OUT:-gpu_out}
@@ -9,22 +10,25 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
+STEP_SHAPE="--device cuda --precision bf16-mixed --hidden 1024 --layers 12 --vocab 151936 --batch 16 --prompt 128
+  --response 384 --gen 64 --groups 4 --samples 16 --steps 5 --warmup 2"
 echo "== whole step: project vs plain loop, 0.5B shape, bf16-mixed"
-timeout 300 python scripts/benchmark_step.py --device cuda --precision bf16-mixed --hidden 1024 --layers 12 \
-  --vocab 151936 --batch 16 --prompt 128 --response 384 --gen 64 --groups 4 --samples 16 --steps 5 --warmup 2 \
-  --out "$OUT/step.jsonl" 2>&1 | tee "$OUT/step.txt"
+timeout 300 python scripts/benchmark_step.py $STEP_SHAPE --out "$OUT/step.jsonl" 2>&1 | tee "$OUT/step.txt"
+echo "== whole step, the loss's chunk math compiled (SFT and the distillations)"
+timeout 240 python scripts/benchmark_step.py $STEP_SHAPE --compile --methods sft,distill,cached_distill \
+  --out "$OUT/step.jsonl" 2>&1 | tee "$OUT/step_compiled.txt"
 
-echo "== presets on one GPU: trainer=gpu and trainer=fsdp2_gpu (validation included)"
+echo "== loss head: chunked and compiled vs plain logits, bf16, 16k tokens, hidden 4096, vocab 151936"
+timeout 200 python scripts/benchmark_objective.py --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \
+  --vocab 151936 --repeats 5 --compile --out "$OUT/objective.json" 2>&1 | tee "$OUT/objective.txt"
+
+echo "== every preset on trainer=gpu and trainer=fsdp2_gpu (validation before, during and after)"
 for trainer in gpu fsdp2_gpu; do
-  for experiment in sft distill rl on_policy_distill gkd dpo; do
+  for experiment in sft dft distill gkd rl on_policy_distill dpo online_dpo self_distill; do
     timeout 60 python scripts/train.py experiment=$experiment trainer=$trainer trainer.max_steps=10 \
-      trainer.val_check_interval=10 task.num_val=100 save_policy=null hydra.run.dir="$OUT/runs/${trainer}_$experiment" \
+      trainer.val_check_interval=5 task.num_val=100 save_policy=null hydra.run.dir="$OUT/runs/${trainer}_$experiment" \
       > "$OUT/runs_${trainer}_$experiment.log" 2>&1
     echo "$trainer $experiment rc=$? $(grep -o 'val/exact_match = [0-9.]*' "$OUT/runs_${trainer}_$experiment.log" | tail -1)" \
       | tee -a "$OUT/presets.txt"
   done
 done
-
-echo "== loss head: chunked vs plain logits, bf16, 16k tokens, hidden 4096, vocab 151936"
-timeout 150 python scripts/benchmark_objective.py --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \
-  --vocab 151936 --repeats 5 --out "$OUT/objective.json" 2>&1 | tee "$OUT/objective.txt"
