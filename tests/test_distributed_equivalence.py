@@ -28,11 +28,13 @@ METHODS = {
     "on_policy_distill": ["experiment=on_policy_distill", *GREEDY],
     "gkd": ["experiment=gkd", *GREEDY],
     # FSDP2-specific parts, so compared under FSDP2 only: DPO's reference is a copy of the
-    # starting policy taken before sharding; the self-teacher reads the sharded head whole
+    # starting policy taken before sharding; the self-teacher reads the sharded head whole;
+    # tied input and output embeddings (SmolLM2) are one shard unit
     "dpo": ["experiment=dpo"],
     "self_distill": ["experiment=self_distill", *GREEDY],
+    "sft_tied_embeddings": ["experiment=sft", "model.config.tie_word_embeddings=true"],
 }
-FSDP2_ONLY = {"dpo", "self_distill"}
+FSDP2_ONLY = {"dpo", "self_distill", "sft_tied_embeddings"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
