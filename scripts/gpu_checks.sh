@@ -24,11 +24,5 @@ timeout 200 python scripts/benchmark_objective.py --device cuda --dtype bfloat16
 
 echo "== every preset on trainer=gpu and trainer=fsdp2_gpu (validation before, during and after)"
 for trainer in gpu fsdp2_gpu; do
-  for experiment in sft dft distill gkd rl on_policy_distill dpo online_dpo self_distill; do
-    timeout 60 python scripts/train.py experiment=$experiment trainer=$trainer trainer.max_steps=10 \
-      trainer.val_check_interval=5 task.num_val=100 save_policy=null hydra.run.dir="$OUT/runs/${trainer}_$experiment" \
-      > "$OUT/runs_${trainer}_$experiment.log" 2>&1
-    echo "$trainer $experiment rc=$? $(grep -o 'val/exact_match = [0-9.]*' "$OUT/runs_${trainer}_$experiment.log" | tail -1)" \
-      | tee -a "$OUT/presets.txt"
-  done
+  STEPS=10 TIMEOUT=60 bash scripts/run_presets.sh $trainer "$OUT"
 done
