@@ -1,8 +1,9 @@
-"""One chunk of the one loss: [c, V] logits in; loss, objective, log-probs and logit gradient out.
+"""One chunk of the one loss: hidden states in; loss, objective, log-probs and logit gradient out.
 
-Everything the chunked loss does over the vocabulary happens here, between the head's
-matmul and the two gradient matmuls: log-softmax, the teacher's log-softmax, the weight
-builder, the weighted log-likelihood and the closed-form logit gradient ``p * sum(w) - w``.
+Everything the chunked loss does over the vocabulary happens here, from the head's matmul
+to just before the two gradient matmuls: log-softmax, the teacher's log-softmax, the
+weight builder, the weighted log-likelihood and the closed-form logit gradient
+``p * sum(w) - w``.
 In eager PyTorch that is several passes over a [c, V] float32 tensor, each its own kernel;
 on a GPU those passes, not the matmuls, are what makes small chunks slow.
 
@@ -15,12 +16,16 @@ float reassociation; ``tests/test_compiled_chunk.py`` compares it with this eage
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
+
+if TYPE_CHECKING:
+    from lightning_unified.losses.objective import TeacherLogits
 
 WeightFn = Callable[..., TokenWeights]
 
@@ -32,7 +37,7 @@ class ChunkResult(NamedTuple):
     objective: Tensor
     # [c] log pi(y_t) at the loss temperature
     target_logp: Tensor
-    # [c, V] d loss / d logits in ``grad_dtype`` (None when no gradient is wanted)
+    # [c, V] d loss / d logits in the logits' dtype (None when no gradient is wanted)
     grad_logits: Tensor | None
     # [V] the same summed over tokens, in the compute dtype (only for a head with a bias)
     grad_bias: Tensor | None
@@ -52,37 +57,46 @@ def log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tenso
 
 
 def chunk_math(
-    logits: Tensor,
+    hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None,
     targets: Tensor,
     scale: Tensor,
     fields: dict[str, Tensor],
-    teacher_logits: Tensor | None,
+    teacher: TeacherLogits | None,
     *,
     weight_fn: WeightFn,
     temperature: float,
-    teacher_temperature: float,
-    grad_dtype: torch.dtype | None,
+    with_grad: bool,
     bias_grad: bool,
 ) -> ChunkResult:
-    """The loss terms of ``c`` tokens from their raw logits [c, V] (``h @ W.T + b``).
+    """The loss terms of ``c`` tokens from their final hidden states [c, H] and the head.
 
     ``targets`` [c], ``scale`` [c] (mask and normaliser), ``fields`` per-token tensors for
-    the builder [c, *], ``teacher_logits`` [c, V] raw (divided by ``teacher_temperature``
-    here) or None. ``grad_dtype`` None skips the gradient (no_grad evaluation)."""
+    the builder [c, *], ``teacher`` the chunk's teacher (its own temperature) or None.
+    ``with_grad`` False skips the gradient (no_grad evaluation). The logits are made here,
+    not by the caller, so that the raw [c, V] tensor is freed as soon as its log-softmax
+    exists (a caller's reference would keep it alive through the whole chunk)."""
+    logits = F.linear(hidden, head_weight, head_bias)  # [c, V]: bf16 under bf16 autocast
+    # the gradient goes to the two matmuls in the logits' dtype: under autocast they run in
+    # bf16 anyway, and a float32 [c, V] gradient would be written, then cast twice
+    grad_dtype = logits.dtype
     acc = compute_dtype(logits)
     logp = log_softmax(logits, temperature, acc)  # [c, V]
+    del logits
     builder_fields = dict(fields)
-    if teacher_logits is not None:
-        builder_fields["teacher_logp"] = log_softmax(teacher_logits, teacher_temperature, compute_dtype(teacher_logits))
+    if teacher is not None:
+        builder_fields["teacher_logp"] = teacher.log_probs(0, hidden.shape[0])  # [c, V]
     weights = weight_fn(logp, targets, **builder_fields).scaled(scale.to(acc))
     loss = -weighted_log_likelihood(logp, targets, weights).sum()
     objective = weights.objective.sum() if weights.objective is not None else loss.new_zeros(())
     target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
-    if grad_dtype is None:
+    if not with_grad:
         return ChunkResult(loss, objective, target_logp, None, None)
     grad = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
+    del logp, weights, builder_fields
     if temperature != 1.0:
-        grad = grad / temperature
+        grad = grad.div_(temperature)
     grad_bias = grad.sum(0) if bias_grad else None
     return ChunkResult(loss, objective, target_logp, grad.to(grad_dtype), grad_bias)
 

@@ -119,7 +119,8 @@ class TeacherLogits:
         return replace(self, hidden=_flatten_tokens("teacher hidden", self.hidden, leading).detach())
 
     def rows(self, start: int, stop: int) -> TeacherLogits:
-        """The sequences ``start:stop`` of an unflattened [B, R, ...] teacher (a mini-batch)."""
+        """Entries ``start:stop`` of the first dim: sequences of an unflattened [B, R, ...]
+        teacher (a mini-batch), or tokens of a flattened one (a chunk)."""
         if self.logits is not None:
             return replace(self, logits=self.logits[start:stop])
         return replace(self, hidden=self.hidden[start:stop])
@@ -131,17 +132,13 @@ class TeacherLogits:
         return replace(self, hidden=self.hidden.index_select(0, index))
 
     @torch.no_grad()
-    def chunk_logits(self, start: int, stop: int) -> Tensor:
-        """The raw teacher logits of tokens [start, stop), [c, V], before the temperature."""
-        if self.logits is not None:
-            return self.logits[start:stop]
-        return F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
-
-    @torch.no_grad()
     def log_probs(self, start: int, stop: int) -> Tensor:
         """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V], at
         least float32."""
-        logits = self.chunk_logits(start, stop)
+        if self.logits is not None:
+            logits = self.logits[start:stop]
+        else:
+            logits = F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
         return _log_softmax(logits, self.temperature, _compute_dtype(logits))
 
 
@@ -239,19 +236,15 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         for start in range(0, num_tokens, plan.chunk_size):
             stop = min(start + plan.chunk_size, num_tokens)
             h = hidden[start:stop]  # [c, H]
-            logits = F.linear(h, head_weight, head_bias)  # [c, V]: bf16 under bf16 autocast
             chunk = math(
-                logits,
+                h, head_weight, head_bias,
                 plan.targets[start:stop],
                 plan.token_scale[start:stop],
                 {k: v[start:stop] for k, v in plan.fields.items()},
-                None if plan.teacher is None else plan.teacher.chunk_logits(start, stop),
+                None if plan.teacher is None else plan.teacher.rows(start, stop),
                 weight_fn=plan.weight_fn,
                 temperature=plan.temperature,
-                teacher_temperature=1.0 if plan.teacher is None else plan.teacher.temperature,
-                # the logits' dtype: under autocast the two gradient matmuls run in bf16
-                # anyway, and a float32 [c, V] gradient would be written, then cast twice
-                grad_dtype=logits.dtype if need_hidden or need_weight or need_bias else None,
+                with_grad=need_hidden or need_weight or need_bias,
                 bias_grad=need_bias,
             )
             loss += chunk.loss
