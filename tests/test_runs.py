@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from lightning_unified.config import train
 from tests.lightning_helpers import FAST_TASK, compose_config
@@ -91,22 +89,3 @@ def test_resume_from_last_checkpoint(tmp_path: Path) -> None:
     train(compose_config([*common, "trainer.max_steps=6", f"ckpt_path={last}"]), tmp_path)
     steps = [int(r["step"]) for r in read_metrics(tmp_path / "metrics.csv") if r.get("train/loss")]
     assert steps == [0, 1, 2, 3, 4, 5], steps
-
-
-def test_fsdp2_on_two_cpu_processes_matches_ddp(tmp_path: Path) -> None:
-    """FSDP2 (ModelParallelStrategy, fully_shard) trains exactly what DDP trains: the same
-    2 steps on the same data give the same policy. DDP is the reference because it keeps
-    whole parameters; agreement shows the sharded loss head gathers and reduces correctly."""
-    policies = {}
-    for strategy in ("ddp", "fsdp2_cpu"):
-        out = tmp_path / strategy
-        run_script("experiment=distill", f"trainer={strategy}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                   # SGD without clipping: the update is proportional to the gradient, so a
-                   # gradient off by any factor (a missing reduction, a wrong normaliser) shows
-                   "optimizer=sgd", "trainer.gradient_clip_val=null", "scheduler=constant",
-                   *FAST_TASK, f"hydra.run.dir={out}")
-        policies[strategy] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
-    assert policies["ddp"].keys() == policies["fsdp2_cpu"].keys()
-    for key in policies["ddp"]:
-        torch.testing.assert_close(policies["fsdp2_cpu"][key], policies["ddp"][key], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, key=key: f"{key}: {m}")

@@ -39,7 +39,7 @@ class ReferenceCallback(L.Callback):
         # FSDP2 shards the policy in configure_model, right after this hook, and a sharded
         # model cannot be copied: take the starting policy at the first setup, a
         # validation's included (it does not change the weights)
-        sharding = isinstance(trainer.strategy, ModelParallelStrategy) and self.reference.path is None
+        sharding = isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy) and self.reference.path is None
         if stage != "fit" and not sharding:
             return
         if self.reference.path is not None:
