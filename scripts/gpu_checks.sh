@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (about 10 minutes on one H100 or H200): the whole-step benchmark
-# at the 0.5B shape, eager and with the compiled loss, the loss-head benchmark (eager and
-# compiled), then every built-in preset under trainer=gpu and trainer=fsdp2_gpu (on every
-# visible GPU). Results land in $OUT (default gpu_out/): step.jsonl, objective.json, presets.txt.
-#   bash scripts/gpu_checks.sh
+# The GPU checks, in two parts that each fit one 10-minute device call:
+#   bash scripts/gpu_checks.sh bench     # about 6 minutes: the whole-step benchmark at the 0.5B
+#                                        # shape, eager and with the compiled loss, and the
+#                                        # loss-head benchmark, eager and compiled
+#   bash scripts/gpu_checks.sh presets   # about 6 minutes: every built-in preset for 10 steps
+#                                        # under trainer=gpu and trainer=fsdp2_gpu (every visible GPU)
+#   bash scripts/gpu_checks.sh           # both
+# Results land in $OUT (default gpu_out/): step.jsonl, objective.json, presets.txt.
 set -u
+PART=${1:-all}
+case $PART in bench|presets|all) ;; *) echo "usage: gpu_checks.sh [bench|presets|all]" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
+if [ "$PART" != presets ]; then
 STEP_SHAPE="--device cuda --precision bf16-mixed --hidden 1024 --layers 12 --vocab 151936 --batch 16 --prompt 128
   --response 384 --gen 64 --groups 4 --samples 16 --steps 5 --warmup 2"
 echo "== whole step: project vs plain loop, 0.5B shape, bf16-mixed"
@@ -22,7 +28,11 @@ echo "== loss head: chunked and compiled vs plain logits, bf16, 16k tokens, hidd
 timeout 200 python scripts/benchmark_objective.py --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \
   --vocab 151936 --repeats 5 --compile --out "$OUT/objective.json" 2>&1 | tee "$OUT/objective.txt"
 
+fi
+
+if [ "$PART" != bench ]; then
 echo "== every preset on trainer=gpu and trainer=fsdp2_gpu (validation before, during and after)"
 for trainer in gpu fsdp2_gpu; do
   STEPS=10 TIMEOUT=60 bash scripts/run_presets.sh $trainer "$OUT"
 done
+fi
