@@ -314,7 +314,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the project's loss with its chunk math compiled")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile the timed steps with torch.profiler: a table of the top operators and a "
-                             "Chrome trace per cell, written to DIR")
+                             "Chrome trace per cell, written to DIR (the profiler slows the steps it times: take "
+                             "the figures from a run without it)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks, in two parts that each fit one 10-minute device call:
-#   bash scripts/gpu_checks.sh bench     # about 6 minutes: the whole-step benchmark at the 0.5B
+# The GPU checks, in two parts meant to fit one 10-minute device call each (the times below
+# are estimates from earlier H200 runs of their pieces, not yet timed as parts):
+#   bash scripts/gpu_checks.sh bench     # an estimated 6 minutes: the whole-step benchmark at the 0.5B
 #                                        # shape, eager and with the compiled loss, and the
 #                                        # loss-head benchmark, eager and compiled
-#   bash scripts/gpu_checks.sh presets   # about 6 minutes: every built-in preset for 10 steps
+#   bash scripts/gpu_checks.sh presets   # an estimated 6 minutes: every built-in preset for 10 steps
 #                                        # under trainer=gpu and trainer=fsdp2_gpu (every visible GPU)
 #   bash scripts/gpu_checks.sh           # both
 # Results land in $OUT (default gpu_out/): step.jsonl, objective.json, presets.txt.

@@ -96,7 +96,7 @@ def chunk_math(
     grad = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
     del logp, weights, builder_fields
     if temperature != 1.0:
-        grad = grad.div_(temperature)
+        grad.div_(temperature)
     grad_bias = grad.sum(0) if bias_grad else None
     return ChunkResult(loss, objective, target_logp, grad.to(grad_dtype), grad_bias)
 
