@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
+from lightning_unified.pipeline import check_method
 from lightning_unified.tasks.addition import checkpoint_path
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # ${lu.checkpoint:teacher} is the path of a checkpoint shipped with the package
@@ -55,8 +57,14 @@ class Run:
 
 def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     """Every object of a run, from its composed config; metrics go to
-    ``<output_dir>/metrics.csv`` and checkpoints to ``<output_dir>/checkpoints``."""
+    ``<output_dir>/metrics.csv`` and checkpoints to ``<output_dir>/checkpoints``. The method
+    is checked before any data or model is loaded."""
     output_dir = Path(output_dir)
+    check_trainer_numbers(cfg.trainer)
+    data_source = instantiate(cfg.data_source, _convert_="all")
+    signal = instantiate(cfg.signal, _convert_="all")
+    reference = instantiate(cfg.reference) if cfg.get("reference") else None
+    check_method(data_source, signal, reference)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.task)
     tokenizer = datamodule.tokenizer
@@ -64,11 +72,11 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     module = instantiate(cfg.module, _partial_=True)(
         policy=instantiate(cfg.model, tokenizer=tokenizer),
         tokenizer=tokenizer,
-        data_source=instantiate(cfg.data_source, _convert_="all"),
-        signal=instantiate(cfg.signal, _convert_="all"),
+        data_source=data_source,
+        signal=signal,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        reference=instantiate(cfg.reference) if cfg.get("reference") else None,
+        reference=reference,
     )
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
@@ -82,6 +90,50 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
         default_root_dir=output_dir,
     )
     return Run(module, datamodule, trainer, output_dir)
+
+
+def check_trainer_numbers(trainer: DictConfig) -> None:
+    """The trainer's counts are whole numbers (a typo like max_steps=abc is named here, not
+    met later as a comparison of str and int)."""
+    for key in ("max_steps", "max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"trainer.{key} must be a whole number, got {value!r}")
+
+
+def describe_method(cfg: DictConfig, run: Run) -> str:
+    """One line saying what this run trains: the method, its signal, the batch, the step size
+    and the length, as resolved from every config group and override."""
+    source, signal = run.module.data_source, run.module.signal
+    kind = _kind(source)
+    if source.samples and source.probability < 1:
+        kind = f"mixed (sampled with probability {source.probability:g})"
+    parts = [f"method: data_source={kind} signal={_kind(signal)}"]
+    if getattr(signal, "rewards", None):
+        parts.append("rewards " + " + ".join(f"{r.weight:g} x {_name(r.fn)}" for r in signal.rewards))
+    if hasattr(signal, "divergence"):
+        teacher = signal.teacher if signal.cache is None else f"cache {signal.cache}"
+        parts.append(f"{signal.divergence} to teacher {teacher}")
+    batch = cfg.task.get("batch_size")
+    if source.samples:
+        parts.append(f"{batch} prompts x {source.sampling.num_generations} samples per batch")
+    else:
+        parts.append(f"{batch} examples per batch")
+    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
+    parts.append(f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr (optimizer default)")
+    steps = cfg.trainer.get("max_steps", -1)
+    parts.append(f"{steps} steps" if steps and steps > 0 else f"{cfg.trainer.get('max_epochs')} epoch(s)")
+    parts.append(f"policy {cfg.model.get('path') or 'a fresh ' + str(cfg.model.config.get('model_type', 'model'))}")
+    return " | ".join(parts)
+
+
+def _kind(spec) -> str:
+    return {"OffPolicy": "off_policy", "OnPolicy": "on_policy"}.get(type(spec).__name__, type(spec).__name__.lower())
+
+
+def _name(fn) -> str:
+    fn = getattr(fn, "func", fn)
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
@@ -109,6 +161,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     resumed run skips the first validation and continues from its checkpoint, its
     metrics.csv cut back to the rows that checkpoint had seen."""
     run = build_run(cfg, output_dir)
+    if run.trainer.is_global_zero:
+        log.info(describe_method(cfg, run))
     ckpt = resume_checkpoint(cfg, run.output_dir)
     if ckpt is not None:
         if run.trainer.is_global_zero:

@@ -32,6 +32,8 @@ from lightning_unified.callbacks.finite_guard import NonFiniteGuard
 from lightning_unified.callbacks.rank_failure import RankFailureWatch
 from lightning_unified.callbacks.reward import compute_rewards, decode_prompts
 from lightning_unified.data.chat import stop_token_ids
+from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.engines.session import EngineSession
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.loading import (
     check_vocabulary,
@@ -42,7 +44,8 @@ from lightning_unified.models.loading import (
 )
 from lightning_unified.models.lora import is_lora, merged_copy
 from lightning_unified.models.loss_head import install_loss_head
-from lightning_unified.pipeline import build_pipeline, check_replay
+from lightning_unified.pipeline import build_pipeline, check_method
+from lightning_unified.schedule import build_scheduler
 from lightning_unified.rewards.text import exact_match
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Reward, Sparse
 from lightning_unified.weighting import builder_fields, select_weight_fn
@@ -73,7 +76,8 @@ class UnifiedModule(L.LightningModule):
     ``policy`` is a Hugging Face causal LM (a peft LoRA model too) or a local path to one;
     ``tokenizer`` a tokenizer or a path to one. ``optimizer`` is a partial taking the
     trainable parameters (default ``functools.partial(torch.optim.AdamW, lr=1e-3)``);
-    ``scheduler`` a partial taking the optimizer, stepped every optimizer step.
+    ``scheduler`` a partial taking the optimizer, stepped every optimizer step (one that
+    takes ``num_training_steps`` and leaves it unset gets the steps this fit will make).
     ``aggregation`` is the loss normaliser (:data:`lightning_unified.losses.aggregation.AGGREGATIONS`),
     counted over the whole optimizer step: every accumulated micro-batch on every rank.
     ``reference`` adds a KL penalty to a frozen reference. ``temperature`` divides the
@@ -123,7 +127,7 @@ class UnifiedModule(L.LightningModule):
         install_loss_head(self.policy)  # the loss runs inside the head's forward (FSDP2 needs that)
         # EOS and the chat template's end-of-turn token end a response
         self.stop_token_ids = stop_token_ids(self.tokenizer)
-        check_replay(data_source, signal)
+        check_method(data_source, signal, reference)
         self.data_source = data_source
         self.signal = signal
         self.reference = reference
@@ -147,6 +151,11 @@ class UnifiedModule(L.LightningModule):
         self.max_non_finite_steps = max_non_finite_steps
         if non_finite is not None:
             NonFiniteGuard(non_finite, max_non_finite_steps)  # bad settings fail here, not at fit
+        # where sampled responses and greedy validation answers are generated
+        sampling = data_source.sampling if data_source.samples else None
+        self.engine_session = EngineSession() if sampling is None else EngineSession(
+            sampling.engine, sampling.vllm, sampling.sync_every, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, behaviour=sampling.behaviour)
         self.val_metrics = nn.ModuleDict()
         self._pipeline: list[L.Callback] | None = None
         # [surrogate, objective, tokens, sequences] summed over this optimizer step's
@@ -331,15 +340,22 @@ class UnifiedModule(L.LightningModule):
         self.log("train/tokens_seen", self.progress["tokens_seen"], batch_size=1)
         self.log("train/train_seconds", self.progress["train_seconds"], batch_size=1)
 
-    # --- validation: greedy completions scored by the validation rewards ---------------
+    # --- generation: the rollout engine, holding the policy's current weights ----------
+    def rollout_engine(self):
+        """The engine that samples responses and answers validation prompts (``hf``: the
+        policy's own ``generate``; ``vllm``: an engine synced with the policy's weights every
+        ``sampling.sync_every`` optimizer steps)."""
+        return self.engine_session.ready(self.policy, self.progress["optimizer_steps"])
+
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        sequences = self.policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=self.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_token_ids,
-            synced_gpus=self.trainer.world_size > 1 if self._trainer is not None else False,
+        request = GenerationRequest(
+            max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_token_ids),
+            pad_token_id=self.tokenizer.pad_token_id, greedy=True,
+            synced=self.trainer.world_size > 1 if self._trainer is not None else False,
         )
-        return self.tokenizer.batch_decode(sequences[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+        rollout = self.rollout_engine().generate(self.policy, prompt_ids, prompt_mask, request)
+        return self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,
@@ -415,7 +431,8 @@ class UnifiedModule(L.LightningModule):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        # its length is what this run will make, unless the config sets one
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:

@@ -19,38 +19,49 @@ from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Refe
 
 def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
                    reference: Reference | None = None, samples_every_n_steps: int | None = None) -> list[L.Callback]:
-    check_replay(data_source, signal)
+    check_method(data_source, signal, reference)
     stages: list[L.Callback] = []
     if data_source.samples:
         stages.append(SamplingCallback(data_source))
     if reference is not None:
-        if reference.estimator == "k1" and not (data_source.samples and isinstance(signal, Sparse)):
-            raise ValueError("reference.estimator=k1 puts the KL penalty in the reward of sampled responses; it "
-                             "needs data_source=on_policy with signal=sparse (use k3 elsewhere)")
         stages.append(ReferenceCallback(reference))
     elif isinstance(signal, Preference) and signal.needs_reference:
         # DPO's margin is measured against a reference; scoring only, no KL penalty
         stages.append(ReferenceCallback(Reference(kl_coef=0.0, path=signal.reference_path,
                                                   options=signal.reference_options)))
     if isinstance(signal, Dense):
-        if signal.cache is not None and data_source.samples:
-            raise ValueError("signal.cache holds the teacher's scores of the dataset's responses; sampled responses "
-                             "need a live teacher (drop signal.cache, or use data_source=off_policy)")
         stages.append(TeacherCallback(signal, copy_head=data_source.updates_per_batch > 1))
     elif isinstance(signal, Preference):
         stages.append(PreferenceCallback(signal))
     elif data_source.samples or signal.reward_data:
-        if data_source.samples and not signal.rewards:
-            raise ValueError(
-                "a sparse signal on sampled responses is RL and needs signal.rewards (e.g. the task's "
-                "exact_match); without them every sampled token would be pushed up"
-            )
         stages.append(RewardCallback(signal, reference))
     if data_source.samples:
         stages.append(ImportanceCallback(data_source.importance))
     if samples_every_n_steps:
         stages.append(SampleLog(every_n_steps=samples_every_n_steps))
     return stages
+
+
+def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
+                 reference: Reference | None = None) -> None:
+    """Refuse a (data_source, signal, reference) combination that can only fail or train
+    something else than asked, before any model is loaded."""
+    if reference is not None and reference.estimator == "k1" and not (data_source.samples and isinstance(signal, Sparse)):
+        raise ValueError("reference.estimator=k1 puts the KL penalty in the reward of sampled responses; it "
+                         "needs data_source=on_policy with signal=sparse (use k3 elsewhere)")
+    if isinstance(signal, Dense) and signal.cache is not None and data_source.samples:
+        raise ValueError("signal.cache holds the teacher's scores of the dataset's responses; sampled responses "
+                         "need a live teacher (drop signal.cache, or use data_source=off_policy)")
+    if data_source.samples and isinstance(signal, Sparse | Preference) and not signal.rewards:
+        what = ("RL, which needs rewards: without them every sampled token would be pushed up" if isinstance(signal, Sparse)
+                else "online DPO, which needs rewards to pick each prompt's chosen and rejected samples")
+        raise ValueError(
+            f"signal={type(signal).__name__.lower()} on sampled responses (data_source=on_policy) is {what}. Set "
+            f"signal.rewards, e.g. signal.rewards='[{{_target_: lightning_unified.specs.Reward, fn: {{_target_: "
+            f"lightning_unified.rewards.numeric_answer, _partial_: true}}}}]' (built-in rewards: "
+            f"lightning_unified.rewards); the built-in addition task's rewards apply only with task=addition"
+        )
+    check_replay(data_source, signal)
 
 
 def check_replay(data_source: OffPolicy | OnPolicy, signal) -> None:

@@ -21,6 +21,7 @@ WEIGHTINGS = ("indicator", "dft")
 TOPK_TAILS = ("bucket", "renormalize")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
 SELF_TEACHER = "self"
+ENGINES = ("hf", "vllm")
 
 
 LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
@@ -56,6 +57,15 @@ class Sampling:
     # sampler's temperature is 1 before any update), or "sampled", the truncated distribution
     # actually sampled from (exact importance weights; the ratio then starts at the kept mass)
     behaviour: str = "tempered"
+    # where responses are generated: "hf" (the training model's generate) or "vllm" (a vLLM
+    # engine in each training process, synced with the policy's weights)
+    engine: str = "hf"
+    # the vllm engine's settings: kv_cache_gib, gpu_memory_utilization, dtype, max_model_len,
+    # enforce_eager, sleep (see lightning_unified.engines.vllm.VLLMEngine)
+    vllm: dict = field(default_factory=dict)
+    # sync the engine's weights every this many optimizer steps; > 1 samples from stale
+    # weights on purpose (the importance ratio corrects for it)
+    sync_every: int = 1
 
     def __post_init__(self) -> None:
         if self.num_generations < 1:
@@ -69,6 +79,9 @@ class Sampling:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _one_of("sampling", "behaviour", self.behaviour, BEHAVIOURS)
+        _one_of("sampling", "engine", self.engine, ENGINES)
+        if self.sync_every < 1:
+            raise ValueError(f"sampling.sync_every must be >= 1, got {self.sync_every}")
 
 
 @dataclass
@@ -79,16 +92,33 @@ class Importance:
     sampling at temperature 1); ``token``: rho_t = pi_theta(y_t) / mu(y_t); ``truncated``:
     min(rho_t, truncate); ``ppo_clip``: PPO's clipped surrogate with eps_low/eps_high
     (DAPO's clip-higher when eps_high > eps_low); ``sequence_clip``: the same clip on GSPO's
-    sequence-level ratio.
+    sequence-level ratio. ``mask_low`` / ``mask_high`` (None: off) drop the tokens, or with
+    ``mask_level="sequence"`` the whole sequences, whose ratio lies outside that band
+    (masked importance sampling, IcePop): the guard against a sampler, such as an inference
+    engine, that disagrees with the trainer.
     """
 
     ratio: str = "truncated"
     truncate: float = 2.0
     eps_low: float = 0.2
     eps_high: float = 0.28
+    mask_low: float | None = None
+    mask_high: float | None = None
+    mask_level: str = "token"
+
+    @property
+    def masks(self) -> bool:
+        return self.mask_low is not None or self.mask_high is not None
 
     def __post_init__(self) -> None:
         _one_of("importance", "ratio", self.ratio, RATIOS)
+        _one_of("importance", "mask_level", self.mask_level, ("token", "sequence"))
+        if self.masks and self.ratio == "none":
+            raise ValueError("importance.mask_low / mask_high test the importance ratio; importance.ratio=none has none")
+        if (self.mask_low is not None and self.mask_low < 0) or (self.mask_high is not None and self.mask_high <= 0):
+            raise ValueError(f"importance needs mask_low >= 0 and mask_high > 0, got {self.mask_low}, {self.mask_high}")
+        if self.mask_low is not None and self.mask_high is not None and self.mask_low >= self.mask_high:
+            raise ValueError(f"importance.mask_low must be below mask_high, got {self.mask_low} >= {self.mask_high}")
         if self.truncate <= 0:
             raise ValueError(f"importance.truncate must be > 0, got {self.truncate}")
         if not 0 <= self.eps_low < 1 or self.eps_high < 0:
@@ -184,7 +214,8 @@ class Dense:
     one ``bucket`` or dropped and the top-k ``renormalize``d.
     """
 
-    teacher: str
+    # a local Hugging Face directory, or ``self``; None only with ``cache``
+    teacher: str | None = None
     divergence: str = "forward_kl"
     beta: float = 0.5
     # divides the teacher's logits
@@ -207,6 +238,12 @@ class Dense:
         return self.teacher == SELF_TEACHER
 
     def __post_init__(self) -> None:
+        if self.teacher is None and self.cache is None:
+            raise ValueError(
+                "signal=dense needs a teacher: teacher.path=DIR (a local Hugging Face causal LM with the policy's "
+                "vocabulary), signal.teacher=self with signal.teacher_context (self-distillation), or "
+                "signal.cache=DIR (an offline teacher from scripts/cache_teacher.py)"
+            )
         if self.is_self and not self.teacher_context:
             raise ValueError(
                 "signal.teacher=self makes the policy its own teacher; without signal.teacher_context (a template "

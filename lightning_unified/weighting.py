@@ -29,12 +29,17 @@ def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None)
         return weights.dft if signal.weighting == "dft" else weights.indicator
     if fields.BEHAVIOUR_LOGP not in batch or importance is None or importance.ratio == "none":
         return weights.advantage_indicator
+    band = {"mask_low": importance.mask_low, "mask_high": importance.mask_high} if importance.masks else {}
+    if importance.ratio == "sequence_clip":
+        fields.require(batch, fields.LOG_RATIO, who="importance.ratio=sequence_clip (GSPO's sequence ratio)")
+    if importance.masks and importance.mask_level == "sequence":
+        fields.require(batch, fields.MASK_LOG_RATIO, who="importance.mask_level=sequence")
     if importance.ratio == "token":
-        return weights.importance_weighted_advantage
+        return _configured(weights.importance_weighted_advantage, **band) if band else weights.importance_weighted_advantage
     if importance.ratio == "truncated":
-        return _configured(weights.importance_weighted_advantage, truncate=importance.truncate)
+        return _configured(weights.importance_weighted_advantage, truncate=importance.truncate, **band)
     # ppo_clip, or sequence_clip with the importance callback's LOG_RATIO field
-    return _configured(weights.ppo_clip, eps_low=importance.eps_low, eps_high=importance.eps_high)
+    return _configured(weights.ppo_clip, eps_low=importance.eps_low, eps_high=importance.eps_high, **band)
 
 
 def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:

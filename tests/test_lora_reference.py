@@ -142,9 +142,9 @@ def test_a_run_with_a_reference_logs_kl_ref(estimator: str, tmp_path: Path) -> N
 
 
 def test_k1_needs_sampled_rewards() -> None:
-    module = lora_module(reference=Reference(estimator="k1"))
+    # refused when the module is built, before any step
     with pytest.raises(ValueError, match="k1 puts the KL penalty in the reward"):
-        module.configure_callbacks()
+        lora_module(reference=Reference(estimator="k1"))
     rl = lora_module(Reference(estimator="k1"), OnPolicy(sampling=Sampling(num_generations=2)),
                      Sparse(rewards=[Reward(digit_match)]))
     assert any(isinstance(c, ReferenceCallback) for c in rl.configure_callbacks())

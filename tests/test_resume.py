@@ -5,6 +5,7 @@ back. A checkpoint that does not fit is refused."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -36,8 +37,11 @@ class PauseBefore(L.Callback):
 
 
 def overrides(experiment: str) -> list[str]:
+    engine = []
+    if experiment == "rl_vllm":  # sampled and validated through the vLLM engine
+        experiment, engine = "rl", ["data_source.sampling.engine=vllm", "data_source.sampling.vllm.kv_cache_gib=0.25"]
     sampled = ["data_source.sampling.num_generations=2"] if experiment in ("rl", "on_policy_distill", "gkd") else []
-    return [f"experiment={experiment}", f"trainer.max_steps={STEPS}", "checkpoint_every_n_steps=2",
+    return [*engine, f"experiment={experiment}", f"trainer.max_steps={STEPS}", "checkpoint_every_n_steps=2",
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null", *sampled,
             *FAST_TASK, "task.num_val=16"]
 
@@ -51,7 +55,9 @@ def rows(run_dir: Path) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd"])
+@pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd",
+                                        pytest.param("rl_vllm", marks=pytest.mark.skipif(
+                                            importlib.util.find_spec("vllm") is None, reason="the vllm extra"))])
 def test_killed_and_resumed_equals_uninterrupted(experiment: str, tmp_path: Path) -> None:
     common = overrides(experiment)
     train(compose_config(common), tmp_path / "whole")

@@ -44,7 +44,7 @@ def test_behaviour_logp_is_the_documented_distribution(temperature: float, top_k
     torch.manual_seed(0)
     spec = OnPolicy(sampling=Sampling(num_generations=3, temperature=temperature, top_k=top_k, top_p=top_p,
                                       behaviour=behaviour))
-    module = tiny_module(spec, Sparse(rewards=[]))
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
     SamplingCallback(spec).sample_into(batch, module, max_new_tokens=6, synced=False)
 

@@ -1,5 +1,6 @@
 """Importance weighting: the sequence-level ratio some clips need, and every sampled
-batch's ratio diagnostics (effective sample size, clip and truncation fractions)."""
+batch's ratio diagnostics (effective sample size, clip and truncation fractions, and the
+trainer-sampler mismatch)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import lightning as L
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.losses.importance import ratio_diagnostics, sequence_log_ratio
+from lightning_unified.losses.importance import mismatch_kl, ratio_diagnostics, ratio_from_log, sequence_log_ratio
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import Importance
 
@@ -23,12 +24,18 @@ class ImportanceCallback(L.Callback):
 
     def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
-        if self.importance.ratio != "sequence_clip" or fields.BEHAVIOUR_LOGP not in batch:
+        spec = self.importance
+        sequence_mask = spec.masks and spec.mask_level == "sequence"
+        if (spec.ratio != "sequence_clip" and not sequence_mask) or fields.BEHAVIOUR_LOGP not in batch:
             return
         mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature)
-        batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
+        log_ratio = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
+        if spec.ratio == "sequence_clip":
+            batch[fields.LOG_RATIO] = log_ratio
+        if sequence_mask:
+            batch[fields.MASK_LOG_RATIO] = log_ratio
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int) -> None:
@@ -49,5 +56,17 @@ class ImportanceCallback(L.Callback):
             eps_high=spec.eps_high if clipped else None,
             truncate=spec.truncate if spec.ratio == "truncated" else None,
         )
+        if spec.masks:
+            band = (log_ratio if spec.mask_level == "sequence" and spec.ratio == "sequence_clip" else
+                    sequence_log_ratio(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
+                    if spec.mask_level == "sequence" else (outputs["target_logp"] - batch[fields.BEHAVIOUR_LOGP]) * mask)
+            rho = ratio_from_log(band[mask.bool()].float())
+            low = spec.mask_low if spec.mask_low is not None else 0.0
+            high = spec.mask_high if spec.mask_high is not None else float("inf")
+            stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()
+        if pl_module.data_source.updates_per_batch == 1:
+            # with one update per rollout the loss's log-probs are the trainer's own at the
+            # sampler's weights, so their gap to the sampler's is the engine mismatch alone
+            stats["mismatch_kl"] = mismatch_kl(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
         for name, value in stats.items():
             pl_module.log(f"importance/{name}", value, batch_size=int(mask.sum()))

@@ -66,7 +66,7 @@ class TeacherCallback(L.Callback):
             log.warning("signal.cache: the data module has no training_examples(); the cache is checked example by "
                         "example (response lengths) but not as a whole dataset")
         cache.check(tokenizer=pl_module.tokenizer, examples=examples_of() if examples_of else None,
-                    teacher=teacher_id(self.signal.teacher), top_k=self.signal.top_k,
+                    teacher=None if self.signal.teacher is None else teacher_id(self.signal.teacher), top_k=self.signal.top_k,
                     temperature=self.signal.temperature)
         self.cache = cache
 

@@ -67,6 +67,18 @@ def ppo_clip_active(rho: Tensor, advantages: Tensor, *, eps_low: float, eps_high
 
 
 @torch.no_grad()
+def mismatch_kl(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """KL(sampler || trainer) on the sampled tokens, by the k3 estimator
+    ``r - 1 - log r`` with ``r = pi_trainer(y_t) / mu(y_t)`` (unbiased, never negative):
+    0 when the engine reports exactly the trainer's probabilities. Scalar."""
+    valid = mask.bool()
+    log_r = (trainer_logp[valid] - sampler_logp[valid]).float().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if log_r.numel() == 0:
+        return log_r.new_zeros(())
+    return (log_r.exp() - 1.0 - log_r).mean()
+
+
+@torch.no_grad()
 def ratio_diagnostics(
     log_ratio: Tensor,
     mask: Tensor,

