@@ -34,6 +34,7 @@ from lightning_unified.callbacks.reward import compute_rewards, decode_prompts
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.engines.session import EngineSession
+from lightning_unified.engines.session import close_all as close_all_engines
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.loading import (
     check_vocabulary,
@@ -63,6 +64,7 @@ def _destroy_process_group_at_exit() -> None:
 
 
 def _destroy_process_group() -> None:
+    close_all_engines()  # an engine's own teardown needs the group
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -177,3 +177,22 @@ def test_without_vllm_installed_the_error_says_how_to_install(monkeypatch) -> No
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ImportError, match=r"needs vLLM, which is not installed: pip install -e \"\.\[vllm\]\""):
         VLLMEngine()
+
+
+def test_two_processes_each_sample_through_their_own_engine(tmp_path) -> None:
+    """DDP on 2 CPU processes: each rank starts an engine beside its replica, syncs it from
+    that replica, and the run ends cleanly (the engines shut down before the process group)."""
+    from tests.test_runs import read_metrics, run_script
+
+    done = run_script("experiment=rl", "trainer=ddp", "data_source.sampling.engine=vllm",
+                      "data_source.sampling.vllm.kv_cache_gib=0.25", "data_source.sampling.num_generations=2",
+                      "task.num_train=64", "task.num_val=16", "task.batch_size=4", "task.val_batch_size=16",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+                      "save_policy=null", f"hydra.run.dir={tmp_path}")
+    assert "Invalid process group" not in done.stderr
+    rows = read_metrics(tmp_path / "metrics.csv")
+    synced = [r for r in rows if r.get("sampling/sync_seconds")]
+    assert len(synced) == 2, "one sync (the start) before step 0's rollout, one after step 0's update"
+    kl = [float(r["importance/mismatch_kl"]) for r in rows if r.get("importance/mismatch_kl")]
+    assert len(kl) == 2 and all(0.0 <= k < 1e-3 for k in kl), kl
+    assert any(r.get("val/exact_match") for r in rows)

@@ -60,21 +60,21 @@ class SamplingCallback(L.Callback):
         # the draws depend on (seed, step, batch, rank) only: a resumed run samples exactly
         # what the uninterrupted one did, whatever else used the global RNG before
         seed = sampling_seed(self.data_source.seed, trainer.global_step, batch_idx, trainer.global_rank)
+        pl_module.rollout_engine()  # started and synced now, so the time below is generation's alone
+        sync_seconds = pl_module.engine_session.take_sync_seconds()
+        if sync_seconds is not None:
+            pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
         started = time.perf_counter()
         with trainer_precision(pl_module):
             self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1, seed=seed)
         seconds = time.perf_counter() - started
-        sync_seconds = pl_module.engine_session.take_sync_seconds()
-        if sync_seconds is not None:
-            seconds -= sync_seconds  # throughput is the engine's; the sync is logged on its own
-            pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()
         n = lengths.numel()
         pl_module.log("sampling/response_length", lengths.mean(), batch_size=n)
         pl_module.log("sampling/eos_fraction", ended.mean(), batch_size=n)
-        pl_module.log("sampling/tokens_per_sec", lengths.sum() / max(seconds, 1e-9), batch_size=1)
+        pl_module.log("sampling/tokens_per_sec", lengths.sum() / seconds, batch_size=1)
 
     @torch.no_grad()
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,

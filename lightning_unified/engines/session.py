@@ -5,10 +5,21 @@ purpose, which the importance ratio corrects)."""
 from __future__ import annotations
 
 import time
+import weakref
 
 from torch import nn
 
 from lightning_unified.engines import RolloutEngine, build_engine
+
+
+# every session of this process, so the process can shut their engines down before its
+# process group goes (close_all)
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_all() -> None:
+    for session in list(_SESSIONS):
+        session.close()
 
 
 class EngineSession:
@@ -22,6 +33,7 @@ class EngineSession:
         self._synced_step: float | None = None
         # seconds the latest sync took, for the sampling callback to log (None: no sync since)
         self.last_sync_seconds: float | None = None
+        _SESSIONS.add(self)
 
     def ready(self, policy: nn.Module, optimizer_step: float) -> RolloutEngine:
         """The engine, started and synced as the schedule says for ``optimizer_step``."""
@@ -45,5 +57,6 @@ class EngineSession:
         return seconds
 
     def close(self) -> None:
-        self._engine.close()
+        if self._started:
+            self._engine.close()
         self._started = False

@@ -195,6 +195,14 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up()
 
     def close(self) -> None:
+        if self.llm is not None:
+            # shut the engine down now, while the trainer's process group still exists: left
+            # to its exit-time finalizer, it tears down groups that are already gone
+            client = self.llm.llm_engine.engine_core
+            client.shutdown()
+            finalizer = getattr(client, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
         self.llm = None
         if self._config_dir is not None:
             self._config_dir.cleanup()
