@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
 from lightning_unified.pipeline import check_method
+from lightning_unified.specs import Preference
 from lightning_unified.tasks.addition import checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,12 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     signal = instantiate(cfg.signal, _convert_="all")
     reference = instantiate(cfg.reference) if cfg.get("reference") else None
     check_method(data_source, signal, reference)
+    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"optimizer.lr must be a number > 0, got {lr!r}")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.task)
+    check_data_has_responses(datamodule, data_source, signal)
     tokenizer = datamodule.tokenizer
     # objects go in through a partial: instantiate() would turn dataclass kwargs into configs
     module = instantiate(cfg.module, _partial_=True)(
@@ -90,6 +95,21 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
         default_root_dir=output_dir,
     )
     return Run(module, datamodule, trainer, output_dir)
+
+
+def check_data_has_responses(datamodule, data_source, signal) -> None:
+    """Off-policy data, and the off-policy share of a mixed source, train on the data's
+    responses: a prompt-only file is refused at start, not at its first off-policy batch."""
+    examples = getattr(datamodule, "train_examples", None)
+    uses_data = not data_source.samples or data_source.probability < 1
+    if not examples or not uses_data or isinstance(signal, Preference):
+        return
+    if "response_ids" not in examples[0]:
+        where = getattr(datamodule, "train_path", "the training data")
+        what = ("data_source=off_policy trains on the data's responses" if not data_source.samples else
+                f"data_source=mixed keeps the data's responses in {1 - data_source.probability:.0%} of its batches")
+        raise ValueError(f"{what}, but {where} has none (no response column): add one (task.columns.response), "
+                         f"or sample every response (data_source=on_policy)")
 
 
 def check_trainer_numbers(trainer: DictConfig) -> None:
@@ -156,19 +176,50 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     return last
 
 
+def check_run_directory(cfg: DictConfig, output_dir: Path) -> None:
+    """A run directory holds one run: a new run (no resume=true, no ckpt_path) in a directory
+    that already has a run's metrics or checkpoints is refused before anything is written,
+    rather than mixing two runs' rows and checkpoints."""
+    if cfg.get("resume") or cfg.get("ckpt_path"):
+        return
+    held = [output_dir / "metrics.csv", output_dir / "checkpoints"]
+    held = [p for p in held if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if held:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({', '.join(p.name for p in held)}): add resume=true to continue it, "
+            f"or give this run a directory of its own (hydra.run.dir=...)"
+        )
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint's contents (tensors and plain values only), or an error naming
+    the file when it cannot be read (a run killed while writing it, another kind of file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"it may be truncated or not a checkpoint at all. Continue from another one with ckpt_path=..., or "
+            f"start afresh in a new directory"
+        ) from error
+
+
 def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     """Validate the starting policy, fit, validate again; returns the final metrics. A
     resumed run skips the first validation and continues from its checkpoint, its
     metrics.csv cut back to the rows that checkpoint had seen."""
+    check_run_directory(cfg, Path(output_dir))
+    ckpt = resume_checkpoint(cfg, Path(output_dir))
     run = build_run(cfg, output_dir)
     if run.trainer.is_global_zero:
         log.info(describe_method(cfg, run))
-    ckpt = resume_checkpoint(cfg, run.output_dir)
     if ckpt is not None:
+        # every check that can refuse the resume runs before metrics.csv is cut
+        state = read_checkpoint(ckpt)
+        run.module.check_resumable(state)
         if run.trainer.is_global_zero:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
             truncate_after_step(run.output_dir / "metrics.csv", state["global_step"])
-    elif not cfg.trainer.get("fast_dev_run"):
+    elif cfg.get("validate_first", True) and not cfg.trainer.get("fast_dev_run"):
         # the first val/* row of every run is the starting policy's score
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     # weights_only: a checkpoint holds tensors and plain values only, never code to run

@@ -7,7 +7,9 @@ import lightning as L
 
 from lightning_unified.callbacks import (
     ImportanceCallback,
+    NonFiniteGuard,
     PreferenceCallback,
+    RankFailureWatch,
     ReferenceCallback,
     RewardCallback,
     SampleLog,
@@ -18,7 +20,11 @@ from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Refe
 
 
 def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
-                   reference: Reference | None = None, samples_every_n_steps: int | None = None) -> list[L.Callback]:
+                   reference: Reference | None = None, samples_every_n_steps: int | None = None, *,
+                   non_finite: str | None = None, max_non_finite_steps: int = 3) -> list[L.Callback]:
+    """The stages in the order a step's data flows, then the run's guards: the non-finite
+    step guard (``non_finite``: skip, stop or None) and the watch that stops every rank when
+    one fails."""
     check_method(data_source, signal, reference)
     stages: list[L.Callback] = []
     if data_source.samples:
@@ -39,6 +45,9 @@ def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | P
         stages.append(ImportanceCallback(data_source.importance))
     if samples_every_n_steps:
         stages.append(SampleLog(every_n_steps=samples_every_n_steps))
+    if non_finite is not None:
+        stages.append(NonFiniteGuard(non_finite, max_non_finite_steps))
+    stages.append(RankFailureWatch())
     return stages
 
 
@@ -61,6 +70,14 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
             f"lightning_unified.rewards.numeric_answer, _partial_: true}}}}]' (built-in rewards: "
             f"lightning_unified.rewards); the built-in addition task's rewards apply only with task=addition"
         )
+    if data_source.samples and data_source.sampling.num_generations < 2:
+        if isinstance(signal, Sparse) and signal.advantage != "reinforce":
+            raise ValueError(
+                f"signal.advantage={signal.advantage!r} compares each sample with the others of its prompt, but "
+                f"data_source.sampling.num_generations=1: set it to 2 or more, or use signal.advantage=reinforce")
+        if isinstance(signal, Preference):
+            raise ValueError("online DPO picks a chosen and a rejected sample of each prompt: set "
+                             "data_source.sampling.num_generations to 2 or more")
     check_replay(data_source, signal)
 
 

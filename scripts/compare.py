@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def method_of(run_dir: Path) -> str:
     return f"{method} ({choices['experiment']})" if choices.get("experiment") else method
 
 
-def read_run(run_dir: Path, metric: str) -> Run:
+def read_run(run_dir: Path, metric: str) -> Run | None:
     path = run_dir / "metrics.csv"
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -53,8 +54,14 @@ def read_run(run_dir: Path, metric: str) -> Run:
         found = sorted(k for k in rows[0] if k.startswith("val/"))
         raise SystemExit(f"{path}: no column {metric!r}; its held-out metrics are {found}")
     held_out, seconds, tokens = [], {}, {}
-    for row in rows:
+    previous = 0
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
         step = int(row["step"])
+        if step < previous:
+            raise SystemExit(f"{path}, line {line}: step {step} after step {previous}: the file holds more than one "
+                             f"run (a run started again in the same directory); compare runs from directories of "
+                             f"their own")
+        previous = step
         if row.get(metric):
             held_out.append((step, float(row[metric])))
         if row.get("train/train_seconds"):
@@ -62,12 +69,20 @@ def read_run(run_dir: Path, metric: str) -> Run:
         if row.get("train/tokens_seen"):
             tokens[step] = float(row["train/tokens_seen"])
     if not held_out:
-        raise SystemExit(f"{path}: no {metric} rows")
+        return None
     return Run(run_dir.name, method_of(run_dir), held_out, seconds, tokens)
 
 
 def find_runs(sweep: Path) -> list[Path]:
-    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.csv").is_file())
+    """The sweep's run directories; one without a metrics.csv (a run that crashed before it
+    logged anything) is skipped with a warning."""
+    runs = []
+    for path in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir() or (p / "metrics.csv").is_file()):
+        if (path / "metrics.csv").is_file():
+            runs.append(path)
+        else:
+            print(f"warning: {path} has no metrics.csv (the run stopped before it logged anything); left out",
+                  file=sys.stderr)
     if not runs:
         raise SystemExit(f"{sweep}: no run directories with a metrics.csv")
     return runs
@@ -117,7 +132,16 @@ def main() -> None:
     args = parser.parse_args()
     if not args.sweep.is_dir():
         raise SystemExit(f"{args.sweep} is not a directory")
-    runs = [read_run(path, args.metric) for path in find_runs(args.sweep)]
+    runs = []
+    for path in find_runs(args.sweep):
+        run = read_run(path, args.metric)
+        if run is None:
+            print(f"warning: {path / 'metrics.csv'} has no {args.metric} rows (the run stopped before its first "
+                  f"validation); left out", file=sys.stderr)
+        else:
+            runs.append(run)
+    if not runs:
+        raise SystemExit(f"{args.sweep}: no run has {args.metric} rows")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(f"# {args.sweep}\n\n" + table(runs, args.metric))
     plot(runs, args.metric, args.out / "comparison.png")

@@ -7,7 +7,8 @@ import torch
 from hydra.errors import InstantiationException
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_unified.callbacks.reward import compute_rewards, estimate_advantages
+from lightning_unified.callbacks.reward import estimate_advantages
+from lightning_unified.rewards.scoring import compute_rewards
 from lightning_unified.callbacks.teacher import TeacherCallback
 from lightning_unified.config import build_run
 from lightning_unified.specs import (

@@ -64,3 +64,33 @@ def test_gpu_trainer_composes(trainer: str) -> None:
     # the strategy object itself builds without a GPU; the Trainer would need one
     if isinstance(cfg.trainer.get("strategy"), DictConfig):
         assert instantiate(cfg.trainer.strategy) is not None
+
+
+# --- the schedule's length is the run's --------------------------------------------------------
+def test_one_epoch_without_max_steps_gets_a_schedule_as_long_as_the_epoch(tmp_path) -> None:
+    """``trainer.max_steps=-1 trainer.max_epochs=1`` once gave the cosine schedule
+    ``num_training_steps=-1``, and the learning rate alternated between its peak and 0."""
+    import lightning as L
+
+    cfg = compose_config(["experiment=sft", *FAST_TASK, "task.num_train=40", "trainer.max_steps=-1",
+                          "trainer.max_epochs=1", "scheduler.num_warmup_steps=0", "save_policy=null"])
+    run = build_run(cfg, tmp_path)
+    rates = []
+
+    class Rates(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            rates.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
+
+    run.trainer.callbacks.append(Rates())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert len(rates) == 5, "40 problems in batches of 8: one epoch is 5 steps"
+    assert all(a > b for a, b in zip(rates, rates[1:])), f"the rate falls every step: {rates}"
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12), "and reaches 0 at the run's last step"
+
+
+def test_a_run_without_end_or_with_a_wordy_count_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"trainer.max_steps must be a whole number, got 'abc'"):
+        build_run(compose_config(["trainer.max_steps=abc"]), tmp_path)
+    run = build_run(compose_config([*FAST_TASK, "trainer.max_steps=-1", "trainer.max_epochs=-1"]), tmp_path)
+    with pytest.raises(ValueError, match="trains without end, so the learning-rate schedule has no length"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -245,3 +245,33 @@ def test_a_column_mapped_to_null_is_left_out(chat_model: str, tmp_path: Path) ->
     assert all("response_ids" not in e for e in data.train_examples), "prompt-only, for on-policy runs"
     with pytest.raises(DataError, match="task.columns.prompt cannot be null"):
         load(tmp_path, chat_model, chat_rows(), columns={"prompt": None})
+
+
+# --- every reader keeps the file's strings ------------------------------------------------------
+def test_a_gzipped_jsonl_is_read_and_its_bad_lines_named(tmp_path: Path) -> None:
+    import gzip
+
+    from lightning_unified.data.files import read_table
+
+    good = tmp_path / "train.jsonl.gz"
+    with gzip.open(good, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n\n")
+        f.write(json.dumps({"prompt": "What is 3+3?", "response": "6"}) + "\n")
+    assert [r["response"] for r in read_table(good)] == ["4", "6"]
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "a", "response": "b"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: line 2, column 2: malformed JSON"):
+        read_table(bad)
+
+
+def test_csv_cells_stay_the_files_text(tmp_path: Path) -> None:
+    """A CSV has no types: 052 stays 052 (not 52), a numeric column is text, an empty cell
+    is an empty string (not a missing value)."""
+    from lightning_unified.data.files import read_table
+
+    path = tmp_path / "train.csv"
+    path.write_text("\ufeffprompt,response,reference\nWhat is 07+45?,052,052\nWhat is 1.50 + 0?,1.50,\n", encoding="utf-8")
+    rows = list(read_table(path))
+    assert rows == [{"prompt": "What is 07+45?", "response": "052", "reference": "052"},
+                    {"prompt": "What is 1.50 + 0?", "response": "1.50", "reference": ""}]

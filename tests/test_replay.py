@@ -100,14 +100,14 @@ def test_minibatches_split_whole_prompts_and_cover_the_batch() -> None:
                     updates_per_rollout=2, minibatches=2)
     module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     rows_seen = []
-    original = module._update_batch
+    original = module.replay.select
 
     def spy_rows(batch):
         out = original(batch)
-        rows_seen.append((module._update_index, out[F.RESPONSE_IDS].shape[0], out[F.ADVANTAGES].shape[0]))
+        rows_seen.append((module.replay.index, out[F.RESPONSE_IDS].shape[0], out[F.ADVANTAGES].shape[0]))
         return out
 
-    module._update_batch = spy_rows
+    module.replay.select = spy_rows
     spy = StepSpy()
     quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[spy]).fit(module, datamodule=tiny_datamodule(batch_size=4))
     # 4 prompts x 3 samples = 12 rows; each mini-batch is 2 whole prompts = 6 rows
@@ -123,14 +123,14 @@ def test_sequence_clip_ratio_is_refreshed_before_every_update() -> None:
                     updates_per_rollout=2)
     module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     ratios = []
-    original = module._update_batch
+    original = module.replay.select
 
     def spy_rows(batch):
         out = original(batch)
         ratios.append(out)  # the importance callback writes log_ratio into this dict
         return out
 
-    module._update_batch = spy_rows
+    module.replay.select = spy_rows
     quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=tiny_datamodule(batch_size=4))
     first, second = (r[F.LOG_RATIO] for r in ratios)
     mask = ratios[0][F.RESPONSE_MASK].bool()
@@ -156,3 +156,35 @@ def test_replay_with_accumulation_is_refused() -> None:
 def test_bad_replay_settings(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=f"data_source.{field} must be >= 1"):
         OnPolicy(**{field: value})
+
+
+def test_callbacks_added_to_the_trainer_by_hand_get_the_per_update_hook() -> None:
+    """``on_update_start`` is a public hook: an exported callback handed to the Trainer
+    directly (here the ImportanceCallback, asking for GSPO's sequence ratio, taken out of
+    the module's own pipeline as a user assembling their own would), or a user's own, runs
+    before every update."""
+    import lightning as L
+
+    from lightning_unified.callbacks import ImportanceCallback
+    from lightning_unified.callbacks.host import PolicyHost
+
+    spec = OnPolicy(sampling=Sampling(num_generations=2), importance=Importance(ratio="truncated"),
+                    updates_per_rollout=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    module._pipeline = [c for c in module.configure_callbacks() if not isinstance(c, ImportanceCallback)]
+
+    class Counter(L.Callback):
+        def __init__(self) -> None:
+            self.seen = []
+
+        def on_update_start(self, trainer, pl_module, batch) -> None:
+            self.seen.append((trainer.global_step, F.LOG_RATIO in batch))
+
+    by_hand = ImportanceCallback(Importance(ratio="sequence_clip"))
+    counter = Counter()
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[by_hand, counter]).fit(
+        module, datamodule=tiny_datamodule(batch_size=4))
+    # two batches x two updates each; the hand-added ImportanceCallback ran first (the
+    # trainer's order) and wrote the sequence ratio into every update's rows
+    assert counter.seen == [(0, True), (0, True), (1, True), (1, True)]
+    assert isinstance(module, PolicyHost), "the module offers what its callbacks read"

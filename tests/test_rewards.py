@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from lightning_unified.callbacks.reward import compute_rewards
+from lightning_unified.rewards.scoring import compute_rewards
 from lightning_unified.rewards import RewardModel, length_penalty, numeric_answer, regex_format, text
 from lightning_unified.specs import Reward
 from tests.lightning_helpers import chat_tokenizer

@@ -145,6 +145,22 @@ def test_a_run_logs_the_engine_and_the_mismatch(tmp_path) -> None:
     assert masked and all(m == 0.0 for m in masked)
 
 
+@pytest.mark.parametrize("experiment", ["on_policy_distill", "self_distill", "online_dpo"])
+def test_every_sampled_method_runs_through_the_engine(experiment: str, tmp_path) -> None:
+    from lightning_unified.config import train
+    from tests.lightning_helpers import FAST_TASK, compose_config
+    from tests.test_runs import read_metrics
+
+    cfg = compose_config([f"experiment={experiment}", *FAST_TASK, "data_source.sampling.engine=vllm",
+                          "data_source.sampling.vllm.kv_cache_gib=0.25", "trainer.max_steps=2",
+                          "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null"])
+    metrics = train(cfg, tmp_path)
+    assert 0.0 <= metrics["val/exact_match"] <= 1.0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert sum(1 for r in rows if r.get("sampling/sync_seconds")) == 2
+    assert any(r.get("train/objective") for r in rows)
+
+
 def test_bad_engine_settings_are_named() -> None:
     with pytest.raises(ValueError, match="sampling.behaviour=sampled"):
         VLLMEngine(temperature=0.7, top_k=5, behaviour="tempered")

@@ -23,18 +23,28 @@ class NonFiniteError(RuntimeError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient."""
 
 
-def non_finite_fields(batch: dict) -> list[str]:
-    """The batch's floating-point fields (rewards, advantages, log-probs ...) that hold a
-    NaN or an infinity where they count (masked padding is zero by construction)."""
-    bad = []
+def _checked_fields(batch: dict) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the batch's floating-point fields (rewards, advantages, log-probs,
+    the teacher's hidden states or logits). Integer fields and masks cannot hold a NaN."""
+    out = []
     for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad.append(name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out.append((name, value))
         elif name == fields.TEACHER and value is not None:
             hidden = value.hidden if value.hidden is not None else value.logits
-            if not torch.isfinite(hidden).all():
-                bad.append(f"{name}.{'hidden' if value.hidden is not None else 'logits'}")
-    return bad
+            out.append((f"{name}.{'hidden' if value.hidden is not None else 'logits'}", hidden))
+    return out
+
+
+def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[n] bool on the device: each tensor holds only finite values. One fused multi-tensor
+    max-abs per tensor (a NaN or an infinity anywhere makes it non-finite, and a max never
+    overflows as a sum of squares would); nothing is read back to the host."""
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    # FSDP2 gradients are shards (DTensor): each rank checks its own, the caller's all-reduce joins them
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return torch.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in local], ord=float("inf"))))
 
 
 class NonFiniteGuard(L.Callback):
@@ -49,7 +59,9 @@ class NonFiniteGuard(L.Callback):
         self.mode, self.max_consecutive = mode, max_consecutive
         self.skipped = 0
         self.consecutive = 0
-        self._findings: list[str] = []
+        # this step's checks, kept on the device until the one read in on_before_optimizer_step:
+        # (which micro-batch, the names checked, [n] finite flags)
+        self._pending: list[tuple[str, list[str], torch.Tensor]] = []
         self._batch_idx = -1
 
     @override
@@ -57,30 +69,36 @@ class NonFiniteGuard(L.Callback):
                              batch_idx: int) -> None:
         # the last stage of the pipeline: every field of this micro-batch is in place
         self._batch_idx = batch_idx
-        bad = non_finite_fields(batch)
-        if bad:
-            self._findings.append(f"batch {batch_idx}: {', '.join(bad)}")
+        checked = _checked_fields(batch)
+        if checked:
+            self._pending.append((f"batch {batch_idx}", [name for name, _ in checked],
+                                  finite_flags([t for _, t in checked]).to(pl_module.device)))
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            self._findings.append(f"batch {self._batch_idx}: loss")
+        self._pending.append((f"batch {self._batch_idx}", ["loss"], torch.isfinite(loss.detach()).reshape(1)))
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        local_bad = any(not torch.isfinite(g).all() for g in grads)
-        # one small all-reduce: every rank makes the same decision
-        flag = all_reduce_sum(torch.tensor([float(local_bad)], device=pl_module.device))
-        if float(flag[0]) == 0:
+        grads_ok = finite_flags(grads).all() if grads else torch.ones((), dtype=torch.bool, device=pl_module.device)
+        # one small all-reduce, then the step's one read back to the host: whether to call the
+        # optimizer at all is a host decision, and every rank must make the same one
+        flag = all_reduce_sum((~grads_ok).to(torch.float64).reshape(1).to(pl_module.device))
+        bad_step = bool(flag[0] > 0)
+        pending, self._pending = self._pending, []
+        if not bad_step:
             self.consecutive = 0
-            self._findings.clear()
             pl_module.log("train/skipped_steps", float(self.skipped), batch_size=1)
             return
+        bad = []
+        for where, names, flags in pending:
+            found = [name for name, ok in zip(names, flags.tolist()) if not ok]
+            if found:
+                bad.append(f"{where}: {', '.join(found)}")
         self.skipped += 1
         self.consecutive += 1
-        findings = "; ".join(self._findings) or "the gradient only (every batch field and the loss were finite)"
-        self._findings.clear()
+        findings = "; ".join(bad) or "the gradient only (every batch field and the loss were finite)"
         if self.mode == "stop" or self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"step {trainer.global_step}: non-finite gradient ({findings}); "

@@ -7,7 +7,7 @@ import lightning as L
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.callbacks.reward import compute_rewards, decode_prompts, decode_responses
+from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import Preference
@@ -44,8 +44,10 @@ class PreferenceCallback(L.Callback):
         batch[fields.COMPLETIONS] = completions
         rewards, parts = compute_rewards(
             self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
-            prompts=decode_prompts(pl_module.tokenizer, batch),
-            completion_ids=batch[fields.RESPONSE_IDS], completion_mask=batch[fields.RESPONSE_MASK])
+            completion_ids=batch[fields.RESPONSE_IDS], completion_mask=batch[fields.RESPONSE_MASK],
+            # decoded only for functions that name them
+            **({"prompts": decode_prompts(pl_module.tokenizer, batch)}
+               if any(names_parameter(r.fn, "prompts") for r in self.signal.rewards) else {}))
         rewards = rewards.to(batch[fields.RESPONSE_IDS].device)
         batch[fields.REWARDS] = rewards
         batch[fields.PREFERENCE] = pairs_from_rewards(rewards, batch.get(fields.GROUP_SIZE, 1))

@@ -11,36 +11,8 @@ from typing_extensions import override
 from lightning_unified import batch as fields
 from lightning_unified.losses import advantages as estimators
 from lightning_unified.losses.aggregation import all_reduce_sum
-from lightning_unified.specs import Reference, Reward, Sparse
-
-
-def reward_name(reward: Reward) -> str:
-    fn = getattr(reward.fn, "func", reward.fn)
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
-def compute_rewards(rewards: list[Reward], **inputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of every reward function, [B], and each one's batch mean. A
-    function that raises, or returns the wrong shape or a non-finite value, is named."""
-    total, parts = None, {}
-    size = len(inputs["completions"])
-    for reward in rewards:
-        name = reward_name(reward)
-        try:
-            value = torch.as_tensor(reward.fn(**inputs), dtype=torch.float32).cpu()
-        except Exception as error:
-            raise RuntimeError(f"reward {name} raised {type(error).__name__}: {error}") from error
-        if value.shape != (size,):
-            raise ValueError(
-                f"reward {name} returned shape {tuple(value.shape)}; it must return one float per completion, "
-                f"shape ({size},)"
-            )
-        if not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
-            raise ValueError(f"reward {name} returned non-finite values {value[bad].tolist()} for completions {bad}")
-        parts[name] = value.mean()
-        total = reward.weight * value if total is None else total + reward.weight * value
-    return total, parts
+from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
+from lightning_unified.specs import Reference, Sparse
 
 
 def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Tensor:
@@ -59,16 +31,6 @@ def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Ten
     return fn(rewards, group_size=group_size)
 
 
-def decode_responses(tokenizer, batch: dict) -> list[str]:
-    ids, mask = batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK]
-    return tokenizer.batch_decode(torch.where(mask.bool(), ids, tokenizer.pad_token_id), skip_special_tokens=True)
-
-
-def decode_prompts(tokenizer, batch: dict) -> list[str]:
-    ids, mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
-    return tokenizer.batch_decode(torch.where(mask.bool(), ids, tokenizer.pad_token_id), skip_special_tokens=True)
-
-
 class RewardCallback(L.Callback):
     """Scores sampled responses (RL), or the dataset's when ``reward_data`` is set
     (reward-weighted SFT: the reward itself is the weight, with no baseline, so data tokens
@@ -77,6 +39,7 @@ class RewardCallback(L.Callback):
 
     def __init__(self, signal: Sparse, reference: Reference | None = None):
         self.signal = signal
+        self.needs_prompts = any(names_parameter(r.fn, "prompts") for r in signal.rewards)
         self.k1 = reference if reference is not None and reference.estimator == "k1" else None
 
     @override
@@ -97,8 +60,9 @@ class RewardCallback(L.Callback):
             batch[fields.COMPLETIONS] = completions
             rewards, parts = compute_rewards(
                 self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
-                prompts=decode_prompts(pl_module.tokenizer, batch), completion_ids=response_ids,
-                completion_mask=mask)
+                completion_ids=response_ids, completion_mask=mask,
+                # decoded only for functions that name them (a reward model does)
+                **({"prompts": decode_prompts(pl_module.tokenizer, batch)} if self.needs_prompts else {}))
             for name, value in parts.items():
                 pl_module.log(f"reward/{name}", value, batch_size=n)
         rewards = rewards.to(response_ids.device)

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.callbacks.reward import decode_prompts
+from lightning_unified.rewards.scoring import decode_prompts
 
 
 class SampleLog(L.Callback):

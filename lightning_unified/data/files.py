@@ -10,6 +10,7 @@ of what was dropped is said in the log.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -29,6 +30,10 @@ REQUIRED = ("prompt",)
 OVERLONG = ("error", "drop")
 
 
+# the roles chat templates know; a typo such as "usr" would pass a permissive template silently
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class DataError(ValueError):
     """Bad input in a data file; the message names the file and the line, row or column."""
 
@@ -45,14 +50,23 @@ def _format(path: Path) -> str:
     return formats[suffix]
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    """'line N, column C: reason' of the first line that is not a JSON object, if any."""
-    opener = open
+def _open_text(path: Path):
+    """The file as UTF-8 text, decompressed when it ends in .gz."""
     if path.suffix == ".gz":
         import gzip
 
-        opener = gzip.open
-    with opener(path, "rt", encoding="utf-8") as f:
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _has_no_content(path: Path) -> bool:
+    with _open_text(path) as f:
+        return not any(line.strip() for line in f)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N, column C: reason' of the first line that is not a JSON object, if any."""
+    with _open_text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -73,11 +87,21 @@ def read_table(path: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     kind = _format(path)
+    if kind in ("json", "csv") and _has_no_content(path):
+        raise DataError(f"{path} is empty: it holds no examples")
     try:
         if kind == "saved":
             table = datasets.load_from_disk(str(path))
         elif kind == "directory":
             table = datasets.load_dataset(str(path), split="train")
+        elif kind == "csv":
+            # a CSV has no types: every cell is the file's text (a reference written 052 stays
+            # 052, an empty cell stays empty), never a guessed number or a missing value
+            with open(path, encoding="utf-8-sig", newline="") as f:  # a byte-order mark is not a name
+                header = next(csv.reader(f), [])
+            text = datasets.Features({name: datasets.Value("string") for name in header})
+            table = datasets.load_dataset("csv", data_files=str(path), split="train", features=text,
+                                          keep_default_na=False)
         else:
             table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:
@@ -118,7 +142,7 @@ class _Locator:
         if self.kind != "json":
             return f"{self.path}, row {row}"
         if self._lines is None:
-            with open(self.path, encoding="utf-8") as f:
+            with _open_text(self.path) as f:
                 self._lines = [n for n, line in enumerate(f, start=1) if line.strip()]
         return f"{self.path}, line {self._lines[row]}" if row < len(self._lines) else f"{self.path}, row {row}"
 
@@ -170,6 +194,9 @@ def _check_prompt(value, column: str, where: str):
         for key in ("role", "content"):
             if not isinstance(message.get(key), str) or (key == "role" and not message[key]):
                 raise DataError(f"{where}: column {column!r}, message {i} has no {key!r}")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: column {column!r}, message {i} has role {message['role']!r}; a chat "
+                            f"message's role is one of {', '.join(CHAT_ROLES)}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -204,6 +231,11 @@ def tokenize_table(
             example["reference"] = str(reference)
         if "reward" in resolved:
             reward = record[resolved["reward"]]
+            if isinstance(reward, str):  # a CSV cell is text
+                try:
+                    reward = float(reward)
+                except ValueError:
+                    pass
             if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
                 raise DataError(f"{where}: column {resolved['reward']!r} must be a finite number, got {reward!r}")
             example["reward"] = float(reward)

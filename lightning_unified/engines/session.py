@@ -35,6 +35,15 @@ class EngineSession:
         self.last_sync_seconds: float | None = None
         _SESSIONS.add(self)
 
+    @classmethod
+    def for_sampling(cls, sampling=None) -> EngineSession:
+        """The session a :class:`~lightning_unified.specs.Sampling` spec asks for (None: the
+        ``hf`` engine, for validation alone)."""
+        if sampling is None:
+            return cls()
+        return cls(sampling.engine, sampling.vllm, sampling.sync_every, temperature=sampling.temperature,
+                   top_k=sampling.top_k, top_p=sampling.top_p, behaviour=sampling.behaviour)
+
     def ready(self, policy: nn.Module, optimizer_step: float) -> RolloutEngine:
         """The engine, started and synced as the schedule says for ``optimizer_step``."""
         if self._engine.shares_weights:

@@ -40,9 +40,17 @@ class LossCounts(NamedTuple):
 
 
 def loss_counts(mask: Tensor) -> LossCounts:
-    """Counts of the tokens and sequences of ``mask`` [B, T] that enter the loss."""
+    """Counts of the tokens and sequences of ``mask`` [B, T] that enter the loss (read back
+    to the host: for tests and tools, not the step, which keeps :func:`count_tensor`)."""
+    tokens, sequences = count_tensor(mask).tolist()
+    return LossCounts(tokens=tokens, sequences=sequences)
+
+
+def count_tensor(mask: Tensor) -> Tensor:
+    """[2] float64 on ``mask``'s device: the tokens and the sequences of ``mask`` [B, T] that
+    enter the loss, never read back to the host."""
     mask = mask.bool()
-    return LossCounts(tokens=float(mask.sum()), sequences=float(mask.any(-1).sum()))
+    return torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64)
 
 
 def all_reduce_sum(values: Tensor, group=None) -> Tensor:

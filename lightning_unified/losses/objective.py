@@ -170,12 +170,16 @@ def _kept_tokens(
     keep = (token_scale != 0).nonzero().squeeze(-1)
     targets = targets.index_select(0, keep)
     out_of_range = (targets < 0) | (targets >= vocab_size)
-    if out_of_range.any():
-        bad = targets[out_of_range][0].item()
-        raise ValueError(
-            f"targets hold token id {bad} at a position with nonzero token_scale; ids must lie "
-            f"in [0, {vocab_size}) wherever the loss is computed (mask ignored positions with scale 0)"
-        )
+    message = (f"at a position with nonzero token_scale; ids must lie in [0, {vocab_size}) wherever the loss is "
+               f"computed (mask ignored positions with scale 0)")
+    if targets.device.type == "cpu":
+        # on a CPU a read back stalls nothing: name the id
+        if out_of_range.any():
+            raise ValueError(f"targets hold token id {targets[out_of_range][0].item()} {message}")
+    else:
+        # on an accelerator, checked on the device and never read back on the hot path: a bad
+        # id surfaces as a device-side assert with this message at the next sync
+        torch._assert_async(~out_of_range.any(), f"targets hold a token id outside the vocabulary {message}")
     kept_fields = {k: v.index_select(0, keep) for k, v in flat_fields.items()}
     kept_teacher = None if teacher is None else teacher.flattened(leading).select(keep)
     return keep, rows.reshape(-1, rows.shape[-1]), targets, token_scale.index_select(0, keep), kept_fields, kept_teacher

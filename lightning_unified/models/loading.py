@@ -48,19 +48,65 @@ def load_causal_lm(
     is reachable. ``trust_remote_code`` stays off unless asked for: a checkpoint's own
     Python code runs only with the user's consent."""
     if _looks_local(path):
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no Hugging Face checkpoint at {path} (config.json is missing)")
+        path = check_model_directory(path, weights=True)
     kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise FileNotFoundError(
             f"could not load a causal LM from {str(path)!r}: not a local checkpoint directory, and the hub "
             f"({error.__class__.__name__}) did not give one"
         ) from error
+    check_causal(model, str(path))
+    return model
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_directory(path: str | Path, *, weights: bool = False, tokenizer: bool = False) -> Path:
+    """``path`` as a local Hugging Face directory, or an error that says what is wrong with
+    it: missing, a file, no config.json (a model's), no weights, no tokenizer files (a
+    tokenizer's, which needs no config.json)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a model directory, as save_pretrained writes it, was expected)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; give the model's directory (the one save_pretrained wrote)")
+    if not tokenizer and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory "
+                                f"(it holds {found or 'nothing'})")
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} has a config.json but no weights (one of {', '.join(WEIGHT_FILES)})")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise FileNotFoundError(f"{path} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}; it holds "
+                                f"{found or 'nothing'}): save the tokenizer there too (tokenizer.save_pretrained), "
+                                f"or set task.tokenizer")
+    return path
+
+
+@torch.no_grad()
+def check_causal(model: nn.Module, name: str) -> None:
+    """Refuse a model whose outputs see later tokens (an encoder such as BERT loaded as a
+    language-model head): trained as a policy it would learn from the future. Changing the
+    last of four tokens must leave the first three positions' logits as they were."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    first, second = (torch.tensor([[1, 2, 3, last]]) % vocab for last in (4, 5))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        a, b = (model(input_ids=ids.to(device)).logits[0, :3].float() for ids in (first, second))
+    finally:
+        model.train(was_training)
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):  # a causal model computes those positions identically
+        raise ValueError(f"{name}: {type(model).__name__} is not a causal decoder (its output at a position changes "
+                         f"when a later token does); only causal language models train as policy, teacher or "
+                         f"reference")
 
 
 def has_tokenizer(path: str | Path | None) -> bool:
@@ -71,6 +117,8 @@ def load_tokenizer(path: str | Path, *, pad_token: str | None = None, trust_remo
                    ) -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory, ready for batches: prompts are left-padded, and
     a tokenizer without a pad token gets ``pad_token`` (default: its EOS), said in the log."""
+    if _looks_local(path):
+        path = check_model_directory(path, tokenizer=True)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if pad_token is not None and pad_token != tokenizer.pad_token:
@@ -234,3 +282,19 @@ def response_hidden(
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     # position p predicts token p + 1: the last prompt token predicts the first response token
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
+
+
+def trainable_policy(policy, tokenizer):
+    """(policy, tokenizer) ready to train: loaded when given as paths, their vocabularies
+    checked against each other, the policy in train mode with the loss head installed (the
+    loss runs inside the head's forward, which FSDP2 needs)."""
+    from lightning_unified.models.loss_head import install_loss_head  # it imports this module
+
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    model = load_causal_lm(policy) if isinstance(policy, str) else policy
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"policy must be a Hugging Face causal LM or a path to one, got {type(policy).__name__}")
+    check_vocabulary(model, tokenizer, "policy")
+    model.train()  # from_pretrained returns eval mode; Lightning toggles it from here on
+    install_loss_head(model)
+    return model, tokenizer

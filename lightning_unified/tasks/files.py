@@ -63,6 +63,7 @@ class FilesDataModule(L.LightningDataModule):
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
         self._val_rewards = dict(val_rewards) if val_rewards else {"exact_match": exact_match}
         stop = end_of_turn_id(self.tokenizer)
+        self.train_path = train
         self.train_examples = self._load(train, columns, stop)
         self.val_examples = self._load(val, columns, stop) if val is not None else []
         log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,

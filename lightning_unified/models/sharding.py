@@ -1,0 +1,65 @@
+"""FSDP2 (``ModelParallelStrategy``): how the policy is cut into shard units, and what
+Lightning's evaluation loops must do differently for a sharded policy."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_unified.models.loading import decoder
+
+
+def is_sharded(policy: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in policy.parameters())
+
+
+def shard_policy(policy: nn.Module, mesh) -> None:
+    """Shard each decoder layer, the embeddings and the loss head as their own units
+    (embeddings and head as one unit when they share their weight), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    # the blocks Hugging Face never splits across devices (decoder layers) are the units
+    blocks = set(getattr(policy, "_no_split_modules", None) or [])
+    body = decoder(policy)
+    for module in body.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    head = policy.get_output_embeddings()
+    if head.weight is policy.get_input_embeddings().weight:
+        # tied embeddings (SmolLM2, Gemma): one parameter, so one unit for both modules
+        fully_shard([body, head], mesh=mesh)
+    else:
+        fully_shard(body, mesh=mesh)
+        fully_shard(head, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+
+
+def initialise_root(policy: nn.Module, device: torch.device) -> None:
+    """Run one token through the whole sharded policy, so FSDP2 takes it as the root. The
+    loss calls the decoder directly (the head runs the loss inside its own forward): were a
+    run's first forward a training step (a resumed run, or validate_first=false), the
+    decoder would become the root, and the policy's next forward (validation's generate)
+    would fail with "FSDP state has already been lazily initialized"."""
+    was_training = policy.training
+    policy.eval()  # no dropout: the forward draws nothing from the random stream
+    try:
+        with torch.no_grad():
+            policy(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    finally:
+        policy.train(was_training)
+
+
+def evaluate_without_inference_mode(trainer: L.Trainer) -> None:
+    """Under ModelParallelStrategy (FSDP2), validate under no_grad, not inference_mode:
+    FSDP2's unshard inside ``generate`` writes to parameters, and "Inference tensors do
+    not track version counter" stops the run (on NCCL; Lightning already uses no_grad
+    on gloo, and for FSDP1)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    for loop in (trainer.validate_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.test_loop, trainer.predict_loop):
+        loop.inference_mode = False

@@ -1,0 +1,142 @@
+"""A user's mistakes never cost data or silently change the run: each case here went on,
+wrong, or pointed the wrong way, before it was refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_unified.config import build_run, train
+from lightning_unified.data.files import DataError, read_table
+from lightning_unified.models.loading import load_causal_lm, load_tokenizer
+from tests.lightning_helpers import FAST_TASK, compose_config, save_chat_model
+from tests.test_runs import ROOT
+
+SHORT = ["experiment=sft", *FAST_TASK, "trainer.max_steps=2", "trainer.val_check_interval=2",
+         "checkpoint_every_n_steps=2", "save_policy=null"]
+
+
+# --- one run per directory; nothing written before the checks pass --------------------------------
+def test_a_second_run_into_a_finished_runs_directory_is_refused(tmp_path: Path) -> None:
+    train(compose_config(SHORT), tmp_path)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics.csv, checkpoints\): add resume=true"):
+        train(compose_config([*SHORT, "optimizer.lr=1e-2"]), tmp_path)
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+
+
+def test_a_refused_resume_leaves_the_runs_metrics_whole(tmp_path: Path) -> None:
+    train(compose_config([*SHORT, "trainer.max_steps=3", "checkpoint_every_n_steps=2"]), tmp_path)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match="the checkpoint was written by a run with"):
+        train(compose_config([*SHORT, "experiment=distill", "trainer.max_steps=3", "resume=true"]), tmp_path)
+    assert (tmp_path / "metrics.csv").read_bytes() == before, "nothing is cut before the checkpoint is accepted"
+
+
+def test_a_garbage_checkpoint_is_named(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(ValueError, match=r"last\.ckpt cannot be read as a checkpoint .* may be truncated"):
+        train(compose_config([*SHORT, "resume=true"]), tmp_path)
+
+
+def test_compare_refuses_two_runs_in_one_file_and_skips_a_crashed_run(tmp_path: Path) -> None:
+    def write(run: str, steps: list[int]) -> None:
+        (tmp_path / run / ".hydra").mkdir(parents=True)
+        rows = "".join(f"{s},0.5,{s}.0,{10 * s}\n" for s in steps)
+        (tmp_path / run / "metrics.csv").write_text("step,val/exact_match,train/train_seconds,train/tokens_seen\n" + rows)
+
+    write("0_good", [0, 1, 2])
+    (tmp_path / "1_crashed" / ".hydra").mkdir(parents=True)
+    script = [sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path), "--out", str(tmp_path / "out")]
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1_crashed has no metrics.csv" in done.stderr and "0_good" in (tmp_path / "out" / "comparison.md").read_text()
+    write("2_mixed", [0, 1, 2, 0, 1])
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "2_mixed/metrics.csv, line 5: step 0 after step 2" in done.stderr
+
+
+# --- only causal decoders -----------------------------------------------------------------------
+def test_an_encoder_is_refused_as_a_causal_lm(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"BertLMHeadModel is not a causal decoder"):
+        load_causal_lm(tmp_path)
+
+
+# --- a model directory that is not one ---------------------------------------------------------------
+def test_a_model_path_that_is_not_a_model_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no tokenizer .*holds nothing"):
+        load_tokenizer(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file.txt is a file"):
+        load_tokenizer(tmp_path / "file.txt")
+    model = Path(save_chat_model(tmp_path / "model"))
+    (model / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has a config.json but no weights"):
+        load_causal_lm(model)
+    (model / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no config.json, so it is not a Hugging Face model directory"):
+        load_causal_lm(model)
+
+
+# --- data ----------------------------------------------------------------------------------------------
+def test_an_empty_jsonl_says_it_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=r"train.jsonl is empty: it holds no examples"):
+        read_table(path)
+
+
+def test_a_chat_role_typo_is_named_with_its_line_and_message(tmp_path: Path) -> None:
+    model = save_chat_model(tmp_path / "model")
+    rows = [{"prompt": [{"role": "user", "content": "What is 1+1?"}], "response": "2"},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "usr", "content": "2+2?"}],
+             "response": "4"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(["experiment=sft", "task=files", f"task.train={path}", f"model.path={model}"])
+    # Hydra wraps the DataError, message kept, in an InstantiationException
+    with pytest.raises(Exception, match=r"train.jsonl, line 2: column 'prompt', message 1 has role 'usr'"):
+        build_run(cfg, tmp_path / "run")
+
+
+def test_a_mixed_source_on_a_prompt_only_file_is_refused_at_start(tmp_path: Path) -> None:
+    model = save_chat_model(tmp_path / "model")
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
+    cfg = compose_config(["experiment=gkd", "task=files", f"task.train={path}", f"model.path={model}",
+                          f"teacher.path={model}"])
+    with pytest.raises(ValueError, match=r"data_source=mixed keeps the data's responses in 50% of its batches, but "
+                                         r".*train.jsonl has none"):
+        build_run(cfg, tmp_path / "run")
+
+
+# --- settings that can only fail, refused before any model work --------------------------------------
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optimizer.lr=-0.001"], r"optimizer.lr must be a number > 0, got -0.001"),
+    (["experiment=rl", "data_source.sampling.num_generations=1"], r"signal.advantage='grpo' compares each sample"),
+    (["experiment=online_dpo", "data_source.sampling.num_generations=1"], r"online DPO picks a chosen and a rejected"),
+])
+def test_settings_that_can_only_fail_are_refused_before_loading(overrides: list[str], message: str,
+                                                                tmp_path: Path) -> None:
+    # a model path that does not exist: the setting is refused before anything looks for it
+    cfg = compose_config([*overrides, "task=files", f"task.train={tmp_path / 'none.jsonl'}",
+                          f"model.path={tmp_path / 'none'}",
+                          "signal.rewards=[{_target_: lightning_unified.specs.Reward, "
+                          "fn: {_target_: lightning_unified.rewards.exact_match, _partial_: true}}]"])
+    with pytest.raises(ValueError, match=message):
+        build_run(cfg, tmp_path / "run")
