@@ -7,7 +7,7 @@ lives in :mod:`lightning_unified.losses`: :mod:`~lightning_unified.losses.object
 one place where gradients flow, :mod:`~lightning_unified.losses.weights` holds the weight
 builders. Models are in :mod:`lightning_unified.models`, data in
 :mod:`lightning_unified.data`, rewards in :mod:`lightning_unified.rewards`, tasks in
-:mod:`lightning_unified.tasks`.
+:mod:`lightning_unified.tasks`, rollout engines (hf, vllm) in :mod:`lightning_unified.engines`.
 """
 
 from lightning_unified.losses.aggregation import (
@@ -28,6 +28,8 @@ from lightning_unified.callbacks import (
     SamplingCallback,
     TeacherCallback,
 )
+from lightning_unified.callbacks.host import PolicyHost, UpdateHook
+from lightning_unified.engines import GenerationRequest, Rollout, RolloutEngine, build_engine
 from lightning_unified.module import UnifiedModule
 from lightning_unified.losses.objective import (
     TeacherLogits,
@@ -51,6 +53,12 @@ from lightning_unified.losses.token_weights import TokenWeights
 
 __all__ = [
     "AGGREGATIONS",
+    "GenerationRequest",
+    "PolicyHost",
+    "Rollout",
+    "RolloutEngine",
+    "UpdateHook",
+    "build_engine",
     "Dense",
     "Importance",
     "ImportanceCallback",

@@ -39,8 +39,7 @@ PREFERENCE_WEIGHT = "preference_weight"  # [B, R] float, the pair's sequence-lev
 PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over its tokens (sums to the pair's loss)
 
 # --- importance callback ---------------------------------------------------------------
-LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed (sequence-level) log pi_theta / mu
-MASK_LOG_RATIO = "mask_log_ratio"  # [B, R] float, the sequence-level log ratio a masking band (importance.mask_level=sequence) is tested on
+LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed sequence-level log pi_theta / mu (GSPO, importance.level=sequence)
 
 # The fields a weight builder may take from the batch, each [B, R, ...] like the response.
 PER_TOKEN_FIELDS = (
@@ -50,7 +49,6 @@ PER_TOKEN_FIELDS = (
     TEACHER_TOKEN_LOGP,
     ADVANTAGES,
     LOG_RATIO,
-    MASK_LOG_RATIO,
     REFERENCE_LOGP,
     PREFERENCE_WEIGHT,
     PREFERENCE_LOSS,

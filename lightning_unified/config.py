@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
 from lightning_unified.pipeline import check_method
+from lightning_unified.rewards.scoring import names_parameter, reward_name
 from lightning_unified.specs import Preference
 from lightning_unified.tasks.addition import checkpoint_path
 
@@ -99,13 +100,22 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
 
 def check_data_has_responses(datamodule, data_source, signal) -> None:
     """Off-policy data, and the off-policy share of a mixed source, train on the data's
-    responses: a prompt-only file is refused at start, not at its first off-policy batch."""
+    responses, and rewards that compare with a reference need the data's references: data
+    without them is refused at start, not at the first batch that needs them."""
     examples = getattr(datamodule, "train_examples", None)
-    uses_data = not data_source.samples or data_source.probability < 1
-    if not examples or not uses_data or isinstance(signal, Preference):
+    if not examples:
         return
+    rewards = getattr(signal, "rewards", None) or []
+    needs = sorted({reward_name(r) for r in rewards if names_parameter(r.fn, "references")})
+    if needs and "reference" not in examples[0] and (data_source.samples or getattr(signal, "reward_data", False)):
+        raise ValueError(f"signal.rewards {needs} compare each answer with a reference, but "
+                         f"{getattr(datamodule, 'train_path', 'the training data')} has no reference column "
+                         f"(task.columns.reference)")
+    uses_data = not data_source.samples or data_source.probability < 1
+    if not uses_data or isinstance(signal, Preference):
+        return
+    where = getattr(datamodule, "train_path", "the training data")
     if "response_ids" not in examples[0]:
-        where = getattr(datamodule, "train_path", "the training data")
         what = ("data_source=off_policy trains on the data's responses" if not data_source.samples else
                 f"data_source=mixed keeps the data's responses in {1 - data_source.probability:.0%} of its batches")
         raise ValueError(f"{what}, but {where} has none (no response column): add one (task.columns.response), "

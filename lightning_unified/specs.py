@@ -92,10 +92,12 @@ class Importance:
     sampling at temperature 1); ``token``: rho_t = pi_theta(y_t) / mu(y_t); ``truncated``:
     min(rho_t, truncate); ``ppo_clip``: PPO's clipped surrogate with eps_low/eps_high
     (DAPO's clip-higher when eps_high > eps_low); ``sequence_clip``: the same clip on GSPO's
-    sequence-level ratio. ``mask_low`` / ``mask_high`` (None: off) drop the tokens, or with
-    ``mask_level="sequence"`` the whole sequences, whose ratio lies outside that band
-    (masked importance sampling, IcePop): the guard against a sampler, such as an inference
-    engine, that disagrees with the trainer.
+    sequence-level ratio. ``mask_low`` / ``mask_high`` (None: off) drop the tokens whose ratio
+    lies outside that band (masked importance sampling, IcePop): the guard against a
+    sampler, such as an inference engine, that disagrees with the trainer. ``level``: the
+    ratio these act on, each token's own (``token``) or its sequence's geometric mean
+    (``sequence``, as GSPO's): sequence-level truncation (TIS) and masking (MIS) keep or cut
+    a whole response at once.
     """
 
     ratio: str = "truncated"
@@ -104,15 +106,20 @@ class Importance:
     eps_high: float = 0.28
     mask_low: float | None = None
     mask_high: float | None = None
-    mask_level: str = "token"
+    level: str = "token"
 
     @property
     def masks(self) -> bool:
         return self.mask_low is not None or self.mask_high is not None
 
+    @property
+    def sequence_level(self) -> bool:
+        """The ratio of each sequence (GSPO's geometric mean), not of each token."""
+        return self.ratio == "sequence_clip" or (self.level == "sequence" and self.ratio != "none")
+
     def __post_init__(self) -> None:
         _one_of("importance", "ratio", self.ratio, RATIOS)
-        _one_of("importance", "mask_level", self.mask_level, ("token", "sequence"))
+        _one_of("importance", "level", self.level, ("token", "sequence"))
         if self.masks and self.ratio == "none":
             raise ValueError("importance.mask_low / mask_high test the importance ratio; importance.ratio=none has none")
         if (self.mask_low is not None and self.mask_low < 0) or (self.mask_high is not None and self.mask_high <= 0):

@@ -18,8 +18,9 @@ from lightning_unified.specs import Dense, Importance, Preference, Reference, Sp
 
 @cache
 def _configured(builder: WeightFn, **settings) -> WeightFn:
-    """One partial per (builder, settings), reused every step: the loss caches each
-    builder's signature, and a fresh partial per step would grow that cache forever."""
+    """One partial per (builder, settings), the same object every step: the compiled chunk
+    math (``module.compile_loss``) guards on the function it traced, and a fresh partial per
+    step would not match it."""
     return partial(builder, **settings)
 
 
@@ -30,15 +31,15 @@ def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None)
     if fields.BEHAVIOUR_LOGP not in batch or importance is None or importance.ratio == "none":
         return weights.advantage_indicator
     band = {"mask_low": importance.mask_low, "mask_high": importance.mask_high} if importance.masks else {}
-    if importance.ratio == "sequence_clip":
-        fields.require(batch, fields.LOG_RATIO, who="importance.ratio=sequence_clip (GSPO's sequence ratio)")
-    if importance.masks and importance.mask_level == "sequence":
-        fields.require(batch, fields.MASK_LOG_RATIO, who="importance.mask_level=sequence")
+    if importance.sequence_level:
+        # the importance callback's sequence ratio; without it the builder would fall back to
+        # token ratios and silently train another method
+        fields.require(batch, fields.LOG_RATIO, who=f"importance.ratio={importance.ratio} at the sequence level")
     if importance.ratio == "token":
         return _configured(weights.importance_weighted_advantage, **band) if band else weights.importance_weighted_advantage
     if importance.ratio == "truncated":
         return _configured(weights.importance_weighted_advantage, truncate=importance.truncate, **band)
-    # ppo_clip, or sequence_clip with the importance callback's LOG_RATIO field
+    # ppo_clip, or sequence_clip (GSPO: ppo_clip on the LOG_RATIO field)
     return _configured(weights.ppo_clip, eps_low=importance.eps_low, eps_high=importance.eps_high, **band)
 
 

@@ -76,7 +76,7 @@ def grpo_cell(args, engine: str) -> dict:
     overrides = ["experiment=smollm2_grpo", f"model.path={args.model}", f"task.train={Path(args.data) / 'train.jsonl'}",
                  f"task.val={Path(args.data) / 'val.jsonl'}", f"task.max_response_tokens={args.gen}",
                  f"trainer.max_steps={args.warmup + args.steps}", "+trainer.limit_val_batches=0",
-                 "trainer.enable_progress_bar=false", "save_policy=null", "module.samples_every_n_steps=null",
+                 "+trainer.enable_progress_bar=false", "save_policy=null", "module.samples_every_n_steps=null",
                  f"data_source.sampling.engine={engine}"]
     cfg = compose_config(overrides)
     run = build_run(cfg, Path(args.scratch) / f"grpo_{engine}")

@@ -121,14 +121,18 @@ def test_the_mask_band_drops_exactly_the_tokens_outside_it() -> None:
     clipped = ppo_clip(student_logp, targets, advantages, behaviour, eps_low=0.9, eps_high=10.0,
                        mask_low=0.5, mask_high=2.0)
     assert (clipped.coef[outside] == 0).all() and (clipped.coef[~outside] != 0).any()
-    # a sequence-level band keeps or drops by the sequence's ratio, whatever the token's
-    kept_sequence = torch.zeros(6, dtype=torch.float64)  # log ratio 0: ratio 1, inside
-    whole = importance_weighted_advantage(student_logp, targets, advantages, behaviour, mask_log_ratio=kept_sequence,
+    # at the sequence level (importance.level=sequence) the weight, its truncation and the
+    # band all act on the sequence's ratio, whatever each token's
+    kept_sequence = torch.zeros(6, dtype=torch.float64)  # log ratio 0: ratio 1, inside the band
+    whole = importance_weighted_advantage(student_logp, targets, advantages, behaviour, kept_sequence,
                                           mask_low=0.5, mask_high=2.0)
-    torch.testing.assert_close(whole.coef, plain.coef)
+    torch.testing.assert_close(whole.coef, advantages)
     dropped_sequence = torch.full((6,), 3.0, dtype=torch.float64)  # ratio e^3, outside
-    assert (importance_weighted_advantage(student_logp, targets, advantages, behaviour, mask_log_ratio=dropped_sequence,
+    assert (importance_weighted_advantage(student_logp, targets, advantages, behaviour, dropped_sequence,
                                           mask_low=0.5, mask_high=2.0).coef == 0).all()
+    truncated = importance_weighted_advantage(student_logp, targets, advantages, behaviour, dropped_sequence,
+                                              truncate=2.0)
+    torch.testing.assert_close(truncated.coef, 2.0 * advantages)  # sequence-level TIS: min(e^3, 2) = 2
 
 
 def test_a_masked_band_needs_a_ratio_and_an_order() -> None:
@@ -148,3 +152,5 @@ def test_sequence_clip_without_its_sequence_ratio_is_refused() -> None:
     batch = {F.ADVANTAGES: torch.zeros(2, 3), F.BEHAVIOUR_LOGP: torch.zeros(2, 3)}
     with pytest.raises(KeyError, match="log_ratio"):
         sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="sequence_clip"))
+    with pytest.raises(KeyError, match="log_ratio"):
+        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="truncated", level="sequence"))

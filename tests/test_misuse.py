@@ -140,3 +140,21 @@ def test_settings_that_can_only_fail_are_refused_before_loading(overrides: list[
                           "fn: {_target_: lightning_unified.rewards.exact_match, _partial_: true}}]"])
     with pytest.raises(ValueError, match=message):
         build_run(cfg, tmp_path / "run")
+
+
+def test_rewards_that_need_references_on_data_without_them_are_refused_at_start(tmp_path: Path) -> None:
+    model = save_chat_model(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "What is 1+1?", "reference": "2"}) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n")
+    cfg = compose_config(["experiment=sft", "task=files", f"task.train={tmp_path / 'train.jsonl'}",
+                          f"task.val={tmp_path / 'val.jsonl'}", f"model.path={model}", "task.columns.response=null"])
+    with pytest.raises(Exception, match=r"val.jsonl: task.val_rewards \['exact_match'\] compare each answer with a "
+                                        r"reference, but the file has no 'reference' column"):
+        build_run(cfg, tmp_path / "run")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
+    cfg = compose_config(["experiment=rl", "task=files", f"task.train={tmp_path / 'train.jsonl'}", f"model.path={model}",
+                          "signal.rewards=[{_target_: lightning_unified.specs.Reward, "
+                          "fn: {_target_: lightning_unified.rewards.numeric_answer, _partial_: true}}]"])
+    with pytest.raises(ValueError, match=r"signal.rewards \['numeric_answer'\] compare each answer with a reference, "
+                                         r"but .*train.jsonl has no reference column"):
+        build_run(cfg, tmp_path / "run")

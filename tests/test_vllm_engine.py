@@ -132,7 +132,7 @@ def test_a_run_logs_the_engine_and_the_mismatch(tmp_path) -> None:
                           "data_source.sampling.num_generations=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
                           # IcePop's band on whole sequences: nothing falls outside it at this mismatch
                           "data_source.importance.mask_low=0.5", "data_source.importance.mask_high=2.0",
-                          "data_source.importance.mask_level=sequence",
+                          "data_source.importance.level=sequence",
                           "trainer.log_every_n_steps=1", "save_policy=null"])
     metrics = train(cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.csv")

@@ -24,18 +24,12 @@ class ImportanceCallback(L.Callback):
 
     def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
-        spec = self.importance
-        sequence_mask = spec.masks and spec.mask_level == "sequence"
-        if (spec.ratio != "sequence_clip" and not sequence_mask) or fields.BEHAVIOUR_LOGP not in batch:
+        if not self.importance.sequence_level or fields.BEHAVIOUR_LOGP not in batch:
             return
         mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature)
-        log_ratio = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
-        if spec.ratio == "sequence_clip":
-            batch[fields.LOG_RATIO] = log_ratio
-        if sequence_mask:
-            batch[fields.MASK_LOG_RATIO] = log_ratio
+        batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int) -> None:
@@ -44,7 +38,7 @@ class ImportanceCallback(L.Callback):
             return
         mask = batch[fields.RESPONSE_MASK]
         spec = self.importance
-        if spec.ratio == "sequence_clip":
+        if spec.sequence_level:
             log_ratio = sequence_log_ratio(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
         else:
             log_ratio = (outputs["target_logp"] - batch[fields.BEHAVIOUR_LOGP]) * mask
@@ -57,10 +51,7 @@ class ImportanceCallback(L.Callback):
             truncate=spec.truncate if spec.ratio == "truncated" else None,
         )
         if spec.masks:
-            band = (log_ratio if spec.mask_level == "sequence" and spec.ratio == "sequence_clip" else
-                    sequence_log_ratio(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
-                    if spec.mask_level == "sequence" else (outputs["target_logp"] - batch[fields.BEHAVIOUR_LOGP]) * mask)
-            rho = ratio_from_log(band[mask.bool()].float())
+            rho = ratio_from_log(log_ratio[mask.bool()].float())
             low = spec.mask_low if spec.mask_low is not None else 0.0
             high = spec.mask_high if spec.mask_high is not None else float("inf")
             stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()

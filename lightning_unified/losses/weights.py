@@ -78,18 +78,15 @@ def dft(student_logp: Tensor, targets: Tensor) -> TokenWeights:
     return TokenWeights(coef=p, objective=-p)
 
 
-def _outside_band(rho: Tensor, mask_log_ratio: Tensor | None, mask_low: float | None,
-                  mask_high: float | None) -> Tensor | None:
-    """Where the ratio lies outside [mask_low, mask_high], bool [c] (None: no band): the
-    token's own rho, or with ``mask_log_ratio`` its sequence's ratio."""
+def _outside_band(rho: Tensor, mask_low: float | None, mask_high: float | None) -> Tensor | None:
+    """Where the ratio lies outside [mask_low, mask_high], bool [c] (None: no band)."""
     if mask_low is None and mask_high is None:
         return None
-    ratio = rho if mask_log_ratio is None else ratio_from_log(mask_log_ratio.to(rho.dtype))
-    outside = torch.zeros_like(ratio, dtype=torch.bool)
+    outside = torch.zeros_like(rho, dtype=torch.bool)
     if mask_low is not None:
-        outside |= ratio < mask_low
+        outside |= rho < mask_low
     if mask_high is not None:
-        outside |= ratio > mask_high
+        outside |= rho > mask_high
     return outside
 
 
@@ -99,7 +96,6 @@ def importance_weighted_advantage(
     advantages: Tensor,
     behaviour_logp: Tensor,
     log_ratio: Tensor | None = None,
-    mask_log_ratio: Tensor | None = None,
     *,
     truncate: float | None = None,
     mask_low: float | None = None,
@@ -115,12 +111,12 @@ def importance_weighted_advantage(
 
     ``mask_low`` / ``mask_high`` drop (weight 0) the tokens whose ratio lies outside that
     band (masked importance sampling, IcePop): a token the sampler and the trainer disagree
-    on that much teaches nothing reliable. ``mask_log_ratio`` [c], when given, is the
-    sequence-level log ratio the band is tested on, so a whole sequence is kept or dropped.
+    on that much teaches nothing reliable. With a sequence-level ``log_ratio`` both the
+    truncation and the band act on the sequence's ratio: a whole response kept or cut.
     """
     rho = _ratio(student_logp, targets, behaviour_logp, log_ratio)
     weight = rho if truncate is None else truncated_ratio(rho, truncate)
-    outside = _outside_band(_ratio(student_logp, targets, behaviour_logp, None), mask_log_ratio, mask_low, mask_high)
+    outside = _outside_band(rho, mask_low, mask_high)
     if outside is not None:
         weight = torch.where(outside, 0.0, weight)
     advantages = advantages.to(student_logp.dtype)
@@ -133,7 +129,6 @@ def ppo_clip(
     advantages: Tensor,
     behaviour_logp: Tensor,
     log_ratio: Tensor | None = None,
-    mask_log_ratio: Tensor | None = None,
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -144,13 +139,13 @@ def ppo_clip(
 
     ``eps_high > eps_low`` is DAPO's clip-higher. ``log_ratio`` as in
     :func:`importance_weighted_advantage` (GSPO when it is the sequence-level ratio).
-    The objective is ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``. ``mask_low``,
-    ``mask_high`` and ``mask_log_ratio`` drop tokens as in :func:`importance_weighted_advantage`.
+    The objective is ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)``. ``mask_low``
+    and ``mask_high`` drop tokens as in :func:`importance_weighted_advantage`.
     """
     rho = _ratio(student_logp, targets, behaviour_logp, log_ratio)
     advantages = advantages.to(student_logp.dtype)
     active = ppo_clip_active(rho, advantages, eps_low=eps_low, eps_high=eps_high)
-    outside = _outside_band(_ratio(student_logp, targets, behaviour_logp, None), mask_log_ratio, mask_low, mask_high)
+    outside = _outside_band(rho, mask_low, mask_high)
     if outside is not None:
         active = active & ~outside
     clipped_rho = rho.clamp(1.0 - eps_low, 1.0 + eps_high)

@@ -18,8 +18,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
-from lightning_unified.data.files import Limits, read_table, tokenize_table
+from lightning_unified.data.files import DataError, Limits, read_table, tokenize_table
 from lightning_unified.models.loading import load_tokenizer
+from lightning_unified.rewards.scoring import names_parameter
 from lightning_unified.rewards.text import exact_match
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ class FilesDataModule(L.LightningDataModule):
         self.val_examples = self._load(val, columns, stop) if val is not None else []
         log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,
                  len(self.val_examples), val)
+        needs = sorted(name for name, fn in self._val_rewards.items() if names_parameter(fn, "references"))
+        if self.val_examples and needs and "reference" not in self.val_examples[0]:
+            column = dict(columns or {}).get("reference", "reference")
+            raise DataError(f"{val}: task.val_rewards {needs} compare each answer with a reference, but the file has "
+                            f"no {column!r} column (task.columns.reference)")
 
     def _load(self, path: str, columns, stop: int) -> list[dict]:
         return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop)
