@@ -105,16 +105,15 @@ def check_data_has_responses(datamodule, data_source, signal) -> None:
     examples = getattr(datamodule, "train_examples", None)
     if not examples:
         return
+    where = getattr(datamodule, "train_path", "the training data")
     rewards = getattr(signal, "rewards", None) or []
     needs = sorted({reward_name(r) for r in rewards if names_parameter(r.fn, "references")})
     if needs and "reference" not in examples[0] and (data_source.samples or getattr(signal, "reward_data", False)):
-        raise ValueError(f"signal.rewards {needs} compare each answer with a reference, but "
-                         f"{getattr(datamodule, 'train_path', 'the training data')} has no reference column "
-                         f"(task.columns.reference)")
+        raise ValueError(f"signal.rewards {needs} compare each answer with a reference, but {where} has no reference "
+                         f"column (task.columns.reference)")
     uses_data = not data_source.samples or data_source.probability < 1
     if not uses_data or isinstance(signal, Preference):
         return
-    where = getattr(datamodule, "train_path", "the training data")
     if "response_ids" not in examples[0]:
         what = ("data_source=off_policy trains on the data's responses" if not data_source.samples else
                 f"data_source=mixed keeps the data's responses in {1 - data_source.probability:.0%} of its batches")
@@ -140,7 +139,7 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
         kind = f"mixed (sampled with probability {source.probability:g})"
     parts = [f"method: data_source={kind} signal={_kind(signal)}"]
     if getattr(signal, "rewards", None):
-        parts.append("rewards " + " + ".join(f"{r.weight:g} x {_name(r.fn)}" for r in signal.rewards))
+        parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
         teacher = signal.teacher if signal.cache is None else f"cache {signal.cache}"
         parts.append(f"{signal.divergence} to teacher {teacher}")
@@ -159,11 +158,6 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
 
 def _kind(spec) -> str:
     return {"OffPolicy": "off_policy", "OnPolicy": "on_policy"}.get(type(spec).__name__, type(spec).__name__.lower())
-
-
-def _name(fn) -> str:
-    fn = getattr(fn, "func", fn)
-    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:

@@ -168,6 +168,9 @@ def test_bad_engine_settings_are_named() -> None:
         engine_module(vllm={"kv_cache_gib": 0.25, "no_such_option": 1})
     with pytest.raises(ValueError, match="sampling.engine must be one of"):
         Sampling(engine="sglang")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sleep=true frees the engine's GPU memory"):
+            VLLMEngine(sleep=True)
 
 
 def test_a_cache_too_small_for_a_sequence_is_named() -> None:

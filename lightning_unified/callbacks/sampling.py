@@ -68,6 +68,7 @@ class SamplingCallback(L.Callback):
         with trainer_precision(pl_module):
             self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1, seed=seed)
         seconds = time.perf_counter() - started
+        pl_module.engine_session.rest()  # its memory is the training step's until the next rollout
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()

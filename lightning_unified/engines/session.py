@@ -30,6 +30,7 @@ class EngineSession:
         self.sync_every = sync_every
         self._engine: RolloutEngine = build_engine(name, options, **sampling)
         self._started = False
+        self._resting = False
         self._synced_step: float | None = None
         # seconds the latest sync took, for the sampling callback to log (None: no sync since)
         self.last_sync_seconds: float | None = None
@@ -48,6 +49,9 @@ class EngineSession:
         """The engine, started and synced as the schedule says for ``optimizer_step``."""
         if self._engine.shares_weights:
             return self._engine
+        if self._resting:
+            self._engine.wake()
+            self._resting = False
         if not self._started:
             started = time.perf_counter()
             self._engine.start(policy)  # starting loads the current weights
@@ -59,6 +63,13 @@ class EngineSession:
             self._synced_step = optimizer_step
             self.last_sync_seconds = time.perf_counter() - started
         return self._engine
+
+    def rest(self) -> None:
+        """The rollout is done: the engine may free its memory for the training step (vLLM's
+        sleep mode, where ``sampling.vllm.sleep`` asks for it); the next :meth:`ready` wakes it."""
+        if self._started and not self._engine.shares_weights:
+            self._engine.sleep()
+            self._resting = True
 
     def take_sync_seconds(self) -> float | None:
         """Seconds of the sync since the last call (None: none), once."""

@@ -105,6 +105,9 @@ class VLLMEngine(RolloutEngine):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
+        if sleep and not torch.cuda.is_available():
+            raise ValueError("sampling.vllm.sleep=true frees the engine's GPU memory during training (vLLM's sleep "
+                             "mode); without a CUDA GPU there is none to free: set it to false")
         self.use_sleep = sleep
         self.llm = None
         self._config_dir: tempfile.TemporaryDirectory | None = None
