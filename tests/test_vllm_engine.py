@@ -198,12 +198,15 @@ def test_without_vllm_installed_the_error_says_how_to_install(monkeypatch) -> No
         VLLMEngine()
 
 
-def test_two_processes_each_sample_through_their_own_engine(tmp_path) -> None:
-    """DDP on 2 CPU processes: each rank starts an engine beside its replica, syncs it from
-    that replica, and the run ends cleanly (the engines shut down before the process group)."""
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2_cpu"])
+def test_two_processes_each_sample_through_their_own_engine(trainer: str, tmp_path) -> None:
+    """DDP and FSDP2 on 2 CPU processes: each rank starts an engine beside its replica (its
+    shards, gathered, under FSDP2), syncs it after every update, and the run ends cleanly
+    (the engines shut down before the process group). The engine's log-probs agreeing with
+    the trainer's after the update (mismatch_kl) is what shows the sync right."""
     from tests.test_runs import read_metrics, run_script
 
-    done = run_script("experiment=rl", "trainer=ddp", "data_source.sampling.engine=vllm",
+    done = run_script("experiment=rl", f"trainer={trainer}", "data_source.sampling.engine=vllm",
                       "data_source.sampling.vllm.kv_cache_gib=0.25", "data_source.sampling.num_generations=2",
                       "task.num_train=64", "task.num_val=16", "task.batch_size=4", "task.val_batch_size=16",
                       "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",

@@ -58,6 +58,15 @@ def base_model(policy: nn.Module) -> nn.Module:
     return policy.get_base_model() if is_lora(policy) else policy
 
 
+def architecture(model: nn.Module) -> str:
+    """The model's transformers class name (``LlamaForCausalLM``), also under FSDP2, which
+    wraps the instance in a class of its own (``FSDPLlamaForCausalLM``)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
+
+
 @contextlib.contextmanager
 def engine_weights(policy: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
     """The policy's weights under their Hugging Face checkpoint names, as the engine loads
@@ -116,7 +125,7 @@ class VLLMEngine(RolloutEngine):
         vllm = import_vllm()
         model = base_model(policy)
         config = model.config.__class__.from_dict(model.config.to_dict())
-        config.architectures = [type(model).__name__]
+        config.architectures = [architecture(model)]
         self.max_model_len = self.max_model_len or getattr(config, "max_position_embeddings", None)
         self._config_dir = tempfile.TemporaryDirectory(prefix="lightning_unified_vllm_")
         config.save_pretrained(self._config_dir.name)
@@ -158,7 +167,8 @@ class VLLMEngine(RolloutEngine):
         if "kv cache" in text.lower() or "memory" in text.lower():
             return (f"sampling.engine=vllm: the engine's KV cache cannot hold one sequence of max_model_len="
                     f"{self.max_model_len} tokens: {text}. Raise sampling.vllm.kv_cache_gib (CPU) or "
-                    f"gpu_memory_utilization (GPU), or lower sampling.max_new_tokens")
+                    f"gpu_memory_utilization (GPU), or set sampling.vllm.max_model_len to the longest prompt plus "
+                    f"max_new_tokens")
         return f"sampling.engine=vllm could not start for {config.architectures[0]}: {text}"
 
     def sync(self, policy: nn.Module) -> None:
