@@ -12,10 +12,14 @@ STEPS=${STEPS:-4}
 EXPERIMENTS=${EXPERIMENTS:-sft dft distill gkd rl on_policy_distill dpo online_dpo self_distill}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# a machine without vLLM (the lent GPU's Python, say) samples smollm2_grpo through hf
+engine=""
+python -c "import vllm" >/dev/null 2>&1 || engine="data_source.sampling.engine=hf"
 status=0
 for experiment in $EXPERIMENTS; do
   case $experiment in
-    smollm2_*) limits="task.val_batch_size=16 +trainer.limit_val_batches=1" ;;  # 16 held-out questions
+    smollm2_grpo) limits="task.val_batch_size=16 +trainer.limit_val_batches=1 $engine" ;;  # 16 held-out questions
+    smollm2_*) limits="task.val_batch_size=16 +trainer.limit_val_batches=1" ;;
     *) limits="task.num_val=32" ;;
   esac
   log="$OUT/${TRAINER}_$experiment.log"
