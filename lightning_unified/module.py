@@ -117,12 +117,8 @@ class UnifiedModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
         evaluate_without_inference_mode(self.trainer)
-        if stage == "fit" and self.replay.updates > 1 and self.trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"data_source.updates_per_rollout x minibatches = {self.replay.updates} optimizer steps "
-                f"per batch cannot be combined with trainer.accumulate_grad_batches="
-                f"{self.trainer.accumulate_grad_batches}: set it to 1 and make the batch larger instead"
-            )
+        if stage == "fit":
+            self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric()

@@ -23,6 +23,15 @@ class RolloutReplay:
     def for_data_source(cls, data_source) -> RolloutReplay:
         return cls(getattr(data_source, "updates_per_rollout", 1), getattr(data_source, "minibatches", 1))
 
+    def check_accumulation(self, accumulate_grad_batches: int) -> None:
+        """Replaying a rollout and accumulating micro-batches both split the optimizer step;
+        together they would interleave, so the pair is refused."""
+        if self.updates > 1 and accumulate_grad_batches != 1:
+            raise ValueError(
+                f"data_source.updates_per_rollout x minibatches = {self.updates} optimizer steps per batch cannot "
+                f"be combined with trainer.accumulate_grad_batches={accumulate_grad_batches}: set it to 1 and make "
+                f"the batch larger instead")
+
     def step(self, optimizer, closure) -> None:
         """Every update of one batch: the closure (training_step + backward) runs once per
         optimizer step, each time on the next mini-batch of the same rollout."""

@@ -16,16 +16,20 @@ float reassociation; ``tests/test_compiled_chunk.py`` compares it with this eage
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
-
-if TYPE_CHECKING:
-    from lightning_unified.losses.objective import TeacherLogits
+from lightning_unified.losses.teacher_logits import TeacherLogits
+from lightning_unified.losses.token_weights import (
+    TokenWeights,
+    compute_dtype,
+    log_softmax,
+    weighted_log_likelihood,
+    weighted_nll_logit_grad,
+)
 
 WeightFn = Callable[..., TokenWeights]
 
@@ -43,17 +47,15 @@ class ChunkResult(NamedTuple):
     grad_bias: Tensor | None
 
 
-def compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
-    small probabilities), the input's own precision above that."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    logits = logits.to(dtype)
-    if temperature != 1.0:  # skip a pass over [c, V] in the common case
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
+def chunk_weights(weight_fn: WeightFn, logp: Tensor, targets: Tensor, scale: Tensor, fields: dict[str, Tensor],
+                  teacher_logp: Tensor | None) -> TokenWeights:
+    """The chunk's weights: the builder on the chunk's log-probs [c, V], targets [c] and
+    per-token fields, with the teacher's log-probs [c, V] when there is a teacher, scaled by
+    the chunk's mask and normaliser ``scale`` [c]. Every loss path builds its weights here."""
+    builder_fields = dict(fields)
+    if teacher_logp is not None:
+        builder_fields["teacher_logp"] = teacher_logp
+    return weight_fn(logp, targets, **builder_fields).scaled(scale.to(logp.dtype))
 
 
 def chunk_math(
@@ -84,17 +86,15 @@ def chunk_math(
     acc = compute_dtype(logits)
     logp = log_softmax(logits, temperature, acc)  # [c, V]
     del logits
-    builder_fields = dict(fields)
-    if teacher is not None:
-        builder_fields["teacher_logp"] = teacher.log_probs(0, hidden.shape[0])  # [c, V]
-    weights = weight_fn(logp, targets, **builder_fields).scaled(scale.to(acc))
+    weights = chunk_weights(weight_fn, logp, targets, scale, fields,
+                            None if teacher is None else teacher.log_probs(0, hidden.shape[0]))
     loss = -weighted_log_likelihood(logp, targets, weights).sum()
     objective = weights.objective.sum() if weights.objective is not None else loss.new_zeros(())
     target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
     if not with_grad:
         return ChunkResult(loss, objective, target_logp, None, None)
     grad = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
-    del logp, weights, builder_fields
+    del logp, weights
     if temperature != 1.0:
         grad.div_(temperature)
     grad_bias = grad.sum(0) if bias_grad else None

@@ -28,21 +28,18 @@ dropped before any vocabulary-sized work, so prompts and padding cost nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_unified.losses.chunk_math import (
-    WeightFn,
-    chunk_math,
-    compiled_chunk_math,
-    compute_dtype as _compute_dtype,
-    log_softmax as _log_softmax,
-)
-from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood
+from lightning_unified.losses.chunk_math import WeightFn, chunk_math, chunk_weights, compiled_chunk_math
+from lightning_unified.losses.teacher_logits import TeacherLogits, flatten_tokens
+from lightning_unified.losses.token_weights import weighted_log_likelihood
+from lightning_unified.losses.token_weights import compute_dtype as _compute_dtype
+from lightning_unified.losses.token_weights import log_softmax as _log_softmax
 
 MIN_AUTO_CHUNK = 128
 # On an accelerator, one chunk's float32 logits may take this share of the device's memory
@@ -91,66 +88,6 @@ class WeightedNLL(NamedTuple):
     target_logp: Tensor
 
 
-@dataclass(frozen=True)
-class TeacherLogits:
-    """A frozen teacher's full-vocabulary distribution, made one chunk of tokens at a time.
-
-    Give either ``hidden`` [N, H_t] with ``head_weight`` [V, H_t] (and ``head_bias`` [V]),
-    so the teacher's logits exist one chunk at a time like the student's, or ``logits``
-    [N, V] when they already exist. ``temperature`` divides the teacher's logits.
-    """
-
-    hidden: Tensor | None = None
-    head_weight: Tensor | None = None
-    head_bias: Tensor | None = None
-    logits: Tensor | None = None
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if (self.logits is None) == (self.hidden is None or self.head_weight is None):
-            raise ValueError("TeacherLogits: give either logits, or hidden together with head_weight")
-        if self.temperature <= 0:
-            raise ValueError(f"TeacherLogits.temperature must be > 0, got {self.temperature}")
-
-    def flattened(self, leading: torch.Size) -> TeacherLogits:
-        """The teacher with its token dims, which must equal the student's, flattened."""
-        if self.logits is not None:
-            return replace(self, logits=_flatten_tokens("teacher logits", self.logits, leading).detach())
-        return replace(self, hidden=_flatten_tokens("teacher hidden", self.hidden, leading).detach())
-
-    def rows(self, start: int, stop: int) -> TeacherLogits:
-        """Entries ``start:stop`` of the first dim: sequences of an unflattened [B, R, ...]
-        teacher (a mini-batch), or tokens of a flattened one (a chunk)."""
-        if self.logits is not None:
-            return replace(self, logits=self.logits[start:stop])
-        return replace(self, hidden=self.hidden[start:stop])
-
-    def select(self, index: Tensor) -> TeacherLogits:
-        """The teacher restricted to the tokens ``index`` [M]."""
-        if self.logits is not None:
-            return replace(self, logits=self.logits.index_select(0, index))
-        return replace(self, hidden=self.hidden.index_select(0, index))
-
-    @torch.no_grad()
-    def log_probs(self, start: int, stop: int) -> Tensor:
-        """log softmax(teacher logits / temperature) for tokens [start, stop), [c, V], at
-        least float32."""
-        if self.logits is not None:
-            logits = self.logits[start:stop]
-        else:
-            logits = F.linear(self.hidden[start:stop], self.head_weight, self.head_bias)
-        return _log_softmax(logits, self.temperature, _compute_dtype(logits))
-
-
-def _flatten_tokens(name: str, tensor: Tensor, leading: torch.Size) -> Tensor:
-    if tensor.shape[: len(leading)] != leading:
-        raise ValueError(
-            f"{name} has shape {tuple(tensor.shape)}, but its leading dims must match the "
-            f"token dims {tuple(leading)} of hidden/logits"
-        )
-    return tensor.reshape(-1, *tensor.shape[len(leading):])
-
-
 def _kept_tokens(
     rows: Tensor,
     targets: Tensor,
@@ -161,11 +98,11 @@ def _kept_tokens(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor], TeacherLogits | None]:
     """Flatten to tokens and keep only those with a nonzero scale (the ones in the loss)."""
     leading = rows.shape[:-1]
-    targets = _flatten_tokens("targets", targets, leading)
-    token_scale = _flatten_tokens("token_scale", token_scale, leading).detach()
+    targets = flatten_tokens("targets", targets, leading)
+    token_scale = flatten_tokens("token_scale", token_scale, leading).detach()
     if not token_scale.is_floating_point():
         raise ValueError(f"token_scale must be a floating-point tensor, got {token_scale.dtype}")
-    flat_fields = {k: _flatten_tokens(f"fields[{k!r}]", v, leading).detach() for k, v in fields.items()}
+    flat_fields = {k: flatten_tokens(f"fields[{k!r}]", v, leading).detach() for k, v in fields.items()}
 
     keep = (token_scale != 0).nonzero().squeeze(-1)
     targets = targets.index_select(0, keep)
@@ -183,23 +120,6 @@ def _kept_tokens(
     kept_fields = {k: v.index_select(0, keep) for k, v in flat_fields.items()}
     kept_teacher = None if teacher is None else teacher.flattened(leading).select(keep)
     return keep, rows.reshape(-1, rows.shape[-1]), targets, token_scale.index_select(0, keep), kept_fields, kept_teacher
-
-
-def _chunk_weights(
-    weight_fn: WeightFn,
-    student_logp: Tensor,
-    targets: Tensor,
-    scale: Tensor,
-    fields: dict[str, Tensor],
-    teacher: TeacherLogits | None,
-    start: int,
-    stop: int,
-) -> TokenWeights:
-    chunk_fields = {k: v[start:stop] for k, v in fields.items()}
-    if teacher is not None:
-        chunk_fields["teacher_logp"] = teacher.log_probs(start, stop)
-    weights = weight_fn(student_logp, targets, **chunk_fields)
-    return weights.scaled(scale.to(student_logp.dtype))
 
 
 @dataclass(frozen=True)
@@ -357,7 +277,9 @@ def weighted_nll_from_logits(
         # logits masked with -inf would make 0 * -inf = nan in the weighted sum; the most
         # negative finite log-prob keeps their probability exactly 0 and the sum finite
         logp = _log_softmax(kept_logits[start:stop], temperature, acc).clamp_min(torch.finfo(acc).min)  # [c, V]
-        weights = _chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop], fields, teacher, start, stop)
+        weights = chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop],
+                                {k: v[start:stop] for k, v in fields.items()},
+                                None if teacher is None else teacher.log_probs(start, stop))
         loss = loss - weighted_log_likelihood(logp, chunk_targets, weights).sum()
         if weights.objective is not None:
             objective = objective + weights.objective.sum()

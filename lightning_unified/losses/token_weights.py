@@ -1,4 +1,4 @@
-"""The weight w_t(v) of the one loss, and the two pure functions every loss path shares.
+"""The weight w_t(v) of the one loss, and the pure functions every loss path shares.
 
 Every method trains with ``loss = -sum_{t,v} stopgrad(w_t(v)) * log pi_theta(v | context_t)``.
 A weight builder returns a :class:`TokenWeights` for a chunk of tokens; it may put weight on
@@ -113,3 +113,16 @@ def weighted_nll_logit_grad(logp: Tensor, targets: Tensor, weights: TokenWeights
     if weights.coef is not None:
         grad.scatter_add_(-1, targets.unsqueeze(-1), -weights.coef.unsqueeze(-1))
     return grad
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (a log-softmax over 150k logits in bf16 loses the
+    small probabilities), the input's own precision above that."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    logits = logits.to(dtype)
+    if temperature != 1.0:  # skip a pass over [c, V] in the common case
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
