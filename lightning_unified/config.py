@@ -138,7 +138,7 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
     if source.samples and source.probability < 1:
         kind = f"mixed (sampled with probability {source.probability:g})"
     parts = [f"method: data_source={kind} signal={_kind(signal)}"]
-    if getattr(signal, "rewards", None):
+    if getattr(signal, "rewards", None) and (source.samples or getattr(signal, "reward_data", False)):
         parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
         teacher = signal.teacher if signal.cache is None else f"cache {signal.cache}"
