@@ -40,7 +40,8 @@ def _one_of(owner: str, name: str, value, allowed) -> None:
 
 @dataclass
 class Sampling:
-    """How on-policy responses are generated (HF ``generate``, KV cache, no grad)."""
+    """How on-policy responses are generated: by which rollout engine (``hf``, the policy's
+    own ``generate``; ``vllm``, an engine synced with the policy), with what distribution."""
 
     # responses per prompt (the group of GRPO / RLOO)
     num_generations: int = 8

@@ -10,8 +10,8 @@ from lightning_unified import batch as F
 from lightning_unified.callbacks.sampling import (
     SamplingCallback,
     mixed_batch_is_on_policy,
-    response_mask_until_eos,
 )
+from lightning_unified.engines.base import mask_after_stop
 from lightning_unified.models.loading import response_hidden
 from lightning_unified.specs import OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match
@@ -66,7 +66,7 @@ def test_response_mask_stops_after_the_first_eos() -> None:
     eos = 1
     ids = torch.tensor([[5, 1, 0, 0], [5, 6, 7, 8], [1, 5, 1, 0]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    assert torch.equal(response_mask_until_eos(ids, eos), expected)
+    assert torch.equal(mask_after_stop(ids, (eos,)), expected)
 
 
 def test_mixed_choice_is_deterministic_and_follows_the_probability() -> None:

@@ -9,18 +9,12 @@ import time
 
 import lightning as L
 import torch
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
-from lightning_unified.engines.base import GenerationRequest, mask_after_stop
+from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.specs import OnPolicy
-
-
-def response_mask_until_eos(response_ids: Tensor, eos_token_id: int | list[int]) -> Tensor:
-    """1 up to and including the first stop token (EOS, or any of a list), 0 after it, [B, R]."""
-    return mask_after_stop(response_ids, tuple(torch.as_tensor(eos_token_id).reshape(-1).tolist()))
 
 
 def mixed_batch_is_on_policy(probability: float, seed: int, global_step: int, batch_idx: int) -> bool:

@@ -26,7 +26,6 @@ class EngineSession:
     def __init__(self, name: str = "hf", options: dict | None = None, sync_every: int = 1, **sampling):
         if sync_every < 1:
             raise ValueError(f"sampling.sync_every must be >= 1, got {sync_every}")
-        self.name = name
         self.sync_every = sync_every
         self._engine: RolloutEngine = build_engine(name, options, **sampling)
         self._started = False
