@@ -36,7 +36,6 @@ from lightning_unified.losses.objective import (
     WeightedNLL,
     chunked_weighted_nll,
     target_logprobs,
-    weighted_nll_from_logits,
 )
 from lightning_unified.specs import (
     Dense,
@@ -87,5 +86,4 @@ __all__ = [
     "loss_counts",
     "target_logprobs",
     "token_scale",
-    "weighted_nll_from_logits",
 ]

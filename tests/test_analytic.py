@@ -10,7 +10,8 @@ import torch
 from lightning_unified.losses import weights
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.importance import ppo_clip_active
-from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll, weighted_nll_from_logits
+from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
+from tests.plain_loss import weighted_nll_from_logits
 from tests.conftest import make_problem
 
 TOL = dict(rtol=1e-6, atol=1e-9)

@@ -74,6 +74,22 @@ def test_an_encoder_is_refused_as_a_causal_lm(tmp_path: Path) -> None:
         load_causal_lm(tmp_path)
 
 
+def test_a_soft_capped_head_is_refused_by_name() -> None:
+    """Gemma 2 soft-caps its logits; the chunked loss's logits are a linear map, so training
+    one would silently compute another model's gradient."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from lightning_unified.models.loading import trainable_policy
+    from lightning_unified.tasks.addition import addition_tokenizer
+
+    tokenizer = addition_tokenizer()
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16))
+    with pytest.raises(NotImplementedError, match=r"policy soft-caps its logits \(final_logit_softcapping\)"):
+        trainable_policy(model, tokenizer)
+
+
 # --- a model directory that is not one ---------------------------------------------------------------
 def test_a_model_path_that_is_not_a_model_directory_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing does not exist"):

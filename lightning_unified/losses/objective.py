@@ -1,16 +1,12 @@
 """The one place where gradients flow: ``-sum stopgrad(w) * log pi_theta / normaliser``.
 
-Two paths compute the same loss:
-
-* :func:`chunked_weighted_nll` from the policy's final hidden states and its output
-  projection, a chunk of tokens at a time. The gradient of each chunk is computed in the
-  forward pass from the closed form ``p * sum(w) - w`` (as fused linear cross-entropy
-  kernels do), so no ``[tokens, vocab]`` tensor larger than one chunk ever exists, in the
-  forward pass or in the backward pass. Vocabularies of 150k tokens are normal. The
-  vocabulary-sized math of one chunk is :func:`lightning_unified.losses.chunk_math.chunk_math`,
-  eager or compiled.
-* :func:`weighted_nll_from_logits` from full logits, for heads that are not a plain linear
-  map (logit soft-capping, say). Plain autograd; it agrees with the chunked path.
+:func:`chunked_weighted_nll` computes it from the policy's final hidden states and its
+output projection, a chunk of tokens at a time. The gradient of each chunk is computed in the
+forward pass from the closed form ``p * sum(w) - w`` (as fused linear cross-entropy kernels
+do), so no ``[tokens, vocab]`` tensor larger than one chunk ever exists, in the forward pass
+or in the backward pass. Vocabularies of 150k tokens are normal. The vocabulary-sized math of
+one chunk is :func:`lightning_unified.losses.chunk_math.chunk_math`, eager or compiled. The
+tests check it against plain autograd over full logits (``tests/plain_loss.py``).
 
 A weight builder (see :mod:`lightning_unified.losses.weights`) is called once per chunk as
 ``weight_fn(student_logp [c, V], targets [c], **fields)``, where ``fields`` are the per-token
@@ -246,47 +242,6 @@ def chunked_weighted_nll(
     )
     target_logp = kept_logp.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_logp)
     return WeightedNLL(loss, objective, target_logp.reshape(hidden.shape[:-1]))
-
-
-def weighted_nll_from_logits(
-    logits: Tensor,
-    targets: Tensor,
-    token_scale: Tensor,
-    weight_fn: WeightFn,
-    *,
-    fields: dict[str, Tensor] | None = None,
-    teacher: TeacherLogits | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> WeightedNLL:
-    """The same loss from full logits [..., V], by plain autograd (for non-linear heads)."""
-    _check_common(temperature, chunk_size)
-    keep, flat_logits, targets, scale, fields, teacher = _kept_tokens(
-        logits, targets, token_scale, fields or {}, teacher, logits.shape[-1]
-    )
-    kept_logits = flat_logits.index_select(0, keep)
-    if chunk_size is None:
-        chunk_size = max(1, kept_logits.shape[0])  # the logits exist already; chunks only bound the builder's temporaries
-    acc = _compute_dtype(kept_logits)
-    loss = kept_logits.new_zeros((), dtype=acc)
-    objective = kept_logits.new_zeros((), dtype=acc)
-    kept_logp = []
-    for start in range(0, kept_logits.shape[0], chunk_size):
-        stop = min(start + chunk_size, kept_logits.shape[0])
-        chunk_targets = targets[start:stop]
-        # logits masked with -inf would make 0 * -inf = nan in the weighted sum; the most
-        # negative finite log-prob keeps their probability exactly 0 and the sum finite
-        logp = _log_softmax(kept_logits[start:stop], temperature, acc).clamp_min(torch.finfo(acc).min)  # [c, V]
-        weights = chunk_weights(weight_fn, logp.detach(), chunk_targets, scale[start:stop],
-                                {k: v[start:stop] for k, v in fields.items()},
-                                None if teacher is None else teacher.log_probs(start, stop))
-        loss = loss - weighted_log_likelihood(logp, chunk_targets, weights).sum()
-        if weights.objective is not None:
-            objective = objective + weights.objective.sum()
-        kept_logp.append(logp.detach().gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1))
-    kept = torch.cat(kept_logp) if kept_logp else loss.new_zeros(0)
-    target_logp = kept.new_zeros(flat_logits.shape[0]).index_copy(0, keep, kept)
-    return WeightedNLL(loss, objective.detach(), target_logp.reshape(logits.shape[:-1]))
 
 
 def _logit_chunks(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, temperature: float,

@@ -230,8 +230,8 @@ def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         )
     if getattr(model.config, "final_logit_softcapping", None):
         raise NotImplementedError(
-            f"{what} soft-caps its logits (final_logit_softcapping); the chunked loss needs a linear "
-            f"head. weighted_nll_from_logits covers such heads but is not wired into the module yet"
+            f"{what} soft-caps its logits (final_logit_softcapping); the chunked loss computes the "
+            f"logits as a linear map of the hidden states and does not train such heads"
         )
 
 
