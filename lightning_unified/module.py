@@ -22,21 +22,19 @@ from lightning_unified.callbacks.finite_guard import NonFiniteGuard
 from lightning_unified.callbacks.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
-from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.engines.session import EngineSession
-from lightning_unified.losses.aggregation import AGGREGATIONS, LossCounts, all_reduce_sum, count_tensor, normaliser, token_terms
+from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normaliser, token_terms
 from lightning_unified.losses.weights import WeightSum
-from lightning_unified.models.checkpoint import check_fingerprint, fingerprint, save_policy, trainable_state
+from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import response_hidden, trainable_policy
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
-from lightning_unified.pipeline import build_pipeline, check_method
+from lightning_unified.pipeline import build_pipeline, check_method, not_yet_held
 from lightning_unified.progress import TrainingProgress
 from lightning_unified.replay import RolloutReplay
-from lightning_unified.rewards.scoring import decode_prompts, score_each
-from lightning_unified.rewards.text import exact_match
-from lightning_unified.schedule import build_scheduler
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse
+from lightning_unified.schedule import configure_optimization
+from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
+from lightning_unified.validation import max_new_tokens, score_batch, validation_rewards
 from lightning_unified.weighting import builder_fields, select_weight_fn
 
 
@@ -86,13 +84,7 @@ class UnifiedModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.aggregation, self.constant_normaliser = aggregation, constant_normaliser
-        # the policy in the loss is the one the sampler drew from, unless set apart on purpose:
-        # a loss at temperature 1 against samples at 0.7 starts every ratio away from 1
-        if temperature is None:
-            temperature = data_source.sampling.temperature if data_source.samples else 1.0
-        if temperature <= 0:
-            raise ValueError(f"module.temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = loss_temperature(data_source, temperature)
         self.chunk_size, self.compile_loss = chunk_size, compile_loss
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
         self.samples_every_n_steps = samples_every_n_steps
@@ -104,9 +96,7 @@ class UnifiedModule(L.LightningModule):
         self.replay = RolloutReplay.for_data_source(data_source)
         self.val_metrics = nn.ModuleDict()
         self._pipeline: list[L.Callback] | None = None
-        # [surrogate, objective, tokens, sequences] summed over this optimizer step's
-        # micro-batches on this rank; reset at the step
-        self._step_sums: torch.Tensor | None = None
+        self.step_sums = StepSums()  # the loss and counts of this optimizer step so far
         self.clock = TrainingProgress()
 
     @property
@@ -124,30 +114,21 @@ class UnifiedModule(L.LightningModule):
                 self.val_metrics[name] = MeanMetric()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The pipeline, built once. Lightning asks again at every ``validate`` and ``fit``;
-        callbacks it already holds are not handed over twice (that would replace them, and
-        say so on the console at every call)."""
+        """The pipeline (built once), less what the trainer already holds."""
         if self._pipeline is None:
             self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps,
                                             non_finite=self.non_finite, max_non_finite_steps=self.max_non_finite_steps)
-        held = self._trainer.callbacks if self._trainer is not None else []
-        return [c for c in self._pipeline if not any(c is h for h in held)]
+        return not_yet_held(self._pipeline, self._trainer)
 
     @property
     def max_new_tokens(self) -> int:
         """The longest greedy answer (and sampled response, unless sampling sets its own)."""
-        value = self._max_new_tokens or getattr(self._datamodule(), "max_new_tokens", None)
-        if value is None:
-            raise ValueError("UnifiedModule needs max_new_tokens (the datamodule has no max_new_tokens)")
-        return value
+        return max_new_tokens(self._max_new_tokens, self._datamodule())
 
     @property
     def val_rewards(self) -> dict[str, Callable]:
-        """{name: reward fn} scoring greedy validation completions: the module's, else the
-        datamodule's, else exact match."""
-        if self._val_rewards is not None:
-            return dict(self._val_rewards)
-        return dict(getattr(self._datamodule(), "val_rewards", None) or {"exact_match": exact_match})
+        """{name: reward fn} scoring greedy validation answers."""
+        return validation_rewards(self._val_rewards, self._datamodule())
 
     def _datamodule(self):
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -176,10 +157,7 @@ class UnifiedModule(L.LightningModule):
             "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
-        # [surrogate, objective, tokens, sequences] of this step so far, on this rank, on the device
-        sums = torch.cat([torch.stack([out.loss.detach().double(), out.objective.double()]),
-                          count_tensor(mask).to(out.loss.device)])
-        self._step_sums = sums if self._step_sums is None else self._step_sums + sums
+        self.step_sums.add(out.loss, out.objective, mask)
         self.log("train/response_tokens", mask.sum().float(), batch_size=mask.shape[0])
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
         return {"loss": out.loss * self.trainer.accumulate_grad_batches,
@@ -201,26 +179,18 @@ class UnifiedModule(L.LightningModule):
         loss and objective with the same normaliser (one all-reduce per step). DDP and FSDP
         average gradients over ranks, so the factor carries the world size; gradient
         clipping runs after this hook, on the normalised gradient."""
-        if self._step_sums is None:
+        total = self.step_sums.total()  # the step's one read back to the host
+        if total is None:
             return
-        total = all_reduce_sum(self._step_sums)
-        self._step_sums = None
-        # the step's one read back to the host: the normaliser divides every gradient, and the
-        # constant normaliser's checks and the throughput are host arithmetic
-        surrogate, objective, tokens, sequences = total.tolist()
-        norm = normaliser(self.aggregation, LossCounts(tokens=tokens, sequences=sequences))
+        norm = normaliser(self.aggregation, total.counts)
         # one multi-tensor kernel for all gradients, not a launch per parameter
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.trainer.world_size / norm)
-        self.log("train/loss", surrogate / norm, prog_bar=True, batch_size=1)
-        self.log("train/objective", objective / norm, batch_size=1)
-        # throughput: every rank's response tokens over the step's wall time
-        seconds = self.clock.step(tokens)
-        if seconds > 0:
-            self.log("train/tokens_per_sec", tokens / seconds, prog_bar=True, batch_size=1)
-        self.log("train/tokens_seen", self.progress["tokens_seen"], batch_size=1)
-        self.log("train/train_seconds", self.progress["train_seconds"], batch_size=1)
+        self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
+        self.log("train/objective", total.objective / norm, batch_size=1)
+        for name, value in self.clock.step_metrics(total.counts.tokens).items():
+            self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,
@@ -244,27 +214,13 @@ class UnifiedModule(L.LightningModule):
         ``sampling.sync_every`` optimizer steps)."""
         return self.engine_session.ready(self.policy, self.progress["optimizer_steps"])
 
-    @torch.no_grad()
-    def generate_greedy(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        request = GenerationRequest(
-            max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_token_ids),
-            pad_token_id=self.tokenizer.pad_token_id, greedy=True,
-            synced=self.trainer.world_size > 1 if self._trainer is not None else False,
-        )
-        rollout = self.rollout_engine().generate(self.policy, prompt_ids, prompt_mask, request)
-        return self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        """Greedy completions of the held-out prompts, scored by each validation reward."""
-        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="validation_step")
-        completions = self.generate_greedy(batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK])
-        prompts = decode_prompts(self.tokenizer, batch)
-        scores = score_each(self.val_rewards, completions=completions, prompts=prompts,
-                            references=batch.get(fields.REFERENCES, [None] * len(completions)))
-        for name, value in scores.items():
+        """Greedy answers to the held-out prompts, scored by each validation reward."""
+        result = score_batch(self, batch)
+        for name, value in result["scores"].items():
             self.val_metrics[name].update(value.to(self.device))
             self.log(f"val/{name}", self.val_metrics[name], prog_bar=True, batch_size=value.numel())
-        return {"completions": completions, "prompts": prompts, "scores": scores}
+        return result
 
     # --- checkpoints: LoRA keeps only its adapters; progress survives a resume ----------
     def fingerprint(self) -> dict:
@@ -273,29 +229,20 @@ class UnifiedModule(L.LightningModule):
         return fingerprint(method, self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lightning_unified"] = {"progress": dict(self.progress), "fingerprint": self.fingerprint()}
-        checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self.policy)
+        write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint from another model or another method, naming the difference."""
-        check_fingerprint(self.fingerprint(), checkpoint.get("lightning_unified", {}).get("fingerprint"))
+        read_run_state(checkpoint, self.fingerprint())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("lightning_unified", {})
-        self.check_resumable(checkpoint)
-        self.progress.update(saved.get("progress", {}))
+        self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 
     # --- optimisation and sharding --------------------------------------------------------
     def configure_optimizers(self):
-        # with LoRA only the adapters train; frozen parameters never reach the optimizer
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        # its length is what this run will make, unless the config sets one
-        scheduler = build_scheduler(self.scheduler_factory, optimizer, self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self.policy, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) shard the policy (:func:`shard_policy`);

@@ -91,3 +91,11 @@ def check_replay(data_source: OffPolicy | OnPolicy, signal) -> None:
             f"{data_source.minibatches} replays samples after the policy has moved; importance.ratio=none ignores "
             f"that. Use token, truncated, ppo_clip or sequence_clip"
         )
+
+
+def not_yet_held(pipeline: list[L.Callback], trainer: L.Trainer | None) -> list[L.Callback]:
+    """The pipeline's callbacks that ``trainer`` does not hold yet. Lightning asks a module
+    for its callbacks at every ``validate`` and ``fit``; handing one over twice would
+    replace it, and say so on the console at every call."""
+    held = trainer.callbacks if trainer is not None else []
+    return [c for c in pipeline if not any(c is h for h in held)]

@@ -29,3 +29,12 @@ class TrainingProgress:
         self.totals["tokens_seen"] += tokens
         self.totals["train_seconds"] += seconds
         return seconds
+
+    def step_metrics(self, tokens: float) -> dict[str, float]:
+        """Count one optimizer step (:meth:`step`) and return what to log of it: throughput
+        (every rank's response tokens over the step's wall time) and the running totals."""
+        seconds = self.step(tokens)
+        metrics = {"train/tokens_seen": self.totals["tokens_seen"], "train/train_seconds": self.totals["train_seconds"]}
+        if seconds > 0:
+            metrics["train/tokens_per_sec"] = tokens / seconds
+        return metrics

@@ -42,3 +42,15 @@ def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
     if takes_length:
         return factory(optimizer, num_training_steps=training_steps(trainer))
     return factory(optimizer)
+
+
+def configure_optimization(policy, optimizer_factory: Callable, scheduler_factory: Callable | None,
+                           trainer: L.Trainer):
+    """What ``configure_optimizers`` returns: the optimizer over the trainable parameters
+    only (with LoRA, the adapters; frozen ones never reach it), and the scheduler stepped
+    every optimizer step, as long as this run, unless the config sets its length."""
+    optimizer = optimizer_factory([p for p in policy.parameters() if p.requires_grad])
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = build_scheduler(scheduler_factory, optimizer, trainer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -176,6 +176,18 @@ class OnPolicy:
         return self.updates_per_rollout * self.minibatches
 
 
+def loss_temperature(data_source: OffPolicy | OnPolicy, temperature: float | None) -> float:
+    """The temperature dividing the policy's logits in the loss: ``temperature`` when set,
+    else the sampler's. The policy in the loss is the one the sampler drew from unless set
+    apart on purpose: a loss at temperature 1 against samples at 0.7 starts every ratio away
+    from 1."""
+    if temperature is None:
+        temperature = data_source.sampling.temperature if data_source.samples else 1.0
+    if temperature <= 0:
+        raise ValueError(f"module.temperature must be > 0, got {temperature}")
+    return temperature
+
+
 @dataclass
 class Reward:
     """A reward function and its weight in the sum.

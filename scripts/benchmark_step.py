@@ -2,10 +2,11 @@
 
 Each method runs twice on the same model, batch and optimizer (AdamW):
 
-- ``plain``: a hand-written loop: forward to full logits, the method's loss (cross-entropy,
-  forward KL to a teacher's full logits, exact reverse KL on sampled responses, GRPO's
-  group-normalised policy gradient), backward, step; under bf16 autocast when
-  ``--precision bf16-mixed``;
+- ``plain``: a hand-written loop as careful as an expert's: the decoder's hidden states,
+  the output projection applied only at the positions in the loss (what TRL's
+  ``logits_to_keep`` does), the method's loss (cross-entropy, forward KL to a teacher's
+  logits, exact reverse KL on sampled responses, GRPO's group-normalised policy gradient),
+  backward, step; under bf16 autocast when ``--precision bf16-mixed``;
 - ``project``: ``UnifiedModule`` in a plain ``L.Trainer`` with that precision, its
   callbacks (sampling, teacher, rewards) included, timed between the ends of
   consecutive steps, so everything a step costs counts.
@@ -18,7 +19,9 @@ scripts/cache_teacher.py: no teacher forward; its baseline is the plain SFT loop
 
 Each cell runs in its own subprocess, so peak memory is that process's (CUDA allocator
 peak, or VmHWM on CPU) above what the model and optimizer already hold. Times are medians
-of ``--steps`` steps after ``--warmup``; ratios are project / plain from this run. Prints a
+of ``--steps`` steps after ``--warmup``; ratios are project / plain from this run. Each cell
+runs ``--repeats`` times, plain and project alternating, and the table gives the median of
+the runs' medians with the spread (lowest-highest) of the runs' time ratios. Prints a
 table; ``--out`` appends JSON lines.
 
     python scripts/benchmark_step.py                                   # small model, CPU
@@ -144,9 +147,11 @@ def generate(model, batch: dict, num: int, args) -> tuple[torch.Tensor, torch.Te
 
 
 def response_logits(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """Logits [B, R, V] at the positions that predict the response: the head projects only
+    those hidden states, never the prompt's (a third to a half of the vocabulary work)."""
     ids = torch.cat([prompt, response], 1)
-    logits = model(input_ids=ids).logits
-    return logits[:, prompt.shape[1] - 1: -1]  # [B, R, V]
+    hidden = model.model(input_ids=ids).last_hidden_state  # [B, P + R, H]
+    return model.lm_head(hidden[:, prompt.shape[1] - 1: -1])
 
 
 def plain_step(args, model, teacher, optimizer, batch, tokenizer) -> None:
@@ -295,6 +300,17 @@ def write_cache(args, workdir: Path, batch: dict, tokenizer) -> None:
 # --- the driver ----------------------------------------------------------------------
 
 
+def run_cell(args, variant: str, method: str) -> dict:
+    """One variant of one method in its own process: {median_s, peak_extra_mib}."""
+    child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--method", method]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(child, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{variant} {method} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
@@ -318,6 +334,7 @@ def main() -> None:
                              "the figures from a run without it)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each cell; the table gives their median")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=None, help="append one JSON line per method here")
     parser.add_argument("--variant", choices=["plain", "project"], help=argparse.SUPPRESS)
@@ -334,30 +351,34 @@ def main() -> None:
     shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
              f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}"
              f"{' compile' if args.compile else ''}")
-    print(f"{device_name}: {shape}; medians of {args.steps} steps; ratios project / plain")
-    print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'plain MiB':>11}{'project MiB':>13}{'mem x':>7}")
+    print(f"{device_name}: {shape}; medians of {args.steps} steps, median of {args.repeats} runs; "
+          f"ratios project / plain (spread: the runs' lowest-highest)")
+    print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'spread':>12}{'plain MiB':>11}"
+          f"{'project MiB':>13}{'mem x':>7}")
     for method in args.methods.split(","):
         if method not in METHODS:
             parser.error(f"--methods: unknown {method!r}; choose from {METHODS}")
-        cell = {}
-        # the cached teacher's baseline is plain SFT: the claim is that a cached distillation step costs an SFT step
-        for variant, as_method in (("plain", "sft" if method == "cached_distill" else method), ("project", method)):
-            child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--method", as_method]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                                 os.environ.get("PYTHONPATH", "")])}
-            done = subprocess.run(child, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                sys.exit(f"{variant} {method} failed:\n{done.stderr[-4000:]}")
-            cell[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        plain, project = cell["plain"], cell["project"]
-        row = {"method": method, "device": device_name, "shape": shape, "plain_s": plain["median_s"],
-               "project_s": project["median_s"], "time_ratio": project["median_s"] / plain["median_s"],
-               "plain_peak_mib": plain["peak_extra_mib"], "project_peak_mib": project["peak_extra_mib"],
+        runs = {"plain": [], "project": []}
+        for _ in range(args.repeats):
+            # the cached teacher's baseline is plain SFT: the claim is that a cached distillation step costs an SFT step
+            for variant, as_method in (("plain", "sft" if method == "cached_distill" else method), ("project", method)):
+                runs[variant].append(run_cell(args, variant, as_method))
+        plain_s = statistics.median(r["median_s"] for r in runs["plain"])
+        project_s = statistics.median(r["median_s"] for r in runs["project"])
+        ratios = [b["median_s"] / a["median_s"] for a, b in zip(runs["plain"], runs["project"])]
+        plain_mib = statistics.median(r["peak_extra_mib"] for r in runs["plain"])
+        project_mib = statistics.median(r["peak_extra_mib"] for r in runs["project"])
+        row = {"method": method, "device": device_name, "shape": shape, "repeats": args.repeats,
+               "plain_s": plain_s, "project_s": project_s, "time_ratio": project_s / plain_s,
+               "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
+               "plain_peak_mib": plain_mib, "project_peak_mib": project_mib,
                # below a MiB the process's high-water mark is noise, not a peak to divide by
-               "memory_ratio": project["peak_extra_mib"] / plain["peak_extra_mib"] if plain["peak_extra_mib"] >= 1 else None}
+               "memory_ratio": project_mib / plain_mib if plain_mib >= 1 else None,
+               "runs": runs}
         ratio = f"{row['memory_ratio']:>7.2f}" if row["memory_ratio"] is not None else f"{'n/a':>7}"
-        print(f"{method:<19}{row['plain_s']:>9.3f}{row['project_s']:>11.3f}{row['time_ratio']:>8.2f}"
-              f"{row['plain_peak_mib']:>11.0f}{row['project_peak_mib']:>13.0f}{ratio}", flush=True)
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{method:<19}{plain_s:>9.3f}{project_s:>11.3f}{row['time_ratio']:>8.2f}{spread:>12}"
+              f"{plain_mib:>11.0f}{project_mib:>13.0f}{ratio}", flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

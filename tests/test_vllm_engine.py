@@ -16,6 +16,7 @@ from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match, exact_match
+from lightning_unified.validation import greedy_answers
 from tests.lightning_helpers import TINY, quiet_trainer, tiny_datamodule
 
 pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
@@ -107,7 +108,7 @@ def engine_module(lora: bool = False, vllm: dict | None = None) -> UnifiedModule
 def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
     module = engine_module(lora=lora)
     tokenizer, prompt_ids, prompt_mask = prompts()
-    before = module.generate_greedy(prompt_ids, prompt_mask)
+    before = greedy_answers(module, prompt_ids, prompt_mask)
     quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=tiny_datamodule())
     engine = module.rollout_engine()  # synced: the policy has made two steps since
     sampled = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0))
@@ -117,7 +118,7 @@ def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
     after = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
     theirs = hf_greedy(module.policy, tokenizer, prompt_ids, prompt_mask)
     assert torch.equal(after.response_ids[:, :theirs.shape[1]], theirs)
-    assert module.generate_greedy(prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
+    assert greedy_answers(module, prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
     module.engine_session.close()
 
 

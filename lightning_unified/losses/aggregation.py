@@ -115,3 +115,35 @@ def token_scale(
     terms = token_terms(mask, mode, constant=constant)
     counts = global_counts if global_counts is not None else loss_counts(mask)
     return terms / normaliser(mode, counts)
+
+
+class StepTotals(NamedTuple):
+    """An optimizer step's sums over every micro-batch and rank, read back to the host once."""
+
+    surrogate: float
+    objective: float
+    counts: LossCounts
+
+
+class StepSums:
+    """[surrogate, objective, tokens, sequences] summed over an optimizer step's micro-batches
+    on this rank, kept on the device until :meth:`total` reads the whole step at once."""
+
+    def __init__(self) -> None:
+        self._sums: Tensor | None = None
+
+    def add(self, loss: Tensor, objective: Tensor, mask: Tensor) -> None:
+        sums = torch.cat([torch.stack([loss.detach().double(), objective.detach().double()]),
+                          count_tensor(mask).to(loss.device)])
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    def total(self) -> StepTotals | None:
+        """The step's sums over every rank (one all-reduce; every rank must call it), then
+        cleared; None when nothing was added. Its ``tolist`` is the step's one read back to
+        the host: the normaliser divides every gradient, and the constant normaliser's
+        checks and the throughput are host arithmetic."""
+        if self._sums is None:
+            return None
+        surrogate, objective, tokens, sequences = all_reduce_sum(self._sums).tolist()
+        self._sums = None
+        return StepTotals(surrogate, objective, LossCounts(tokens=tokens, sequences=sequences))

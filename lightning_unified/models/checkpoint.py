@@ -58,3 +58,22 @@ def save_policy(policy: nn.Module, tokenizer, directory: str, merged_directory: 
         if merged_directory is not None and is_lora(policy):
             merged_copy(policy).save_pretrained(merged_directory)
             tokenizer.save_pretrained(merged_directory)
+
+
+# where a checkpoint keeps what this library adds to Lightning's
+STATE_KEY = "lightning_unified"
+
+
+def write_run_state(checkpoint: dict, progress: dict, mine: dict, policy: nn.Module) -> None:
+    """Add the run's progress and fingerprint to a Lightning checkpoint, and drop a LoRA
+    policy's frozen base weights from its state dict."""
+    checkpoint[STATE_KEY] = {"progress": dict(progress), "fingerprint": mine}
+    checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], policy)
+
+
+def read_run_state(checkpoint: dict, mine: dict) -> dict:
+    """The saved progress of a checkpoint that matches the fingerprint ``mine`` (refused by
+    name otherwise)."""
+    saved = checkpoint.get(STATE_KEY, {})
+    check_fingerprint(mine, saved.get("fingerprint"))
+    return saved.get("progress", {})
