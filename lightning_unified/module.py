@@ -158,7 +158,6 @@ class UnifiedModule(L.LightningModule):
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
         self.step_sums.add(out.loss, out.objective, mask)
-        self.log("train/response_tokens", mask.sum().float(), batch_size=mask.shape[0])
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
         return {"loss": out.loss * self.trainer.accumulate_grad_batches,
                 "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
@@ -189,8 +188,14 @@ class UnifiedModule(L.LightningModule):
             torch._foreach_mul_(grads, self.trainer.world_size / norm)
         self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
         self.log("train/objective", total.objective / norm, batch_size=1)
-        for name, value in self.clock.step_metrics(total.counts.tokens).items():
+        for name, value in self.clock.step_metrics(total.counts.tokens, write=self._logs_this_step()).items():
             self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's metrics to its loggers (every
+        ``log_every_n_steps`` steps, and when a run stops early)."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return True if connector is None else connector.should_update_logs
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,

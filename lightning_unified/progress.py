@@ -10,6 +10,8 @@ class TrainingProgress:
     def __init__(self) -> None:
         self.totals = {"tokens_seen": 0.0, "train_seconds": 0.0, "optimizer_steps": 0.0}
         self._last: float | None = None
+        # tokens and seconds since train/tokens_per_sec was last logged
+        self._interval_tokens = self._interval_seconds = 0.0
 
     @property
     def running(self) -> bool:
@@ -30,11 +32,20 @@ class TrainingProgress:
         self.totals["train_seconds"] += seconds
         return seconds
 
-    def step_metrics(self, tokens: float) -> dict[str, float]:
-        """Count one optimizer step (:meth:`step`) and return what to log of it: throughput
-        (every rank's response tokens over the step's wall time) and the running totals."""
+    def step_metrics(self, tokens: float, write: bool) -> dict[str, float]:
+        """Count one optimizer step (:meth:`step`); when ``write``, return what to log:
+        throughput over the steps since the last write (every rank's response tokens over
+        their wall time), the last step's response tokens, and the running totals. Lightning
+        writes step metrics to its loggers every ``log_every_n_steps`` only, and each
+        ``self.log`` call costs about a millisecond of host time, so the others log nothing."""
         seconds = self.step(tokens)
-        metrics = {"train/tokens_seen": self.totals["tokens_seen"], "train/train_seconds": self.totals["train_seconds"]}
-        if seconds > 0:
-            metrics["train/tokens_per_sec"] = tokens / seconds
+        self._interval_tokens += tokens
+        self._interval_seconds += seconds
+        if not write:
+            return {}
+        metrics = {"train/response_tokens": tokens, "train/tokens_seen": self.totals["tokens_seen"],
+                   "train/train_seconds": self.totals["train_seconds"]}
+        if self._interval_seconds > 0:
+            metrics["train/tokens_per_sec"] = self._interval_tokens / self._interval_seconds
+        self._interval_tokens = self._interval_seconds = 0.0
         return metrics

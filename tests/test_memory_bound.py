@@ -84,9 +84,13 @@ def test_probe_sees_full_logits() -> None:
 def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None:
     from lightning_unified.losses.objective import auto_chunk_size
 
-    assert auto_chunk_size(16384, 151936, 4096) == 512  # a 150k-vocabulary model: [512, V] per chunk
+    # a 150k-vocabulary model of hidden 4096: [4096, V] per chunk, the head's own size
+    assert auto_chunk_size(16384, 151936, 4096) == 4096
+    # a narrow model with many tokens: the hidden states' size bounds it, [N / ceil(V / H), V]
+    assert auto_chunk_size(1 << 20, 131072, 256) == 2048
+    assert auto_chunk_size(512, 131072, 256) == 256  # the benchmark's 131k shape: the head's size
     assert auto_chunk_size(10, 13, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time
-    assert auto_chunk_size(16384, 151936, 4096, "cpu") == 512  # the CPU rule is unchanged
+    assert auto_chunk_size(16384, 151936, 4096, "cpu") == 4096  # "cpu" is the default
     hidden, head, targets, _, _ = _inputs()
     scale = token_scale(torch.ones(targets.shape), "token_mean")
     with LargestTensor() as probe:
@@ -111,7 +115,7 @@ class MatmulCount(TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
