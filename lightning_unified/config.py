@@ -141,8 +141,11 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
     if getattr(signal, "rewards", None) and (source.samples or getattr(signal, "reward_data", False)):
         parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
-        teacher = signal.teacher if signal.cache is None else f"cache {signal.cache}"
-        parts.append(f"{signal.divergence} to teacher {teacher}")
+        teacher = (f"cache {signal.cache}" if signal.cache is not None else f"server {signal.url}"
+                   if signal.engine == "server" else f"{signal.teacher} (vllm)" if signal.engine == "vllm"
+                   else signal.teacher)
+        top_k = f" top-{signal.top_k}" if signal.top_k else ""
+        parts.append(f"{signal.divergence}{top_k} to teacher {teacher}")
     batch = cfg.task.get("batch_size")
     if source.samples:
         parts.append(f"{batch} prompts x {source.sampling.num_generations} samples per batch")

@@ -22,6 +22,9 @@ TOPK_TAILS = ("bucket", "renormalize")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
 SELF_TEACHER = "self"
 ENGINES = ("hf", "vllm")
+# where a dense signal's teacher runs: in the training process as a Hugging Face model, as
+# a frozen vLLM engine, or behind an OpenAI-compatible server
+TEACHER_ENGINES = ("hf", "vllm", "server")
 
 
 LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
@@ -251,14 +254,32 @@ class Dense:
     # an offline teacher: a directory written by scripts/cache_teacher.py with the teacher's
     # top-k on the dataset's responses; no teacher is loaded (forward KL from the top-k)
     cache: str | None = None
+    # where the teacher runs (TEACHER_ENGINES); vllm and server return the teacher's top-k
+    # and each token's log-prob, not its whole distribution
+    engine: str = "hf"
+    # engine=server: the server's root URL, and ServedTeacher's options (model, timeout_s,
+    # retries, backoff_s, max_in_flight, rows_per_request)
+    url: str | None = None
+    server: dict = field(default_factory=dict)
+    # engine=vllm: InProcessTeacher's options (kv_cache_gib, gpu_memory_utilization,
+    # max_model_len, dtype, max_logprobs)
+    vllm: dict = field(default_factory=dict)
 
     @property
     def is_self(self) -> bool:
         """Self-distillation: the policy itself, under no_grad, is the teacher."""
         return self.teacher == SELF_TEACHER
 
+    @property
+    def served(self) -> bool:
+        """The teacher answers with log-probs (a vLLM engine or a server), not hidden states."""
+        return self.engine != "hf"
+
     def __post_init__(self) -> None:
-        if self.teacher is None and self.cache is None:
+        _one_of("teacher", "engine", self.engine, TEACHER_ENGINES)
+        if self.served:
+            self._check_served()
+        if self.teacher is None and self.cache is None and self.engine != "server":
             raise ValueError(
                 "signal=dense needs a teacher: teacher.path=DIR (a local Hugging Face causal LM with the policy's "
                 "vocabulary), signal.teacher=self with signal.teacher_context (self-distillation), or "
@@ -290,6 +311,28 @@ class Dense:
                 f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
                 f"give {self.divergence!r}, which needs the teacher's whole distribution"
             )
+
+
+    def _check_served(self) -> None:
+        where = f"teacher.engine={self.engine}"
+        if self.engine == "server" and not self.url:
+            raise ValueError(f"{where} asks an OpenAI-compatible server for the teacher's log-probs: set teacher.url "
+                             f"(e.g. http://127.0.0.1:8000, where `python -m vllm.entrypoints.openai.api_server --model "
+                             f"DIR --max-logprobs 64` serves)")
+        if self.is_self or self.cache is not None:
+            raise ValueError(f"{where} serves a separate teacher; signal.teacher=self and signal.cache score "
+                             f"without one (leave teacher.engine=hf)")
+        if not ((self.divergence == "forward_kl" and self.top_k > 0) or self.divergence == "sampled_reverse_kl"):
+            raise ValueError(
+                f"{where} returns the teacher's top-k and each sampled token's log-prob, not its whole distribution, "
+                f"which signal.divergence={self.divergence!r}"
+                f"{' without signal.top_k' if self.divergence == 'forward_kl' else ''} needs. "
+                f"Two signals work with it: signal.divergence=forward_kl with signal.top_k=K (forward KL from the "
+                f"top-k), or signal.divergence=sampled_reverse_kl (the teacher's log-prob of each sampled token)"
+            )
+        if self.temperature != 1.0:
+            raise ValueError(f"{where} reports log-probs at temperature 1; signal.temperature={self.temperature} "
+                             f"needs the teacher's logits (teacher.engine=hf)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from lightning_unified.data.collate import pad
 from lightning_unified.data.teacher_cache import TeacherCache, teacher_id
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense
+from lightning_unified.teachers import build_teacher
 
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class TeacherCallback(L.Callback):
     ``signal.teacher_context`` the teacher scores the responses after a prompt with
     privileged context (the reference answer, a demonstration) rather than the student's.
     ``signal.cache``: an offline teacher (scripts/cache_teacher.py), read by example
-    index; no teacher is loaded. ``copy_head``: a self-teacher's output layer is copied,
+    index; no teacher is loaded. ``teacher.engine=vllm`` or ``server``: a served teacher
+    (:mod:`lightning_unified.teachers`) returns log-probs instead. ``copy_head``: a self-teacher's output layer is copied,
     because with several updates per batch the policy's own layer changes before the last
     update reads the teacher."""
 
@@ -43,11 +45,18 @@ class TeacherCallback(L.Callback):
         self.copy_head = copy_head
         self.teacher = None
         self.cache: TeacherCache | None = None
+        self.served = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.signal.cache is not None:
             self._open_cache(trainer, pl_module)
+            return
+        if stage == "fit" and self.signal.served:
+            if self.served is None:
+                served = build_teacher(self.signal)
+                served.start(pl_module.policy, pl_module.tokenizer)
+                self.served = served
             return
         if stage == "fit" and self.teacher is None and not self.signal.is_self:
             teacher = load_causal_lm(self.signal.teacher, **self.signal.teacher_options)
@@ -90,6 +99,15 @@ class TeacherCallback(L.Callback):
         if signal.teacher_context:
             prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)
             prompt_ids, prompt_mask = prompt_ids.to(pl_module.device), prompt_mask.to(pl_module.device)
+        if self.served is not None:
+            scores = self.served.score(prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
+                                       signal.top_k)
+            if signal.top_k:
+                batch[fields.TEACHER_TOPK_IDS] = scores.topk_ids.to(pl_module.device)
+                batch[fields.TEACHER_TOPK_LOGP] = scores.topk_logp.to(pl_module.device)
+            else:
+                batch[fields.TEACHER_TOKEN_LOGP] = scores.token_logp.to(pl_module.device)
+            return
         teacher = pl_module.policy if signal.is_self else self.teacher
         was_training = teacher.training
         teacher.eval()  # a self-teacher scores without dropout
@@ -114,6 +132,13 @@ class TeacherCallback(L.Callback):
                 batch[fields.TEACHER] = TeacherLogits(
                     hidden=hidden, head_weight=weight, head_bias=bias, temperature=signal.temperature
                 )
+
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.served is not None:
+            self.served.close()
+            self.served = None
 
 
 def _frozen(tensor: torch.Tensor | None, copy: bool) -> torch.Tensor | None:

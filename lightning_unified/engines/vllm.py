@@ -91,6 +91,46 @@ def engine_weights(policy: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
             policy.unmerge_adapter()
 
 
+def engine_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float, sleep: bool) -> dict:
+    """``vllm.LLM`` keyword arguments for an engine inside a training process: its memory
+    (a KV cache of ``kv_cache_gib``, 1 GiB on a CPU; on a GPU, else, a share of the device)
+    and, with several training processes, one replica per rank in their process group."""
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep) if on_gpu else {}
+    if kv_cache_gib is not None or not on_gpu:
+        kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # several training processes: each rank's engine is its own replica (data
+        # parallel, tensor parallel 1) in the process group the trainer already made
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        for name, value in (("RANK", torch.distributed.get_rank()), ("WORLD_SIZE", torch.distributed.get_world_size()),
+                            ("LOCAL_RANK", os.environ.get("LOCAL_RANK", torch.distributed.get_rank()))):
+            os.environ.setdefault(name, str(value))
+    return kwargs
+
+
+@contextlib.contextmanager
+def keeping_torch_threads() -> Iterator[None]:
+    """vLLM lowers the process's torch threads when it starts; training keeps its own."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def shut_down(llm) -> None:
+    """Shut an engine down now, while the trainer's process group still exists: left to its
+    exit-time finalizer, it tears down groups that are already gone."""
+    if llm is None:
+        return
+    client = llm.llm_engine.engine_core
+    client.shutdown()
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()
+
+
 class VLLMEngine(RolloutEngine):
     """``kv_cache_gib`` is the KV cache's size (null: 1 GiB on a CPU, and on a GPU the share
     ``gpu_memory_utilization`` of its memory that the engine may take beside training);
@@ -130,27 +170,14 @@ class VLLMEngine(RolloutEngine):
         self._config_dir = tempfile.TemporaryDirectory(prefix="lightning_unified_vllm_")
         config.save_pretrained(self._config_dir.name)
         dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
-        on_gpu = torch.cuda.is_available()
-        kwargs = dict(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.use_sleep) if on_gpu else {}
-        if self.kv_cache_gib is not None or not on_gpu:
-            kwargs["kv_cache_memory_bytes"] = int((self.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # several training processes: each rank's engine is its own replica (data
-            # parallel, tensor parallel 1) in the process group the trainer already made
-            kwargs["distributed_executor_backend"] = "external_launcher"
-            for name, value in (("RANK", torch.distributed.get_rank()), ("WORLD_SIZE", torch.distributed.get_world_size()),
-                                ("LOCAL_RANK", os.environ.get("LOCAL_RANK", torch.distributed.get_rank()))):
-                os.environ.setdefault(name, str(value))
-        threads = torch.get_num_threads()
+        kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
         try:
-            with torch.inference_mode():  # the same kind of tensors whether validation or training starts it
+            with keeping_torch_threads(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
                 self.llm = vllm.LLM(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
                                     dtype=dtype, max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
                                     seed=0, logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs)
         except Exception as error:
             raise RuntimeError(self._start_failure(config, error)) from error
-        finally:
-            torch.set_num_threads(threads)  # vLLM lowers the process's torch threads; training keeps its own
         self.sync(policy)
         try:
             # one token now: a model the engine's kernels cannot run fails here, by name
@@ -208,14 +235,7 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up()
 
     def close(self) -> None:
-        if self.llm is not None:
-            # shut the engine down now, while the trainer's process group still exists: left
-            # to its exit-time finalizer, it tears down groups that are already gone
-            client = self.llm.llm_engine.engine_core
-            client.shutdown()
-            finalizer = getattr(client, "_finalizer", None)
-            if finalizer is not None:
-                finalizer.detach()
+        shut_down(self.llm)
         self.llm = None
         if self._config_dir is not None:
             self._config_dir.cleanup()

@@ -1,0 +1,26 @@
+"""Where a dense signal's teacher runs when it is not a Hugging Face model in the training
+process (``teacher.engine=hf``, :mod:`lightning_unified.callbacks.teacher`): a frozen vLLM
+engine in the process (``vllm``) or an OpenAI-compatible server (``server``). Both return
+:class:`~lightning_unified.teachers.scores.TeacherScores`: each response token's log-prob
+and the teacher's top-k, the fields the loss already reads."""
+
+from __future__ import annotations
+
+from lightning_unified.teachers.scores import TeacherScores
+
+
+def build_teacher(signal):
+    """The served teacher ``signal`` (a :class:`~lightning_unified.specs.Dense`) names, not
+    yet started; None for ``teacher.engine=hf``."""
+    if signal.engine == "server":
+        from lightning_unified.teachers.server import ServedTeacher
+
+        return ServedTeacher(signal.url, **signal.server)
+    if signal.engine == "vllm":
+        from lightning_unified.teachers.vllm import InProcessTeacher
+
+        return InProcessTeacher(signal.teacher, **signal.vllm)
+    return None
+
+
+__all__ = ["TeacherScores", "build_teacher"]

@@ -1,0 +1,87 @@
+"""A frozen teacher in a vLLM engine inside each training process, loaded from its
+directory and never synced: it scores prompt + response with one generated token at most
+and reports the prompt positions' log-probs (the response token's and the top-k)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_unified.engines.vllm import INSTALL_HINT, engine_kwargs, import_vllm, keeping_torch_threads, shut_down
+from lightning_unified.models.loading import check_model_directory, has_tokenizer, load_tokenizer, vocabulary_difference
+from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The dtype the checkpoint was saved in. vLLM's own "auto" runs a float32 checkpoint in
+    half precision, so its log-probs would not be the teacher's as trained."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
+class InProcessTeacher:
+    """``path`` is the teacher's Hugging Face directory. ``kv_cache_gib`` (null: 1 GiB on a
+    CPU), ``gpu_memory_utilization`` (its share of a GPU otherwise), ``max_model_len`` (null:
+    the teacher's ``max_position_embeddings``), ``dtype`` (null: the checkpoint's) and
+    ``max_logprobs`` (the largest ``signal.top_k`` it may be asked for) size the engine."""
+
+    def __init__(self, path: str, *, kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int | None = None, dtype: str | None = None, max_logprobs: int = 64):
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(f"teacher.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}")
+        if path is None:
+            raise ValueError("teacher.engine=vllm loads the teacher from teacher.path=DIR; it is not set")
+        self.path = str(check_model_directory(path, weights=True))
+        self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
+        self.max_model_len, self.dtype, self.max_logprobs = max_model_len, dtype, max_logprobs
+        self.llm = None
+        self.name = f"teacher {path} (teacher.engine=vllm)"
+
+    def start(self, policy: nn.Module, tokenizer) -> None:
+        self.check_vocabulary(policy, tokenizer)
+        vllm = import_vllm()
+        kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, sleep=False)
+        try:
+            with keeping_torch_threads(), torch.inference_mode():
+                self.llm = vllm.LLM(model=self.path, skip_tokenizer_init=True, dtype=self.dtype or checkpoint_dtype(self.path),
+                                    max_model_len=self.max_model_len, enforce_eager=True, seed=0,
+                                    max_logprobs=self.max_logprobs, tensor_parallel_size=1, **kwargs)
+        except Exception as error:
+            raise RuntimeError(f"{self.name} could not start: {error}") from error
+
+    def check_vocabulary(self, policy: nn.Module, tokenizer) -> None:
+        """Same head size as the policy's, and, where the teacher's directory has a
+        tokenizer, the same token for every id."""
+        config = json.loads((Path(self.path) / "config.json").read_text())
+        rows = policy.get_output_embeddings().weight.shape[0]
+        theirs = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+        if theirs is not None and theirs != rows:
+            raise ValueError(f"{self.name} has a vocabulary of {theirs} tokens and the policy {rows}; a dense signal "
+                             f"compares distributions over one shared vocabulary (sizes differ)")
+        if has_tokenizer(self.path):
+            difference = vocabulary_difference(tokenizer, load_tokenizer(self.path))
+            if difference:
+                raise ValueError(f"{self.name} uses another tokenizer than the policy: {difference}")
+
+    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+              top_k: int) -> TeacherScores:
+        from vllm import SamplingParams
+
+        if top_k > self.max_logprobs:
+            raise ValueError(f"signal.top_k={top_k} exceeds teacher.vllm.max_logprobs={self.max_logprobs}")
+        rows, prompt_lengths = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
+        with torch.inference_mode():
+            outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        positions = [[{token: entry.logprob for token, entry in step.items()} for step in out.prompt_logprobs[start:]]
+                     for out, start in zip(outputs, prompt_lengths)]
+        tokens = [row[start:] for row, start in zip(rows, prompt_lengths)]
+        return scores_from_positions(positions, tokens, response_ids.shape[1], top_k, self.name)
+
+    def close(self) -> None:
+        shut_down(self.llm)
+        self.llm = None

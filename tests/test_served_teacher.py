@@ -1,0 +1,176 @@
+"""The teacher as a served model: a real vLLM OpenAI-compatible server (the CPU build) on
+the loopback address serving the built-in task's teacher, and the same teacher as a frozen
+vLLM engine in the process. Their log-probs are an HF forward's, a run through them is a
+run through the HF teacher, a server that goes down stops the run by name and a resumed run
+continues exactly, and a server with another vocabulary is refused at start."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unified import batch as F
+from lightning_unified.config import train
+from lightning_unified.models.loading import build_policy, load_causal_lm
+from lightning_unified.module import UnifiedModule
+from lightning_unified.specs import Dense, Importance, OnPolicy, Sampling
+from lightning_unified.tasks.addition import checkpoint_path
+from lightning_unified.teachers.server import ServedTeacher, TeacherServerError
+from tests.lightning_helpers import FAST_TASK, compose_config, quiet_trainer, save_chat_model, tiny_datamodule
+from tests.teacher_server import TeacherServer
+from tests.test_runs import read_metrics
+
+pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
+
+TEACHER = checkpoint_path("teacher")
+# float32 on both sides; measured here: at most 3e-6 between the server's log-probs and an
+# HF forward of the same checkpoint (different kernels, same math)
+LOGP_TOLERANCE = 1e-4
+TOP_K = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = TeacherServer(TEACHER, tmp_path_factory.mktemp("server") / "server.log").start()
+    yield running
+    running.stop()
+
+
+def student(hidden: int = 64, layers: int = 1, seed: int = 0):
+    """A tiny Llama with the built-in task's vocabulary (heads of 32 and up: vLLM's CPU attention)."""
+    return build_policy(tiny_datamodule().tokenizer, seed=seed, config={
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 32, "num_key_value_heads": hidden // 32, "max_position_embeddings": 64})
+
+
+def data_batch(batch_size: int = 6) -> dict:
+    return next(iter(tiny_datamodule(batch_size=batch_size).train_dataloader()))
+
+
+def hf_logp(prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """[B, R, V] the teacher's log-probs at the response positions, from a full HF forward."""
+    teacher = load_causal_lm(TEACHER).eval()
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    with torch.no_grad():
+        logits = teacher(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    return torch.log_softmax(logits[:, prompt_ids.shape[1] - 1:-1].float(), -1)
+
+
+def test_the_servers_log_probs_are_an_hf_forwards(server) -> None:
+    batch = data_batch()
+    datamodule = tiny_datamodule()
+    teacher = ServedTeacher(server.url)
+    teacher.start(student(), datamodule.tokenizer)
+    scores = teacher.score(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS], batch[F.RESPONSE_MASK],
+                           TOP_K)
+    mask = batch[F.RESPONSE_MASK].bool()
+    expected = hf_logp(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS], batch[F.RESPONSE_MASK])
+    token = expected.gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+    assert (scores.token_logp[mask] - token[mask]).abs().max() < LOGP_TOLERANCE
+    assert (scores.token_logp[~mask] == 0).all()
+    best_logp, best_ids = expected.topk(TOP_K, dim=-1)
+    assert (scores.topk_logp[mask] - best_logp[mask]).abs().max() < LOGP_TOLERANCE
+    # ids agree wherever the teacher's probabilities are not tied within the tolerance
+    distinct = (best_logp[..., :-1] - best_logp[..., 1:]).abs().min(-1).values > LOGP_TOLERANCE
+    assert torch.equal(scores.topk_ids[mask & distinct], best_ids[mask & distinct])
+
+
+def _distill(signal: Dense, steps: int = 3) -> UnifiedModule:
+    L.seed_everything(0)  # the same rows, the same samples
+    datamodule = tiny_datamodule(batch_size=4)
+    policy = student(hidden=128, layers=2)
+    source = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0), importance=Importance(ratio="none"))
+    module = UnifiedModule(policy, datamodule.tokenizer, source, signal, max_new_tokens=6,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
+    return module
+
+
+@pytest.mark.parametrize("signal", [dict(divergence="sampled_reverse_kl"), dict(divergence="forward_kl", top_k=TOP_K)],
+                         ids=["sampled_token", "top_k"])
+def test_distillation_through_the_server_is_distillation_through_hf(server, signal: dict) -> None:
+    through_hf = _distill(Dense(teacher=TEACHER, **signal))
+    through_server = _distill(Dense(engine="server", url=server.url, **signal))
+    start = student(hidden=128, layers=2)
+    moved = max((a - b).abs().max().item() for a, b in zip(through_hf.policy.parameters(), start.parameters()))
+    assert moved > 1e-3, "the steps moved the policy"
+    for (name, a), b in zip(through_hf.policy.named_parameters(), through_server.policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and server teachers")
+
+
+def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
+    batch = data_batch()
+    from lightning_unified.teachers.vllm import InProcessTeacher
+
+    teacher = InProcessTeacher(TEACHER, kv_cache_gib=0.25)
+    teacher.start(student(), tiny_datamodule().tokenizer)
+    try:
+        scores = teacher.score(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
+                               batch[F.RESPONSE_MASK], TOP_K)
+    finally:
+        teacher.close()
+    mask = batch[F.RESPONSE_MASK].bool()
+    expected = hf_logp(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS], batch[F.RESPONSE_MASK])
+    assert (scores.token_logp[mask] - expected.gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0][mask]).abs().max() \
+        < LOGP_TOLERANCE
+    assert (scores.topk_logp[mask] - expected.topk(TOP_K, dim=-1).values[mask]).abs().max() < LOGP_TOLERANCE
+
+
+def test_a_server_with_another_vocabulary_is_refused_at_start(tmp_path: Path) -> None:
+    other = TeacherServer(save_chat_model(tmp_path / "chat", num_attention_heads=2, num_key_value_heads=2),
+                          tmp_path / "other.log").start()
+    try:
+        with pytest.raises(TeacherServerError, match=rf"teacher server {other.url} \(.*chat\) uses another "
+                                                      rf"vocabulary than the policy"):
+            ServedTeacher(other.url).start(student(), tiny_datamodule().tokenizer)
+    finally:
+        other.stop()
+
+
+def test_served_teachers_refuse_what_needs_the_whole_distribution() -> None:
+    for divergence in ("reverse_kl", "jsd"):
+        with pytest.raises(ValueError, match=r"signal.divergence=forward_kl with signal.top_k=K .* "
+                                             r"signal.divergence=sampled_reverse_kl"):
+            Dense(engine="server", url="http://127.0.0.1:1", divergence=divergence)
+    with pytest.raises(ValueError, match="set teacher.url"):
+        Dense(engine="server", divergence="sampled_reverse_kl")
+
+
+RUN = ["experiment=on_policy_distill", "signal.divergence=sampled_reverse_kl", "teacher.engine=server",
+       "trainer.max_steps=6", "checkpoint_every_n_steps=2", "trainer.val_check_interval=2",
+       "trainer.log_every_n_steps=1", "save_policy=null", "data_source.sampling.num_generations=2",
+       "teacher.server.retries=2", "teacher.server.backoff_s=0.2", "teacher.server.timeout_s=10",
+       *FAST_TASK, "task.num_val=16"]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["train/loss"])) for r in read_metrics(run_dir / "metrics.csv") if r.get("train/loss")]
+
+
+def test_a_server_that_goes_down_stops_the_run_by_name_and_a_resume_continues_exactly(tmp_path: Path, caplog) -> None:
+    port_server = TeacherServer(TEACHER, tmp_path / "server.log").start()
+    try:
+        whole = tmp_path / "whole"
+        train(compose_config([*RUN, f"teacher.url={port_server.url}"]), whole)
+        killer = [f"callbacks=[{{_target_: tests.teacher_server.KillServerAfter, pid: {port_server.process.pid}, "
+                  f"step: 3}}]"]
+        broken = tmp_path / "broken"
+        with caplog.at_level(logging.WARNING, logger="lightning_unified.teachers.server"), \
+                pytest.raises(TeacherServerError, match=rf"teacher server {port_server.url} .* did not answer POST "
+                                                        rf"/v1/completions: 3 attempts .* rerun with resume=true"):
+            train(compose_config([*RUN, f"teacher.url={port_server.url}", *killer]), broken)
+        retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+        assert len(retries) >= 2, retries
+        port_server.process = None
+        port_server.start()  # the same address, back up
+        train(compose_config([*RUN, f"teacher.url={port_server.url}", "resume=true"]), broken)
+    finally:
+        port_server.stop()
+    assert _losses(broken) == _losses(whole)
+    assert [s for s, _ in _losses(whole)] == list(range(6))
