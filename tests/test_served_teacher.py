@@ -109,7 +109,11 @@ def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
     from lightning_unified.teachers.vllm import InProcessTeacher
 
     teacher = InProcessTeacher(TEACHER, kv_cache_gib=0.25)
-    teacher.start(student(), tiny_datamodule().tokenizer)
+    policy, tokenizer = student(), tiny_datamodule().tokenizer
+    before = torch.random.get_rng_state()
+    teacher.start(policy, tokenizer)
+    # vLLM seeds the global generators; the run's samples must not depend on an engine's start
+    assert torch.equal(torch.random.get_rng_state(), before)
     try:
         scores = teacher.score(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
                                batch[F.RESPONSE_MASK], TOP_K)

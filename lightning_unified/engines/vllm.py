@@ -110,13 +110,26 @@ def engine_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float, sle
 
 
 @contextlib.contextmanager
-def keeping_torch_threads() -> Iterator[None]:
-    """vLLM lowers the process's torch threads when it starts; training keeps its own."""
+def keeping_process_state() -> Iterator[None]:
+    """An engine's start leaves the training process as it found it: vLLM lowers torch's
+    threads, and seeds Python's, NumPy's and torch's global generators, which would make a
+    run's data order and samples depend on whether (and when) an engine started."""
+    import random
+
+    import numpy as np
+
     threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def shut_down(llm) -> None:
@@ -172,7 +185,7 @@ class VLLMEngine(RolloutEngine):
         dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
         try:
-            with keeping_torch_threads(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
+            with keeping_process_state(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
                 self.llm = vllm.LLM(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
                                     dtype=dtype, max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
                                     seed=0, logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs)

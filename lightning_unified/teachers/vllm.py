@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_unified.engines.vllm import INSTALL_HINT, engine_kwargs, import_vllm, keeping_torch_threads, shut_down
+from lightning_unified.engines.vllm import INSTALL_HINT, engine_kwargs, import_vllm, keeping_process_state, shut_down
 from lightning_unified.models.loading import check_model_directory, has_tokenizer, load_tokenizer, vocabulary_difference
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
 
@@ -46,7 +46,7 @@ class InProcessTeacher:
         vllm = import_vllm()
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, sleep=False)
         try:
-            with keeping_torch_threads(), torch.inference_mode():
+            with keeping_process_state(), torch.inference_mode():
                 self.llm = vllm.LLM(model=self.path, skip_tokenizer_init=True, dtype=self.dtype or checkpoint_dtype(self.path),
                                     max_model_len=self.max_model_len, enforce_eager=True, seed=0,
                                     max_logprobs=self.max_logprobs, tensor_parallel_size=1, **kwargs)
