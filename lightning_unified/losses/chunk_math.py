@@ -51,7 +51,8 @@ def chunk_weights(weight_fn: WeightFn, logp: Tensor, targets: Tensor, scale: Ten
                   teacher_logp: Tensor | None) -> TokenWeights:
     """The chunk's weights: the builder on the chunk's log-probs [c, V], targets [c] and
     per-token fields, with the teacher's log-probs [c, V] when there is a teacher, scaled by
-    the chunk's mask and normaliser ``scale`` [c]. Every loss path builds its weights here."""
+    the chunk's mask and normaliser ``scale`` [c], into new tensors (never views of ``logp``,
+    which the chunk math then overwrites). Every loss path builds its weights here."""
     builder_fields = dict(fields)
     if teacher_logp is not None:
         builder_fields["teacher_logp"] = teacher_logp
@@ -93,7 +94,10 @@ def chunk_math(
     target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
     if not with_grad:
         return ChunkResult(loss, objective, target_logp, None, None)
-    grad = weighted_nll_logit_grad(logp, targets, weights)  # [c, V]
+    # the log-probs are dead from here on, so their memory takes the gradient: the weights
+    # are never a view of them (chunk_weights scales every part into a new tensor). Eager
+    # only: the compiler plans its own buffers.
+    grad = weighted_nll_logit_grad(logp, targets, weights, overwrite=not torch.compiler.is_compiling())  # [c, V]
     del logp, weights
     if temperature != 1.0:
         grad.div_(temperature)

@@ -98,14 +98,17 @@ def weighted_log_likelihood(logp: Tensor, targets: Tensor, weights: TokenWeights
     return out
 
 
-def weighted_nll_logit_grad(logp: Tensor, targets: Tensor, weights: TokenWeights) -> Tensor:
+def weighted_nll_logit_grad(logp: Tensor, targets: Tensor, weights: TokenWeights, *,
+                            overwrite: bool = False) -> Tensor:
     """d/dz of ``-sum_v w(v) log softmax(z)(v)`` with w constant: ``p * sum_v w - w``. [c, V].
 
     This closed form is why the chunked loss never has to keep a chunk's logits for the
-    backward pass: the gradient is known as soon as the weights are.
+    backward pass: the gradient is known as soon as the weights are. ``overwrite`` writes
+    it into ``logp``'s own memory (the caller no longer needs the log-probs): a fresh
+    [c, V] tensor per chunk costs more than the pass that fills it on a CPU.
     """
-    # in place on one fresh [c, V] tensor: each extra pass over the vocabulary costs time
-    grad = logp.exp().mul_(weights.total(logp).unsqueeze(-1))
+    # in place on one [c, V] tensor: each extra pass over the vocabulary costs time
+    grad = (logp.exp_() if overwrite else logp.exp()).mul_(weights.total(logp).unsqueeze(-1))
     if weights.dense is not None:
         grad.sub_(weights.dense)
     if weights.topk_weight is not None:
@@ -126,3 +129,4 @@ def log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tenso
     if temperature != 1.0:  # skip a pass over [c, V] in the common case
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
+
