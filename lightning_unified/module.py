@@ -193,7 +193,8 @@ class UnifiedModule(L.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's metrics to its loggers (every
-        ``log_every_n_steps`` steps, and when a run stops early)."""
+        ``log_every_n_steps`` steps, and when a run stops early): its logger connector's own
+        test, a private attribute, so every step counts where it is missing."""
         connector = getattr(self.trainer, "_logger_connector", None)
         return True if connector is None else connector.should_update_logs
 
