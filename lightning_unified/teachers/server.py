@@ -44,9 +44,10 @@ class ServedTeacher:
                  backoff_s: float = 2.0, max_in_flight: int = 4, rows_per_request: int = 8):
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher.url must be the server's http:// or https:// address, got {url!r}")
-        for name, value, low in (("timeout_s", timeout_s, 0), ("backoff_s", backoff_s, 0)):
-            if value < low or (name == "timeout_s" and value == 0):
-                raise ValueError(f"teacher.server.{name} must be > 0, got {value}")
+        if timeout_s <= 0:
+            raise ValueError(f"teacher.server.timeout_s must be > 0, got {timeout_s}")
+        if backoff_s < 0:
+            raise ValueError(f"teacher.server.backoff_s must be >= 0, got {backoff_s}")
         for name, value, low in (("retries", retries, 0), ("max_in_flight", max_in_flight, 1),
                                  ("rows_per_request", rows_per_request, 1)):
             if value < low:
@@ -114,7 +115,7 @@ class ServedTeacher:
         starts = range(0, len(rows), self.rows_per_request)
         payloads = [{"model": self.model, "prompt": rows[s:s + self.rows_per_request], "max_tokens": 1,
                      "temperature": 0.0, "prompt_logprobs": top_k} for s in starts]
-        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(payloads))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, len(payloads)))) as pool:
             answers = list(pool.map(lambda p: self._request("POST", "/v1/completions", p), payloads))
         tables = []
         for start, answer in zip(starts, answers):
