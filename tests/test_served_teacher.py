@@ -178,3 +178,24 @@ def test_a_server_that_goes_down_stops_the_run_by_name_and_a_resume_continues_ex
         port_server.stop()
     assert _losses(broken) == _losses(whole)
     assert [s for s, _ in _losses(whole)] == list(range(6))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(url="localhost:8000"), r"teacher.url must be the server's http:// or https:// address, got 'localhost:8000'"),
+    (dict(url="http://127.0.0.1:1", timeout_s=0), r"teacher.server.timeout_s must be > 0, got 0"),
+    (dict(url="http://127.0.0.1:1", retries=-1), r"teacher.server.retries must be >= 0, got -1"),
+    (dict(url="http://127.0.0.1:1", max_in_flight=0), r"teacher.server.max_in_flight must be >= 1, got 0"),
+])
+def test_bad_server_options_are_named(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServedTeacher(**options)
+
+
+def test_a_server_that_is_not_there_is_named_after_its_retries(caplog) -> None:
+    from tests.teacher_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="lightning_unified.teachers.server"), \
+            pytest.raises(TeacherServerError, match=rf"teacher server {url} did not answer GET /v1/models: 3 attempts"):
+        ServedTeacher(url, retries=2, backoff_s=0.05, timeout_s=2).start(None, None)
+    assert sum("retrying in" in r.getMessage() for r in caplog.records) == 2
