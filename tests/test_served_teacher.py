@@ -21,11 +21,12 @@ from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Dense, Importance, OnPolicy, Sampling
 from lightning_unified.tasks.addition import checkpoint_path
 from lightning_unified.teachers.server import ServedTeacher, TeacherServerError
+from tests.conftest import require_vllm
 from tests.lightning_helpers import FAST_TASK, compose_config, quiet_trainer, save_chat_model, tiny_datamodule
 from tests.teacher_server import TeacherServer
 from tests.test_runs import read_metrics
 
-pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
+require_vllm()
 
 TEACHER = checkpoint_path("teacher")
 # float32 on both sides; measured here: at most 3e-6 between the server's log-probs and an

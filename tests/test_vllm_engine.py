@@ -17,9 +17,10 @@ from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match, exact_match
 from lightning_unified.validation import greedy_answers
+from tests.conftest import require_vllm
 from tests.lightning_helpers import TINY, quiet_trainer, tiny_datamodule
 
-pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
+require_vllm()
 
 # vLLM's CPU attention takes head sizes of 32 and up: width 64 in 2 heads
 ENGINE_TINY = {**TINY, "num_attention_heads": 2, "num_key_value_heads": 2}
