@@ -204,6 +204,22 @@ class Reward:
     weight: float = 1.0
 
 
+def as_rewards(rewards) -> list[Reward]:
+    """Each entry of ``signal.rewards`` as a :class:`Reward`: a Reward stays as it is, and a
+    bare function counts with weight 1 (as TRL's ``reward_funcs=[fn]`` does), Hydra's
+    ``{_target_: mypkg.my_reward, _partial_: true}`` included."""
+    out = []
+    for i, reward in enumerate(rewards or []):
+        if isinstance(reward, Reward):
+            out.append(reward)
+        elif callable(reward):
+            out.append(Reward(fn=reward))
+        else:
+            raise TypeError(f"signal.rewards[{i}] must be a reward function or a Reward (fn and weight), got "
+                            f"{type(reward).__name__}: {reward!r}")
+    return out
+
+
 @dataclass
 class Sparse:
     """Each token is pushed by an indicator or a reward: SFT on data, RL on samples.
@@ -221,6 +237,7 @@ class Sparse:
     reward_data: bool = False
 
     def __post_init__(self) -> None:
+        self.rewards = as_rewards(self.rewards)
         _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         _one_of("signal", "weighting", self.weighting, WEIGHTINGS)
 
@@ -366,6 +383,7 @@ class Preference:
     reference_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.rewards = as_rewards(self.rewards)
         _one_of("signal", "loss", self.loss, PREFERENCE_LOSSES)
         _known_options("signal.reference_options", self.reference_options)
         if self.beta <= 0:

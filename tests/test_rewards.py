@@ -86,3 +86,28 @@ def test_failing_reward_functions_are_named() -> None:
         compute_rewards([Reward(raises)], completions=["a", "b"])
     with pytest.raises(ValueError, match=r"reward gives_nan returned non-finite values \[nan\] for completions \[1\]"):
         compute_rewards([Reward(gives_nan)], completions=["a", "b"])
+
+
+def test_a_bare_reward_function_counts_with_weight_one(tmp_path: Path) -> None:
+    """``signal.rewards=[{_target_: fn, _partial_: true}]`` (TRL's ``reward_funcs=[fn]``) trains;
+    it used to stop with "'_DeferredTarget' object has no attribute 'fn'"."""
+    from lightning_unified.config import train
+    from tests.lightning_helpers import FAST_TASK, compose_config
+    from tests.test_runs import read_metrics
+
+    bare = "{_target_: lightning_unified.rewards.text.exact_match, _partial_: true}"
+    weighted = "{_target_: lightning_unified.specs.Reward, weight: 0.5, fn: {_target_: " \
+               "lightning_unified.tasks.addition.digit_match, _partial_: true}}"
+    cfg = compose_config(["experiment=rl", f"signal.rewards=[{bare},{weighted}]", "trainer.max_steps=2",
+                          "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null",
+                          "data_source.sampling.num_generations=2", *FAST_TASK])
+    train(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert any(r.get("reward/exact_match") for r in rows) and any(r.get("reward/digit_match") for r in rows)
+
+
+def test_a_reward_that_is_not_a_function_is_named() -> None:
+    from lightning_unified.specs import Sparse
+
+    with pytest.raises(TypeError, match=r"signal.rewards\[1\] must be a reward function or a Reward .* got str"):
+        Sparse(rewards=[Reward(fn=text.exact_match), "exact_match"])
