@@ -141,9 +141,13 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
     if getattr(signal, "rewards", None) and (source.samples or getattr(signal, "reward_data", False)):
         parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
-        teacher = (f"cache {signal.cache}" if signal.cache is not None else f"server {signal.url}"
-                   if signal.engine == "server" else f"{signal.teacher} (vllm)" if signal.engine == "vllm"
-                   else signal.teacher)
+        teacher = signal.teacher
+        if signal.cache is not None:
+            teacher = f"cache {signal.cache}"
+        elif signal.engine == "server":
+            teacher = f"server {signal.url}"
+        elif signal.engine == "vllm":
+            teacher = f"{signal.teacher} (vllm)"
         top_k = f" top-{signal.top_k}" if signal.top_k else ""
         parts.append(f"{signal.divergence}{top_k} to teacher {teacher}")
     batch = cfg.task.get("batch_size")

@@ -200,3 +200,13 @@ def test_a_server_that_is_not_there_is_named_after_its_retries(caplog) -> None:
             pytest.raises(TeacherServerError, match=rf"teacher server {url} did not answer GET /v1/models: 3 attempts"):
         ServedTeacher(url, retries=2, backoff_s=0.05, timeout_s=2).start(None, None)
     assert sum("retrying in" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_in_process_teacher_with_another_vocabulary_is_refused_before_its_engine_starts(tmp_path: Path) -> None:
+    from lightning_unified.teachers.vllm import InProcessTeacher
+
+    other = InProcessTeacher(save_chat_model(tmp_path / "chat", num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"teacher .*chat \(teacher.engine=vllm\) has a vocabulary of \d+ tokens "
+                                         r"and the policy 15"):
+        other.start(student(), tiny_datamodule().tokenizer)
+    assert other.llm is None

@@ -36,9 +36,9 @@ class TeacherCallback(L.Callback):
     privileged context (the reference answer, a demonstration) rather than the student's.
     ``signal.cache``: an offline teacher (scripts/cache_teacher.py), read by example
     index; no teacher is loaded. ``teacher.engine=vllm`` or ``server``: a served teacher
-    (:mod:`lightning_unified.teachers`) returns log-probs instead. ``copy_head``: a self-teacher's output layer is copied,
-    because with several updates per batch the policy's own layer changes before the last
-    update reads the teacher."""
+    (:mod:`lightning_unified.teachers`) returns log-probs instead. ``copy_head``: a
+    self-teacher's output layer is copied, because with several updates per batch the
+    policy's own layer changes before the last update reads the teacher."""
 
     def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
@@ -132,7 +132,6 @@ class TeacherCallback(L.Callback):
                 batch[fields.TEACHER] = TeacherLogits(
                     hidden=hidden, head_weight=weight, head_bias=bias, temperature=signal.temperature
                 )
-
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -240,7 +240,13 @@ def check_same_vocabulary(policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
     """A teacher or reference compares distributions with the policy token by token, so
     both must share one vocabulary: the same head size, and, where the other model's
     directory has a tokenizer, the same token for every id. The error says which differs."""
-    other_rows = other.get_output_embeddings().weight.shape[0]
+    check_vocabulary_of(policy, tokenizer, other.get_output_embeddings().weight.shape[0], other_path, what)
+
+
+def check_vocabulary_of(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, other_rows: int,
+                        other_path: str | None, what: str) -> None:
+    """:func:`check_same_vocabulary` for a model known by its head size ``other_rows`` (its
+    config's ``vocab_size``) and its directory, without loading it."""
     policy_rows = policy.get_output_embeddings().weight.shape[0]
     if other_rows != policy_rows:
         raise ValueError(

@@ -12,15 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unified.engines.vllm import INSTALL_HINT, engine_kwargs, import_vllm, keeping_process_state, shut_down
-from lightning_unified.models.loading import check_model_directory, has_tokenizer, load_tokenizer, vocabulary_difference
+from lightning_unified.models.loading import check_model_directory, check_vocabulary_of
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
-
-
-def checkpoint_dtype(path: str) -> str:
-    """The dtype the checkpoint was saved in. vLLM's own "auto" runs a float32 checkpoint in
-    half precision, so its log-probs would not be the teacher's as trained."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
 class InProcessTeacher:
@@ -36,6 +29,7 @@ class InProcessTeacher:
         if path is None:
             raise ValueError("teacher.engine=vllm loads the teacher from teacher.path=DIR; it is not set")
         self.path = str(check_model_directory(path, weights=True))
+        self.config = json.loads((Path(self.path) / "config.json").read_text())
         self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
         self.max_model_len, self.dtype, self.max_logprobs = max_model_len, dtype, max_logprobs
         self.llm = None
@@ -47,25 +41,23 @@ class InProcessTeacher:
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, sleep=False)
         try:
             with keeping_process_state(), torch.inference_mode():
-                self.llm = vllm.LLM(model=self.path, skip_tokenizer_init=True, dtype=self.dtype or checkpoint_dtype(self.path),
+                self.llm = vllm.LLM(model=self.path, skip_tokenizer_init=True, dtype=self.dtype or self.checkpoint_dtype(),
                                     max_model_len=self.max_model_len, enforce_eager=True, seed=0,
                                     max_logprobs=self.max_logprobs, tensor_parallel_size=1, **kwargs)
         except Exception as error:
             raise RuntimeError(f"{self.name} could not start: {error}") from error
 
+    def checkpoint_dtype(self) -> str:
+        """The dtype the checkpoint was saved in. vLLM's own "auto" runs a float32 checkpoint
+        in half precision, so its log-probs would not be the teacher's as trained."""
+        return str(self.config.get("dtype") or self.config.get("torch_dtype") or "auto")
+
     def check_vocabulary(self, policy: nn.Module, tokenizer) -> None:
-        """Same head size as the policy's, and, where the teacher's directory has a
-        tokenizer, the same token for every id."""
-        config = json.loads((Path(self.path) / "config.json").read_text())
-        rows = policy.get_output_embeddings().weight.shape[0]
-        theirs = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-        if theirs is not None and theirs != rows:
-            raise ValueError(f"{self.name} has a vocabulary of {theirs} tokens and the policy {rows}; a dense signal "
-                             f"compares distributions over one shared vocabulary (sizes differ)")
-        if has_tokenizer(self.path):
-            difference = vocabulary_difference(tokenizer, load_tokenizer(self.path))
-            if difference:
-                raise ValueError(f"{self.name} uses another tokenizer than the policy: {difference}")
+        """The vocabulary checks an HF teacher gets, from the teacher's config and directory
+        (the engine, not this process, loads its weights)."""
+        rows = self.config.get("vocab_size") or self.config.get("text_config", {}).get("vocab_size")
+        check_vocabulary_of(policy, tokenizer, rows or policy.get_output_embeddings().weight.shape[0], self.path,
+                            self.name)
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int) -> TeacherScores:
