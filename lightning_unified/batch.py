@@ -13,6 +13,7 @@ RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or 
 RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
 REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
 PROMPTS = "prompts"  # list[str | list[dict]] of length B: each prompt as the data gave it (text or chat messages)
+TEACHER_NAMES = "teacher_names"  # list[str] of length B: the teacher each row's data names (signal.teachers)
 EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module's training examples (a teacher cache's key)
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
 
@@ -21,7 +22,8 @@ BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distributi
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 
 # --- teacher callback (dense signal) ------------------------------------------------
-TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]
+TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several
+TEACHER_INDEX = "teacher_index"  # [B] long, each row's teacher as its position in signal.teachers (several teachers)
 TEACHER_TOPK_IDS = "teacher_topk_ids"  # [B, R, K] long, the teacher's top-k tokens
 TEACHER_TOPK_LOGP = "teacher_topk_logp"  # [B, R, K] float, their log-probs
 TEACHER_TOKEN_LOGP = "teacher_token_logp"  # [B, R] float, log pi_T(y_t) of the batch's tokens

@@ -141,15 +141,16 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
     if getattr(signal, "rewards", None) and (source.samples or getattr(signal, "reward_data", False)):
         parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
-        teacher = signal.teacher
         if signal.cache is not None:
-            teacher = f"cache {signal.cache}"
-        elif signal.engine == "server":
-            teacher = f"server {signal.url}"
-        elif signal.engine == "vllm":
-            teacher = f"{signal.teacher} (vllm)"
+            teacher = f"teacher cache {signal.cache}"
+        elif signal.routed:
+            teacher = "teachers " + ", ".join(f"{name}={t.describe()}" for name, t in signal.teachers.items())
+        elif signal.teachers:
+            teacher = f"teacher {next(iter(signal.teachers.values())).describe()}"
+        else:
+            teacher = f"teacher {signal.teacher}"
         top_k = f" top-{signal.top_k}" if signal.top_k else ""
-        parts.append(f"{signal.divergence}{top_k} to teacher {teacher}")
+        parts.append(f"{signal.divergence}{top_k} to {teacher}")
     batch = cfg.task.get("batch_size")
     if source.samples:
         parts.append(f"{batch} prompts x {source.sampling.num_generations} samples per batch")

@@ -96,7 +96,9 @@ class UnifiedModule(L.LightningModule):
         self.replay = RolloutReplay.for_data_source(data_source)
         self.val_metrics = nn.ModuleDict()
         self._pipeline: list[L.Callback] | None = None
-        self.step_sums = StepSums()  # the loss and counts of this optimizer step so far
+        # several teachers: each one's objective is logged as train/objective/<name>
+        self.teacher_names = list(signal.teachers) if isinstance(signal, Dense) and signal.routed else []
+        self.step_sums = StepSums(groups=len(self.teacher_names))  # this optimizer step's loss and counts so far
         self.clock = TrainingProgress()
 
     @property
@@ -157,7 +159,7 @@ class UnifiedModule(L.LightningModule):
             "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
-        self.step_sums.add(out.loss, out.objective, mask)
+        self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective)
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
         return {"loss": out.loss * self.trainer.accumulate_grad_batches,
                 "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
@@ -188,6 +190,9 @@ class UnifiedModule(L.LightningModule):
             torch._foreach_mul_(grads, self.trainer.world_size / norm)
         self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
         self.log("train/objective", total.objective / norm, batch_size=1)
+        for name, (objective, counts) in zip(self.teacher_names, total.groups):
+            if counts.sequences:  # a teacher none of this step's rows named has no objective
+                self.log(f"train/objective/{name}", objective / normaliser(self.aggregation, counts), batch_size=1)
         for name, value in self.clock.step_metrics(total.counts.tokens, write=self._logs_this_step()).items():
             self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
 

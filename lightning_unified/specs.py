@@ -25,6 +25,8 @@ ENGINES = ("hf", "vllm")
 # where a dense signal's teacher runs: in the training process as a Hugging Face model, as
 # a frozen vLLM engine, or behind an OpenAI-compatible server
 TEACHER_ENGINES = ("hf", "vllm", "server")
+# which weights a self-teacher scores with (lightning_unified/models/snapshot.py)
+SELF_TEACHER_UPDATES = ("live", "frozen", "ema", "refresh")
 
 
 LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
@@ -243,6 +245,75 @@ class Sparse:
 
 
 @dataclass
+class Teacher:
+    """One teacher of a dense signal: where it is and where it runs.
+
+    ``engine``: ``hf`` (a Hugging Face model from ``path`` in each training process: the
+    whole distribution, every divergence), ``vllm`` (a frozen vLLM engine loaded from
+    ``path`` in each training process) or ``server`` (an OpenAI-compatible server at
+    ``url``). ``server`` and ``vllm`` hold ServedTeacher's and InProcessTeacher's options;
+    ``options`` load_causal_lm's (dtype, attn_implementation, trust_remote_code).
+    """
+
+    path: str | None = None
+    engine: str = "hf"
+    url: str | None = None
+    server: dict = field(default_factory=dict)
+    vllm: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def served(self) -> bool:
+        """The teacher answers with log-probs (a vLLM engine or a server), not hidden states."""
+        return self.engine != "hf"
+
+    def describe(self) -> str:
+        """The teacher as a run's start line names it."""
+        if self.engine == "server":
+            return f"server {self.url}"
+        return f"{self.path} (vllm)" if self.engine == "vllm" else str(self.path)
+
+    def check(self, owner: str) -> None:
+        """``owner`` is where the user set it: ``teacher`` or ``signal.teachers.NAME``."""
+        _one_of(owner, "engine", self.engine, TEACHER_ENGINES)
+        _known_options(f"{owner} load options", self.options)
+        if self.engine == "server" and not self.url:
+            raise ValueError(f"{owner}.engine=server asks an OpenAI-compatible server for the teacher's log-probs: set "
+                             f"{owner}.url (e.g. http://127.0.0.1:8000, where `python -m "
+                             f"vllm.entrypoints.openai.api_server --model DIR --max-logprobs 64` serves)")
+        if self.engine != "server" and not self.path:
+            raise ValueError(f"{owner}.engine={self.engine} loads the teacher from a local Hugging Face directory: "
+                             f"set {owner}.path")
+
+
+def as_teachers(teachers) -> dict[str, Teacher]:
+    """``signal.teachers`` as {name: Teacher}; each entry a Teacher or its fields as a dict."""
+    known = list(Teacher.__dataclass_fields__)
+    out = {}
+    for name, spec in dict(teachers or {}).items():
+        owner = f"signal.teachers.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"signal.teachers: each teacher's name must be a non-empty string, got {name!r}")
+        if isinstance(spec, Teacher):
+            teacher = spec
+        elif isinstance(spec, dict) or hasattr(spec, "items"):
+            spec = dict(spec.items())
+            unknown = sorted(set(spec) - set(known))
+            if unknown:
+                raise ValueError(f"{owner} has unknown key(s) {unknown}; a teacher has {known}")
+            teacher = Teacher(**{k: dict(v) if k in ("server", "vllm", "options") and v is not None else v
+                                 for k, v in spec.items()})
+        else:
+            raise TypeError(f"{owner} must be a teacher's fields ({known}), got {type(spec).__name__}: {spec!r}")
+        if teacher.path == SELF_TEACHER:
+            raise ValueError(f"{owner}.path=self: self-distillation has one teacher, the policy itself "
+                             f"(signal.teacher=self without signal.teachers)")
+        teacher.check(owner)
+        out[name] = teacher
+    return out
+
+
+@dataclass
 class Dense:
     """Each token is pushed towards a frozen teacher's whole distribution.
 
@@ -252,9 +323,14 @@ class Dense:
     sampled token as its reward). ``top_k`` > 0 gives forward KL from the teacher's top-k
     only (what an API teacher or an offline cache provides), with the rest of its mass as
     one ``bucket`` or dropped and the top-k ``renormalize``d.
+
+    One teacher is ``teacher`` with ``engine`` (and its options); several are ``teachers``
+    {name: :class:`Teacher`}, each example scored by the teacher its data names (the
+    ``teacher`` column, ``task.columns.teacher``). Either way :attr:`teachers` holds them
+    after construction, a single one under the name ``teacher``.
     """
 
-    # a local Hugging Face directory, or ``self``; None only with ``cache``
+    # a local Hugging Face directory, or ``self``; None only with ``cache`` or a server
     teacher: str | None = None
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -281,6 +357,15 @@ class Dense:
     # engine=vllm: InProcessTeacher's options (kv_cache_gib, gpu_memory_utilization,
     # max_model_len, dtype, max_logprobs)
     vllm: dict = field(default_factory=dict)
+    # several teachers, {name: Teacher or its fields}; each example names its own
+    teachers: dict = field(default_factory=dict)
+    # teacher=self: which weights the teacher has (SELF_TEACHER_UPDATES): the policy's own
+    # (live), the starting policy's (frozen), an average with ``self_teacher_decay`` of the
+    # old one kept each step (ema), or the policy's copied every ``self_teacher_every``
+    # optimizer steps and frozen in between (refresh)
+    self_teacher: str = "live"
+    self_teacher_decay: float = 0.99
+    self_teacher_every: int = 50
 
     @property
     def is_self(self) -> bool:
@@ -289,18 +374,33 @@ class Dense:
 
     @property
     def served(self) -> bool:
-        """The teacher answers with log-probs (a vLLM engine or a server), not hidden states."""
-        return self.engine != "hf"
+        """Some teacher answers with log-probs (a vLLM engine or a server), not hidden states."""
+        return any(t.served for t in self.teachers.values())
+
+    @property
+    def routed(self) -> bool:
+        """Several teachers, each example scored by the one its data names."""
+        return len(self.teachers) > 1
 
     def __post_init__(self) -> None:
         _one_of("teacher", "engine", self.engine, TEACHER_ENGINES)
-        if self.served:
-            self._check_served()
-        if self.teacher is None and self.cache is None and self.engine != "server":
+        self.teachers = as_teachers(self.teachers)
+        if self.teachers:
+            self._check_several()
+        elif not self.is_self and self.cache is None and (self.teacher is not None or self.engine == "server"):
+            single = Teacher(self.teacher, self.engine, self.url, dict(self.server), dict(self.vllm),
+                             dict(self.teacher_options))
+            single.check("teacher")
+            self.teachers = {"teacher": single}
+        if self.engine != "hf" and (self.is_self or self.cache is not None):
+            raise ValueError(f"teacher.engine={self.engine} serves a separate teacher; signal.teacher=self and "
+                             f"signal.cache score without one (leave teacher.engine=hf)")
+        if not self.teachers and self.cache is None and not self.is_self:
             raise ValueError(
                 "signal=dense needs a teacher: teacher.path=DIR (a local Hugging Face causal LM with the policy's "
-                "vocabulary), signal.teacher=self with signal.teacher_context (self-distillation), or "
-                "signal.cache=DIR (an offline teacher from scripts/cache_teacher.py)"
+                "vocabulary), signal.teacher=self with signal.teacher_context (self-distillation), "
+                "signal.cache=DIR (an offline teacher from scripts/cache_teacher.py), or signal.teachers={name: "
+                "{path: DIR}, ...} (several teachers, each example naming its own)"
             )
         if self.is_self and not self.teacher_context:
             raise ValueError(
@@ -309,6 +409,7 @@ class Dense:
                 "distributions are the same and there is nothing to learn"
             )
         _one_of("signal", "divergence", self.divergence, DIVERGENCES)
+        self._check_self_teacher()
         if self.cache is not None and (self.divergence != "forward_kl" or self.is_self or self.teacher_context):
             raise ValueError(
                 "signal.cache holds the teacher's top-k on the dataset's responses: it gives forward KL "
@@ -328,17 +429,36 @@ class Dense:
                 f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
                 f"give {self.divergence!r}, which needs the teacher's whole distribution"
             )
+        for name, teacher in self.teachers.items():
+            if teacher.served:
+                self._check_served("teacher" if name == "teacher" and not self.routed else f"signal.teachers.{name}",
+                                   teacher.engine)
 
+    def _check_self_teacher(self) -> None:
+        _one_of("signal", "self_teacher", self.self_teacher, SELF_TEACHER_UPDATES)
+        if self.self_teacher != "live" and not self.is_self:
+            raise ValueError(f"signal.self_teacher={self.self_teacher} chooses the weights of a self-teacher "
+                             f"(signal.teacher=self); this run's teacher is {self.teacher!r}")
+        if not 0 <= self.self_teacher_decay < 1:
+            raise ValueError(f"signal.self_teacher_decay must be in [0, 1), got {self.self_teacher_decay}")
+        if self.self_teacher_every < 1:
+            raise ValueError(f"signal.self_teacher_every must be >= 1 optimizer step, got {self.self_teacher_every}")
 
-    def _check_served(self) -> None:
-        where = f"teacher.engine={self.engine}"
-        if self.engine == "server" and not self.url:
-            raise ValueError(f"{where} asks an OpenAI-compatible server for the teacher's log-probs: set teacher.url "
-                             f"(e.g. http://127.0.0.1:8000, where `python -m vllm.entrypoints.openai.api_server --model "
-                             f"DIR --max-logprobs 64` serves)")
-        if self.is_self or self.cache is not None:
-            raise ValueError(f"{where} serves a separate teacher; signal.teacher=self and signal.cache score "
-                             f"without one (leave teacher.engine=hf)")
+    def _check_several(self) -> None:
+        """``signal.teachers`` replaces the one teacher's settings, which must stay unset."""
+        single = {"teacher.path": self.teacher, "teacher.url": self.url, "signal.cache": self.cache}
+        given = [f"{k}={v!r}" for k, v in single.items() if v is not None]
+        if self.engine != "hf":
+            given.append(f"teacher.engine={self.engine}")
+        if given:
+            raise ValueError(f"signal.teachers names the teachers ({', '.join(self.teachers)}); the one teacher's "
+                             f"{', '.join(given)} cannot be set beside it")
+        if self.teacher_context:
+            raise ValueError("signal.teacher_context gives the self-teacher privileged context; with signal.teachers "
+                             "each teacher scores the student's own prompt")
+
+    def _check_served(self, owner: str, engine: str) -> None:
+        where = f"{owner}.engine={engine}"
         if not ((self.divergence == "forward_kl" and self.top_k > 0) or self.divergence == "sampled_reverse_kl"):
             raise ValueError(
                 f"{where} returns the teacher's top-k and each sampled token's log-prob, not its whole distribution, "
@@ -349,7 +469,7 @@ class Dense:
             )
         if self.temperature != 1.0:
             raise ValueError(f"{where} reports log-probs at temperature 1; signal.temperature={self.temperature} "
-                             f"needs the teacher's logits (teacher.engine=hf)")
+                             f"needs the teacher's logits (engine=hf)")
 
 
 @dataclass

@@ -35,7 +35,7 @@ def test_teacher_reference_and_sampling_run_under_the_trainer_precision(tmp_path
 
     class Attach(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            spies["teacher"] = AutocastSpy(teacher.teacher.model)
+            spies["teacher"] = AutocastSpy(teacher.models["teacher"].model)
             spies["reference"] = AutocastSpy(reference.model.model)
             spies["policy"] = AutocastSpy(pl_module.policy.model)  # sampling and the step
 

@@ -3,6 +3,9 @@ copy of the weights, and the teacher's fields are a no-grad forward on the longe
 
 from __future__ import annotations
 
+import functools
+
+import lightning as L
 import pytest
 import torch
 
@@ -66,7 +69,7 @@ def test_self_distillation_trains_without_a_second_model() -> None:
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
     teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
-    assert teacher.teacher is None and teacher.copy_head
+    assert not teacher.models and not teacher.served and teacher.copy_head
     assert torch.isfinite(trainer.callback_metrics["train/objective"])
     assert float(trainer.callback_metrics["train/objective"]) > 0, "the context makes the teacher differ"
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters())
@@ -89,3 +92,80 @@ def test_chat_context_replaces_the_last_user_message() -> None:
     out = contextual_prompt(prompt, "{prompt} (the answer is {reference})", {"reference": "4"})
     assert out == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2? (the answer is 4)"}]
     assert prompt[1]["content"] == "2+2?", "the student's prompt is left as it was"
+
+
+# --- a self-teacher that does not move with every update ------------------------------------
+def _trainable(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.policy.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("schedule", ["frozen", "ema", "refresh"])
+def test_a_lagging_self_teacher_scores_with_its_own_weights(schedule: str) -> None:
+    """After a few steps, the teacher's fields are those of a policy holding the snapshot's
+    weights (the starting ones for frozen, the average for ema, the last refresh's), and the
+    policy keeps its own weights, bit for bit."""
+    spec = OnPolicy(sampling=Sampling(num_generations=2))
+    signal = Dense(teacher="self", teacher_context=TEMPLATE, divergence="sampled_reverse_kl", self_teacher=schedule,
+                   self_teacher_decay=0.5, self_teacher_every=2)
+    module = tiny_module(spec, signal)
+    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=0.5)
+    start, history = _trainable(module), []
+
+    class Record(L.Callback):  # the policy's weights after each optimizer step
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            history.append(_trainable(pl_module))
+
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
+    teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
+    expected = {"frozen": start, "refresh": history[1]}.get(schedule)  # refreshed after step 2 of 3
+    if schedule == "ema":
+        expected = start
+        for weights in history:
+            expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+    for got, want in zip(teacher.snapshot.weights, expected):
+        torch.testing.assert_close(got, want)
+    assert any(not torch.equal(a, b) for a, b in zip(history[-1], expected)), "the policy moved away from its teacher"
+
+    # the teacher's fields: the policy with the snapshot's weights, on the context prompt
+    batch = sampled_batch(module, spec)
+    before = _trainable(module)
+    teacher.on_train_batch_start(None, module, batch, 0)
+    assert all(torch.equal(a, b) for a, b in zip(_trainable(module), before)), "the policy's weights are back"
+    copy = tiny_module(spec, Dense(teacher="self", teacher_context=TEMPLATE, divergence="sampled_reverse_kl"))
+    with torch.no_grad():
+        for p, w in zip((p for p in copy.policy.parameters() if p.requires_grad), expected):
+            p.copy_(w)
+    alone = dict(batch)
+    TeacherCallback(copy.signal).on_train_batch_start(None, copy, alone, 0)
+    valid = batch[F.RESPONSE_MASK].bool()
+    torch.testing.assert_close(batch[F.TEACHER_TOKEN_LOGP][valid], alone[F.TEACHER_TOKEN_LOGP][valid])
+
+
+def test_a_lagging_self_teacher_resumes_with_its_weights(tmp_path) -> None:
+    from lightning_unified.config import train
+    from tests.lightning_helpers import FAST_TASK, compose_config
+    from tests.test_runs import read_metrics
+
+    run = ["experiment=self_distill", f"signal.teacher_context='{TEMPLATE}'", "signal.self_teacher=ema",
+           "signal.self_teacher_decay=0.5", "optimizer.lr=0.05", "trainer.max_steps=4", "checkpoint_every_n_steps=2",
+           "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null",
+           "data_source.sampling.num_generations=2", *FAST_TASK, "task.num_val=16"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(compose_config(run), whole)
+    train(compose_config([*run, "trainer.max_steps=2"]), cut)
+    train(compose_config([*run, "resume=true"]), cut)
+
+    def losses(path):
+        return [(r["step"], r["train/loss"]) for r in read_metrics(path / "metrics.csv") if r.get("train/loss")]
+
+    assert losses(cut) == losses(whole) and len(losses(whole)) == 4
+
+
+def test_self_teacher_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"signal.self_teacher=frozen chooses the weights of a self-teacher"):
+        Dense(teacher="/some/teacher", self_teacher="frozen")
+    with pytest.raises(ValueError, match=r"signal.self_teacher must be one of"):
+        Dense(teacher="self", teacher_context=TEMPLATE, self_teacher="slow")
+    with pytest.raises(ValueError, match=r"signal.self_teacher_decay must be in \[0, 1\)"):
+        Dense(teacher="self", teacher_context=TEMPLATE, self_teacher="ema", self_teacher_decay=1.0)

@@ -7,6 +7,7 @@ continues exactly, and a server with another vocabulary is refused at start."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -125,6 +126,47 @@ def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
     assert (scores.token_logp[mask] - expected.gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0][mask]).abs().max() \
         < LOGP_TOLERANCE
     assert (scores.topk_logp[mask] - expected.topk(TOP_K, dim=-1).values[mask]).abs().max() < LOGP_TOLERANCE
+
+
+def test_a_served_and_a_local_teacher_each_score_the_rows_their_data_names(server, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning_unified.callbacks.teacher import TeacherCallback
+    from lightning_unified.specs import OffPolicy
+    from lightning_unified.tasks.files import FilesDataModule
+
+    rows = [{"prompt": f"{a:02d}+{b:02d}=", "response": f"{a + b:03d}", "teacher": "served" if a % 2 else "local"}
+            for a, b in zip(range(10, 22), range(40, 52))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = FilesDataModule(train=str(tmp_path / "train.jsonl"), tokenizer=TEACHER, max_response_tokens=4,
+                           batch_size=8, shuffle=False)
+    batch = next(iter(data.train_dataloader()))
+    local = checkpoint_path("rl_start")  # another model with the task's vocabulary
+
+    def scored(signal: Dense) -> dict:
+        module = UnifiedModule(student(), data.tokenizer, OffPolicy(), signal)
+        callback = TeacherCallback(signal)
+        # a teacher alone scores every row, whatever the data names
+        callback.setup(SimpleNamespace(datamodule=data if signal.routed else None), module, "fit")
+        out = dict(batch)
+        try:
+            callback.on_train_batch_start(None, module, out, 0)
+        finally:
+            callback.teardown(None, module, "fit")
+        return out
+
+    routed = scored(Dense(teachers={"served": {"engine": "server", "url": server.url}, "local": {"path": local}},
+                          top_k=TOP_K))
+    mask = batch[F.RESPONSE_MASK].bool()
+    for position, alone in enumerate((Dense(engine="server", url=server.url, top_k=TOP_K),
+                                      Dense(teacher=local, top_k=TOP_K))):
+        expected = scored(alone)
+        rows = (routed[F.TEACHER_INDEX] == position) & mask.any(-1)
+        assert rows.any()
+        torch.testing.assert_close(routed[F.TEACHER_TOPK_LOGP][rows][mask[rows]],
+                                   expected[F.TEACHER_TOPK_LOGP][rows][mask[rows]].float())
+        assert torch.equal(routed[F.TEACHER_TOPK_IDS][rows][mask[rows]], expected[F.TEACHER_TOPK_IDS][rows][mask[rows]])
+    assert routed[F.TEACHER_INDEX].tolist() == [0 if a % 2 else 1 for a in range(10, 18)]
 
 
 def test_a_server_with_another_vocabulary_is_refused_at_start(tmp_path: Path) -> None:

@@ -79,4 +79,4 @@ def test_teacher_callback_hands_the_loss_the_teachers_distribution(tmp_path, top
         teacher = batch[F.TEACHER].flattened(batch[F.RESPONSE_IDS].shape)
         torch.testing.assert_close(teacher.log_probs(0, expected.shape[0] * expected.shape[1]),
                                    expected.reshape(-1, expected.shape[-1]))
-    assert not any(p.requires_grad for p in callback.teacher.parameters()), "the teacher is frozen"
+    assert not any(p.requires_grad for p in callback.models["teacher"].parameters()), "the teacher is frozen"

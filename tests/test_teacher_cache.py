@@ -45,7 +45,7 @@ def test_cached_fields_equal_the_live_top_k_teacher(cached) -> None:
     live_cb = TeacherCallback(Dense(teacher=teacher, top_k=4))
     from lightning_unified.models.loading import load_causal_lm
 
-    live_cb.teacher = load_causal_lm(teacher).eval()
+    live_cb.models["teacher"] = load_causal_lm(teacher).eval()
     live_cb.on_train_batch_start(None, module, live, 0)
     cache = TeacherCache(out)
     cache.check(tokenizer=datamodule.tokenizer, examples=datamodule.training_examples(), teacher=None, top_k=4,
@@ -65,7 +65,7 @@ def test_training_from_the_cache_equals_training_with_the_live_teacher(cached) -
         trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
         trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
         teacher_cb = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
-        assert (teacher_cb.teacher is None) == (signal.cache is not None), "a cached run loads no teacher"
+        assert (not teacher_cb.models) == (signal.cache is not None), "a cached run loads no teacher"
         policies.append(module.policy.state_dict())
     for key in policies[0]:
         torch.testing.assert_close(policies[1][key], policies[0][key], atol=1e-6, rtol=1e-5)

@@ -93,6 +93,6 @@ class SamplingCallback(L.Callback):
         batch[fields.RESPONSE_MASK] = rollout.response_mask
         batch[fields.BEHAVIOUR_LOGP] = rollout.logp
         batch[fields.GROUP_SIZE] = group
-        for name in (fields.REFERENCES, fields.PROMPTS):  # per-prompt lists, now one entry per row
+        for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES):  # per-prompt lists, now one entry per row
             if name in batch:
                 batch[name] = [value for value in batch[name] for _ in range(group)]

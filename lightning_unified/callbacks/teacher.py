@@ -1,5 +1,6 @@
-"""Dense signal: a frozen teacher scores each batch's prompt + response once, and hands the
-loss its hidden states and head (or a top-k, or one log-prob per token), never [B, R, V]."""
+"""Dense signal: a frozen teacher (or several, each row scored by the one its data names)
+scores each batch's prompt + response once, and hands the loss its hidden states and head
+(or a top-k, or one log-prob per token), never [B, R, V]."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.data.teacher_cache import TeacherCache, teacher_id
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
+from lightning_unified.models.snapshot import WeightSnapshot
 from lightning_unified.specs import Dense
 from lightning_unified.teachers import build_teacher
+from lightning_unified.teachers.routing import joined_rows, route_index
 
 
 log = logging.getLogger(__name__)
@@ -36,34 +39,63 @@ class TeacherCallback(L.Callback):
     privileged context (the reference answer, a demonstration) rather than the student's.
     ``signal.cache``: an offline teacher (scripts/cache_teacher.py), read by example
     index; no teacher is loaded. ``teacher.engine=vllm`` or ``server``: a served teacher
-    (:mod:`lightning_unified.teachers`) returns log-probs instead. ``copy_head``: a
-    self-teacher's output layer is copied, because with several updates per batch the
-    policy's own layer changes before the last update reads the teacher."""
+    (:mod:`lightning_unified.teachers`) returns log-probs instead. ``signal.teachers``:
+    several teachers, each row scored by the one its data names (:mod:`routing`), and
+    ``teacher_index`` says which. ``copy_head``: a self-teacher's output layer is copied,
+    because with several updates per batch the policy's own layer changes before the last
+    update reads the teacher. ``signal.self_teacher`` other than ``live``: the self-teacher
+    scores with a :class:`~lightning_unified.models.snapshot.WeightSnapshot` of the policy's
+    weights (frozen, averaged or refreshed), swapped in for its forward."""
 
     def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
         self.copy_head = copy_head
-        self.teacher = None
+        # by name: Hugging Face teachers (engine=hf) and served ones (vllm, server)
+        self.models: dict[str, torch.nn.Module] = {}
+        self.served: dict = {}
         self.cache: TeacherCache | None = None
-        self.served = None
+        self.snapshot = (WeightSnapshot(signal.self_teacher, signal.self_teacher_decay, signal.self_teacher_every)
+                         if signal.is_self and signal.self_teacher != "live" else None)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.signal.cache is not None:
+        if stage != "fit":
+            return
+        if self.signal.cache is not None:
             self._open_cache(trainer, pl_module)
             return
-        if stage == "fit" and self.signal.served:
-            if self.served is None:
-                served = build_teacher(self.signal)
+        self._check_data_names(trainer)
+        for name, spec in self.signal.teachers.items():
+            single = not self.signal.routed
+            label = f"teacher {spec.describe()}" if single else f"teacher {name!r} ({spec.describe()})"
+            if spec.served and name not in self.served:
+                served = build_teacher(spec, owner="teacher" if single else f"signal.teachers.{name}")
                 served.start(pl_module.policy, pl_module.tokenizer)
-                self.served = served
+                self.served[name] = served
+            elif not spec.served and name not in self.models:
+                teacher = load_causal_lm(spec.path, **spec.options)
+                check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, spec.path, label)
+                # kept out of the module so it is never trained, checkpointed or wrapped by DDP
+                self.models[name] = teacher.eval().requires_grad_(False)
+
+    def _check_data_names(self, trainer: L.Trainer) -> None:
+        """The teachers the training data names are the ones there are: each unknown name is
+        named with where the data first gives it; data that names teachers for a run of one
+        teacher is refused rather than scored by that one."""
+        datamodule = getattr(trainer, "datamodule", None)
+        names_of = getattr(datamodule, "teacher_names", None)
+        seen = names_of() if names_of else {}
+        if not seen:
             return
-        if stage == "fit" and self.teacher is None and not self.signal.is_self:
-            teacher = load_causal_lm(self.signal.teacher, **self.signal.teacher_options)
-            check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, self.signal.teacher,
-                                  f"teacher {self.signal.teacher}")
-            # kept out of the module so it is never trained, checkpointed or wrapped by DDP
-            self.teacher = teacher.eval().requires_grad_(False)
+        if not self.signal.routed:
+            name, where = next(iter(seen.items()))
+            raise ValueError(f"{where}: the training data names each example's teacher (column 'teacher', here "
+                             f"{name!r}), but this run has one teacher; give the teachers by name "
+                             f"(signal.teachers={{{name}: {{path: DIR}}, ...}}), or set task.columns.teacher=null")
+        for name, where in seen.items():
+            if name not in self.signal.teachers:
+                raise ValueError(f"{where}: teacher {name!r} is not one of signal.teachers "
+                                 f"{list(self.signal.teachers)}")
 
     def _open_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The offline teacher, checked against this run's tokenizer, data and settings."""
@@ -81,8 +113,36 @@ class TeacherCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.teacher is not None:
-            self.teacher.to(pl_module.device)
+        for teacher in self.models.values():
+            teacher.to(pl_module.device)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.snapshot is None:
+            return
+        if pl_module.policy_is_sharded():
+            raise NotImplementedError(f"signal.self_teacher={self.signal.self_teacher} keeps a copy of the policy's "
+                                      f"weights, which is not built for a sharded (FSDP2) policy yet; use ddp, or "
+                                      f"signal.self_teacher=live")
+        self.snapshot.take(pl_module.policy)  # the starting policy, or the checkpoint's snapshot
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+                           batch_idx: int) -> None:
+        if self.snapshot is not None:
+            self.snapshot.follow(pl_module.policy, pl_module.progress["optimizer_steps"])
+
+    @override
+    def state_dict(self) -> dict:
+        return {"snapshot": self.snapshot.state_dict()} if self.snapshot is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.snapshot is not None:
+            if "snapshot" not in state_dict:
+                raise ValueError(f"signal.self_teacher={self.signal.self_teacher}: the checkpoint holds no self-teacher "
+                                 f"weights (it was written with signal.self_teacher=live)")
+            self.snapshot.load_state_dict(state_dict["snapshot"])
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
@@ -99,45 +159,73 @@ class TeacherCallback(L.Callback):
         if signal.teacher_context:
             prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)
             prompt_ids, prompt_mask = prompt_ids.to(pl_module.device), prompt_mask.to(pl_module.device)
-        if self.served is not None:
-            scores = self.served.score(prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
-                                       signal.top_k)
-            if signal.top_k:
-                batch[fields.TEACHER_TOPK_IDS] = scores.topk_ids.to(pl_module.device)
-                batch[fields.TEACHER_TOPK_LOGP] = scores.topk_logp.to(pl_module.device)
-            else:
-                batch[fields.TEACHER_TOKEN_LOGP] = scores.token_logp.to(pl_module.device)
+        tensors = (prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])
+        if signal.is_self:
+            if self.snapshot is None:
+                batch.update(self._hidden_state_fields(pl_module, pl_module.policy, *tensors, copy_head=self.copy_head))
+            else:  # the head is copied: the policy's own returns when the snapshot is swapped out
+                with self.snapshot.swapped_in(pl_module.policy):
+                    batch.update(self._hidden_state_fields(pl_module, pl_module.policy, *tensors, copy_head=True))
             return
-        teacher = pl_module.policy if signal.is_self else self.teacher
+        names = list(signal.teachers)
+        if not signal.routed:
+            batch.update(self._score(pl_module, names[0], *tensors))
+            return
+        fields.require(batch, fields.TEACHER_NAMES, who=f"signal.teachers {names} (each row's teacher, from the "
+                                                        f"data's teacher column: task.columns.teacher=COLUMN)")
+        index = route_index(batch[fields.TEACHER_NAMES], names, device=prompt_ids.device)
+        parts = []
+        for position, name in enumerate(names):
+            rows = (index == position).nonzero().squeeze(-1)
+            if rows.numel():
+                parts.append((rows, self._score(pl_module, name, *(t.index_select(0, rows) for t in tensors))))
+        batch.update(joined_rows(parts, index.shape[0]))
+        batch[fields.TEACHER_INDEX] = index
+
+    def _score(self, pl_module: L.LightningModule, name: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               response_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
+        """The batch fields teacher ``name`` gives these rows."""
+        if name in self.served:
+            scores = self.served[name].score(prompt_ids, prompt_mask, response_ids, response_mask, self.signal.top_k)
+            if self.signal.top_k:
+                return {fields.TEACHER_TOPK_IDS: scores.topk_ids.to(pl_module.device),
+                        fields.TEACHER_TOPK_LOGP: scores.topk_logp.to(pl_module.device)}
+            return {fields.TEACHER_TOKEN_LOGP: scores.token_logp.to(pl_module.device)}
+        return self._hidden_state_fields(pl_module, self.models[name], prompt_ids, prompt_mask, response_ids,
+                                         response_mask)
+
+    def _hidden_state_fields(self, pl_module: L.LightningModule, teacher: torch.nn.Module, prompt_ids: torch.Tensor,
+                             prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                             copy_head: bool = False) -> dict:
+        """The fields of a teacher in this process (a Hugging Face model, or the policy
+        itself): its hidden states and head, its top-k, or its log-prob of each token."""
+        signal = self.signal
         was_training = teacher.training
         teacher.eval()  # a self-teacher scores without dropout
         try:
             with torch.no_grad(), trainer_precision(pl_module):
-                hidden = response_hidden(teacher, prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS],
-                                         batch[fields.RESPONSE_MASK])  # [B, R, H_t]
+                hidden = response_hidden(teacher, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, R, H_t]
         finally:
             teacher.train(was_training)
         weight, bias = output_head(teacher)
         if signal.is_self:
-            weight, bias = _frozen(weight, self.copy_head), _frozen(bias, self.copy_head)
+            weight, bias = _frozen(weight, copy_head), _frozen(bias, copy_head)
         with torch.no_grad(), trainer_precision(pl_module):
             if signal.top_k:
                 ids, logp = topk_logprobs(hidden, weight, signal.top_k, head_bias=bias, temperature=signal.temperature)
-                batch[fields.TEACHER_TOPK_IDS], batch[fields.TEACHER_TOPK_LOGP] = ids, logp
-            elif signal.divergence == "sampled_reverse_kl":
-                batch[fields.TEACHER_TOKEN_LOGP] = target_logprobs(
-                    hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias, temperature=signal.temperature
-                )
-            else:
-                batch[fields.TEACHER] = TeacherLogits(
-                    hidden=hidden, head_weight=weight, head_bias=bias, temperature=signal.temperature
-                )
+                return {fields.TEACHER_TOPK_IDS: ids, fields.TEACHER_TOPK_LOGP: logp}
+            if signal.divergence == "sampled_reverse_kl":
+                return {fields.TEACHER_TOKEN_LOGP: target_logprobs(hidden, weight, response_ids, head_bias=bias,
+                                                                   temperature=signal.temperature)}
+            return {fields.TEACHER: TeacherLogits(hidden=hidden, head_weight=weight, head_bias=bias,
+                                                  temperature=signal.temperature)}
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.served is not None:
-            self.served.close()
-            self.served = None
+        if stage == "fit":
+            for served in self.served.values():
+                served.close()
+            self.served = {}
 
 
 def _frozen(tensor: torch.Tensor | None, copy: bool) -> torch.Tensor | None:

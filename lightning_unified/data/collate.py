@@ -37,7 +37,7 @@ class ListDataset(Dataset):
 
 class TokenCollator:
     """Examples ``{prompt_ids, response_ids?, reference?, reward?, prompt?, index?, chosen_ids?,
-    rejected_ids?}`` (token id lists; ``prompt`` the prompt as the data gave it) to a
+    rejected_ids?, teacher?}`` (token id lists; ``prompt`` the prompt as the data gave it) to a
     batch. Responses already end with their stop token. A batch where every example has
     a response is off-policy data; prompt-only examples give prompts only. A batch where
     every example has ``chosen_ids`` and ``rejected_ids`` is preference pairs: two rows per
@@ -60,6 +60,8 @@ class TokenCollator:
         if all(e.get("response_ids") for e in examples):
             out[fields.RESPONSE_IDS], out[fields.RESPONSE_MASK] = pad([e["response_ids"] for e in examples],
                                                                        self.pad_token_id, "right")
+        if all("teacher" in e for e in examples):
+            out[fields.TEACHER_NAMES] = [e["teacher"] for e in examples]
         if all(e.get("reward") is not None for e in examples):
             out[fields.REWARDS] = torch.tensor([float(e["reward"]) for e in examples])
         return out
@@ -69,7 +71,7 @@ class TokenCollator:
         for e in examples:
             for key in ("chosen_ids", "rejected_ids"):
                 rows.append({"prompt_ids": e["prompt_ids"], "response_ids": e[key], "reference": e.get("reference"),
-                             **{k: e[k] for k in ("prompt", "index") if k in e}})
+                             **{k: e[k] for k in ("prompt", "index", "teacher") if k in e}})
         out = self(rows)
         out[fields.PREFERENCE] = torch.tensor([1.0, -1.0] * len(examples))
         out[fields.GROUP_SIZE] = 2

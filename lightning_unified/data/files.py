@@ -25,7 +25,7 @@ from lightning_unified.data.chat import is_chat, prompt_token_ids
 log = logging.getLogger(__name__)
 
 # the columns a file may have, by their names in the code; task.columns renames them
-COLUMNS = ("prompt", "response", "reference", "reward", "chosen", "rejected")
+COLUMNS = ("prompt", "response", "reference", "reward", "chosen", "rejected", "teacher")
 REQUIRED = ("prompt",)
 OVERLONG = ("error", "drop")
 
@@ -208,9 +208,11 @@ def tokenize_table(
     columns: Mapping[str, str] | None,
     limits: Limits,
     stop_id: int,
+    teachers_seen: dict[str, str] | None = None,
 ) -> list[dict]:
     """Checked, tokenized examples ``{prompt_ids, response_ids?, reference?, reward?,
-    chosen_ids?, rejected_ids?}``; each response ends with ``stop_id``."""
+    chosen_ids?, rejected_ids?, teacher?}``; each response ends with ``stop_id``.
+    ``teachers_seen``, when given, gets {teacher name: where the first example naming it is}."""
     path = Path(path)
     resolved = resolve_columns(list(table.column_names), columns, path)
     locate = _Locator(path, _format(path) if path.exists() else "")
@@ -239,6 +241,10 @@ def tokenize_table(
             if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
                 raise DataError(f"{where}: column {resolved['reward']!r} must be a finite number, got {reward!r}")
             example["reward"] = float(reward)
+        if "teacher" in resolved:
+            example["teacher"] = _check_text(record[resolved["teacher"]], resolved["teacher"], where).strip()
+            if teachers_seen is not None:
+                teachers_seen.setdefault(example["teacher"], where)
         too_long = _over_limit(len(example["prompt_ids"]), responses, limits)
         if too_long:
             if limits.overlong == "error":

@@ -123,18 +123,33 @@ class StepTotals(NamedTuple):
     surrogate: float
     objective: float
     counts: LossCounts
+    # each group's (objective, counts), in the order of its index (with ``groups``)
+    groups: tuple[tuple[float, LossCounts], ...] = ()
 
 
 class StepSums:
     """[surrogate, objective, tokens, sequences] summed over an optimizer step's micro-batches
-    on this rank, kept on the device until :meth:`total` reads the whole step at once."""
+    on this rank, kept on the device until :meth:`total` reads the whole step at once. With
+    ``groups`` > 0 the objective and counts are also summed per group of rows (each row's
+    teacher, with several), in the same one read."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int = 0) -> None:
+        self.groups = groups
         self._sums: Tensor | None = None
 
-    def add(self, loss: Tensor, objective: Tensor, mask: Tensor) -> None:
+    def add(self, loss: Tensor, objective: Tensor, mask: Tensor, group: Tensor | None = None,
+            token_objective: Tensor | None = None) -> None:
+        """``group`` [B] long: each row's group; ``token_objective`` [B, T] its tokens'
+        share of ``objective`` (both needed with ``groups``)."""
         sums = torch.cat([torch.stack([loss.detach().double(), objective.detach().double()]),
                           count_tensor(mask).to(loss.device)])
+        if self.groups:
+            if group is None or token_objective is None:
+                raise ValueError(f"StepSums(groups={self.groups}) needs each row's group and its tokens' objective")
+            rows = torch.stack([token_objective.detach().double().sum(-1), mask.sum(-1).double(),
+                                mask.bool().any(-1).double()], -1)  # [B, 3]
+            per_group = rows.new_zeros(self.groups, 3).index_add_(0, group.to(rows.device), rows)
+            sums = torch.cat([sums, per_group.reshape(-1).to(sums.device)])
         self._sums = sums if self._sums is None else self._sums + sums
 
     def total(self) -> StepTotals | None:
@@ -144,6 +159,9 @@ class StepSums:
         checks and the throughput are host arithmetic."""
         if self._sums is None:
             return None
-        surrogate, objective, tokens, sequences = all_reduce_sum(self._sums).tolist()
+        values = all_reduce_sum(self._sums).tolist()
         self._sums = None
-        return StepTotals(surrogate, objective, LossCounts(tokens=tokens, sequences=sequences))
+        surrogate, objective, tokens, sequences = values[:4]
+        groups = tuple((values[i], LossCounts(tokens=values[i + 1], sequences=values[i + 2]))
+                       for i in range(4, len(values), 3))
+        return StepTotals(surrogate, objective, LossCounts(tokens=tokens, sequences=sequences), groups)

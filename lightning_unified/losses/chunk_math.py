@@ -37,7 +37,7 @@ WeightFn = Callable[..., TokenWeights]
 class ChunkResult(NamedTuple):
     # scalar: -sum_t sum_v w_t(v) log pi(v | t) over the chunk (already scaled)
     loss: Tensor
-    # scalar: the chunk's summed real objective (0 when the builder reports none)
+    # [c] each token's real objective, scaled as its loss is (0 when the builder reports none)
     objective: Tensor
     # [c] log pi(y_t) at the loss temperature
     target_logp: Tensor
@@ -90,7 +90,7 @@ def chunk_math(
     weights = chunk_weights(weight_fn, logp, targets, scale, fields,
                             None if teacher is None else teacher.log_probs(0, hidden.shape[0]))
     loss = -weighted_log_likelihood(logp, targets, weights).sum()
-    objective = weights.objective.sum() if weights.objective is not None else loss.new_zeros(())
+    objective = weights.objective if weights.objective is not None else loss.new_zeros(targets.shape[0])
     target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
     if not with_grad:
         return ChunkResult(loss, objective, target_logp, None, None)

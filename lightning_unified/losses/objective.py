@@ -86,6 +86,9 @@ class WeightedNLL(NamedTuple):
     # [N] log pi_theta(y_t) of every token under the current policy (0 where scale == 0);
     # detached, for importance-ratio diagnostics without another forward pass
     target_logp: Tensor
+    # [N] each token's share of ``objective`` (0 where scale == 0); detached, for the
+    # objective of a subset of rows (each teacher's, with several)
+    token_objective: Tensor | None = None
 
 
 def _kept_tokens(
@@ -153,7 +156,7 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(head_weight, dtype=acc) if need_weight else None
         grad_bias = torch.zeros_like(head_bias, dtype=acc) if need_bias else None
         loss = hidden.new_zeros((), dtype=acc)
-        objective = hidden.new_zeros((), dtype=acc)
+        token_objective = hidden.new_zeros(num_tokens, dtype=acc)
         target_logp = hidden.new_zeros(num_tokens, dtype=acc)
 
         math = compiled_chunk_math() if plan.compile else chunk_math
@@ -172,7 +175,7 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
                 bias_grad=need_bias,
             )
             loss += chunk.loss
-            objective += chunk.objective
+            token_objective[start:stop] = chunk.objective
             target_logp[start:stop] = chunk.target_logp
             if need_bias:
                 grad_bias += chunk.grad_bias
@@ -192,11 +195,11 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_bias.to(head_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(objective, target_logp)
-        return loss, objective, target_logp
+        ctx.mark_non_differentiable(token_objective, target_logp)
+        return loss, token_objective, target_logp
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_objective: Tensor, _grad_target_logp: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_token_objective: Tensor, _grad_target_logp: Tensor):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [
             grad * grad_loss.to(grad.dtype) if needed else None
@@ -247,11 +250,13 @@ def chunked_weighted_nll(
         chunk_size = auto_chunk_size(targets.shape[0], head_weight.shape[0], head_weight.shape[1], hidden.device)
     plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size, torch.is_grad_enabled(),
                       compile)
-    loss, objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
+    loss, kept_objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
         flat_hidden.index_select(0, keep), head_weight, head_bias, plan
     )
     target_logp = kept_logp.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_logp)
-    return WeightedNLL(loss, objective, target_logp.reshape(hidden.shape[:-1]))
+    token_objective = kept_objective.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_objective)
+    return WeightedNLL(loss, kept_objective.sum(), target_logp.reshape(hidden.shape[:-1]),
+                       token_objective.reshape(hidden.shape[:-1]))
 
 
 def _logit_chunks(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, temperature: float,

@@ -65,7 +65,8 @@ class FilesDataModule(L.LightningDataModule):
         self._val_rewards = dict(val_rewards) if val_rewards else {"exact_match": exact_match}
         stop = end_of_turn_id(self.tokenizer)
         self.train_path = train
-        self.train_examples = self._load(train, columns, stop)
+        self._teachers_seen: dict[str, str] = {}
+        self.train_examples = self._load(train, columns, stop, self._teachers_seen)
         self.val_examples = self._load(val, columns, stop) if val is not None else []
         log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,
                  len(self.val_examples), val)
@@ -75,8 +76,14 @@ class FilesDataModule(L.LightningDataModule):
             raise DataError(f"{val}: task.val_rewards {needs} compare each answer with a reference, but the file has "
                             f"no {column!r} column (task.columns.reference)")
 
-    def _load(self, path: str, columns, stop: int) -> list[dict]:
-        return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop)
+    def _load(self, path: str, columns, stop: int, teachers_seen: dict | None = None) -> list[dict]:
+        return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop,
+                              teachers_seen=teachers_seen)
+
+    def teacher_names(self) -> dict[str, str]:
+        """{teacher name: where the first training example naming it is}, from the data's
+        ``teacher`` column (``task.columns.teacher``); empty without one."""
+        return dict(self._teachers_seen)
 
     @property
     def max_new_tokens(self) -> int:

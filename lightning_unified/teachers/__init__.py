@@ -9,17 +9,18 @@ from __future__ import annotations
 from lightning_unified.teachers.scores import TeacherScores
 
 
-def build_teacher(signal):
-    """The served teacher ``signal`` (a :class:`~lightning_unified.specs.Dense`) names, not
-    yet started; None for ``teacher.engine=hf``."""
-    if signal.engine == "server":
+def build_teacher(teacher, owner: str = "teacher"):
+    """The served teacher ``teacher`` (a :class:`~lightning_unified.specs.Teacher`)
+    describes, not yet started; None for ``engine=hf``. ``owner`` names its settings in
+    errors (``teacher``, or ``signal.teachers.NAME``)."""
+    if teacher.engine == "server":
         from lightning_unified.teachers.server import ServedTeacher
 
-        return ServedTeacher(signal.url, **signal.server)
-    if signal.engine == "vllm":
+        return ServedTeacher(teacher.url, **teacher.server, owner=owner)
+    if teacher.engine == "vllm":
         from lightning_unified.teachers.vllm import InProcessTeacher
 
-        return InProcessTeacher(signal.teacher, **signal.vllm)
+        return InProcessTeacher(teacher.path, **teacher.vllm, owner=owner)
     return None
 
 

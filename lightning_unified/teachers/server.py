@@ -38,26 +38,28 @@ class ServedTeacher:
     """``url`` is the server's root (``http://127.0.0.1:8000``); ``model`` the served model's
     name (None: the server's only one). ``timeout_s`` bounds each request; a failed request
     is tried ``retries`` more times, ``backoff_s``, 2x, 4x ... seconds apart. At most
-    ``max_in_flight`` requests of ``rows_per_request`` rows each are open at once."""
+    ``max_in_flight`` requests of ``rows_per_request`` rows each are open at once.
+    ``owner`` is where the settings come from (``teacher``, or ``signal.teachers.NAME``)."""
 
     def __init__(self, url: str, model: str | None = None, *, timeout_s: float = 120.0, retries: int = 4,
-                 backoff_s: float = 2.0, max_in_flight: int = 4, rows_per_request: int = 8):
+                 backoff_s: float = 2.0, max_in_flight: int = 4, rows_per_request: int = 8, owner: str = "teacher"):
         if not url or not url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher.url must be the server's http:// or https:// address, got {url!r}")
+            raise ValueError(f"{owner}.url must be the server's http:// or https:// address, got {url!r}")
         if timeout_s <= 0:
-            raise ValueError(f"teacher.server.timeout_s must be > 0, got {timeout_s}")
+            raise ValueError(f"{owner}.server.timeout_s must be > 0, got {timeout_s}")
         if backoff_s < 0:
-            raise ValueError(f"teacher.server.backoff_s must be >= 0, got {backoff_s}")
+            raise ValueError(f"{owner}.server.backoff_s must be >= 0, got {backoff_s}")
         for name, value, low in (("retries", retries, 0), ("max_in_flight", max_in_flight, 1),
                                  ("rows_per_request", rows_per_request, 1)):
             if value < low:
-                raise ValueError(f"teacher.server.{name} must be >= {low}, got {value}")
+                raise ValueError(f"{owner}.server.{name} must be >= {low}, got {value}")
         self.url = url.rstrip("/")
         self.model = model
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_in_flight, self.rows_per_request = max_in_flight, rows_per_request
         self.max_model_len: int | None = None
         self.name = f"teacher server {self.url}"
+        self.owner = owner
 
     # --- start: which model, and is its vocabulary the policy's -----------------------------
     def start(self, policy, tokenizer) -> None:
@@ -67,7 +69,7 @@ class ServedTeacher:
         if self.model is None:
             if len(names) != 1:
                 raise TeacherServerError(f"{self.name} serves {len(names)} models ({names}); name one with "
-                                         f"teacher.server.model")
+                                         f"{self.owner}.server.model")
             self.model = names[0]
         elif self.model not in names:
             raise TeacherServerError(f"{self.name} does not serve {self.model!r}; it serves {names}")
