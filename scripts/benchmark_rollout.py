@@ -68,9 +68,8 @@ def sampling_cell(args, engine: str) -> dict:
 
 
 def grpo_cell(args, engine: str) -> dict:
-    import lightning as L
-
     from lightning_unified.config import build_run
+    from step_clock import fit_and_time_steps
     from tests.lightning_helpers import compose_config
 
     overrides = ["experiment=smollm2_grpo", f"model.path={args.model}", f"task.train={Path(args.data) / 'train.jsonl'}",
@@ -79,16 +78,7 @@ def grpo_cell(args, engine: str) -> dict:
                  "+trainer.enable_progress_bar=false", "save_policy=null", "module.samples_every_n_steps=null",
                  f"data_source.sampling.engine={engine}"]
     cfg = compose_config(overrides)
-    run = build_run(cfg, Path(args.scratch) / f"grpo_{engine}")
-    ends: list[float] = []
-
-    class StepEnds(L.Callback):
-        def on_train_batch_end(self, *unused) -> None:
-            ends.append(time.perf_counter())
-
-    run.trainer.callbacks.append(StepEnds())
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    steps = [b - a for a, b in zip(ends, ends[1:])][args.warmup - 1:]
+    steps = fit_and_time_steps(build_run(cfg, Path(args.scratch) / f"grpo_{engine}"), args.warmup)
     return {"cell": "grpo_step", "engine": engine, "seconds": statistics.median(steps), "all_seconds": steps}
 
 

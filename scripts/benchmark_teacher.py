@@ -26,7 +26,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +41,8 @@ def peak_rss_mib(pid: int | str = "self") -> float:
 
 
 def step_cell(args, engine: str, url: str | None) -> dict:
-    import lightning as L
-
     from lightning_unified.config import build_run
+    from step_clock import fit_and_time_steps
     from tests.lightning_helpers import compose_config
 
     teacher = [f"teacher.path={args.teacher}"] if engine != "server" else [f"teacher.url={url}"]
@@ -56,16 +54,7 @@ def step_cell(args, engine: str, url: str | None) -> dict:
                  f"trainer.max_steps={args.warmup + args.steps}", "+trainer.limit_val_batches=0",
                  "+trainer.enable_progress_bar=false", "save_policy=null", "module.samples_every_n_steps=null",
                  "optimizer.lr=1e-5"]
-    run = build_run(compose_config(overrides), Path(args.scratch) / f"opd_{engine}")
-    ends: list[float] = []
-
-    class StepEnds(L.Callback):
-        def on_train_batch_end(self, *unused) -> None:
-            ends.append(time.perf_counter())
-
-    run.trainer.callbacks.append(StepEnds())
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    steps = [b - a for a, b in zip(ends, ends[1:])][args.warmup - 1:]
+    steps = fit_and_time_steps(build_run(compose_config(overrides), Path(args.scratch) / f"opd_{engine}"), args.warmup)
     return {"engine": engine, "seconds": statistics.median(steps), "all_seconds": steps,
             "train_peak_mib": peak_rss_mib()}
 
