@@ -379,12 +379,15 @@ class Dense:
 
     @property
     def routed(self) -> bool:
-        """Several teachers, each example scored by the one its data names."""
-        return len(self.teachers) > 1
+        """Teachers given by name (``signal.teachers``, even one), each example scored by
+        the one its data names."""
+        return self._named
+
 
     def __post_init__(self) -> None:
         _one_of("teacher", "engine", self.engine, TEACHER_ENGINES)
         self.teachers = as_teachers(self.teachers)
+        self._named = bool(self.teachers)
         if self.teachers:
             self._check_several()
         elif not self.is_self and self.cache is None and (self.teacher is not None or self.engine == "server"):

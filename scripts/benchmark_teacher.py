@@ -33,11 +33,9 @@ ENGINES = ("hf", "vllm", "server")
 
 
 def peak_rss_mib(pid: int | str = "self") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    from peak_memory import process_memory
+
+    return process_memory(pid)[1] / 2**20
 
 
 def step_cell(args, engine: str, url: str | None) -> dict:

@@ -20,8 +20,13 @@ def memory_now(device: str) -> tuple[int, int]:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    return process_memory("self")
+
+
+def process_memory(pid: int | str = "self") -> tuple[int, int]:
+    """(resident, peak resident) bytes of process ``pid``, from /proc (Linux)."""
     values = {}
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
             if key in ("VmRSS", "VmHWM"):

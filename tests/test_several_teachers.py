@@ -181,3 +181,12 @@ def test_the_teacher_column_is_read_and_checked(models: dict, tmp_path: Path) ->
         datamodule(models, write_jsonl(tmp_path / "train.jsonl", rows))
     data = datamodule(models, write_jsonl(tmp_path / "ok.jsonl", routed_rows()))
     assert data.teacher_names() == {"code": f"{tmp_path / 'ok.jsonl'}, line 1", "math": f"{tmp_path / 'ok.jsonl'}, line 2"}
+
+
+def test_one_teacher_given_by_name_is_routed_by_the_data(models: dict, tmp_path: Path) -> None:
+    data = datamodule(models, write_jsonl(tmp_path / "train.jsonl", routed_rows(lambda i: "math")))
+    batch = next(iter(data.train_dataloader()))
+    routed = scored(Dense(teachers={"math": {"path": models["math"]}}, top_k=4), models, batch, data)
+    alone = scored(Dense(teacher=models["math"], top_k=4), models, batch)
+    assert routed[F.TEACHER_INDEX].tolist() == [0] * 8
+    torch.testing.assert_close(routed[F.TEACHER_TOPK_LOGP], alone[F.TEACHER_TOPK_LOGP])

@@ -65,8 +65,8 @@ class TeacherCallback(L.Callback):
             self._open_cache(trainer, pl_module)
             return
         self._check_data_names(trainer)
+        single = not self.signal.routed
         for name, spec in self.signal.teachers.items():
-            single = not self.signal.routed
             label = f"teacher {spec.describe()}" if single else f"teacher {name!r} ({spec.describe()})"
             if spec.served and name not in self.served:
                 served = build_teacher(spec, owner="teacher" if single else f"signal.teachers.{name}")

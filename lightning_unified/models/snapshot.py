@@ -22,9 +22,10 @@ from torch import Tensor, nn
 SCHEDULES = ("live", "frozen", "ema", "refresh")
 
 
-def _trainable(policy: nn.Module) -> list[Tensor]:
-    # a sharded (FSDP2) parameter is swapped shard by shard: each rank holds its own
-    return [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters() if p.requires_grad]
+def _trainable(policy: nn.Module) -> list[nn.Parameter]:
+    # not for a sharded (FSDP2) policy, whose parameters' storage FSDP manages: the teacher
+    # callback refuses one
+    return [p for p in policy.parameters() if p.requires_grad]
 
 
 class WeightSnapshot:
@@ -65,16 +66,18 @@ class WeightSnapshot:
             torch._foreach_copy_(self.weights, current)
 
     @contextlib.contextmanager
-    @torch.no_grad()
     def swapped_in(self, policy: nn.Module) -> Iterator[None]:
-        """The policy holds the snapshot's weights for the duration, then its own again (bit for bit)."""
+        """The policy's parameters hold the snapshot's tensors for the duration, then their
+        own again: the storage is exchanged, nothing is copied."""
         params = _trainable(policy)
-        own = [p.detach().clone() for p in params]
-        torch._foreach_copy_(params, self.weights)
+        own = [p.data for p in params]
+        for p, weights in zip(params, self.weights):
+            p.data = weights
         try:
             yield
         finally:
-            torch._foreach_copy_(params, own)
+            for p, weights in zip(params, own):
+                p.data = weights
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule, "steps": self.steps,
