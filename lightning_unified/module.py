@@ -23,7 +23,7 @@ from lightning_unified.callbacks.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.session import EngineSession
-from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normaliser, token_terms
+from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, default_aggregation, normaliser, token_terms
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import response_hidden, trainable_policy
@@ -45,7 +45,9 @@ class UnifiedModule(L.LightningModule):
     tokenizer, or local paths to them. ``optimizer`` and ``scheduler`` are partials taking the
     trainable parameters and the optimizer (a scheduler taking an unset ``num_training_steps``
     gets the steps this fit will make). ``aggregation`` normalises the loss over the whole
-    optimizer step, every micro-batch on every rank. ``temperature`` divides the policy's
+    optimizer step, every micro-batch on every rank (None: the signal's own, ``pair_mean``
+    for preference pairs, else ``token_mean``); ``count_empty`` counts empty responses in
+    the sequence modes' normaliser. ``temperature`` divides the policy's
     logits in the loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default
     to the datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
     ``stop`` or None (:class:`~lightning_unified.callbacks.NonFiniteGuard`). Every argument is
@@ -62,8 +64,9 @@ class UnifiedModule(L.LightningModule):
         scheduler: Callable | None = None,
         *,
         reference: Reference | None = None,
-        aggregation: str = "token_mean",
+        aggregation: str | None = None,
         constant_normaliser: float | None = None,
+        count_empty: bool = False,
         temperature: float | None = None,
         chunk_size: int | None = None,
         compile_loss: bool = False,
@@ -74,6 +77,7 @@ class UnifiedModule(L.LightningModule):
         max_non_finite_steps: int = 3,
     ):
         super().__init__()
+        aggregation = aggregation or default_aggregation(signal)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         check_method(data_source, signal, reference)
@@ -83,7 +87,7 @@ class UnifiedModule(L.LightningModule):
         self.data_source, self.signal, self.reference = data_source, signal, reference
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
-        self.aggregation, self.constant_normaliser = aggregation, constant_normaliser
+        self.aggregation, self.constant_normaliser, self.count_empty = aggregation, constant_normaliser, count_empty
         self.temperature = loss_temperature(data_source, temperature)
         self.chunk_size, self.compile_loss = chunk_size, compile_loss
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
@@ -159,7 +163,8 @@ class UnifiedModule(L.LightningModule):
             "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
-        self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective)
+        self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective,
+                           group_size=batch.get(fields.GROUP_SIZE, 1))
         # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
         return {"loss": out.loss * self.trainer.accumulate_grad_batches,
                 "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
@@ -183,7 +188,7 @@ class UnifiedModule(L.LightningModule):
         total = self.step_sums.total()  # the step's one read back to the host
         if total is None:
             return
-        norm = normaliser(self.aggregation, total.counts)
+        norm = normaliser(self.aggregation, total.counts, count_empty=self.count_empty)
         # one multi-tensor kernel for all gradients, not a launch per parameter
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         if grads:

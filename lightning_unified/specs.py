@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
 KL_ESTIMATORS = ("k3", "k1")
 BEHAVIOURS = ("tempered", "sampled")
-ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "dr_grpo")
+ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "grpo_batch_std", "dr_grpo")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 WEIGHTINGS = ("indicator", "dft")
 TOPK_TAILS = ("bucket", "renormalize")
@@ -237,10 +237,14 @@ class Sparse:
     advantage: str = "grpo"
     weighting: str = "indicator"
     reward_data: bool = False
+    # added to a standard deviation before dividing by it (grpo, grpo_batch_std)
+    std_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         self.rewards = as_rewards(self.rewards)
         _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        if not (isinstance(self.std_eps, (int, float)) and self.std_eps >= 0):
+            raise ValueError(f"signal.std_eps must be a number >= 0, got {self.std_eps!r}")
         _one_of("signal", "weighting", self.weighting, WEIGHTINGS)
 
 

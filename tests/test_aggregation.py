@@ -49,9 +49,13 @@ def test_token_mean_is_cross_entropy_mean() -> None:
 
 def test_scales_and_counts() -> None:
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    assert loss_counts(mask) == LossCounts(tokens=4.0, sequences=2.0)
+    assert loss_counts(mask) == LossCounts(tokens=4.0, sequences=2.0, rows=3.0, groups=3.0)
     torch.testing.assert_close(token_scale(mask, "token_mean"), mask / 4.0)
     torch.testing.assert_close(token_scale(mask, "seq_mean_token_sum"), mask / 2.0)
+    # the empty third response counts when asked (TRL's grpo loss counts it)
+    torch.testing.assert_close(token_scale(mask, "seq_mean_token_sum", count_empty=True), mask / 3.0)
+    torch.testing.assert_close(token_scale(mask, "seq_mean_token_mean", count_empty=True).sum(-1),
+                               torch.tensor([1 / 3, 1 / 3, 0.0]))
     torch.testing.assert_close(token_scale(mask, "constant", constant=8.0), mask / 8.0)
     seq_mean = token_scale(mask, "seq_mean_token_mean")
     torch.testing.assert_close(seq_mean.sum(-1), torch.tensor([0.5, 0.5, 0.0]))  # each sequence weighs 1/2
@@ -63,3 +67,13 @@ def test_bad_aggregation_names_the_choices() -> None:
         token_scale(mask, "mean")
     with pytest.raises(ValueError, match="constant > 0"):
         token_scale(mask, "constant")
+
+
+def test_pair_mean_divides_by_the_pairs() -> None:
+    """Two pairs (rows 0-1 and 2-3) of responses with 3, 1, 2 and 4 tokens: each token's
+    term is divided by the number of pairs, whatever the lengths."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    assert loss_counts(mask, group_size=2) == LossCounts(tokens=10.0, sequences=4.0, rows=4.0, groups=2.0)
+    torch.testing.assert_close(token_scale(mask, "pair_mean", group_size=2), mask / 2.0)
+    with pytest.raises(ValueError, match="groups of 3"):
+        loss_counts(mask, group_size=3)

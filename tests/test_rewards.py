@@ -111,3 +111,35 @@ def test_a_reward_that_is_not_a_function_is_named() -> None:
 
     with pytest.raises(TypeError, match=r"signal.rewards\[1\] must be a reward function or a Reward .* got str"):
         Sparse(rewards=[Reward(fn=text.exact_match), "exact_match"])
+
+
+def test_math_verify_compares_expressions() -> None:
+    """Equivalent forms of one half score 1, a wrong answer and a completion without one 0."""
+    from lightning_unified.rewards import expressions, math_verify
+
+    result = doctest.testmod(expressions)
+    assert result.attempted >= 2 and result.failed == 0, result
+    completions = ["0.5", "1/2", r"\frac{1}{2}", r"The answer is $\boxed{\frac{1}{2}}$.", "0.25", "I am not sure"]
+    assert math_verify(completions, ["1/2"] * 6).tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert math_verify(completions[:3], [r"\frac{1}{2}"] * 3).tolist() == [1.0, 1.0, 1.0]
+    # where numeric_answer reads one number, the expression is compared
+    assert numeric_answer([r"\boxed{\frac{1}{2}}"], ["0.5"]).tolist() == [0.0]
+    with pytest.raises(ValueError, match="reward math_verify: the reference '' holds no expression"):
+        math_verify(["1"], [""])
+    with pytest.raises(ValueError, match="reward math_verify compares with references"):
+        math_verify(["1"], [None])
+
+
+def test_math_verify_from_the_command_line_config() -> None:
+    """signal.rewards names it as a bare function, as a user's override would."""
+    from hydra.utils import instantiate
+
+    from tests.lightning_helpers import compose_config
+
+    cfg = compose_config(["experiment=rl", "signal.rewards=[{_target_: lightning_unified.rewards.math_verify, "
+                          "_partial_: true}]"])
+    signal = instantiate(cfg.signal, _convert_="all")
+    rewards, parts = compute_rewards(signal.rewards, completions=["052", "52.0", "53"], references=["052"] * 3,
+                                     completion_ids=torch.ones(3, 2, dtype=torch.long),
+                                     completion_mask=torch.ones(3, 2, dtype=torch.long))
+    assert rewards.tolist() == [1.0, 1.0, 0.0] and list(parts) == ["math_verify"]

@@ -15,8 +15,9 @@ from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, d
 from lightning_unified.specs import Reference, Sparse
 
 
-def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Tensor:
-    """[B] rewards to [B] advantages. Groups are consecutive rows sharing a prompt."""
+def estimate_advantages(rewards: Tensor, estimator: str, group_size: int, eps: float = 1e-6) -> Tensor:
+    """[B] rewards to [B] advantages. Groups are consecutive rows sharing a prompt; ``eps``
+    keeps a standard deviation's division finite."""
     if estimator == "reinforce":
         # the mean over the whole global batch, not this rank's share of it
         total = all_reduce_sum(torch.stack([rewards.sum().double(), rewards.new_tensor(rewards.numel()).double()]))
@@ -26,8 +27,16 @@ def estimate_advantages(rewards: Tensor, estimator: str, group_size: int) -> Ten
             f"signal.advantage={estimator!r} compares responses to the same prompt, but the batch has "
             f"{group_size} per prompt; set data_source.sampling.num_generations >= 2 or use 'reinforce'"
         )
-    fn = {"rloo": estimators.rloo_advantages, "grpo": estimators.grpo_advantages,
-          "dr_grpo": estimators.dr_grpo_advantages}[estimator]
+    if estimator == "grpo":
+        return estimators.grpo_advantages(rewards, group_size=group_size, eps=eps)
+    if estimator == "grpo_batch_std":
+        # the standard deviation of the whole global batch's rewards, not this rank's share
+        r = rewards.double()
+        n, total, squares = all_reduce_sum(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum()]))
+        std = ((squares - total * total / n).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt()
+        return estimators.grpo_batch_std_advantages(rewards, group_size=group_size, batch_std=std.to(rewards.dtype),
+                                                    eps=eps)
+    fn = {"rloo": estimators.rloo_advantages, "dr_grpo": estimators.dr_grpo_advantages}[estimator]
     return fn(rewards, group_size=group_size)
 
 
@@ -72,7 +81,8 @@ class RewardCallback(L.Callback):
             rewards = estimators.kl_penalized_rewards(rewards, batch[fields.BEHAVIOUR_LOGP], batch[fields.REFERENCE_LOGP],
                                                       mask, kl_coef=self.k1.kl_coef)
         group_size = batch.get(fields.GROUP_SIZE, 1)
-        advantages = estimate_advantages(rewards, self.signal.advantage, group_size) if sampled else rewards
+        advantages = (estimate_advantages(rewards, self.signal.advantage, group_size, self.signal.std_eps)
+                      if sampled else rewards)
         batch[fields.ADVANTAGES] = estimators.to_tokens(advantages, mask)
         for name, value in estimators.reward_metrics(batch[fields.REWARDS],
                                                      group_size=group_size if group_size > 1 else None).items():

@@ -57,6 +57,20 @@ def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6) -> T
     return (_centred(groups) / (groups.std(-1, keepdim=True) + eps)).reshape(-1)
 
 
+def grpo_batch_std_advantages(rewards: Tensor, *, group_size: int, batch_std: Tensor | float | None = None,
+                              eps: float = 1e-6) -> Tensor:
+    """Group mean, batch standard deviation: A_i = (r_i - mean_g) / (std_batch + eps), where
+    std_batch is the unbiased std of every reward of the batch (TRL's ``scale_rewards="batch"``).
+    A prompt answered equally well everywhere still gets zero advantage, while the step's
+    scale no longer depends on how spread each group happens to be. Across ranks, pass the
+    global batch's std."""
+    if group_size < 2:
+        raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
+    groups = _groups(rewards, group_size)
+    std = rewards.std() if batch_std is None else batch_std
+    return (_centred(groups) / (std + eps)).reshape(-1)
+
+
 def dr_grpo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
     """Dr. GRPO: A_i = r_i - mean_g, no std division (which up-weights too-easy and
     too-hard prompts). Pair it with the ``constant`` loss aggregation."""

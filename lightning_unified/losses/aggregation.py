@@ -18,6 +18,12 @@ Modes (names follow verl's ``agg_loss``):
 - ``seq_mean_token_sum``: ``1 / global_sequences``; longer sequences weigh more.
 - ``constant``: ``1 / constant`` (Dr. GRPO: no length bias at all); ``constant`` is a
   fixed budget such as ``max_new_tokens * sequences_per_step``.
+- ``pair_mean``: ``1 / global_groups``, a group being the rows that share a prompt (a
+  preference pair): the mean over pairs of each pair's loss, as DPO, IPO and SimPO are
+  defined. The preference signal's default; the step size does not depend on length.
+
+A sequence with no token in the loss (an empty completion) is left out of the sequence
+count unless ``count_empty`` is set, which counts every row (TRL's ``grpo`` loss does).
 """
 
 from __future__ import annotations
@@ -27,30 +33,45 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "pair_mean")
+
+# the module's aggregation=None: each signal's own definition (by the signal's class name)
+DEFAULT_AGGREGATION = {"Preference": "pair_mean"}
+
+
+def default_aggregation(signal) -> str:
+    """The aggregation a method is defined with: ``pair_mean`` for preference pairs,
+    ``token_mean`` otherwise."""
+    return DEFAULT_AGGREGATION.get(type(signal).__name__, "token_mean")
 
 
 class LossCounts(NamedTuple):
-    """Token and sequence counts of a mask; sum them over micro-batches and ranks."""
+    """Token, sequence, row and group counts of a mask; sum them over micro-batches and ranks."""
 
     # tokens with mask 1
     tokens: float
     # sequences with at least one token with mask 1
     sequences: float
+    # every row, empty or not (sequences with count_empty)
+    rows: float = 0.0
+    # groups of rows sharing a prompt (preference pairs)
+    groups: float = 0.0
 
 
-def loss_counts(mask: Tensor) -> LossCounts:
-    """Counts of the tokens and sequences of ``mask`` [B, T] that enter the loss (read back
-    to the host: for tests and tools, not the step, which keeps :func:`count_tensor`)."""
-    tokens, sequences = count_tensor(mask).tolist()
-    return LossCounts(tokens=tokens, sequences=sequences)
+def loss_counts(mask: Tensor, group_size: int = 1) -> LossCounts:
+    """Counts of the tokens, sequences, rows and groups of ``mask`` [B, T] (read back to the
+    host: for tests and tools, not the step, which keeps :func:`count_tensor`)."""
+    return LossCounts(*count_tensor(mask, group_size).tolist())
 
 
-def count_tensor(mask: Tensor) -> Tensor:
-    """[2] float64 on ``mask``'s device: the tokens and the sequences of ``mask`` [B, T] that
-    enter the loss, never read back to the host."""
+def count_tensor(mask: Tensor, group_size: int = 1) -> Tensor:
+    """[4] float64 on ``mask``'s device: the tokens and the sequences of ``mask`` [B, T] that
+    enter the loss, its rows, and its groups of ``group_size`` rows; never read back to the host."""
+    if group_size < 1 or mask.shape[0] % group_size:
+        raise ValueError(f"{mask.shape[0]} rows do not split into groups of {group_size}")
     mask = mask.bool()
-    return torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64)
+    shape = torch.tensor([mask.shape[0], mask.shape[0] // group_size], dtype=torch.float64)
+    return torch.cat([torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64), shape.to(mask.device)])
 
 
 def all_reduce_sum(values: Tensor, group=None) -> Tensor:
@@ -70,22 +91,24 @@ def all_reduce_sum(values: Tensor, group=None) -> Tensor:
 def all_reduce_counts(counts: LossCounts, group=None) -> LossCounts:
     """Sum counts over the ranks of ``group`` (every rank must call it); the counts
     unchanged when torch.distributed is not initialised. One small all-reduce per step."""
-    summed = all_reduce_sum(torch.tensor([counts.tokens, counts.sequences]), group)
-    return LossCounts(tokens=float(summed[0]), sequences=float(summed[1]))
+    return LossCounts(*all_reduce_sum(torch.tensor(counts), group).tolist())
 
 
-def normaliser(mode: str, counts: LossCounts) -> float:
-    """What the summed per-token terms of a step are divided by, from its global counts."""
+def normaliser(mode: str, counts: LossCounts, *, count_empty: bool = False) -> float:
+    """What the summed per-token terms of a step are divided by, from its global counts.
+    ``count_empty``: the sequence modes count every row, not only those with a loss token."""
     if mode == "token_mean":
         return max(counts.tokens, 1.0)
     if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
-        return max(counts.sequences, 1.0)
+        return max(counts.rows if count_empty else counts.sequences, 1.0)
+    if mode == "pair_mean":
+        return max(counts.groups, 1.0)
     return 1.0  # constant: already in every token's term
 
 
 def token_terms(mask: Tensor, mode: str, *, constant: float | None = None) -> Tensor:
     """Per-token factor [B, T] before the normaliser: ``mask`` (token_mean,
-    seq_mean_token_sum), ``mask / len_i`` (seq_mean_token_mean) or ``mask / constant``."""
+    seq_mean_token_sum, pair_mean), ``mask / len_i`` (seq_mean_token_mean) or ``mask / constant``."""
     if mode not in AGGREGATIONS:
         raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
     if mask.dim() != 2:
@@ -107,14 +130,16 @@ def token_scale(
     *,
     global_counts: LossCounts | None = None,
     constant: float | None = None,
+    group_size: int = 1,
+    count_empty: bool = False,
 ) -> Tensor:
     """Per-token factor [B, T] = term / normaliser, for :mod:`lightning_unified.losses.objective`.
 
     ``global_counts`` default to this mask's own counts (one process, one micro-batch).
     """
     terms = token_terms(mask, mode, constant=constant)
-    counts = global_counts if global_counts is not None else loss_counts(mask)
-    return terms / normaliser(mode, counts)
+    counts = global_counts if global_counts is not None else loss_counts(mask, group_size)
+    return terms / normaliser(mode, counts, count_empty=count_empty)
 
 
 class StepTotals(NamedTuple):
@@ -128,7 +153,7 @@ class StepTotals(NamedTuple):
 
 
 class StepSums:
-    """[surrogate, objective, tokens, sequences] summed over an optimizer step's micro-batches
+    """[surrogate, objective, tokens, sequences, rows, groups] summed over an optimizer step's micro-batches
     on this rank, kept on the device until :meth:`total` reads the whole step at once. With
     ``groups`` > 0 the objective and counts are also summed per group of rows (each row's
     teacher, with several), in the same one read."""
@@ -138,11 +163,11 @@ class StepSums:
         self._sums: Tensor | None = None
 
     def add(self, loss: Tensor, objective: Tensor, mask: Tensor, group: Tensor | None = None,
-            token_objective: Tensor | None = None) -> None:
+            token_objective: Tensor | None = None, group_size: int = 1) -> None:
         """``group`` [B] long: each row's group; ``token_objective`` [B, T] its tokens'
-        share of ``objective`` (both needed with ``groups``)."""
+        share of ``objective`` (both needed with ``groups``); ``group_size``: rows per prompt."""
         sums = torch.cat([torch.stack([loss.detach().double(), objective.detach().double()]),
-                          count_tensor(mask).to(loss.device)])
+                          count_tensor(mask, group_size).to(loss.device)])
         if self.groups:
             if group is None or token_objective is None:
                 raise ValueError(f"StepSums(groups={self.groups}) needs each row's group and its tokens' objective")
@@ -161,7 +186,7 @@ class StepSums:
             return None
         values = all_reduce_sum(self._sums).tolist()
         self._sums = None
-        surrogate, objective, tokens, sequences = values[:4]
+        surrogate, objective = values[:2]
         groups = tuple((values[i], LossCounts(tokens=values[i + 1], sequences=values[i + 2]))
-                       for i in range(4, len(values), 3))
-        return StepTotals(surrogate, objective, LossCounts(tokens=tokens, sequences=sequences), groups)
+                       for i in range(6, len(values), 3))
+        return StepTotals(surrogate, objective, LossCounts(*values[2:6]), groups)
