@@ -78,6 +78,8 @@ class Sampling:
             raise ValueError(f"sampling.num_generations must be >= 1, got {self.num_generations}")
         if self.temperature <= 0:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        # the command line gives `temperature=2` as an int, which generation's warpers refuse
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
