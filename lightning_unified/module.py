@@ -23,7 +23,7 @@ from lightning_unified.callbacks.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.session import EngineSession
-from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, default_aggregation, normaliser, token_terms
+from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normaliser, token_terms
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import response_hidden, trainable_policy
@@ -77,7 +77,7 @@ class UnifiedModule(L.LightningModule):
         max_non_finite_steps: int = 3,
     ):
         super().__init__()
-        aggregation = aggregation or default_aggregation(signal)
+        aggregation = aggregation or signal.aggregation  # the method's own normaliser
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         check_method(data_source, signal, reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
 KL_ESTIMATORS = ("k3", "k1")
@@ -235,6 +236,8 @@ class Sparse:
     the reward functions on the data's responses.
     """
 
+    # the loss normaliser the method is defined with (module.aggregation=null)
+    aggregation: ClassVar[str] = "token_mean"
     rewards: list[Reward] = field(default_factory=list)
     advantage: str = "grpo"
     weighting: str = "indicator"
@@ -336,6 +339,8 @@ class Dense:
     after construction, a single one under the name ``teacher``.
     """
 
+    # the loss normaliser the method is defined with (module.aggregation=null)
+    aggregation: ClassVar[str] = "token_mean"
     # a local Hugging Face directory, or ``self``; None only with ``cache`` or a server
     teacher: str | None = None
     divergence: str = "forward_kl"
@@ -501,6 +506,8 @@ class Preference:
     ``reference_path``.
     """
 
+    # the mean over pairs, as DPO, IPO and SimPO are defined (module.aggregation=null)
+    aggregation: ClassVar[str] = "pair_mean"
     loss: str = "dpo"
     beta: float = 0.1
     # SimPO's target margin

@@ -174,3 +174,18 @@ def test_rewards_that_need_references_on_data_without_them_are_refused_at_start(
     with pytest.raises(ValueError, match=r"signal.rewards \['numeric_answer'\] compare each answer with a reference, "
                                          r"but .*train.jsonl has no reference column"):
         build_run(cfg, tmp_path / "run")
+
+
+def test_a_run_without_a_logger_writes_nothing_into_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """A committed samples.jsonl at the repository's root came from a test run like this one:
+    samples went to ``trainer.log_dir``, which without a logger is the working directory.
+    They now go only to the run's logger directory, and a run without one writes none."""
+    from lightning_unified.specs import OnPolicy, Reward, Sampling, Sparse
+    from lightning_unified.tasks.addition import digit_match
+    from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module
+
+    monkeypatch.chdir(tmp_path)
+    module = tiny_module(OnPolicy(sampling=Sampling(num_generations=2)), Sparse(rewards=[Reward(digit_match)]))
+    module.samples_every_n_steps = 1
+    quiet_trainer(max_steps=2, limit_val_batches=1).fit(module, datamodule=tiny_datamodule())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the run wrote into the working directory"

@@ -45,7 +45,9 @@ def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -
     write_questions(tmp_path)
     cfg = compose_config([f"experiment={preset}", f"model.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                          "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null"])
+                          "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null",
+                          # the OPD preset's teacher: the same tiny model stands in for the SFT one
+                          *([f"teacher.path={model}"] if preset == "smollm2_opd" else [])])
     metrics = train(cfg, tmp_path / "run")
     assert 0.0 <= metrics["val/numeric_answer"] <= 1.0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")

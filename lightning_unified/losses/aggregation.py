@@ -35,15 +35,6 @@ from torch import Tensor
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "pair_mean")
 
-# the module's aggregation=None: each signal's own definition (by the signal's class name)
-DEFAULT_AGGREGATION = {"Preference": "pair_mean"}
-
-
-def default_aggregation(signal) -> str:
-    """The aggregation a method is defined with: ``pair_mean`` for preference pairs,
-    ``token_mean`` otherwise."""
-    return DEFAULT_AGGREGATION.get(type(signal).__name__, "token_mean")
-
 
 class LossCounts(NamedTuple):
     """Token, sequence, row and group counts of a mask; sum them over micro-batches and ranks."""
