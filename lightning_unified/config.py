@@ -114,6 +114,12 @@ def check_data_has_responses(datamodule, data_source, signal) -> None:
     uses_data = not data_source.samples or data_source.probability < 1
     if not uses_data or isinstance(signal, Preference):
         return
+    if "chosen_ids" in examples[0]:
+        # the collator makes a batch of pairs whenever every example has both: a sparse or
+        # dense signal would then train on the rejected responses as if they were targets
+        raise ValueError(f"{where} has chosen and rejected columns, which only signal=preference reads; "
+                         f"this run (signal={type(signal).__name__.lower()}) would train on the rejected responses "
+                         f"as well: ignore them with task.columns.chosen=null task.columns.rejected=null")
     if "response_ids" not in examples[0]:
         what = ("data_source=off_policy trains on the data's responses" if not data_source.samples else
                 f"data_source=mixed keeps the data's responses in {1 - data_source.probability:.0%} of its batches")

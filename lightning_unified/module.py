@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -27,6 +28,7 @@ from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normali
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import response_hidden, trainable_policy
+from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_pipeline, check_method, not_yet_held
@@ -67,6 +69,8 @@ class UnifiedModule(L.LightningModule):
         aggregation: str | None = None,
         constant_normaliser: float | None = None,
         count_empty: bool = False,
+        packing: bool = False,
+        max_tokens_per_row: int | None = None,
         temperature: float | None = None,
         chunk_size: int | None = None,
         compile_loss: bool = False,
@@ -89,6 +93,9 @@ class UnifiedModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.aggregation, self.constant_normaliser, self.count_empty = aggregation, constant_normaliser, count_empty
         self.temperature = loss_temperature(data_source, temperature)
+        # every forward on the batch's sequences (the policy's, the teacher's, the reference's,
+        # a sequence ratio's, a preference margin's) packs them end to end when enabled
+        self.packing = Packing(packing, max_tokens_per_row)
         self.chunk_size, self.compile_loss = chunk_size, compile_loss
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
         self.samples_every_n_steps = samples_every_n_steps
@@ -115,6 +122,13 @@ class UnifiedModule(L.LightningModule):
         evaluate_without_inference_mode(self.trainer)
         if stage == "fit":
             self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
+            if self.packing.enabled:
+                attention = ("FlashAttention's variable-length path" if uses_varlen_attention(self.policy)
+                             else "a block-diagonal causal mask")
+                budget = (f"at most {self.packing.max_tokens_per_row} tokens" if self.packing.max_tokens_per_row
+                          else "as long as the batch's longest sequence")
+                rank_zero_info(f"packing: each forward lays the batch's sequences end to end in rows {budget}; "
+                               f"attention through {attention}")
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric()
@@ -156,7 +170,7 @@ class UnifiedModule(L.LightningModule):
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask)
+                                 batch[fields.RESPONSE_IDS], mask, self.packing)
         out = self.policy.get_output_embeddings()(hidden, loss_inputs={
             "targets": batch[fields.RESPONSE_IDS],
             "token_scale": token_terms(mask, self.aggregation, constant=self.constant_normaliser),

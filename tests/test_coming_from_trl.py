@@ -45,11 +45,13 @@ class RecordingSGD(torch.optim.SGD):
     was handed (after the module's normaliser, before the update)."""
 
     records: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    losses: list[float] = []  # each step's loss as the closure returned it
 
     @torch.no_grad()
     def step(self, closure=None):
         with torch.enable_grad():
             loss = closure()
+        RecordingSGD.losses.append(float(loss))
         params = [p for group in self.param_groups for p in group["params"]]
         RecordingSGD.records.append(([p.detach().clone() for p in params],
                                      [p.grad.detach().clone() for p in params]))
@@ -82,13 +84,14 @@ class Captured:
         return self.batch[F.RESPONSE_MASK].float()
 
 
-def run_one_batch(overrides: list[str], tmp_path: Path) -> Captured:
-    RecordingSGD.records = []
+def run_one_batch(overrides: list[str], tmp_path: Path, equal_prompts: bool = True) -> Captured:
+    RecordingSGD.records, RecordingSGD.losses = [], []
     cfg = compose_config([*BASE, *overrides])
     run = build_run(cfg, tmp_path)
     keep = KeepBatch()
     quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[keep]).fit(run.module, datamodule=run.datamodule)
-    assert bool((keep.batch[F.PROMPT_MASK] == 1).all()), "equal-length prompts: no positions to reconcile"
+    if equal_prompts:  # TRL's side passes no position ids: left padding would shift them
+        assert bool((keep.batch[F.PROMPT_MASK] == 1).all()), "equal-length prompts: no positions to reconcile"
     policy = run.module.policy
     models = []
     for weights, _ in RecordingSGD.records:

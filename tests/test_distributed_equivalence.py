@@ -36,6 +36,10 @@ METHODS = {
     # the run's first forward is a training step (as after a resume): FSDP2's root must still
     # be the whole policy, not the decoder the loss calls directly
     "sft_training_first": ["experiment=sft", "validate_first=false"],
+    # padding-free forwards: each rank packs its own share of the batch, the normaliser is the same
+    "sft_packed": ["experiment=sft", "module.packing=true", "module.max_tokens_per_row=24"],
+    "on_policy_distill_packed": ["experiment=on_policy_distill", "module.packing=true",
+                                 "module.max_tokens_per_row=24", *GREEDY],
 }
 FSDP2_ONLY = {"dpo", "self_distill", "sft_training_first"}
 

@@ -189,3 +189,22 @@ def test_a_run_without_a_logger_writes_nothing_into_the_working_directory(tmp_pa
     module.samples_every_n_steps = 1
     quiet_trainer(max_steps=2, limit_val_batches=1).fit(module, datamodule=tiny_datamodule())
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "the run wrote into the working directory"
+
+
+def test_sft_on_a_file_of_preference_pairs_is_refused(tmp_path: Path) -> None:
+    """Every example with chosen and rejected made the collator emit pairs, so SFT trained on
+    the rejected responses too, silently; now only signal=preference reads them."""
+    model = save_chat_model(tmp_path / "model")
+    rows = [{"prompt": f"{i}+1?", "response": str(i + 1), "chosen": str(i + 1), "rejected": str(i + 2)}
+            for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["experiment=sft", f"model.path={model}", "task=files", f"task.train={data}", "task.val_rewards={}"]
+    with pytest.raises(ValueError, match=r"pairs.jsonl has chosen and rejected columns, which only signal=preference "
+                                         r"reads.*task.columns.chosen=null task.columns.rejected=null"):
+        build_run(compose_config(base), tmp_path / "run")
+    run = build_run(compose_config([*base, "task.columns.chosen=null", "task.columns.rejected=null"]),
+                    tmp_path / "run2")
+    run.datamodule.setup("fit")
+    batch = next(iter(run.datamodule.train_dataloader()))
+    assert "preference" not in batch and batch["response_ids"].shape[0] == 8

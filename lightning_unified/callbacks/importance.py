@@ -28,7 +28,8 @@ class ImportanceCallback(L.Callback):
             return
         mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature)
+                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature,
+                                 packing=pl_module.packing)
         batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
 
     @override

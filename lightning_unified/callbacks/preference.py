@@ -62,7 +62,8 @@ class PreferenceCallback(L.Callback):
             fields.require(batch, fields.REFERENCE_LOGP, who=f"signal.loss={self.signal.loss}")
         mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature)
+                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature,
+                                 packing=pl_module.packing)
         terms = preference_terms(logp, mask, batch[fields.PREFERENCE], batch.get(fields.GROUP_SIZE, 2),
                                  batch.get(fields.REFERENCE_LOGP), loss=self.signal.loss, beta=self.signal.beta,
                                  gamma=self.signal.gamma)

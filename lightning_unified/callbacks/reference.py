@@ -80,12 +80,12 @@ class ReferenceCallback(L.Callback):
             policy.eval()  # no adapter dropout: the reference is deterministic
             try:
                 with adapters_disabled(policy):
-                    hidden = response_hidden(policy, *inputs)
+                    hidden = response_hidden(policy, *inputs, packing=pl_module.packing)
             finally:
                 policy.train(was_training)
             weight, bias = output_head(policy)
         else:
-            hidden = response_hidden(self.model, *inputs)
+            hidden = response_hidden(self.model, *inputs, packing=pl_module.packing)
             weight, bias = output_head(self.model)
         logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
                                temperature=pl_module.temperature)

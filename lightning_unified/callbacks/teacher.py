@@ -204,7 +204,8 @@ class TeacherCallback(L.Callback):
         teacher.eval()  # a self-teacher scores without dropout
         try:
             with torch.no_grad(), trainer_precision(pl_module):
-                hidden = response_hidden(teacher, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, R, H_t]
+                hidden = response_hidden(teacher, prompt_ids, prompt_mask, response_ids, response_mask,
+                                         packing=pl_module.packing)  # [B, R, H_t]
         finally:
             teacher.train(was_training)
         weight, bias = output_head(teacher)

@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_unified.models.packing import Packing, block_causal_mask, pack, unpack, uses_varlen_attention
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,13 +275,23 @@ def output_head(model: PreTrainedModel) -> tuple[Tensor, Tensor | None]:
 
 
 def response_hidden(
-    model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+    packing: Packing | None = None,
 ) -> Tensor:
     """Final hidden states [B, R, H] at the positions that predict each response token.
 
     Prompt (left-padded) and response (right-padded) are one sequence; position ids count
-    real tokens only, so left padding does not shift them.
+    real tokens only, so left padding does not shift them. With ``packing`` enabled the
+    batch's sequences go through the model end to end in packed rows
+    (:mod:`lightning_unified.models.packing`) and come back in the same layout, 0 on
+    response padding.
     """
+    if packing is not None and packing.enabled:
+        packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row)
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+        if not uses_varlen_attention(model):
+            inputs["attention_mask"] = block_causal_mask(packed.segment, attention_dtype(model, prompt_ids.device))
+        return unpack(decoder(model)(**inputs).last_hidden_state, packed)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -288,6 +300,14 @@ def response_hidden(
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     # position p predicts token p + 1: the last prompt token predicts the first response token
     return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
+
+
+def attention_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention scores have in ``model``'s forward: autocast's when it is on,
+    else the parameters'. An additive mask must have it."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
 
 
 def trainable_policy(policy, tokenizer):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unified.models.loading import response_hidden
+from lightning_unified.models.packing import Packing
 from lightning_unified.losses.objective import (
     WeightedNLL,
     chunked_weighted_nll,
@@ -50,9 +51,9 @@ def install_loss_head(model: nn.Module) -> ChunkedLossHead:
 
 @torch.no_grad()
 def response_logprobs(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-                      response_mask: Tensor, temperature: float = 1.0) -> Tensor:
+                      response_mask: Tensor, temperature: float = 1.0, packing: Packing | None = None) -> Tensor:
     """log pi(y_t) [B, R] of the responses under ``policy`` as it is now, 0 on padding: one
     no-grad forward, through the head's own forward so a sharded (FSDP2) head is gathered."""
-    hidden = response_hidden(policy, prompt_ids, prompt_mask, response_ids, response_mask)
+    hidden = response_hidden(policy, prompt_ids, prompt_mask, response_ids, response_mask, packing)
     logp = policy.get_output_embeddings()(hidden, target_ids=response_ids, temperature=temperature)
     return torch.where(response_mask.bool(), logp, 0.0)
