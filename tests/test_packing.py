@@ -93,6 +93,14 @@ def test_sequences_in_one_row_never_see_each_other() -> None:
     assert (after[1] - before[1]).abs().max() > 1e-3, "the changed sequence itself did change"
 
 
+def test_a_batch_of_one_length_takes_the_padded_forward() -> None:
+    """Nothing to remove: the packed rows would be the padded ones, so no mask is built."""
+    ids = torch.randint(1, 40, (3, 5))
+    ones = torch.ones_like(ids)
+    assert pack(ids, ones, ids, ones, only_if_shorter=True) is None
+    assert pack(*ragged_batch(), only_if_shorter=True) is not None
+
+
 def test_unpack_keeps_gradients_to_every_packed_position() -> None:
     batch = ragged_batch()
     packed = pack(*batch, max_tokens_per_row=24)
@@ -111,8 +119,8 @@ def ragged_files(tmp_path_factory) -> list[str]:
     teacher = save_chat_model(directory / "teacher", seed=7)
     rows = []
     for i in range(32):
-        question = "What is " + "1+" * (1 + i % 9) + "1?"
-        answer = str(2 + i % 9)
+        question = "What is " + "1+" * (1 + (i * 7) % 20) + "1?"
+        answer = str(2 + (i * 7) % 20)
         chosen = answer + " (" + "because " * (i % 7) + "so)"
         rows.append({"prompt": question, "response": chosen, "reference": answer, "chosen": chosen,
                      "rejected": answer + "?" * (1 + (i * 5) % 11)})
@@ -157,9 +165,18 @@ def test_a_packed_step_gives_the_padded_steps_loss_and_gradient(family: str, tmp
     b = padded.batch
     lengths = (b[F.PROMPT_MASK].sum(-1) + b[F.RESPONSE_MASK].sum(-1)).float()
     assert lengths.max() - lengths.min() >= 3, f"the batch's sequences must differ in length: {lengths.tolist()}"
-    rows = pack(b[F.PROMPT_IDS], b[F.PROMPT_MASK], b[F.RESPONSE_IDS], b[F.RESPONSE_MASK], BUDGET).input_ids.shape[0]
-    assert rows < len(lengths), "sequences share rows"
+    layout = pack(b[F.PROMPT_IDS], b[F.PROMPT_MASK], b[F.RESPONSE_IDS], b[F.RESPONSE_MASK], BUDGET,
+                  only_if_shorter=True)
+    assert layout is not None and layout.input_ids.shape[0] < len(lengths), "the packed path ran, rows shared"
     assert torch.equal(padded.batch[F.RESPONSE_IDS], packed.batch[F.RESPONSE_IDS]), "the same responses"
+    mask = b[F.RESPONSE_MASK].bool()
+    if F.REFERENCE_LOGP in b:  # the reference's packed log-probs are its padded ones
+        torch.testing.assert_close(packed.batch[F.REFERENCE_LOGP][mask], b[F.REFERENCE_LOGP][mask], rtol=1e-5, atol=1e-5)
+    if F.TEACHER in b:  # and so are the teacher's hidden states
+        torch.testing.assert_close(packed.batch[F.TEACHER].hidden[mask], b[F.TEACHER].hidden[mask], rtol=1e-5,
+                                   atol=1e-5)
+    assert (F.REFERENCE_LOGP in b) == (family in ("advantage with PPO clip and k3", "DPO"))
+    assert (F.TEACHER in b) == (family in ("forward KL", "reverse KL", "JSD"))
     torch.testing.assert_close(torch.tensor(packed_losses), torch.tensor(padded_losses), rtol=1e-5, atol=1e-6)
     for update, (got, want) in enumerate(zip(packed.grads, padded.grads, strict=True)):
         assert max(w.abs().max() for w in want) > 1e-5, "a step with no gradient compares nothing"

@@ -286,8 +286,9 @@ def response_hidden(
     (:mod:`lightning_unified.models.packing`) and come back in the same layout, 0 on
     response padding.
     """
-    if packing is not None and packing.enabled:
-        packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row)
+    packed = (pack(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
+                   only_if_shorter=True) if packing is not None and packing.enabled else None)
+    if packed is not None:
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
         if not uses_varlen_attention(model):
             inputs["attention_mask"] = block_causal_mask(packed.segment, attention_dtype(model, prompt_ids.device))

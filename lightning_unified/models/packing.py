@@ -10,6 +10,9 @@ back to the padded ``[B, R, H]`` layout of the response positions, so everything
 forward (the loss, its normaliser, per-sequence weights) is unchanged: the same tokens, the
 same gradient.
 
+A batch whose packed rows would be no shorter than its padded ones (every sequence of one
+length) goes through the padded forward: the same positions, without a mask to build.
+
 Attention: with a FlashAttention implementation the model sees only the restarting
 position ids and takes its variable-length path (no mask is built); any other
 implementation gets a 4D additive block-diagonal causal mask ``[rows, 1, L, L]`` (a boolean
@@ -96,8 +99,11 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-         max_tokens_per_row: int | None = None) -> PackedBatch:
-    """Lay the batch's sequences (prompt then response, real tokens only) end to end in rows."""
+         max_tokens_per_row: int | None = None, only_if_shorter: bool = False) -> PackedBatch | None:
+    """Lay the batch's sequences (prompt then response, real tokens only) end to end in rows.
+    With ``only_if_shorter``, None when the packed rows would hold no fewer positions than
+    the padded batch (every sequence of one length): the padded forward is then the same
+    work without a mask to build or read."""
     B, P = prompt_ids.shape
     R = response_ids.shape[1]
     device = prompt_ids.device
@@ -108,6 +114,8 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     capacity = max_tokens_per_row or max(max(lengths), 1)
     bins = first_fit_decreasing(lengths, capacity)
     width = max(sum(lengths[i] for i in b) for b in bins)
+    if only_if_shorter and len(bins) * width >= B * (P + R):
+        return None
     input_ids = torch.zeros(len(bins), width, dtype=prompt_ids.dtype, device=device)
     position_ids = torch.zeros(len(bins), width, dtype=torch.long, device=device)
     segment = torch.full((len(bins), width), -1, dtype=torch.long, device=device)
