@@ -61,8 +61,9 @@ def count_tensor(mask: Tensor, group_size: int = 1) -> Tensor:
     if group_size < 1 or mask.shape[0] % group_size:
         raise ValueError(f"{mask.shape[0]} rows do not split into groups of {group_size}")
     mask = mask.bool()
-    shape = torch.tensor([mask.shape[0], mask.shape[0] // group_size], dtype=torch.float64)
-    return torch.cat([torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64), shape.to(mask.device)])
+    rows, groups = (torch.full((1,), float(n), dtype=torch.float64, device=mask.device)  # a fill, not a copy
+                    for n in (mask.shape[0], mask.shape[0] // group_size))
+    return torch.cat([torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64), rows, groups])
 
 
 def all_reduce_sum(values: Tensor, group=None) -> Tensor:
