@@ -56,11 +56,6 @@ class PackedBatch:
         """The share of the padded layout's positions that were padding."""
         return 1.0 - self.real_tokens / max(self.padded_tokens, 1)
 
-    @property
-    def packed_padding_fraction(self) -> float:
-        """The share of the packed rows' positions that are padding."""
-        return 1.0 - self.real_tokens / max(self.input_ids.numel(), 1)
-
 
 def sequence_lengths(prompt_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(prompt lengths [B], response lengths [B]); a prompt must be left-padded and a
