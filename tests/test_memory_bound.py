@@ -89,13 +89,21 @@ def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None
     # a narrow model with many tokens: the hidden states' size bounds it, [N / ceil(V / H), V]
     assert auto_chunk_size(1 << 20, 131072, 256) == 2048
     assert auto_chunk_size(512, 131072, 256) == 256  # the benchmark's 131k shape: the head's size
-    assert auto_chunk_size(10, 13, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time
+    assert auto_chunk_size(300, 65536, 8) == 128  # at least MIN_AUTO_CHUNK: tiny chunks waste matmul time
     assert auto_chunk_size(16384, 151936, 4096, "cpu") == 4096  # "cpu" is the default
-    hidden, head, targets, _, _ = _inputs()
+    # a small vocabulary: a chunk may hold 32 MiB of float32 logits (4k vocabulary: 2048 tokens),
+    # below which chunking saves no memory worth its passes
+    assert auto_chunk_size(512, 4096, 128) == 2048
+    assert auto_chunk_size(10, 13, 8) == 1 << 20
+    # the default chunks a 64k vocabulary (the small-vocabulary allowance is 128 tokens there)
+    wide_vocab = 65536
+    hidden, _, targets, _, _ = _inputs()
+    head = torch.randn(wide_vocab, WIDTH, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    targets = targets % wide_vocab
     scale = token_scale(torch.ones(targets.shape), "token_mean")
     with LargestTensor() as probe:
         chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
-    assert probe.largest <= auto_chunk_size(TOKENS, VOCAB, WIDTH) * VOCAB < TOKENS * VOCAB
+    assert probe.largest <= auto_chunk_size(TOKENS, wide_vocab, WIDTH) * wide_vocab < TOKENS * wide_vocab
 
 
 def test_accelerator_chunks_fill_a_memory_budget() -> None:

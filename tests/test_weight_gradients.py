@@ -158,3 +158,28 @@ def test_reverse_kl_returns_give_the_sequence_kl_gradient() -> None:
     )
     (biased_grad,) = torch.autograd.grad(biased.loss, student_table)
     assert (biased_grad - want).abs().max() > 1e-3
+
+
+def test_a_dense_part_scaled_apart_gives_the_materialised_weights() -> None:
+    """Scaling keeps a dense part's per-token factor apart (a [c] multiply instead of a
+    [c, V] product); the log-likelihood, the row totals and the logit gradient must equal
+    those of the product written out, alone and when two scaled dense parts are added."""
+    from lightning_unified.losses.token_weights import TokenWeights, weighted_log_likelihood, weighted_nll_logit_grad
+
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(6, 11, generator=gen), -1)
+    targets = torch.randint(0, 11, (6,), generator=gen)
+    dense_a, dense_b = torch.rand(6, 11, generator=gen), torch.rand(6, 11, generator=gen)
+    scale_a, scale_b = torch.rand(6, generator=gen), torch.rand(6, generator=gen)
+    coef = torch.rand(6, generator=gen)
+    kept = TokenWeights(coef=coef, dense=dense_a, dense_total=dense_a.sum(-1)).scaled(scale_a)
+    written = TokenWeights(coef=coef * scale_a, dense=dense_a * scale_a[:, None])
+    assert kept.dense is dense_a and kept.dense_scale is not None
+    summed = kept + TokenWeights(dense=dense_b).scaled(scale_b)
+    summed_written = written + TokenWeights(dense=dense_b * scale_b[:, None])
+    for ours, reference in ((kept, written), (summed, summed_written)):
+        torch.testing.assert_close(weighted_log_likelihood(logp, targets, ours),
+                                   weighted_log_likelihood(logp, targets, reference))
+        torch.testing.assert_close(ours.total(logp), reference.total(logp))
+        torch.testing.assert_close(weighted_nll_logit_grad(logp, targets, ours),
+                                   weighted_nll_logit_grad(logp, targets, reference))

@@ -201,13 +201,15 @@ class TeacherCallback(L.Callback):
         itself): its hidden states and head, its top-k, or its log-prob of each token."""
         signal = self.signal
         was_training = teacher.training
-        teacher.eval()  # a self-teacher scores without dropout
+        if was_training:  # a self-teacher scores without dropout (a frozen teacher is in eval mode already)
+            teacher.eval()
         try:
             with torch.no_grad(), trainer_precision(pl_module):
                 hidden = response_hidden(teacher, prompt_ids, prompt_mask, response_ids, response_mask,
                                          packing=pl_module.packing)  # [B, R, H_t]
         finally:
-            teacher.train(was_training)
+            if was_training:
+                teacher.train()
         weight, bias = output_head(teacher)
         if signal.is_self:
             weight, bias = _frozen(weight, copy_head), _frozen(bias, copy_head)

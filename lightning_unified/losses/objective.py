@@ -38,6 +38,10 @@ from lightning_unified.losses.token_weights import compute_dtype as _compute_dty
 from lightning_unified.losses.token_weights import log_softmax as _log_softmax
 
 MIN_AUTO_CHUNK = 128
+# On a CPU, a chunk whose float32 logits fit in this many bytes is always allowed: below it,
+# chunking saves no memory worth its per-chunk passes and Python (a 4k vocabulary, 512
+# tokens: four 128-token chunks made the SFT step 1.18x a plain loop's, one chunk about 1.05x)
+CPU_SMALL_LOGITS_BYTES = 32 << 20
 # On an accelerator, one chunk's float32 logits may take this share of the device's memory
 # (within [ACCELERATOR_MIN_CHUNK, ACCELERATOR_MAX_CHUNK] tokens): on an H100 or H200 and a
 # 150k vocabulary that is 4096-8192 tokens, where the loss head's time meets the plain
@@ -57,14 +61,15 @@ def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int, device: 
     writes the [V, H] gradient accumulator once: chunks of fewer than H tokens spend more
     time on it than on their logits (measured on a 2-core CPU, vocabulary 131,072, hidden
     256: chunks of 128 tokens made the SFT step 1.11x a plain loop's, chunks of 256 1.05x).
-    A GPU: a memory budget for one
+    A small vocabulary's chunk may always hold ``CPU_SMALL_LOGITS_BYTES`` of logits. A GPU: a memory budget for one
     chunk's float32 logits (``ACCELERATOR_CHUNK_SHARE`` of the device), because there many
     small launches cost more than the memory saves; never more than the tokens there are."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         return accelerator_chunk_size(num_tokens, vocab_size, torch.cuda.get_device_properties(device).total_memory)
     ratio = -(-vocab_size // max(hidden_size, 1))  # ceil(V / H)
-    target = max(1, -(-num_tokens // ratio), hidden_size)
+    small = CPU_SMALL_LOGITS_BYTES // (4 * max(vocab_size, 1))
+    target = max(1, -(-num_tokens // ratio), hidden_size, small)
     return max(MIN_AUTO_CHUNK, 1 << (target - 1).bit_length())
 
 
@@ -150,10 +155,12 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, plan: _ChunkPlan):
         need_hidden, need_weight, need_bias = (need and plan.grad_enabled for need in ctx.needs_input_grad[:3])
         num_tokens = hidden.shape[0]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        # fp32 accumulators: a sum over many chunks in bf16 would lose the small ones
+        # every row is written by its chunk: no zero-fill
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # fp32 accumulators: a sum over many chunks in bf16 would lose the small ones. The
+        # first chunk writes the [V, H] head gradient, the others add to it in place
         acc = _compute_dtype(hidden)
-        grad_weight = torch.zeros_like(head_weight, dtype=acc) if need_weight else None
+        grad_weight = None
         grad_bias = torch.zeros_like(head_bias, dtype=acc) if need_bias else None
         loss = hidden.new_zeros((), dtype=acc)
         token_objective = hidden.new_zeros(num_tokens, dtype=acc)
@@ -181,7 +188,9 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
                 grad_bias += chunk.grad_bias
             if need_hidden:
                 grad_hidden[start:stop] = chunk.grad_logits @ head_weight
-            if need_weight:
+            if need_weight and grad_weight is None:
+                grad_weight = (chunk.grad_logits.t() @ h).to(acc)
+            elif need_weight:
                 if chunk.grad_logits.dtype == acc:
                     # in place: the [V, H] accumulator is read and written once per chunk,
                     # not written as a product and then added (twice the memory traffic,
@@ -191,7 +200,9 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
                     grad_weight += (chunk.grad_logits.t() @ h).to(acc)
 
         if need_weight:
-            grad_weight = grad_weight.to(head_weight.dtype)
+            # no chunk at all (nothing in the loss): the head's gradient is zero
+            grad_weight = (torch.zeros_like(head_weight) if grad_weight is None
+                           else grad_weight.to(head_weight.dtype))
         if need_bias:
             grad_bias = grad_bias.to(head_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

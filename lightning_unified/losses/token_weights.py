@@ -29,6 +29,12 @@ class TokenWeights:
     dense: Tensor | None = None
     # [c] the real objective of each token (CE, KL, JSD, surrogate), reported beside the loss
     objective: Tensor | None = None
+    # [c] a per-token factor on ``dense`` (None: 1): scaling keeps it apart, so a mask and
+    # normaliser cost a [c] multiply, not a pass over [c, V] and a second [c, V] tensor
+    dense_scale: Tensor | None = None
+    # [c] sum_v dense(v) before ``dense_scale``, when the builder has it already (a
+    # teacher's probabilities sum to 1): the logit gradient then skips a pass over [c, V]
+    dense_total: Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.topk_ids is None) != (self.topk_weight is None):
@@ -47,9 +53,22 @@ class TokenWeights:
             coef=None if self.coef is None else self.coef * scale,
             topk_ids=self.topk_ids,
             topk_weight=None if self.topk_weight is None else self.topk_weight * s1,
-            dense=None if self.dense is None else self.dense * s1,
+            dense=self.dense,
             objective=None if self.objective is None else self.objective * scale,
+            dense_scale=None if self.dense is None else scale if self.dense_scale is None else self.dense_scale * scale,
+            dense_total=self.dense_total,
         )
+
+    def scaled_dense(self) -> Tensor | None:
+        """``dense`` with its per-token factor applied, [c, V] (a new tensor when there is one)."""
+        if self.dense is None or self.dense_scale is None:
+            return self.dense
+        return self.dense * self.dense_scale.unsqueeze(-1)
+
+    def dense_row_sums(self) -> Tensor:
+        """sum_v dense(v) per token with its factor, [c]."""
+        total = self.dense_total if self.dense_total is not None else self.dense.sum(-1)
+        return total if self.dense_scale is None else total * self.dense_scale
 
     def __add__(self, other: TokenWeights) -> TokenWeights:
         """Sum of two weights (e.g. a distillation term plus a reference penalty)."""
@@ -64,13 +83,19 @@ class TokenWeights:
                 return a if b is None else b
             return torch.cat([a, b], dim=-1)
 
+        if self.dense is not None and other.dense is not None:
+            # two dense parts: their factors are applied before they are added
+            dense = dict(dense=self.scaled_dense() + other.scaled_dense(), dense_scale=None, dense_total=None)
+        else:
+            keep = self if other.dense is None else other
+            dense = dict(dense=keep.dense, dense_scale=keep.dense_scale, dense_total=keep.dense_total)
         return replace(
             self,
             coef=add(self.coef, other.coef),
             topk_ids=cat(self.topk_ids, other.topk_ids),
             topk_weight=cat(self.topk_weight, other.topk_weight),
-            dense=add(self.dense, other.dense),
             objective=add(self.objective, other.objective),
+            **dense,
         )
 
     def total(self, like: Tensor) -> Tensor:
@@ -81,7 +106,7 @@ class TokenWeights:
         if self.topk_weight is not None:
             total = total + self.topk_weight.sum(-1)
         if self.dense is not None:
-            total = total + self.dense.sum(-1)
+            total = total + self.dense_row_sums()
         return total
 
 
@@ -94,7 +119,8 @@ def weighted_log_likelihood(logp: Tensor, targets: Tensor, weights: TokenWeights
         out = out + (weights.topk_weight * logp.gather(-1, weights.topk_ids)).sum(-1)
     if weights.dense is not None:
         # ``logp`` must be finite: 0 * -inf is nan (the logits paths guarantee it)
-        out = out + torch.linalg.vecdot(weights.dense, logp)
+        dense_term = torch.linalg.vecdot(weights.dense, logp)
+        out = out + (dense_term if weights.dense_scale is None else dense_term * weights.dense_scale)
     return out
 
 
@@ -110,7 +136,10 @@ def weighted_nll_logit_grad(logp: Tensor, targets: Tensor, weights: TokenWeights
     # in place on one [c, V] tensor: each extra pass over the vocabulary costs time
     grad = (logp.exp_() if overwrite else logp.exp()).mul_(weights.total(logp).unsqueeze(-1))
     if weights.dense is not None:
-        grad.sub_(weights.dense)
+        if weights.dense_scale is None:
+            grad.sub_(weights.dense)
+        else:  # one pass, no [c, V] product
+            grad.addcmul_(weights.dense, weights.dense_scale.unsqueeze(-1), value=-1)
     if weights.topk_weight is not None:
         grad.scatter_add_(-1, weights.topk_ids, -weights.topk_weight)
     if weights.coef is not None:

@@ -197,7 +197,9 @@ def preference(student_logp: Tensor, targets: Tensor, preference_weight: Tensor,
 def forward_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> TokenWeights:
     """KL(teacher || student) over the full vocabulary: w = pi_T(v)."""
     teacher_p = teacher_logp.exp()
-    return TokenWeights(dense=teacher_p, objective=_kl_terms(teacher_logp, student_logp, teacher_p))
+    # a distribution's probabilities sum to 1: the gradient needs no pass to find it
+    return TokenWeights(dense=teacher_p, objective=_kl_terms(teacher_logp, student_logp, teacher_p),
+                        dense_total=torch.ones_like(teacher_p[:, 0]))
 
 
 def forward_kl_topk(
@@ -249,7 +251,8 @@ def reverse_kl(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor) -> T
     log_ratio = teacher_logp - student_logp
     # the KL is -sum_v w(v): no second pass over the vocabulary for the metric
     dense = student_p * log_ratio
-    return TokenWeights(dense=dense, objective=-dense.sum(-1))
+    total = dense.sum(-1)
+    return TokenWeights(dense=dense, objective=-total, dense_total=total)
 
 
 def jsd(student_logp: Tensor, targets: Tensor, teacher_logp: Tensor, *, beta: float = 0.5) -> TokenWeights:
