@@ -110,6 +110,40 @@ def test_unpack_keeps_gradients_to_every_packed_position() -> None:
     assert int(used.sum()) == int(batch[3].sum()), "one packed position per response token"
 
 
+def test_a_batch_is_packed_once_for_all_its_forwards(monkeypatch) -> None:
+    """The teacher's, the reference's and the policy's forwards of one batch share its
+    layout; other tensors, or the same tensor changed in place, are packed anew; the layout
+    goes with the batch."""
+    from lightning_unified.models import packing
+
+    calls = []
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    policy, teacher = tiny_llama(0), tiny_llama(1)
+    batch = ragged_batch()
+    first = response_hidden(teacher, *batch, PACKED)
+    second = response_hidden(policy, *batch, PACKED)
+    assert len(calls) == 1, "two forwards of one batch, one layout"
+    real = batch[3].bool()
+    torch.testing.assert_close(second[real], response_hidden(policy, *batch)[real], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(first, second), "two models, two sets of hidden states"
+    response_hidden(policy, *ragged_batch(seed=1), PACKED)
+    assert len(calls) == 2, "another batch's tensors: packed anew"
+    response_hidden(policy, *batch, PACKED)
+    assert len(calls) == 3, "only the batch now being trained on is remembered"
+    batch[3][1, 5:] = 0  # a response shortened in place
+    shortened = response_hidden(policy, *batch, PACKED)
+    assert len(calls) == 4, "a tensor changed in place: packed anew"
+    real = batch[3].bool()
+    torch.testing.assert_close(shortened[real], response_hidden(policy, *batch)[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(shortened[1, 5:], torch.zeros_like(shortened[1, 5:])), "the cut tokens are padding now"
+    del batch
+    import gc
+
+    gc.collect()
+    assert "batch" not in packing._current, "the layout is dropped with its batch"
+
+
 # --- whole steps: every weight-builder family, packed against padded ----------------------
 @pytest.fixture(scope="module")
 def ragged_files(tmp_path_factory) -> list[str]:

@@ -147,6 +147,12 @@ class _Locator:
         return f"{self.path}, line {self._lines[row]}" if row < len(self._lines) else f"{self.path}, row {row}"
 
 
+def locate(path: str | Path, row: int) -> str:
+    """'file, line N' (JSONL) or 'file, row N' of an example's ``row``."""
+    path = Path(path)
+    return _Locator(path, _format(path) if path.exists() else "")(row)
+
+
 def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: Path) -> dict[str, str]:
     """{code name: file column} for the columns this file has. A required column, or one
     the user renamed, that the file lacks is an error naming it and the columns found; a
@@ -220,7 +226,8 @@ def tokenize_table(
     for row, record in enumerate(table):
         where = locate(row)
         prompt = _check_prompt(record[resolved["prompt"]], resolved["prompt"], where)
-        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt), "prompt": prompt}
+        # the row names the example in later errors (a token budget it does not fit)
+        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt), "prompt": prompt, "row": row}
         responses = {}
         for name in ("response", "chosen", "rejected"):
             if name in resolved:

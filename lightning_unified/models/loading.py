@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_unified.models.packing import Packing, block_causal_mask, pack, unpack, uses_varlen_attention
+from lightning_unified.models.packing import Packing, batch_layout, unpack, uses_varlen_attention
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +286,12 @@ def response_hidden(
     (:mod:`lightning_unified.models.packing`) and come back in the same layout, 0 on
     response padding.
     """
-    packed = (pack(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
-                   only_if_shorter=True) if packing is not None and packing.enabled else None)
+    packed = (batch_layout(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
+                           only_if_shorter=True) if packing is not None and packing.enabled else None)
     if packed is not None:
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
         if not uses_varlen_attention(model):
-            inputs["attention_mask"] = block_causal_mask(packed.segment, attention_dtype(model, prompt_ids.device))
+            inputs["attention_mask"] = packed.attention_mask(attention_dtype(model, prompt_ids.device))
         return unpack(decoder(model)(**inputs).last_hidden_state, packed)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)

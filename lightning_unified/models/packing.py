@@ -21,7 +21,8 @@ implementation gets a 4D additive block-diagonal causal mask ``[rows, 1, L, L]``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -50,6 +51,14 @@ class PackedBatch:
     valid: Tensor  # [B, R] bool, False on response padding (nothing predicts it)
     real_tokens: int  # tokens of the batch's sequences
     padded_tokens: int  # positions of the padded layout (B x (P + R))
+    # the block-diagonal masks made for this layout, by dtype (each forward of the batch reuses it)
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def attention_mask(self, dtype: torch.dtype) -> Tensor:
+        """:func:`block_causal_mask` of this layout in ``dtype``, made once."""
+        if dtype not in self._masks:
+            self._masks[dtype] = block_causal_mask(self.segment, dtype)
+        return self._masks[dtype]
 
     @property
     def padding_fraction(self) -> float:
@@ -131,6 +140,47 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     valid = torch.arange(R)[None] < torch.tensor(response_len_l)[:, None]
     return PackedBatch(input_ids, position_ids, segment, row.to(device), column.to(device), valid.to(device),
                        real_tokens=int(sum(lengths)), padded_tokens=B * (P + R))
+
+
+class _LayoutEntry:
+    """One batch's layout and the four tensors it was made from, held weakly."""
+
+    def __init__(self, tensors: tuple[Tensor, ...], settings: tuple, layout: PackedBatch | None) -> None:
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.versions = [t._version for t in tensors]
+        self.settings, self.layout = settings, layout
+
+    def matches(self, tensors: tuple[Tensor, ...], settings: tuple) -> bool:
+        return settings == self.settings and all(
+            ref() is t and t._version == version for ref, t, version in zip(self.refs, tensors, self.versions))
+
+
+# the layout of the batch being trained on now: one entry, dropped with the batch's prompt ids
+_current: dict[str, _LayoutEntry] = {}
+
+
+def batch_layout(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                 max_tokens_per_row: int | None = None, only_if_shorter: bool = False) -> PackedBatch | None:
+    """:func:`pack`, made once per batch. Every forward of one training step packs the same
+    four tensors (the teacher's, the reference's, the importance ratio's, the policy's): the
+    first makes the layout (host bookkeeping, one read back to the host) and the others
+    reuse it, with its masks. It is keyed by the tensors themselves and their version
+    counters, so other tensors (a teacher's context prompts, a replayed mini-batch) or a
+    tensor changed in place are packed anew, and it is dropped when the batch is."""
+    tensors = (prompt_ids, prompt_mask, response_ids, response_mask)
+    settings = (max_tokens_per_row, only_if_shorter)
+    entry = _current.get("batch")
+    if entry is not None and entry.matches(tensors, settings):
+        return entry.layout
+    entry = _LayoutEntry(tensors, settings, pack(*tensors, max_tokens_per_row, only_if_shorter))
+    _current["batch"] = entry
+    weakref.finalize(prompt_ids, _forget, entry)
+    return entry.layout
+
+
+def _forget(entry: _LayoutEntry) -> None:
+    if _current.get("batch") is entry:
+        del _current["batch"]
 
 
 def block_causal_mask(segment: Tensor, dtype: torch.dtype) -> Tensor:

@@ -18,7 +18,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
-from lightning_unified.data.files import DataError, Limits, read_table, tokenize_table
+from lightning_unified.data.files import DataError, Limits, locate, read_table, tokenize_table
+from lightning_unified.data.token_budget import BatchDataset, describe, example_tokens, token_budget_batches
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.rewards.scoring import names_parameter
 from lightning_unified.rewards.text import exact_match
@@ -30,7 +31,9 @@ class FilesDataModule(L.LightningDataModule):
     """``train`` (and optional ``val``) files; ``columns`` renames the columns
     (``{prompt: question, reference: answer}``); ``max_prompt_tokens`` and
     ``max_response_tokens`` bound an example, ``overlong`` says what happens above them
-    (``error`` or ``drop``, counted in the log). ``max_response_tokens`` also bounds
+    (``error`` or ``drop``, counted in the log). ``max_tokens_per_batch`` fills each training
+    batch to a token budget (at most ``batch_size`` examples), see
+    :mod:`lightning_unified.data.token_budget`. ``max_response_tokens`` also bounds
     sampling and greedy validation. The files are read and checked when the data module
     is built, so bad input stops a run before any model is loaded."""
 
@@ -44,6 +47,7 @@ class FilesDataModule(L.LightningDataModule):
         max_response_tokens: int = 256,
         overlong: str = "error",
         batch_size: int = 8,
+        max_tokens_per_batch: int | None = None,
         val_batch_size: int = 32,
         val_rewards: Mapping[str, Callable] | None = None,
         pad_token: str | None = None,
@@ -70,6 +74,14 @@ class FilesDataModule(L.LightningDataModule):
         self.val_examples = self._load(val, columns, stop) if val is not None else []
         log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,
                  len(self.val_examples), val)
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.budget_batches = None
+        if max_tokens_per_batch is not None:
+            costs = [example_tokens(e, self.limits.max_response_tokens) for e in self.train_examples]
+            self.budget_batches = token_budget_batches(
+                costs, max_tokens_per_batch, batch_size, shuffle=shuffle, seed=seed,
+                where=lambda i: locate(train, self.train_examples[i]["row"]))
+            log.info("%s", describe(self.budget_batches, costs, max_tokens_per_batch))
         needs = sorted(name for name, fn in self._val_rewards.items() if names_parameter(fn, "references"))
         if self.val_examples and needs and "reference" not in self.val_examples[0]:
             column = dict(columns or {}).get("reference", "reference")
@@ -109,7 +121,14 @@ class FilesDataModule(L.LightningDataModule):
                                   collate_fn=TokenCollator(self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.train_examples, self.batch_size, train=True)
+        if self.budget_batches is None:
+            return self._loader(self.train_examples, self.batch_size, train=True)
+        # each item is a whole batch (formed to the token budget at load time): no auto-batching;
+        # the sampler shuffles the batches' order each epoch, and deals them out to the ranks
+        dataset = BatchDataset(self.train_examples, self.budget_batches)
+        order = training_sampling(dataset, self.trainer, shuffle=self.shuffle, seed=self.seed)
+        return StatefulDataLoader(dataset, batch_size=None, **order, num_workers=self.num_workers,
+                                  collate_fn=TokenCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> StatefulDataLoader | list:
         if not self.val_examples:
