@@ -14,7 +14,17 @@ import lightning as L
 def training_steps(trainer: L.Trainer) -> int:
     """Optimizer steps (training batches, with several updates per rollout) this fit will
     run: ``trainer.max_steps``, or ``max_epochs`` x batches per epoch when that is sooner."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    built_before = getattr(fit_loop, "_combined_loader", None) is not None
     total = trainer.estimated_stepping_batches
+    if fit_loop is not None and not built_before and getattr(fit_loop, "_combined_loader", None) is not None:
+        # To count the batches of an epoch, Lightning built the training loader here, while
+        # the optimizers are configured: before a resumed run's checkpoint is restored, so
+        # that loader would never get the checkpoint's place in the data, and the resumed
+        # run would start its epoch over in another order. Dropped, the fit loop builds it
+        # again after the restore and loads the place (Lightning's own attribute: no public
+        # way to ask for this)
+        fit_loop._combined_loader = None
     if not math.isfinite(total):
         raise ValueError(
             f"trainer.max_steps={trainer.max_steps} with trainer.max_epochs={trainer.max_epochs} trains without end, "

@@ -122,3 +122,51 @@ def test_a_step_of_budget_micro_batches_gives_their_whole_gradient_on_one_proces
     assert any(not torch.equal(one[k], start[k]) for k in one), "the run must move the policy"
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("batching", ["examples", "token budget"])
+def test_killed_and_resumed_on_files_equals_uninterrupted(batching: str, ragged_task, tmp_path: Path) -> None:
+    """task=files, shuffled, over more than one epoch (trainer.max_epochs counts them, so
+    the schedule's length needs the loader's length before the checkpoint is restored):
+    the resumed run reads the batches the uninterrupted one read, in the same order, from
+    the step it stopped at. (It once started its epoch over in a new order.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_unified.config import train
+    from tests.test_runs import ROOT
+    from tests.test_resume import rows
+
+    batches = ([f"task.max_tokens_per_batch={BUDGET}", "task.batch_size=16", "module.packing=true"]
+               if batching == "token budget" else ["task.batch_size=8"])
+    common = [*ragged_task, *batches, "trainer.max_epochs=3",
+              "trainer.max_steps=8", "checkpoint_every_n_steps=2", "trainer.val_check_interval=4",
+              "trainer.log_every_n_steps=1", "save_policy=null", "task.val_batch_size=24"]
+    whole = tmp_path / "whole"
+    train(compose_config(common), whole)
+    killed = tmp_path / "killed"
+    pause = "callbacks=[{_target_:tests.test_resume.PauseBefore,step:3,seconds:60}]"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *common, pause,
+                                f"hydra.run.dir={killed}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not any(step >= 2 and key == "train/loss" for step, key, _ in
+                      (rows(killed) if (killed / "metrics.csv").is_file() else [])):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    train(compose_config([*common, "resume=true"]), killed)
+    losses = {"whole": rows(whole), "resumed": rows(killed)}
+    assert [(s, k) for s, k, _ in losses["resumed"]] == [(s, k) for s, k, _ in losses["whole"]]
+    for (step, key, a), (_, _, b) in zip(losses["resumed"], losses["whole"]):
+        assert abs(a - b) <= 1e-6, f"step {step} {key}: resumed {a} against {b}"
+    steps = [s for s, k, _ in losses["whole"] if k == "train/loss"]
+    per_epoch = len(build_run(compose_config(common), tmp_path / "count").datamodule.train_dataloader())
+    assert steps[-1] == 7 and per_epoch < 8, f"the run crosses an epoch boundary ({per_epoch} batches an epoch)"
