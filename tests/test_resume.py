@@ -55,6 +55,25 @@ def rows(run_dir: Path) -> list[tuple]:
     return out
 
 
+def kill_after_step_2(overrides: list[str], run_dir: Path) -> None:
+    """Runs scripts/train.py with ``overrides`` in ``run_dir``, held before step 3, and kills
+    it with SIGKILL once step 2's train/loss row is written (after step 2's checkpoint)."""
+    pause = "callbacks=[{_target_:tests.test_resume.PauseBefore,step:3,seconds:60}]"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, pause,
+                                f"hydra.run.dir={run_dir}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not any(step >= 2 and key == "train/loss" for step, key, _ in
+                      (rows(run_dir) if (run_dir / "metrics.csv").is_file() else [])):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
 @pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd",
                                         pytest.param("rl_vllm", marks=pytest.mark.skipif(
                                             importlib.util.find_spec("vllm") is None, reason="the vllm extra"))])
@@ -63,20 +82,7 @@ def test_killed_and_resumed_equals_uninterrupted(experiment: str, tmp_path: Path
     train(compose_config(common), tmp_path / "whole")
 
     killed = tmp_path / "killed"
-    pause = "callbacks=[{_target_:tests.test_resume.PauseBefore,step:3,seconds:60}]"
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *common, pause,
-                                f"hydra.run.dir={killed}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not any(step >= 2 and key == "train/loss" for step, key, _ in
-                      (rows(killed) if (killed / "metrics.csv").is_file() else [])):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never reached step 2"
-            time.sleep(0.2)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_after_step_2(common, killed)
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert max(step for step, _, _ in rows(killed)) >= 2, "rows past the checkpoint were written before the kill"
 

@@ -83,11 +83,12 @@ def test_the_servers_log_probs_are_an_hf_forwards(server) -> None:
     assert torch.equal(scores.topk_ids[mask & distinct], best_ids[mask & distinct])
 
 
-def _distill(signal: Dense, steps: int = 3) -> UnifiedModule:
+def _distill(signal: Dense, steps: int = 3, sampling_engine: str = "hf") -> UnifiedModule:
     L.seed_everything(0)  # the same rows, the same samples
     datamodule = tiny_datamodule(batch_size=4)
     policy = student(hidden=128, layers=2)
-    source = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0), importance=Importance(ratio="none"))
+    source = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0, engine=sampling_engine),
+                      importance=Importance(ratio="none"))
     module = UnifiedModule(policy, datamodule.tokenizer, source, signal, max_new_tokens=6,
                            optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
@@ -252,3 +253,18 @@ def test_an_in_process_teacher_with_another_vocabulary_is_refused_before_its_eng
                                          r"and the policy 15"):
         other.start(student(), tiny_datamodule().tokenizer)
     assert other.llm is None
+
+
+def test_a_vllm_teacher_beside_a_vllm_sampler_is_the_hf_teachers_run() -> None:
+    """Two in-process engines in one training process (the student's sampler, synced every
+    step, and the frozen teacher): the same updates as the hf teacher beside the sampler."""
+    require_vllm()
+    signal = dict(divergence="forward_kl", top_k=TOP_K)
+    through_hf = _distill(Dense(teacher=TEACHER, **signal), steps=2, sampling_engine="vllm")
+    through_vllm = _distill(Dense(teacher=TEACHER, engine="vllm", vllm={"kv_cache_gib": 0.25}, **signal), steps=2,
+                            sampling_engine="vllm")
+    start = student(hidden=128, layers=2)
+    moved = max((a - b).abs().max().item() for a, b in zip(through_hf.policy.parameters(), start.parameters()))
+    assert moved > 1e-3, "the steps moved the policy"
+    for (name, a), b in zip(through_hf.policy.named_parameters(), through_vllm.policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and vllm teachers")

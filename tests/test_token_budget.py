@@ -130,38 +130,17 @@ def test_killed_and_resumed_on_files_equals_uninterrupted(batching: str, ragged_
     the schedule's length needs the loader's length before the checkpoint is restored):
     the resumed run reads the batches the uninterrupted one read, in the same order, from
     the step it stopped at. (It once started its epoch over in a new order.)"""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from lightning_unified.config import train
-    from tests.test_runs import ROOT
-    from tests.test_resume import rows
+    from tests.test_resume import kill_after_step_2, rows
 
     batches = ([f"task.max_tokens_per_batch={BUDGET}", "task.batch_size=16", "module.packing=true"]
                if batching == "token budget" else ["task.batch_size=8"])
-    common = [*ragged_task, *batches, "trainer.max_epochs=3",
-              "trainer.max_steps=8", "checkpoint_every_n_steps=2", "trainer.val_check_interval=4",
-              "trainer.log_every_n_steps=1", "save_policy=null", "task.val_batch_size=24"]
-    whole = tmp_path / "whole"
+    common = [*ragged_task, *batches, "trainer.max_epochs=3", "trainer.max_steps=8", "checkpoint_every_n_steps=2",
+              "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "save_policy=null",
+              "task.val_batch_size=24"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
     train(compose_config(common), whole)
-    killed = tmp_path / "killed"
-    pause = "callbacks=[{_target_:tests.test_resume.PauseBefore,step:3,seconds:60}]"
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *common, pause,
-                                f"hydra.run.dir={killed}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not any(step >= 2 and key == "train/loss" for step, key, _ in
-                      (rows(killed) if (killed / "metrics.csv").is_file() else [])):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never reached step 2"
-            time.sleep(0.2)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_after_step_2(common, killed)
     train(compose_config([*common, "resume=true"]), killed)
     losses = {"whole": rows(whole), "resumed": rows(killed)}
     assert [(s, k) for s, k, _ in losses["resumed"]] == [(s, k) for s, k, _ in losses["whole"]]

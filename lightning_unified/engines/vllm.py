@@ -13,7 +13,8 @@ import contextlib
 import importlib.util
 import os
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -132,13 +133,70 @@ def keeping_process_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+# the in-process engines alive in this process (the sampler's, a teacher's), by their
+# clients' ids, and how many are being built right now
+_LIVE_ENGINES: set[int] = set()
+_STARTING = [0]
+
+
+def start_engine(make: Callable[[], object]):
+    """``make()`` (a ``vllm.LLM``), counted among this process's live engines from before its
+    construction, with its shutdown when garbage-collected (vLLM's own finalizer) made the
+    way :func:`shut_down` makes it. An engine that goes with its module is collected
+    whenever the collector runs, often while the next engine loads its model: it must not
+    tear down the distributed state that engine has just set up."""
+    _STARTING[0] += 1
+    try:
+        llm = make()
+    finally:
+        _STARTING[0] -= 1
+    client = llm.llm_engine.engine_core
+    _LIVE_ENGINES.add(id(client))
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None and finalizer.detach() is not None:
+        client._finalizer = weakref.finalize(client, _shut_down_core, client.engine_core, id(client))
+    return llm
+
+
+def _others_alive() -> bool:
+    return bool(_LIVE_ENGINES) or _STARTING[0] > 0
+
+
+def _shut_down_core(engine_core, key: int) -> None:
+    _LIVE_ENGINES.discard(key)
+    with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
+        engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def _sharing_process_state() -> Iterator[None]:
+    """vLLM's engine shutdown tears down the process's distributed state (its model-parallel
+    groups, its world group) as if it were the only engine. In-process engines share that
+    state: a teacher's engine shut down beside the sampler's would leave the sampler without
+    its groups ("pipeline model parallel group is not initialized" at its next call). While
+    another engine in this process is alive, a shutdown frees only its own memory."""
+    import gc
+
+    from vllm.v1.engine import core
+
+    teardown = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *args, **kwargs: gc.collect()
+    try:
+        yield
+    finally:
+        core.cleanup_dist_env_and_memory = teardown
+
+
 def shut_down(llm) -> None:
     """Shut an engine down now, while the trainer's process group still exists: left to its
-    exit-time finalizer, it tears down groups that are already gone."""
+    exit-time finalizer, it tears down groups that are already gone. The last engine of the
+    process tears down vLLM's distributed state; an earlier one leaves it to the others."""
     if llm is None:
         return
     client = llm.llm_engine.engine_core
-    client.shutdown()
+    _LIVE_ENGINES.discard(id(client))
+    with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
+        client.shutdown()
     finalizer = getattr(client, "_finalizer", None)
     if finalizer is not None:
         finalizer.detach()
@@ -186,9 +244,10 @@ class VLLMEngine(RolloutEngine):
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
         try:
             with keeping_process_state(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
-                self.llm = vllm.LLM(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
-                                    dtype=dtype, max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
-                                    seed=0, logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs)
+                self.llm = start_engine(lambda: vllm.LLM(
+                    model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
+                    max_model_len=self.max_model_len, enforce_eager=self.enforce_eager, seed=0,
+                    logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs))
         except Exception as error:
             raise RuntimeError(self._start_failure(config, error)) from error
         self.sync(policy)

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_unified.engines.vllm import INSTALL_HINT, engine_kwargs, import_vllm, keeping_process_state, shut_down
+from lightning_unified.engines.vllm import (
+    INSTALL_HINT,
+    engine_kwargs,
+    import_vllm,
+    keeping_process_state,
+    shut_down,
+    start_engine,
+)
 from lightning_unified.models.loading import check_model_directory, check_vocabulary_of
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
 
@@ -42,9 +49,10 @@ class InProcessTeacher:
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, sleep=False)
         try:
             with keeping_process_state(), torch.inference_mode():
-                self.llm = vllm.LLM(model=self.path, skip_tokenizer_init=True, dtype=self.dtype or self.checkpoint_dtype(),
-                                    max_model_len=self.max_model_len, enforce_eager=True, seed=0,
-                                    max_logprobs=self.max_logprobs, tensor_parallel_size=1, **kwargs)
+                self.llm = start_engine(lambda: vllm.LLM(
+                    model=self.path, skip_tokenizer_init=True, dtype=self.dtype or self.checkpoint_dtype(),
+                    max_model_len=self.max_model_len, enforce_eager=True, seed=0, max_logprobs=self.max_logprobs,
+                    tensor_parallel_size=1, **kwargs))
         except Exception as error:
             raise RuntimeError(f"{self.name} could not start: {error}") from error
 
