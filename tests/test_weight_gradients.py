@@ -183,3 +183,26 @@ def test_a_dense_part_scaled_apart_gives_the_materialised_weights() -> None:
         torch.testing.assert_close(ours.total(logp), reference.total(logp))
         torch.testing.assert_close(weighted_nll_logit_grad(logp, targets, ours),
                                    weighted_nll_logit_grad(logp, targets, reference))
+
+
+def test_a_dense_part_that_is_the_students_own_log_probs_is_not_overwritten() -> None:
+    """The chunk writes the logit gradient over the log-probs' memory; a builder may hand
+    back those log-probs themselves as its dense part (here w = log pi_theta, a constant),
+    which must be copied first, or the gradient would read the values it overwrote."""
+    from lightning_unified.losses.token_weights import TokenWeights
+    from tests.plain_loss import weighted_nll_from_logits
+
+    def own_log_probs(student_logp, targets):
+        return TokenWeights(dense=student_logp)
+
+    p = make_problem()
+    scale = token_scale(p.mask, "token_mean")
+    chunked = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, own_log_probs, chunk_size=5)
+    chunked.loss.backward()
+    grads = (p.hidden.grad.clone(), p.head.grad.clone())
+    p.hidden.grad = p.head.grad = None
+    plain = weighted_nll_from_logits(p.hidden @ p.head.T, p.targets, scale, own_log_probs)
+    plain.loss.backward()
+    torch.testing.assert_close(chunked.loss, plain.loss, **TOL)
+    torch.testing.assert_close(grads[0], p.hidden.grad, **TOL)
+    torch.testing.assert_close(grads[1], p.head.grad, **TOL)

@@ -16,6 +16,7 @@ float reassociation; ``tests/test_compiled_chunk.py`` compares it with this eage
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -51,12 +52,19 @@ def chunk_weights(weight_fn: WeightFn, logp: Tensor, targets: Tensor, scale: Ten
                   teacher_logp: Tensor | None) -> TokenWeights:
     """The chunk's weights: the builder on the chunk's log-probs [c, V], targets [c] and
     per-token fields, with the teacher's log-probs [c, V] when there is a teacher, scaled by
-    the chunk's mask and normaliser ``scale`` [c], into new tensors (never views of ``logp``,
-    which the chunk math then overwrites). Every loss path builds its weights here."""
+    the chunk's mask and normaliser ``scale`` [c]; no part is ever a view of ``logp``, which
+    the chunk math then overwrites. Every loss path builds its weights here."""
     builder_fields = dict(fields)
     if teacher_logp is not None:
         builder_fields["teacher_logp"] = teacher_logp
-    return weight_fn(logp, targets, **builder_fields).scaled(scale.to(logp.dtype))
+    weights = weight_fn(logp, targets, **builder_fields).scaled(scale.to(logp.dtype))
+    # scaling keeps a dense part as the builder made it (its factor apart): one that is the
+    # log-probs' own memory is copied, or the gradient written over them would change it.
+    # Eager only: compiled, the gradient never overwrites the log-probs
+    if (weights.dense is not None and not torch.compiler.is_compiling()
+            and weights.dense.untyped_storage().data_ptr() == logp.untyped_storage().data_ptr()):
+        weights = replace(weights, dense=weights.dense.clone())
+    return weights
 
 
 def chunk_math(
@@ -95,7 +103,7 @@ def chunk_math(
     if not with_grad:
         return ChunkResult(loss, objective, target_logp, None, None)
     # the log-probs are dead from here on, so their memory takes the gradient: the weights
-    # are never a view of them (chunk_weights scales every part into a new tensor). Eager
+    # are never a view of them (chunk_weights sees to it). Eager
     # only: the compiler plans its own buffers.
     grad = weighted_nll_logit_grad(logp, targets, weights, overwrite=not torch.compiler.is_compiling())  # [c, V]
     del logp, weights
