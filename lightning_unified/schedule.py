@@ -15,9 +15,9 @@ def training_steps(trainer: L.Trainer) -> int:
     """Optimizer steps (training batches, with several updates per rollout) this fit will
     run: ``trainer.max_steps``, or ``max_epochs`` x batches per epoch when that is sooner."""
     fit_loop = getattr(trainer, "fit_loop", None)
-    built_before = getattr(fit_loop, "_combined_loader", None) is not None
+    unbuilt = fit_loop is not None and fit_loop._combined_loader is None
     total = trainer.estimated_stepping_batches
-    if fit_loop is not None and not built_before and getattr(fit_loop, "_combined_loader", None) is not None:
+    if unbuilt and fit_loop._combined_loader is not None:
         # To count the batches of an epoch, Lightning built the training loader here, while
         # the optimizers are configured: before a resumed run's checkpoint is restored, so
         # that loader would never get the checkpoint's place in the data, and the resumed

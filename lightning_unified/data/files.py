@@ -147,7 +147,7 @@ class _Locator:
         return f"{self.path}, line {self._lines[row]}" if row < len(self._lines) else f"{self.path}, row {row}"
 
 
-def locate(path: str | Path, row: int) -> str:
+def locate_row(path: str | Path, row: int) -> str:
     """'file, line N' (JSONL) or 'file, row N' of an example's ``row``."""
     path = Path(path)
     return _Locator(path, _format(path) if path.exists() else "")(row)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
+from lightning_unified.data.collate import ListDataset
 from lightning_unified.data.files import DataError
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,17 @@ def token_budget_batches(costs: list[int], max_tokens: int, max_examples: int | 
 
 
 class BatchDataset(Dataset):
-    """Each item is one whole training batch: the examples of one token-budget batch, each
-    with its ``index`` (which keys an offline teacher cache)."""
+    """Each item is one whole training batch: the examples of one token-budget batch, as
+    :class:`ListDataset` gives them (with the ``index`` that keys an offline teacher cache)."""
 
     def __init__(self, examples: list[dict], batches: list[list[int]]):
-        self.examples, self.batches = examples, batches
+        self.examples, self.batches = ListDataset(examples), batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, b: int) -> list[dict]:
-        return [{**self.examples[i], "index": i} for i in self.batches[b]]
+        return [self.examples[i] for i in self.batches[b]]
 
 
 def describe(batches: list[list[int]], costs: list[int], max_tokens: int) -> str:

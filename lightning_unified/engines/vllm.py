@@ -152,9 +152,10 @@ def start_engine(make: Callable[[], object]):
         _STARTING[0] -= 1
     client = llm.llm_engine.engine_core
     _LIVE_ENGINES.add(id(client))
-    finalizer = getattr(client, "_finalizer", None)
-    if finalizer is not None and finalizer.detach() is not None:
-        client._finalizer = weakref.finalize(client, _shut_down_core, client.engine_core, id(client))
+    vllm_finalizer = getattr(client, "_finalizer", None)
+    if vllm_finalizer is not None:
+        vllm_finalizer.detach()
+    client._finalizer = weakref.finalize(client, _shut_down_core, client.engine_core, id(client))
     return llm
 
 
@@ -193,13 +194,7 @@ def shut_down(llm) -> None:
     process tears down vLLM's distributed state; an earlier one leaves it to the others."""
     if llm is None:
         return
-    client = llm.llm_engine.engine_core
-    _LIVE_ENGINES.discard(id(client))
-    with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
-        client.shutdown()
-    finalizer = getattr(client, "_finalizer", None)
-    if finalizer is not None:
-        finalizer.detach()
+    llm.llm_engine.engine_core._finalizer()  # start_engine's: it runs at most once
 
 
 class VLLMEngine(RolloutEngine):

@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
-from lightning_unified.data.files import DataError, Limits, locate, read_table, tokenize_table
+from lightning_unified.data.files import DataError, Limits, locate_row, read_table, tokenize_table
 from lightning_unified.data.token_budget import BatchDataset, describe, example_tokens, token_budget_batches
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.rewards.scoring import names_parameter
@@ -80,7 +80,7 @@ class FilesDataModule(L.LightningDataModule):
             costs = [example_tokens(e, self.limits.max_response_tokens) for e in self.train_examples]
             self.budget_batches = token_budget_batches(
                 costs, max_tokens_per_batch, batch_size, shuffle=shuffle, seed=seed,
-                where=lambda i: locate(train, self.train_examples[i]["row"]))
+                where=lambda i: locate_row(train, self.train_examples[i]["row"]))
             log.info("%s", describe(self.budget_batches, costs, max_tokens_per_batch))
         needs = sorted(name for name, fn in self._val_rewards.items() if names_parameter(fn, "references"))
         if self.val_examples and needs and "reference" not in self.val_examples[0]:
