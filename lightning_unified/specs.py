@@ -283,15 +283,15 @@ class Teacher:
         return f"{self.path} (vllm)" if self.engine == "vllm" else str(self.path)
 
     def check(self, owner: str) -> None:
-        """``owner`` is where the user set it: ``teacher`` or ``signal.teachers.NAME``."""
+        """``owner`` is where the user set it: ``teacher``, ``signal.teachers.NAME`` or ``reference``."""
         _one_of(owner, "engine", self.engine, TEACHER_ENGINES)
         _known_options(f"{owner} load options", self.options)
         if self.engine == "server" and not self.url:
-            raise ValueError(f"{owner}.engine=server asks an OpenAI-compatible server for the teacher's log-probs: set "
+            raise ValueError(f"{owner}.engine=server asks an OpenAI-compatible server for its log-probs: set "
                              f"{owner}.url (e.g. http://127.0.0.1:8000, where `python -m "
                              f"vllm.entrypoints.openai.api_server --model DIR --max-logprobs 64` serves)")
         if self.engine != "server" and not self.path:
-            raise ValueError(f"{owner}.engine={self.engine} loads the teacher from a local Hugging Face directory: "
+            raise ValueError(f"{owner}.engine={self.engine} loads the model from a local Hugging Face directory: "
                              f"set {owner}.path")
 
 
@@ -540,7 +540,8 @@ class Reference:
     response's reward before its advantage (:func:`lightning_unified.losses.advantages.kl_penalized_rewards`),
     with the sampler's log-probs as log pi. ``path`` is a local Hugging Face directory;
     null takes the starting policy (with LoRA: the same base model, adapters switched
-    off, never a second copy).
+    off, never a second copy). ``engine`` says where the reference runs: in each training
+    process (``hf``), in a frozen vLLM engine (``vllm``) or behind a server (``server``).
     """
 
     kl_coef: float = 0.05
@@ -548,9 +549,33 @@ class Reference:
     path: str | None = None
     # keyword arguments of load_causal_lm for ``path``: dtype, attn_implementation, trust_remote_code
     options: dict = field(default_factory=dict)
+    # where the reference runs (TEACHER_ENGINES): a Hugging Face model in each training
+    # process (hf), a frozen vLLM engine loaded from ``path`` (vllm, with InProcessTeacher's
+    # options in ``vllm``) or an OpenAI-compatible server at ``url`` (server, with
+    # ServedTeacher's options in ``server``). Every estimator reads only the reference's
+    # log-prob of each response token, which a served model returns
+    engine: str = "hf"
+    url: str | None = None
+    server: dict = field(default_factory=dict)
+    vllm: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _known_options("reference.options", self.options)
         _one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)
         if self.kl_coef < 0:
             raise ValueError(f"reference.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.served:
+            if self.engine == "vllm" and not self.path:
+                raise ValueError("reference.engine=vllm loads the reference from a local Hugging Face directory: set "
+                                 "reference.path (the starting policy's directory, for a KL to where training began)")
+            self.as_served().check("reference")
+
+    @property
+    def served(self) -> bool:
+        """The reference answers with log-probs (a vLLM engine or a server), not hidden states."""
+        return self.engine != "hf"
+
+    def as_served(self) -> Teacher:
+        """Where the reference runs, in the form the served engines take."""
+        return Teacher(path=self.path, engine=self.engine, url=self.url, server=dict(self.server),
+                       vllm=dict(self.vllm), options=dict(self.options))

@@ -19,8 +19,8 @@ from lightning_unified import batch as F
 from lightning_unified.config import train
 from lightning_unified.models.loading import build_policy, load_causal_lm
 from lightning_unified.module import UnifiedModule
-from lightning_unified.specs import Dense, Importance, OnPolicy, Sampling
-from lightning_unified.tasks.addition import checkpoint_path
+from lightning_unified.specs import Dense, Importance, OnPolicy, Reference, Reward, Sampling, Sparse
+from lightning_unified.tasks.addition import checkpoint_path, digit_match
 from lightning_unified.teachers.server import ServedTeacher, TeacherServerError
 from tests.conftest import require_vllm
 from tests.lightning_helpers import FAST_TASK, compose_config, quiet_trainer, save_chat_model, tiny_datamodule
@@ -107,6 +107,38 @@ def test_distillation_through_the_server_is_distillation_through_hf(server, sign
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and server teachers")
 
 
+def _penalised_rl(reference: Reference | None, steps: int = 3, temperature: float = 1.0) -> UnifiedModule:
+    """GRPO with a KL penalty to ``reference``: the same rows and samples in every call."""
+    L.seed_everything(0)
+    datamodule = tiny_datamodule(batch_size=4)
+    source = OnPolicy(sampling=Sampling(num_generations=2, temperature=temperature),
+                      importance=Importance(ratio="none"))
+    module = UnifiedModule(student(hidden=128, layers=2), datamodule.tokenizer, source,
+                           Sparse(rewards=[Reward(digit_match)], advantage="grpo"), reference=reference,
+                           max_new_tokens=6, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
+    return module
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+def test_a_served_reference_gives_the_hf_references_run(server, estimator: str) -> None:
+    """The server serves the built-in teacher; as the reference it pulls the policy towards
+    itself (kl_coef 1, so the penalty is most of the update)."""
+    through_hf = _penalised_rl(Reference(path=TEACHER, estimator=estimator, kl_coef=1.0))
+    through_server = _penalised_rl(Reference(engine="server", url=server.url, estimator=estimator, kl_coef=1.0))
+    without = _penalised_rl(None)
+    penalty = max((a - b).abs().max().item() for a, b in zip(through_hf.policy.parameters(), without.policy.parameters()))
+    assert penalty > 1e-3, "the reference's penalty changed the updates"
+    for (name, a), b in zip(through_hf.policy.named_parameters(), through_server.policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and served references")
+
+
+def test_a_served_reference_refuses_a_loss_temperature_it_cannot_score_at(server) -> None:
+    with pytest.raises(ValueError, match=r"reference.engine=server returns the reference's log-probs at temperature 1, "
+                                         r"but the loss's log-probs are at temperature 0.7"):
+        _penalised_rl(Reference(engine="server", url=server.url), steps=1, temperature=0.7)
+
+
 def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
     batch = data_batch()
     from lightning_unified.teachers.vllm import InProcessTeacher
@@ -127,6 +159,29 @@ def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
     assert (scores.token_logp[mask] - expected.gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0][mask]).abs().max() \
         < LOGP_TOLERANCE
     assert (scores.topk_logp[mask] - expected.topk(TOP_K, dim=-1).values[mask]).abs().max() < LOGP_TOLERANCE
+
+
+def test_an_in_process_vllm_reference_scores_as_the_hf_reference_does() -> None:
+    from lightning_unified.callbacks.reference import ReferenceCallback
+    from lightning_unified.specs import OffPolicy
+
+    rows = data_batch()
+
+    def scored(reference: Reference) -> torch.Tensor:
+        module = UnifiedModule(student(), tiny_datamodule().tokenizer, OffPolicy(), Sparse(), reference=reference)
+        callback = ReferenceCallback(module.reference)
+        callback.setup(None, module, "fit")
+        try:
+            batch = dict(rows)
+            callback.on_train_batch_start(None, module, batch, 0)
+        finally:
+            callback.teardown(None, module, "fit")
+        return batch[F.REFERENCE_LOGP]
+
+    through_vllm = scored(Reference(engine="vllm", path=TEACHER))
+    through_hf = scored(Reference(path=TEACHER))
+    assert (through_hf != 0).sum() > 10
+    assert (through_vllm - through_hf).abs().max() < LOGP_TOLERANCE
 
 
 def test_a_served_and_a_local_teacher_each_score_the_rows_their_data_names(server, tmp_path: Path) -> None:

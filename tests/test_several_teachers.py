@@ -165,7 +165,7 @@ def test_a_routed_batch_without_teacher_names_says_which_column(models: dict, tm
     (dict(teachers={"math": {"engine": "server"}}), r"signal.teachers.math.engine=server .* set signal.teachers.math.url"),
     (dict(teachers={"math": {"engine": "server", "url": "http://127.0.0.1:1"}}, divergence="reverse_kl"),
      r"signal.teachers.math.engine=server returns the teacher's top-k"),
-    (dict(teachers={"math": {}}), r"signal.teachers.math.engine=hf loads the teacher from a local Hugging Face "
+    (dict(teachers={"math": {}}), r"signal.teachers.math.engine=hf loads the model from a local Hugging Face "
                                   r"directory: set signal.teachers.math.path"),
 ])
 def test_bad_teachers_are_named(settings: dict, message: str) -> None:

@@ -1,5 +1,7 @@
 """A frozen reference scores each batch's responses once, for a KL penalty (k3 as a loss
-term, or k1 in the reward), and ``train/kl_ref`` reports how far the policy has moved."""
+term, or k1 in the reward), and ``train/kl_ref`` reports how far the policy has moved.
+The reference is a model in the training process, or served (``reference.engine=vllm`` or
+``server``): every estimator reads only its log-prob of each response token."""
 
 from __future__ import annotations
 
@@ -21,19 +23,26 @@ from lightning_unified.models.loading import (
 from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.specs import Reference
+from lightning_unified.teachers import build_teacher
 
 
 class ReferenceCallback(L.Callback):
     """``reference.path`` loads a model; without one the reference is the starting policy:
     with LoRA the same base model with its adapters switched off (no copy), otherwise a
-    frozen copy taken before the first step."""
+    frozen copy taken before the first step. ``reference.engine=vllm`` or ``server``: the
+    reference is served (:mod:`lightning_unified.teachers`), and no model is loaded here."""
 
     def __init__(self, reference: Reference):
         self.reference = reference
         self.model = None
+        self.served = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference.served:
+            if stage == "fit" and self.served is None:
+                self._start_served(pl_module)
+            return
         if self.model is not None or is_lora(pl_module.policy):
             return
         # FSDP2 shards the policy in configure_model, right after this hook, and a sharded
@@ -57,6 +66,24 @@ class ReferenceCallback(L.Callback):
         # whole copy on every rank under FSDP2 too (scored without collectives)
         self.model = model.eval().requires_grad_(False)
 
+    def _start_served(self, pl_module: L.LightningModule) -> None:
+        if pl_module.temperature != 1.0:
+            # a served model reports log-probs of its raw logits: the policy's, divided by the
+            # loss temperature, would be compared with another distribution than the reference's
+            raise ValueError(f"reference.engine={self.reference.engine} returns the reference's log-probs at "
+                             f"temperature 1, but the loss's log-probs are at temperature {pl_module.temperature} "
+                             f"(module.temperature, or data_source.sampling.temperature when that is null): sample "
+                             f"at temperature 1, set module.temperature=1, or use reference.engine=hf")
+        served = build_teacher(self.reference.as_served(), owner="reference", role="reference")
+        served.start(pl_module.policy, pl_module.tokenizer)
+        self.served = served
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.served is not None:
+            self.served.close()
+            self.served = None
+
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.model is not None:
@@ -74,6 +101,8 @@ class ReferenceCallback(L.Callback):
         """log pi_ref(y_t) [B, R] of the batch's response tokens, 0 on padding."""
         mask = batch[fields.RESPONSE_MASK]
         inputs = (batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], batch[fields.RESPONSE_IDS], mask)
+        if self.served is not None:  # 0 on padding already
+            return self.served.score(*inputs, top_k=0).token_logp.to(device=mask.device)
         if self.model is None:  # LoRA: the policy's own base model
             policy = pl_module.policy
             was_training = policy.training

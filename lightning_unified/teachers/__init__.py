@@ -1,6 +1,7 @@
-"""Where a dense signal's teacher runs when it is not a Hugging Face model in the training
-process (``teacher.engine=hf``, :mod:`lightning_unified.callbacks.teacher`): a frozen vLLM
-engine in the process (``vllm``) or an OpenAI-compatible server (``server``). Both return
+"""Where a dense signal's teacher (or the KL penalty's reference) runs when it is not a
+Hugging Face model in the training process (``engine=hf``,
+:mod:`lightning_unified.callbacks.teacher`, :mod:`lightning_unified.callbacks.reference`): a
+frozen vLLM engine in the process (``vllm``) or an OpenAI-compatible server (``server``). Both return
 :class:`~lightning_unified.teachers.scores.TeacherScores`: each response token's log-prob
 and the teacher's top-k, the fields the loss already reads."""
 
@@ -9,18 +10,20 @@ from __future__ import annotations
 from lightning_unified.teachers.scores import TeacherScores
 
 
-def build_teacher(teacher, owner: str = "teacher"):
-    """The served teacher ``teacher`` (a :class:`~lightning_unified.specs.Teacher`)
+def build_teacher(teacher, owner: str = "teacher", role: str = "teacher"):
+    """The served model ``teacher`` (a :class:`~lightning_unified.specs.Teacher`)
     describes, not yet started; None for ``engine=hf``. ``owner`` names its settings in
-    errors (``teacher``, or ``signal.teachers.NAME``)."""
+    errors (``teacher``, ``signal.teachers.NAME`` or ``reference``); ``role`` is what it is
+    to the run (a ``teacher``, or the KL penalty's ``reference``, which reads only each
+    token's log-prob)."""
     if teacher.engine == "server":
         from lightning_unified.teachers.server import ServedTeacher
 
-        return ServedTeacher(teacher.url, **teacher.server, owner=owner)
+        return ServedTeacher(teacher.url, **teacher.server, owner=owner, role=role)
     if teacher.engine == "vllm":
         from lightning_unified.teachers.vllm import InProcessTeacher
 
-        return InProcessTeacher(teacher.path, **teacher.vllm, owner=owner)
+        return InProcessTeacher(teacher.path, **teacher.vllm, owner=owner, role=role)
     return None
 
 

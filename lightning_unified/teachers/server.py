@@ -39,10 +39,12 @@ class ServedTeacher:
     name (None: the server's only one). ``timeout_s`` bounds each request; a failed request
     is tried ``retries`` more times, ``backoff_s``, 2x, 4x ... seconds apart. At most
     ``max_in_flight`` requests of ``rows_per_request`` rows each are open at once.
-    ``owner`` is where the settings come from (``teacher``, or ``signal.teachers.NAME``)."""
+    ``owner`` is where the settings come from (``teacher``, ``signal.teachers.NAME`` or
+    ``reference``); ``role`` what the served model is to the run (``teacher`` or ``reference``)."""
 
     def __init__(self, url: str, model: str | None = None, *, timeout_s: float = 120.0, retries: int = 4,
-                 backoff_s: float = 2.0, max_in_flight: int = 4, rows_per_request: int = 8, owner: str = "teacher"):
+                 backoff_s: float = 2.0, max_in_flight: int = 4, rows_per_request: int = 8, owner: str = "teacher",
+                 role: str = "teacher"):
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"{owner}.url must be the server's http:// or https:// address, got {url!r}")
         if timeout_s <= 0:
@@ -58,8 +60,8 @@ class ServedTeacher:
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_in_flight, self.rows_per_request = max_in_flight, rows_per_request
         self.max_model_len: int | None = None
-        self.name = f"teacher server {self.url}"
-        self.owner = owner
+        self.name = f"{role} server {self.url}"
+        self.owner, self.role = owner, role
 
     # --- start: which model, and is its vocabulary the policy's -----------------------------
     def start(self, policy, tokenizer) -> None:
@@ -74,15 +76,15 @@ class ServedTeacher:
         elif self.model not in names:
             raise TeacherServerError(f"{self.name} does not serve {self.model!r}; it serves {names}")
         self.max_model_len = next((m.get("max_model_len") for m in served if m.get("id") == self.model), None)
-        self.name = f"teacher server {self.url} ({self.model})"
+        self.name = f"{self.role} server {self.url} ({self.model})"
         self.check_vocabulary(tokenizer)
 
     def check_vocabulary(self, tokenizer) -> None:
         """The server's tokenizer must map tokens as the policy's does: the same ids for a
         probe text, and the same text for ids spread over the policy's vocabulary."""
         name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-        refuse = (f"{self.name} uses another vocabulary than the policy (tokenizer {name}); a dense signal "
-                  f"compares the two distributions token by token: serve a teacher with the policy's tokenizer")
+        refuse = (f"{self.name} uses another vocabulary than the policy (tokenizer {name}); its log-probs are "
+                  f"compared with the policy's token by token: serve a {self.role} with the policy's tokenizer")
         ours = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
         theirs = self._request("POST", "/tokenize", {"model": self.model, "prompt": PROBE_TEXT,
                                                      "add_special_tokens": False})["tokens"]
@@ -164,7 +166,7 @@ class ServedTeacher:
                             attempt + 1, attempts, problem, wait)
                 time.sleep(wait)
         raise TeacherServerError(
-            f"{self.name} did not answer {method} {path}: {attempts} attempts over {time.monotonic() - began:.0f} s "
+            f"{self.name} did not answer {method} {path}: {attempts} attempt{'s' if attempts != 1 else ''} over {time.monotonic() - began:.0f} s "
             f"(timeout {self.timeout_s} s each, backoff from {self.backoff_s} s), last error: {problem}. The run's "
             f"last checkpoint is intact: start the server again and rerun with resume=true"
         )

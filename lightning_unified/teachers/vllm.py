@@ -27,21 +27,22 @@ class InProcessTeacher:
     """``path`` is the teacher's Hugging Face directory. ``kv_cache_gib`` (null: 1 GiB on a
     CPU), ``gpu_memory_utilization`` (its share of a GPU otherwise), ``max_model_len`` (null:
     the teacher's ``max_position_embeddings``), ``dtype`` (null: the checkpoint's) and
-    ``max_logprobs`` (the largest ``signal.top_k`` it may be asked for) size the engine."""
+    ``max_logprobs`` (the largest ``signal.top_k`` it may be asked for) size the engine.
+    ``owner`` names the settings in errors; ``role`` is ``teacher`` or ``reference``."""
 
     def __init__(self, path: str, *, kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, dtype: str | None = None, max_logprobs: int = 64,
-                 owner: str = "teacher"):
+                 owner: str = "teacher", role: str = "teacher"):
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(f"{owner}.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}")
         if path is None:
-            raise ValueError(f"{owner}.engine=vllm loads the teacher from {owner}.path=DIR; it is not set")
+            raise ValueError(f"{owner}.engine=vllm loads the {role} from {owner}.path=DIR; it is not set")
         self.path = str(check_model_directory(path, weights=True))
         self.config = json.loads((Path(self.path) / "config.json").read_text())
         self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
         self.max_model_len, self.dtype, self.max_logprobs = max_model_len, dtype, max_logprobs
         self.llm = None
-        self.name = f"teacher {path} ({owner}.engine=vllm)"
+        self.name = f"{role} {path} ({owner}.engine=vllm)"
 
     def start(self, policy: nn.Module, tokenizer) -> None:
         self.check_vocabulary(policy, tokenizer)
