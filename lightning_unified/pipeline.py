@@ -70,6 +70,10 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
             f"lightning_unified.rewards.numeric_answer, _partial_: true}}}}]' (built-in rewards: "
             f"lightning_unified.rewards); the built-in addition task's rewards apply only with task=addition"
         )
+    if isinstance(signal, Dense) and signal.is_self and signal.engine == "vllm" and not (
+            data_source.samples and data_source.sampling.engine == "vllm"):
+        raise ValueError("signal.teacher=self with teacher.engine=vllm is scored by the run's own vLLM rollout "
+                         "engine: it needs data_source=on_policy (or mixed) with data_source.sampling.engine=vllm")
     if data_source.samples and data_source.sampling.num_generations < 2:
         if isinstance(signal, Sparse) and signal.advantage != "reinforce":
             raise ValueError(

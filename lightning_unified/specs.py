@@ -406,9 +406,18 @@ class Dense:
                              dict(self.teacher_options))
             single.check("teacher")
             self.teachers = {"teacher": single}
-        if self.engine != "hf" and (self.is_self or self.cache is not None):
-            raise ValueError(f"teacher.engine={self.engine} serves a separate teacher; signal.teacher=self and "
-                             f"signal.cache score without one (leave teacher.engine=hf)")
+        if (self.engine != "hf" and self.cache is not None) or (self.is_self and self.engine == "server"):
+            raise ValueError(f"teacher.engine={self.engine} serves a separate teacher; signal.cache scores without "
+                             f"one, and signal.teacher=self is scored by the policy (teacher.engine=hf) or by its own "
+                             f"rollout engine (teacher.engine=vllm)")
+        if self.is_self and self.engine == "vllm":
+            # the policy's own vLLM sampler scores the context prompt: it holds the weights as
+            # of the last sync, so only the live self-teacher is what it scores with
+            self._check_served("teacher", self.engine)
+            if self.self_teacher != "live":
+                raise ValueError(f"signal.teacher=self with teacher.engine=vllm is scored by the rollout engine, which "
+                                 f"holds the policy's current weights; signal.self_teacher={self.self_teacher} keeps "
+                                 f"other weights, which only teacher.engine=hf scores with")
         if not self.teachers and self.cache is None and not self.is_self:
             raise ValueError(
                 "signal=dense needs a teacher: teacher.path=DIR (a local Hugging Face causal LM with the policy's "

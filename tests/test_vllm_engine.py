@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import lightning as L
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from lightning_unified.engines import GenerationRequest
 from lightning_unified.engines.vllm import VLLMEngine
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
-from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match, exact_match
 from lightning_unified.validation import greedy_answers
 from tests.conftest import require_vllm
@@ -121,6 +122,53 @@ def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
     assert torch.equal(after.response_ids[:, :theirs.shape[1]], theirs)
     assert greedy_answers(module, prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
     module.engine_session.close()
+
+
+def _self_distilled(engine: str, signal: dict, steps: int = 3) -> UnifiedModule:
+    """On-policy self-distillation sampled through vLLM; the self-teacher is scored by the
+    rollout engine (``vllm``) or by a forward of the policy (``hf``)."""
+    L.seed_everything(0)
+    datamodule = tiny_datamodule(batch_size=4)
+    spec = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0, engine="vllm", vllm={"kv_cache_gib": 0.25}),
+                    importance=Importance(ratio="none"))
+    module = UnifiedModule(build_policy(datamodule.tokenizer, config=ENGINE_TINY, seed=0), datamodule.tokenizer, spec,
+                           Dense(teacher="self", teacher_context="{reference}={prompt}", engine=engine, **signal),
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5), max_new_tokens=6)
+    try:
+        quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
+    finally:
+        module.engine_session.close()
+    return module
+
+
+@pytest.mark.parametrize("signal", [dict(divergence="sampled_reverse_kl"), dict(divergence="forward_kl", top_k=4)],
+                         ids=["sampled_token", "top_k"])
+def test_self_distillation_scored_by_the_rollout_engine_is_scored_by_the_policy(signal: dict) -> None:
+    """The engine holds the policy's weights as of this step (synced for the sampling), so
+    its log-probs of the context prompt are the policy's forward's: the runs agree."""
+    by_engine = _self_distilled("vllm", signal)
+    by_forward = _self_distilled("hf", signal)
+    start = build_policy(tiny_datamodule().tokenizer, config=ENGINE_TINY, seed=0)
+    moved = max((a - b).abs().max().item() for a, b in zip(by_forward.policy.parameters(), start.parameters()))
+    assert moved > 1e-3, "the steps moved the policy"
+    for (name, a), b in zip(by_forward.policy.named_parameters(), by_engine.policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name}: engine-scored and forward-scored differ")
+
+
+def test_self_distillation_by_the_engine_needs_the_vllm_sampler_and_a_live_teacher() -> None:
+    from lightning_unified.pipeline import check_method
+
+    signal = Dense(teacher="self", teacher_context="{reference}={prompt}", engine="vllm",
+                   divergence="sampled_reverse_kl")
+    with pytest.raises(ValueError, match="scored by the run's own vLLM rollout engine: it needs .*sampling.engine=vllm"):
+        check_method(OnPolicy(sampling=Sampling(num_generations=2)), signal)
+    with pytest.raises(ValueError, match="signal.self_teacher=frozen keeps other weights, which only teacher.engine=hf"):
+        Dense(teacher="self", teacher_context="{prompt}", engine="vllm", divergence="sampled_reverse_kl",
+              self_teacher="frozen")
+    with pytest.raises(ValueError, match="teacher.engine=vllm returns the teacher's top-k and each sampled token's"):
+        Dense(teacher="self", teacher_context="{prompt}", engine="vllm", divergence="reverse_kl")
+    with pytest.raises(ValueError, match="signal.teacher=self is scored by the policy .* or by its own rollout engine"):
+        Dense(teacher="self", teacher_context="{prompt}", engine="server", divergence="sampled_reverse_kl")
 
 
 def test_a_run_logs_the_engine_and_the_mismatch(tmp_path) -> None:

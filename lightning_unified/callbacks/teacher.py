@@ -45,7 +45,9 @@ class TeacherCallback(L.Callback):
     because with several updates per batch the policy's own layer changes before the last
     update reads the teacher. ``signal.self_teacher`` other than ``live``: the self-teacher
     scores with a :class:`~lightning_unified.models.snapshot.WeightSnapshot` of the policy's
-    weights (frozen, averaged or refreshed), swapped in for its forward."""
+    weights (frozen, averaged or refreshed), swapped in for its forward. ``signal.teacher=self``
+    with ``teacher.engine=vllm``: the run's own vLLM rollout engine scores the context prompt
+    (its top-k or each token's log-prob), with the weights it samples with."""
 
     def __init__(self, signal: Dense, copy_head: bool = False):
         self.signal = signal
@@ -160,6 +162,14 @@ class TeacherCallback(L.Callback):
             prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)
             prompt_ids, prompt_mask = prompt_ids.to(pl_module.device), prompt_mask.to(pl_module.device)
         tensors = (prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])
+        if signal.is_self and signal.engine == "vllm":
+            # the policy's own rollout engine, synced as sampling syncs it, scores the context prompt
+            engine = pl_module.rollout_engine()
+            try:
+                batch.update(self._served_fields(pl_module, engine.score(*tensors, signal.top_k)))
+            finally:
+                pl_module.engine_session.rest()
+            return
         if signal.is_self:
             if self.snapshot is None:
                 batch.update(self._hidden_state_fields(pl_module, pl_module.policy, *tensors, copy_head=self.copy_head))
@@ -186,13 +196,18 @@ class TeacherCallback(L.Callback):
                response_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
         """The batch fields teacher ``name`` gives these rows."""
         if name in self.served:
-            scores = self.served[name].score(prompt_ids, prompt_mask, response_ids, response_mask, self.signal.top_k)
-            if self.signal.top_k:
-                return {fields.TEACHER_TOPK_IDS: scores.topk_ids.to(pl_module.device),
-                        fields.TEACHER_TOPK_LOGP: scores.topk_logp.to(pl_module.device)}
-            return {fields.TEACHER_TOKEN_LOGP: scores.token_logp.to(pl_module.device)}
+            return self._served_fields(pl_module, self.served[name].score(prompt_ids, prompt_mask, response_ids,
+                                                                          response_mask, self.signal.top_k))
         return self._hidden_state_fields(pl_module, self.models[name], prompt_ids, prompt_mask, response_ids,
                                          response_mask)
+
+    def _served_fields(self, pl_module: L.LightningModule, scores) -> dict:
+        """The batch fields of a teacher that answers with log-probs: its top-k, or its
+        log-prob of each token."""
+        if self.signal.top_k:
+            return {fields.TEACHER_TOPK_IDS: scores.topk_ids.to(pl_module.device),
+                    fields.TEACHER_TOPK_LOGP: scores.topk_logp.to(pl_module.device)}
+        return {fields.TEACHER_TOKEN_LOGP: scores.token_logp.to(pl_module.device)}
 
     def _hidden_state_fields(self, pl_module: L.LightningModule, teacher: torch.nn.Module, prompt_ids: torch.Tensor,
                              prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,

@@ -65,6 +65,14 @@ class RolloutEngine:
     def sync(self, policy: nn.Module) -> None:
         """Load the policy's current weights into the engine."""
 
+    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+              top_k: int):
+        """The engine's log-prob of each given response token and, with ``top_k``, its top-k
+        at each response position (a :class:`~lightning_unified.teachers.TeacherScores`):
+        how self-distillation's teacher is scored by the rollout engine. Engines that read
+        the training model directly leave it to a forward of that model."""
+        raise NotImplementedError(f"{type(self).__name__} does not score given responses")
+
     def sleep(self) -> None:
         """Free the engine's memory until :meth:`wake` (a no-op where unsupported)."""
 

@@ -203,11 +203,13 @@ class VLLMEngine(RolloutEngine):
     ``dtype`` null follows the policy's parameters; ``max_model_len`` null takes the policy's
     ``max_position_embeddings``; ``enforce_eager`` skips CUDA graphs and compilation (a
     faster start, slower decoding); ``sleep`` frees the engine's GPU memory during the
-    training step (vLLM's sleep mode; GPUs only)."""
+    training step (vLLM's sleep mode; GPUs only); ``max_logprobs`` is the largest top-k it
+    may be asked to score (self-distillation scored by the rollout engine)."""
 
     def __init__(self, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, behaviour: str = "tempered",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.3, dtype: str | None = None,
-                 max_model_len: int | None = None, enforce_eager: bool = True, sleep: bool = False):
+                 max_model_len: int | None = None, enforce_eager: bool = True, sleep: bool = False,
+                 max_logprobs: int = 20):
         if importlib.util.find_spec("vllm") is None:  # at construction: before any model work
             raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}")
         self.logprobs_mode = logprobs_mode(temperature, top_k, top_p, behaviour)
@@ -224,6 +226,9 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("sampling.vllm.sleep=true frees the engine's GPU memory during training (vLLM's sleep "
                              "mode); without a CUDA GPU there is none to free: set it to false")
         self.use_sleep = sleep
+        if max_logprobs < 0:
+            raise ValueError(f"sampling.vllm.max_logprobs must be >= 0, got {max_logprobs}")
+        self.max_logprobs = max_logprobs
         self.llm = None
         self._config_dir: tempfile.TemporaryDirectory | None = None
 
@@ -242,7 +247,8 @@ class VLLMEngine(RolloutEngine):
                 self.llm = start_engine(lambda: vllm.LLM(
                     model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                     max_model_len=self.max_model_len, enforce_eager=self.enforce_eager, seed=0,
-                    logprobs_mode=self.logprobs_mode, tensor_parallel_size=1, **kwargs))
+                    logprobs_mode=self.logprobs_mode, max_logprobs=self.max_logprobs, tensor_parallel_size=1,
+                    **kwargs))
         except Exception as error:
             raise RuntimeError(self._start_failure(config, error)) from error
         self.sync(policy)
@@ -292,6 +298,16 @@ class VLLMEngine(RolloutEngine):
         ) for row in range(len(rows))]
         outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         return _rollout(outputs, request, device=prompt_ids.device, with_logp=not request.greedy)
+
+    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+              top_k: int):
+        from lightning_unified.teachers.vllm import prompt_logprob_scores
+
+        if top_k > self.max_logprobs:
+            raise ValueError(f"signal.top_k={top_k} exceeds the rollout engine's sampling.vllm.max_logprobs="
+                             f"{self.max_logprobs}")
+        return prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, top_k,
+                                     "the rollout engine (signal.teacher=self, teacher.engine=vllm)")
 
     def sleep(self) -> None:
         if self.use_sleep and self.llm is not None:

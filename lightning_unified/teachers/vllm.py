@@ -71,19 +71,27 @@ class InProcessTeacher:
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int) -> TeacherScores:
-        from vllm import SamplingParams
-
         if top_k > self.max_logprobs:
             raise ValueError(f"signal.top_k={top_k} exceeds teacher.vllm.max_logprobs={self.max_logprobs}")
-        rows, prompt_lengths = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
-        with torch.inference_mode():
-            outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
-        positions = [[{token: entry.logprob for token, entry in step.items()} for step in out.prompt_logprobs[start:]]
-                     for out, start in zip(outputs, prompt_lengths)]
-        tokens = [row[start:] for row, start in zip(rows, prompt_lengths)]
-        return scores_from_positions(positions, tokens, response_ids.shape[1], top_k, self.name)
+        return prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, top_k, self.name)
 
     def close(self) -> None:
         shut_down(self.llm)
         self.llm = None
+
+
+def prompt_logprob_scores(llm, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                          top_k: int, source: str) -> TeacherScores:
+    """What the vLLM engine ``llm`` gives each row's prompt + response: the log-prob of every
+    response token and, with ``top_k``, its top-k there (the prompt positions' log-probs of
+    one request with one generated token at most). ``source`` names the engine in errors."""
+    from vllm import SamplingParams
+
+    rows, prompt_lengths = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
+    with torch.inference_mode():
+        outputs = llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+    positions = [[{token: entry.logprob for token, entry in step.items()} for step in out.prompt_logprobs[start:]]
+                 for out, start in zip(outputs, prompt_lengths)]
+    tokens = [row[start:] for row, start in zip(rows, prompt_lengths)]
+    return scores_from_positions(positions, tokens, response_ids.shape[1], top_k, source)
