@@ -128,6 +128,41 @@ def test_on_policy_distillation_from_two_teachers_logs_each_ones_objective(model
         assert min(each) - 1e-6 <= float(row["train/objective"]) <= max(each) + 1e-6, row
 
 
+def test_two_teachers_on_two_processes_give_the_single_process_update(models: dict, tmp_path: Path) -> None:
+    """On-policy distillation from two teachers of different widths: one process with
+    batches of 8, and two (DDP, FSDP2) with 4 each, make the same updates and log the same
+    per-teacher objectives. Rows are dealt to the ranks alternately, so each rank scores its
+    own mix of the two teachers' rows; greedy sampling gives every layout the same replies."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_runs import run_script
+
+    train_path = write_jsonl(tmp_path / "train.jsonl", routed_rows())
+    val_path = write_jsonl(tmp_path / "val.jsonl", chat_rows()[:8])
+    teachers_override = f"signal.teachers={{math: {{path: {models['math']}}}, code: {{path: {models['code']}}}}}"
+    policies, objectives = {}, {}
+    for layout, batch_size in (("cpu", 8), ("ddp", 4), ("fsdp2_cpu", 4)):
+        out = tmp_path / layout
+        run_script("experiment=on_policy_distill", *files_overrides(models["policy"], train_path, val_path),
+                   teachers_override, f"trainer={layout}", f"task.batch_size={batch_size}", "task.shuffle=false",
+                   "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
+                   "data_source.sampling.max_new_tokens=4", "optimizer=sgd", "optimizer.lr=0.5",
+                   "trainer.gradient_clip_val=null", "scheduler=constant", "module.samples_every_n_steps=null",
+                   f"hydra.run.dir={out}")
+        policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+        objectives[layout] = [[float(r[f"train/objective/{name}"]) for name in NAMES]
+                              for r in read_metrics(out / "metrics.csv") if r.get("train/objective")]
+    start = AutoModelForCausalLM.from_pretrained(models["policy"]).state_dict()
+    assert any(not torch.equal(policies["cpu"][k], start[k]) for k in start), "the run must move the policy"
+    assert len(objectives["cpu"]) == 2 and all(v > 0 for row in objectives["cpu"] for v in row)
+    for layout in ("ddp", "fsdp2_cpu"):
+        for key, value in policies["cpu"].items():
+            torch.testing.assert_close(policies[layout][key], value, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, key=key, layout=layout: f"{layout} {key}: {m}")
+        torch.testing.assert_close(torch.tensor(objectives[layout]), torch.tensor(objectives["cpu"]), rtol=1e-4,
+                                   atol=1e-6, msg=lambda m, layout=layout: f"{layout} per-teacher objectives: {m}")
+
+
 def test_a_teacher_the_run_does_not_have_is_named_with_its_line(models: dict, tmp_path: Path) -> None:
     rows = routed_rows()
     rows[5]["teacher"] = "physics"
