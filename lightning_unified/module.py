@@ -32,7 +32,7 @@ from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_pipeline, check_method, not_yet_held
-from lightning_unified.progress import TrainingProgress
+from lightning_unified.progress import TrainingProgress, writes_logs_now
 from lightning_unified.replay import RolloutReplay
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
@@ -212,15 +212,8 @@ class UnifiedModule(L.LightningModule):
         for name, (objective, counts) in zip(self.teacher_names, total.groups):
             if counts.sequences:  # a teacher none of this step's rows named has no objective
                 self.log(f"train/objective/{name}", objective / normaliser(self.aggregation, counts), batch_size=1)
-        for name, value in self.clock.step_metrics(total.counts.tokens, write=self._logs_this_step()).items():
+        for name, value in self.clock.step_metrics(total.counts.tokens, write=writes_logs_now(self.trainer)).items():
             self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
-
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this step's metrics to its loggers (every
-        ``log_every_n_steps`` steps, and when a run stops early): its logger connector's own
-        test, a private attribute, so every step counts where it is missing."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return True if connector is None else connector.should_update_logs
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,

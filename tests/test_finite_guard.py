@@ -38,22 +38,25 @@ class RewardedCollator(PromptResponseCollator):
 
 class Snapshots(L.Callback):
     def __init__(self):
-        self.weights, self.adam_steps = [], []
+        self.weights, self.adam_steps, self.skipped_logged = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.policy.named_parameters()})
+        logged = trainer.callback_metrics.get("train/skipped_steps")
+        self.skipped_logged.append(None if logged is None else float(logged))
         state = trainer.optimizers[0].state
         self.adam_steps.append(max((float(s["step"]) for s in state.values()), default=0.0))
 
 
-def fit(poisoned: set[int], steps: int, **module_kwargs):
+def fit(poisoned: set[int], steps: int, log_every_n_steps: int = 50, **module_kwargs):
     tokenizer = addition_tokenizer()
     module = UnifiedModule(build_policy(tokenizer, config=TINY, seed=0), tokenizer, OffPolicy(), Sparse(reward_data=True),
                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), max_new_tokens=4,
                            samples_every_n_steps=None, **module_kwargs)
     loader = DataLoader(PromptResponseDataset(PROBLEMS), batch_size=2, collate_fn=RewardedCollator(tokenizer, poisoned))
     snapshots = Snapshots()
-    quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[snapshots]).fit(module, train_dataloaders=loader)
+    quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[snapshots],
+                  log_every_n_steps=log_every_n_steps).fit(module, train_dataloaders=loader)
     return module, snapshots
 
 
@@ -67,6 +70,14 @@ def test_a_nan_step_is_skipped_and_counted() -> None:
     assert any(not torch.equal(v, snap.weights[1][k]) for k, v in snap.weights[2].items()), "training went on"
     assert snap.adam_steps == [1.0, 1.0, 2.0, 3.0], "the optimizer's own state skipped the step too"
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    # logged at the skip itself, though Lightning writes only every 50th step here
+    assert snap.skipped_logged == [None, 1.0, 1.0, 1.0]
+
+
+def test_the_skipped_count_is_logged_on_every_step_lightning_writes() -> None:
+    _, snap = fit(poisoned={2}, steps=5, log_every_n_steps=2)
+    # steps 2 and 4 (counted from 1) are written, step 3 is the skip
+    assert snap.skipped_logged == [None, 0.0, 1.0, 1.0, 1.0]
 
 
 def test_too_many_bad_steps_in_a_row_stop_with_a_diagnostic() -> None:

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.losses.aggregation import all_reduce_sum
+from lightning_unified.progress import writes_logs_now
 
 GUARD_MODES = ("skip", "stop")
 
@@ -89,7 +90,10 @@ class NonFiniteGuard(L.Callback):
         pending, self._pending = self._pending, []
         if not bad_step:
             self.consecutive = 0
-            pl_module.log("train/skipped_steps", float(self.skipped), batch_size=1)
+            # the count changes only on a skipped step, which always logs it; otherwise it is
+            # logged on the steps Lightning writes (a log call costs about a millisecond)
+            if writes_logs_now(trainer):
+                pl_module.log("train/skipped_steps", float(self.skipped), batch_size=1)
             return
         bad = []
         for where, names, flags in pending:
