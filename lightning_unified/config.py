@@ -155,8 +155,15 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
             teacher = f"teacher {next(iter(signal.teachers.values())).describe()}"
         else:
             teacher = f"teacher {signal.teacher}"
+            if signal.is_self and signal.engine == "vllm":
+                teacher += " (scored by the rollout engine)"
         top_k = f" top-{signal.top_k}" if signal.top_k else ""
         parts.append(f"{signal.divergence}{top_k} to {teacher}")
+    reference = run.module.reference
+    if reference is not None:
+        where = (f"server {reference.url}" if reference.engine == "server"
+                 else f"{reference.path or 'the starting policy'}{' (vllm)' if reference.engine == 'vllm' else ''}")
+        parts.append(f"{reference.estimator} KL x {reference.kl_coef:g} to reference {where}")
     batch = cfg.task.get("batch_size")
     if source.samples:
         parts.append(f"{batch} prompts x {source.sampling.num_generations} samples per batch")

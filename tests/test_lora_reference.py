@@ -158,3 +158,15 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
                            OffPolicy(), Sparse(), reference=Reference(path=other))
     with pytest.raises(ValueError, match=r"reference .* has a vocabulary of 100 tokens and the policy 15"):
         ReferenceCallback(module.reference).setup(None, module, "fit")
+
+
+@pytest.mark.parametrize("overrides, where", [
+    ([], "k3 KL x 0.05 to reference the starting policy"),
+    (["reference.engine=server", "reference.url=http://127.0.0.1:8012", "reference.kl_coef=0.1"],
+     "k3 KL x 0.1 to reference server http://127.0.0.1:8012"),
+])
+def test_the_start_line_names_the_reference(overrides: list[str], where: str, tmp_path: Path) -> None:
+    from lightning_unified.config import build_run, describe_method
+
+    cfg = compose_config(["experiment=rl", "reference=k3", *overrides, *FAST_TASK])
+    assert where in describe_method(cfg, build_run(cfg, tmp_path))
