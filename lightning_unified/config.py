@@ -161,8 +161,7 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
         parts.append(f"{signal.divergence}{top_k} to {teacher}")
     reference = run.module.reference
     if reference is not None:
-        where = (f"server {reference.url}" if reference.engine == "server"
-                 else f"{reference.path or 'the starting policy'}{' (vllm)' if reference.engine == 'vllm' else ''}")
+        where = reference.as_served().describe() if reference.path or reference.served else "the starting policy"
         parts.append(f"{reference.estimator} KL x {reference.kl_coef:g} to reference {where}")
     batch = cfg.task.get("batch_size")
     if source.samples:
