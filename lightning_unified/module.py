@@ -24,6 +24,7 @@ from lightning_unified.callbacks.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.session import EngineSession
+from lightning_unified.host_memory import keep_freed_host_memory
 from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normaliser, token_terms
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
@@ -52,7 +53,9 @@ class UnifiedModule(L.LightningModule):
     the sequence modes' normaliser. ``temperature`` divides the policy's
     logits in the loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default
     to the datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
-    ``stop`` or None (:class:`~lightning_unified.callbacks.NonFiniteGuard`). Every argument is
+    ``stop`` or None (:class:`~lightning_unified.callbacks.NonFiniteGuard`).
+    ``keep_freed_host_memory``: on a CPU, glibc keeps the heap memory one step frees for the
+    next (:mod:`lightning_unified.host_memory`). Every argument is
     documented where a run sets it: ``conf/train.yaml``'s ``module`` section.
     """
 
@@ -79,6 +82,7 @@ class UnifiedModule(L.LightningModule):
         samples_every_n_steps: int | None = 50,
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
+        keep_freed_host_memory: bool = True,
     ):
         super().__init__()
         aggregation = aggregation or signal.aggregation  # the method's own normaliser
@@ -100,6 +104,7 @@ class UnifiedModule(L.LightningModule):
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
         self.samples_every_n_steps = samples_every_n_steps
         self.non_finite, self.max_non_finite_steps = non_finite, max_non_finite_steps
+        self.keep_freed_host_memory = keep_freed_host_memory
         if non_finite is not None:
             NonFiniteGuard(non_finite, max_non_finite_steps)  # bad settings fail here, not at fit
         # where sampled responses and greedy validation answers are generated
@@ -122,6 +127,9 @@ class UnifiedModule(L.LightningModule):
         evaluate_without_inference_mode(self.trainer)
         if stage == "fit":
             self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
+            if self.keep_freed_host_memory and self.trainer.strategy.root_device.type == "cpu":
+                # on a CPU every step's tensors are malloc'd: keep what the last step freed
+                keep_freed_host_memory()
             if self.packing.enabled:
                 attention = ("FlashAttention's variable-length path" if uses_varlen_attention(self.policy)
                              else "a block-diagonal causal mask")
@@ -198,7 +206,12 @@ class UnifiedModule(L.LightningModule):
         """Divide the summed gradient by the whole step's normaliser, and log the step's
         loss and objective with the same normaliser (one all-reduce per step). DDP and FSDP
         average gradients over ranks, so the factor carries the world size; gradient
-        clipping runs after this hook, on the normalised gradient."""
+        clipping runs after this hook, on the normalised gradient.
+
+        Metrics are logged on the steps Lightning writes to its loggers
+        (``log_every_n_steps``), where the logger and the progress bar read them: each
+        ``self.log`` costs Lightning about a millisecond of host time, 2% of a small
+        model's step on a CPU, and the other steps' values would reach no logger."""
         total = self.step_sums.total()  # the step's one read back to the host
         if total is None:
             return
@@ -207,12 +220,14 @@ class UnifiedModule(L.LightningModule):
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.trainer.world_size / norm)
-        self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
-        self.log("train/objective", total.objective / norm, batch_size=1)
-        for name, (objective, counts) in zip(self.teacher_names, total.groups):
-            if counts.sequences:  # a teacher none of this step's rows named has no objective
-                self.log(f"train/objective/{name}", objective / normaliser(self.aggregation, counts), batch_size=1)
-        for name, value in self.clock.step_metrics(total.counts.tokens, write=writes_logs_now(self.trainer)).items():
+        write = writes_logs_now(self.trainer)
+        if write:
+            self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
+            self.log("train/objective", total.objective / norm, batch_size=1)
+            for name, (objective, counts) in zip(self.teacher_names, total.groups):
+                if counts.sequences:  # a teacher none of this step's rows named has no objective
+                    self.log(f"train/objective/{name}", objective / normaliser(self.aggregation, counts), batch_size=1)
+        for name, value in self.clock.step_metrics(total.counts.tokens, write=write).items():
             self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
 
     def on_fit_start(self) -> None:

@@ -24,6 +24,11 @@ runs ``--repeats`` times, plain and project alternating, and the table gives the
 the runs' medians with the spread (lowest-highest) of the runs' time ratios. Prints a
 table; ``--out`` appends JSON lines.
 
+On a CPU both variants keep freed heap memory between steps
+(:mod:`lightning_unified.host_memory`, the project's default on a CPU; the plain loop does
+the same, as an expert tuning a CPU loop would). ``--release-host-memory`` runs both with
+glibc's defaults instead.
+
     python scripts/benchmark_step.py                                   # small model, CPU
     python scripts/benchmark_step.py --vocab 131072 --hidden 256       # a 131k vocabulary, CPU
     python scripts/benchmark_step.py --device cuda --precision bf16-mixed --hidden 1024 --layers 12 \\
@@ -188,6 +193,10 @@ def plain_step(args, model, teacher, optimizer, batch, tokenizer) -> None:
 
 def run_plain(args) -> dict:
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.release_host_memory:
+        from lightning_unified.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     tokenizer = build_tokenizer(args.vocab)
     model = build_model(args, seed=0).to(device)
     teacher = build_model(args, seed=1).to(device).eval().requires_grad_(False) if "distill" in args.method and \
@@ -244,7 +253,8 @@ def run_project(args) -> dict:
         source = OffPolicy()
     module = UnifiedModule(model, tokenizer, source, signal, optimizer=partial(torch.optim.AdamW, lr=1e-5),
                            max_new_tokens=args.gen, samples_every_n_steps=None, non_finite=None,
-                           chunk_size=args.chunk_size, compile_loss=args.compile)
+                           chunk_size=args.chunk_size, compile_loss=args.compile,
+                           keep_freed_host_memory=not args.release_host_memory)
 
     class Data(L.LightningDataModule):
         max_new_tokens = args.gen
@@ -336,6 +346,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each cell; the table gives their median")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--release-host-memory", action="store_true",
+                        help="CPU: both variants with glibc's default heap trimming (by default both keep freed "
+                             "heap memory between steps, see lightning_unified/host_memory.py)")
     parser.add_argument("--out", default=None, help="append one JSON line per method here")
     parser.add_argument("--variant", choices=["plain", "project"], help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -350,7 +363,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
              f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}"
-             f"{' compile' if args.compile else ''}")
+             f"{' compile' if args.compile else ''}{' release-host-memory' if args.release_host_memory else ''}")
     print(f"{device_name}: {shape}; medians of {args.steps} steps, median of {args.repeats} runs; "
           f"ratios project / plain (spread: the runs' lowest-highest)")
     print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'spread':>12}{'plain MiB':>11}"

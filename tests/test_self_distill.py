@@ -66,7 +66,7 @@ def test_self_distillation_trains_without_a_second_model() -> None:
     signal = Dense(teacher="self", teacher_context=TEMPLATE, divergence="reverse_kl")
     module = tiny_module(spec, signal)
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
     teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
     assert not teacher.models and not teacher.served and teacher.copy_head
