@@ -1,11 +1,10 @@
 """On a CPU, freed heap memory stays with the process for the next step's tensors
-(lightning_unified/host_memory.py). Each case runs in its own
-process: the glibc setting is process-wide and cannot be undone."""
+(lightning_unified/host_memory.py). Each case runs in its own process: the glibc setting
+is process-wide and cannot be undone."""
 
 from __future__ import annotations
 
 import ctypes.util
-import json
 import subprocess
 import sys
 import textwrap
@@ -35,6 +34,7 @@ FIT = textwrap.dedent("""
     from lightning_unified.specs import OffPolicy, Sparse
     from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module
     module = tiny_module(OffPolicy(), Sparse())
+    module.keep_freed_host_memory = KEEP
     quiet_trainer(max_steps=1).fit(module, datamodule=tiny_datamodule())
 """)
 
@@ -46,7 +46,7 @@ def kept_bytes_in_child(script: str) -> int:
     code = CHURN + script + "\nprint(churn())\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def test_freed_memory_stays_in_the_heap():
@@ -57,7 +57,8 @@ def test_freed_memory_stays_in_the_heap():
     assert kept >= STEP_BYTES, kept
 
 
-def test_a_cpu_fit_keeps_freed_host_memory():
-    # the module's default; the test above shows what the same churn costs without it
-    kept = kept_bytes_in_child(FIT)
+def test_a_cpu_fit_keeps_freed_host_memory_unless_told_not_to():
+    kept = kept_bytes_in_child(FIT.replace("KEEP", "True"))  # the module's default
+    released = kept_bytes_in_child(FIT.replace("KEEP", "False"))
     assert kept >= STEP_BYTES, kept
+    assert released < STEP_BYTES, released
