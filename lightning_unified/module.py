@@ -25,7 +25,8 @@ from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.session import EngineSession
 from lightning_unified.host_memory import keep_freed_host_memory
-from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums, normaliser, token_terms
+from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_reduce_sum, count_tensor, normaliser,
+                                                  normaliser_tensor, token_terms)
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import response_hidden, trainable_policy
@@ -171,10 +172,11 @@ class UnifiedModule(L.LightningModule):
         # ratio, a preference margin) refresh their fields here, once per optimizer step
         run_update_hooks(self.trainer, self, batch)
         mask = batch[fields.RESPONSE_MASK]
-        # Each micro-batch contributes its SUM of per-token terms; on_before_optimizer_step
-        # divides the gradient by the normaliser of the whole optimizer step (every
-        # micro-batch, every rank), which is known only once the step's last micro-batch has
-        # run. So any split into micro-batches and ranks gives the gradient of the whole batch.
+        # Each micro-batch contributes its SUM of per-token terms, divided by the normaliser
+        # of the whole optimizer step (every micro-batch, every rank), so any split into
+        # micro-batches and ranks gives the gradient of the whole batch. With one micro-batch
+        # a step the normaliser is known here and scales the loss; with several it is known
+        # only after the last, and on_before_optimizer_step divides the gradient by it.
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
@@ -185,11 +187,25 @@ class UnifiedModule(L.LightningModule):
             "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
+        group_size = batch.get(fields.GROUP_SIZE, 1)
+        counts = count_tensor(mask, group_size)
         self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective,
-                           group_size=batch.get(fields.GROUP_SIZE, 1))
-        # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
-        return {"loss": out.loss * self.trainer.accumulate_grad_batches,
-                "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
+                           group_size=group_size, counts=counts)
+        if self._normalises_loss:
+            # on the device, never read here; the factor reaches every gradient through the
+            # backward pass the loss makes anyway, not through a pass over them afterwards.
+            # DDP and FSDP average gradients over ranks, so it carries the world size
+            norm = normaliser_tensor(self.aggregation, all_reduce_sum(counts), count_empty=self.count_empty)
+            loss = out.loss * (self.trainer.world_size / norm).to(out.loss.dtype)
+        else:  # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
+            loss = out.loss * self.trainer.accumulate_grad_batches
+        return {"loss": loss, "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
+
+    @property
+    def _normalises_loss(self) -> bool:
+        """Whether each optimizer step is one training_step, whose loss can carry the step's
+        normaliser (else on_before_optimizer_step divides the gradient by it)."""
+        return self.trainer.accumulate_grad_batches == 1
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Each training batch makes ``replay.updates`` optimizer steps: the closure
@@ -203,8 +219,9 @@ class UnifiedModule(L.LightningModule):
             self.log("train/optimizer_steps", self.progress["optimizer_steps"], batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Divide the summed gradient by the whole step's normaliser, and log the step's
-        loss and objective with the same normaliser (one all-reduce per step). DDP and FSDP
+        """With several micro-batches a step, divide the summed gradient by the whole step's
+        normaliser (with one, the loss carried it: see training_step); log the step's loss
+        and objective with the same normaliser (one all-reduce per step). DDP and FSDP
         average gradients over ranks, so the factor carries the world size; gradient
         clipping runs after this hook, on the normalised gradient.
 
@@ -216,10 +233,11 @@ class UnifiedModule(L.LightningModule):
         if total is None:
             return
         norm = normaliser(self.aggregation, total.counts, count_empty=self.count_empty)
-        # one multi-tensor kernel for all gradients, not a launch per parameter
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, self.trainer.world_size / norm)
+        if not self._normalises_loss:
+            # one multi-tensor kernel for all gradients, not a launch per parameter
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, self.trainer.world_size / norm)
         write = writes_logs_now(self.trainer)
         if write:
             self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)

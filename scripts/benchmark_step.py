@@ -24,6 +24,16 @@ runs ``--repeats`` times, plain and project alternating, and the table gives the
 the runs' medians with the spread (lowest-highest) of the runs' time ratios. Prints a
 table; ``--out`` appends JSON lines.
 
+``--interleave`` times the two loops in one process instead, a plain step after each
+project step, and divides the two medians of that process. A machine whose speed drifts
+between processes and over seconds (a shared host: this project's CPU runners move a plain
+step by 20% between runs) then slows both alike, and the ratio is what it measures. It
+gives no memory figures, since both loops share the process. ``--control`` adds an A/A row
+per method: the plain loop against a second copy of itself, interleaved the same way. Its
+ratio is what this machine makes of two identical loops (on the 2-core CPU runners, each
+run's came out anywhere in 0.95-1.06): a project ratio inside that band is not a measured
+difference.
+
 On a CPU both variants keep freed heap memory between steps
 (:mod:`lightning_unified.host_memory`, the project's default on a CPU; the plain loop does
 the same, as an expert tuning a CPU loop would). ``--release-host-memory`` runs both with
@@ -191,7 +201,10 @@ def plain_step(args, model, teacher, optimizer, batch, tokenizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_plain(args) -> dict:
+def plain_baseline(args):
+    """The plain loop, set up: one timed step, ``step() -> seconds``. A cached
+    distillation's baseline is plain SFT: the claim is that its step costs an SFT step."""
+    args = argparse.Namespace(**{**vars(args), "method": "sft" if args.method == "cached_distill" else args.method})
     device = torch.device(args.device)
     if device.type == "cpu" and not args.release_host_memory:
         from lightning_unified.host_memory import keep_freed_host_memory
@@ -199,28 +212,56 @@ def run_plain(args) -> dict:
         keep_freed_host_memory()
     tokenizer = build_tokenizer(args.vocab)
     model = build_model(args, seed=0).to(device)
-    teacher = build_model(args, seed=1).to(device).eval().requires_grad_(False) if "distill" in args.method and \
-        args.method != "cached_distill" else None
+    teacher = build_model(args, seed=1).to(device).eval().requires_grad_(False) if "distill" in args.method \
+        else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = {k: v.to(device) for k, v in make_batch(args, on_policy=args.method in ("grpo", "on_policy_distill")).items()}
+
+    def step() -> float:
+        sync(args)
+        start = time.perf_counter()
+        plain_step(args, model, teacher, optimizer, batch, tokenizer)
+        sync(args)
+        return time.perf_counter() - start
+
+    return step
+
+
+def run_plain(args) -> dict:
+    step = plain_baseline(args)
     times, profiler = [], None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             base, _ = memory_now(args.device)
             reset_peak(args.device)
             profiler = start_profiler(args)
-        sync(args)
-        start = time.perf_counter()
-        plain_step(args, model, teacher, optimizer, batch, tokenizer)
-        sync(args)
+        seconds = step()
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     _, peak = memory_now(args.device)
     save_profile(args, profiler)
     return {"median_s": statistics.median(times), "peak_extra_mib": (peak - base) / 2**20}
 
 
+def run_control(args) -> dict:
+    """Two copies of the plain loop, a step of each in turn in one process: the interleaved
+    result's shape, the second copy in the project's place."""
+    first, second = plain_baseline(args), plain_baseline(args)
+    times = [(first(), second()) for _ in range(args.warmup + args.steps)][args.warmup:]
+    return {"median_s": statistics.median(b for _, b in times), "plain_median_s": statistics.median(a for a, _ in times)}
+
+
 # --- the project ---------------------------------------------------------------------
+
+
+class SameBatch(torch.utils.data.IterableDataset):
+    """``batch`` ``times`` times, each time in a new dict."""
+
+    def __init__(self, batch: dict, times: int):
+        self.batch, self.times = batch, times
+
+    def __iter__(self):
+        return (dict(self.batch) for _ in range(self.times))
 
 
 def run_project(args) -> dict:
@@ -260,20 +301,29 @@ def run_project(args) -> dict:
         max_new_tokens = args.gen
 
         def train_dataloader(self):
-            # the same batch every step; example_index keys the teacher cache
-            rows = [{**{k: v[i] for k, v in batch.items()}, "example_index": torch.tensor(i)}
-                    for i in range(batch["prompt_ids"].shape[0])]
-            repeated = rows * (args.warmup + args.steps + 1)
-            return torch.utils.data.DataLoader(repeated, batch_size=len(rows), shuffle=False,
-                                               collate_fn=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+            # the same collated batch every step, as the plain loop steps on one batch (what
+            # is timed is the step, not a collate function); example_index keys the teacher
+            # cache. A new dict each step: the callbacks add their fields to it
+            collated = {**batch, "example_index": torch.arange(batch["prompt_ids"].shape[0])}
+            return torch.utils.data.DataLoader(SameBatch(collated, args.warmup + args.steps + 1), batch_size=None)
+
+    plain = plain_baseline(args) if args.variant == "interleaved" else None
 
     class StepClock(L.Callback):
+        """Marks the end of each step. Interleaved, it then runs one plain step and marks the
+        next project step's start after it, so each project step is timed from the end of a
+        plain step to its own end: everything Lightning and the callbacks do between steps
+        still counts, the plain step does not."""
+
         def __init__(self):
-            self.ends, self.base, self.peak, self.profiler = [], 0, 0, None
+            self.starts, self.ends, self.plain, self.base, self.peak, self.profiler = [], [], [], 0, 0, None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
             sync(args)
             self.ends.append(time.perf_counter())
+            if plain is not None:
+                self.plain.append(plain())
+            self.starts.append(time.perf_counter())
             if len(self.ends) == args.warmup:
                 self.base, _ = memory_now(args.device)
                 reset_peak(args.device)
@@ -289,7 +339,9 @@ def run_project(args) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
     trainer.fit(module, datamodule=Data())
-    times = [b - a for a, b in zip(clock.ends[args.warmup - 1:], clock.ends[args.warmup:])]
+    times = [end - start for start, end in zip(clock.starts[args.warmup - 1:], clock.ends[args.warmup:])]
+    if plain is not None:  # both loops' memory in one process: no peak of its own to report
+        return {"median_s": statistics.median(times), "plain_median_s": statistics.median(clock.plain[args.warmup:])}
     return {"median_s": statistics.median(times), "peak_extra_mib": (clock.peak - clock.base) / 2**20}
 
 
@@ -350,48 +402,69 @@ def main() -> None:
                         help="CPU: both variants with glibc's default heap trimming (by default both keep freed "
                              "heap memory between steps, see lightning_unified/host_memory.py)")
     parser.add_argument("--out", default=None, help="append one JSON line per method here")
-    parser.add_argument("--variant", choices=["plain", "project"], help=argparse.SUPPRESS)
+    parser.add_argument("--interleave", action="store_true",
+                        help="time both loops in one process, a plain step after each project step, so a noisy "
+                             "machine slows both alike (no memory figures: both loops share the process)")
+    parser.add_argument("--control", action="store_true",
+                        help="with --interleave: also time the plain loop against a second copy of itself in one "
+                             "process (an A/A row per method): how far apart two identical loops come out on this "
+                             "machine, the noise floor under the ratios")
+    parser.add_argument("--variant", choices=["plain", "project", "interleaved", "control"], help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant:  # a child: one cell
-        result = run_plain(args) if args.variant == "plain" else run_project(args)
+        child = {"plain": run_plain, "project": run_project, "interleaved": run_project, "control": run_control}
+        result = child[args.variant](args)
         print(json.dumps(result))
         return
 
+    if args.control and not args.interleave:
+        parser.error("--control compares two plain loops in one process: it needs --interleave")
+    if args.profile and args.interleave:
+        parser.error("--profile profiles each loop in its own process: leave out --interleave")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
              f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}"
-             f"{' compile' if args.compile else ''}{' release-host-memory' if args.release_host_memory else ''}")
+             f"{' compile' if args.compile else ''}{' release-host-memory' if args.release_host_memory else ''}"
+             f"{' interleaved' if args.interleave else ''}")
     print(f"{device_name}: {shape}; medians of {args.steps} steps, median of {args.repeats} runs; "
           f"ratios project / plain (spread: the runs' lowest-highest)")
     print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'spread':>12}{'plain MiB':>11}"
           f"{'project MiB':>13}{'mem x':>7}")
-    for method in args.methods.split(","):
+    cells = [(m, v) for m in args.methods.split(",") for v in (("interleaved", "control") if args.control else (None,))]
+    for method, variant in cells:
         if method not in METHODS:
             parser.error(f"--methods: unknown {method!r}; choose from {METHODS}")
         runs = {"plain": [], "project": []}
         for _ in range(args.repeats):
-            # the cached teacher's baseline is plain SFT: the claim is that a cached distillation step costs an SFT step
-            for variant, as_method in (("plain", "sft" if method == "cached_distill" else method), ("project", method)):
-                runs[variant].append(run_cell(args, variant, as_method))
+            if args.interleave:
+                both = run_cell(args, variant or "interleaved", method)
+                runs["plain"].append({"median_s": both["plain_median_s"], "peak_extra_mib": None})
+                runs["project"].append({"median_s": both["median_s"], "peak_extra_mib": None})
+                continue
+            for side in ("plain", "project"):
+                runs[side].append(run_cell(args, side, method))
         plain_s = statistics.median(r["median_s"] for r in runs["plain"])
         project_s = statistics.median(r["median_s"] for r in runs["project"])
         ratios = [b["median_s"] / a["median_s"] for a, b in zip(runs["plain"], runs["project"])]
-        plain_mib = statistics.median(r["peak_extra_mib"] for r in runs["plain"])
-        project_mib = statistics.median(r["peak_extra_mib"] for r in runs["project"])
-        row = {"method": method, "device": device_name, "shape": shape, "repeats": args.repeats,
+        plain_mib = statistics.median(r["peak_extra_mib"] for r in runs["plain"]) if not args.interleave else None
+        project_mib = statistics.median(r["peak_extra_mib"] for r in runs["project"]) if not args.interleave else None
+        label = f"{method} (A/A)" if variant == "control" else method
+        row = {"method": method, "control": variant == "control", "device": device_name, "shape": shape,
+               "repeats": args.repeats,
                "plain_s": plain_s, "project_s": project_s, "time_ratio": project_s / plain_s,
                "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
                "plain_peak_mib": plain_mib, "project_peak_mib": project_mib,
                # below a MiB the process's high-water mark is noise, not a peak to divide by
-               "memory_ratio": project_mib / plain_mib if plain_mib >= 1 else None,
-               "runs": runs}
+               "memory_ratio": project_mib / plain_mib if plain_mib is not None and plain_mib >= 1 else None,
+               "interleaved": args.interleave, "runs": runs}
         ratio = f"{row['memory_ratio']:>7.2f}" if row["memory_ratio"] is not None else f"{'n/a':>7}"
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-        print(f"{method:<19}{plain_s:>9.3f}{project_s:>11.3f}{row['time_ratio']:>8.2f}{spread:>12}"
-              f"{plain_mib:>11.0f}{project_mib:>13.0f}{ratio}", flush=True)
+        mib = (f"{plain_mib:>11.0f}{project_mib:>13.0f}" if plain_mib is not None else f"{'n/a':>11}{'n/a':>13}")
+        print(f"{label:<19}{plain_s:>9.3f}{project_s:>11.3f}{row['time_ratio']:>8.2f}{spread:>12}{mib}{ratio}",
+              flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_unified.losses import weights
-from lightning_unified.losses.aggregation import AGGREGATIONS, LossCounts, loss_counts, token_scale
+from lightning_unified.losses.aggregation import (AGGREGATIONS, LossCounts, count_tensor, loss_counts, normaliser,
+                                                  normaliser_tensor, token_scale)
 from lightning_unified.losses.objective import chunked_weighted_nll
 from tests.conftest import make_problem
 
@@ -77,3 +78,15 @@ def test_pair_mean_divides_by_the_pairs() -> None:
     torch.testing.assert_close(token_scale(mask, "pair_mean", group_size=2), mask / 2.0)
     with pytest.raises(ValueError, match="groups of 3"):
         loss_counts(mask, group_size=3)
+
+
+@pytest.mark.parametrize("count_empty", [False, True])
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_the_device_normaliser_is_the_host_one(mode: str, count_empty: bool) -> None:
+    """training_step scales a one-micro-batch step's loss by normaliser_tensor, the other
+    path divides the gradient by normaliser: the two must agree, an empty row included."""
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
+    on_device = normaliser_tensor(mode, count_tensor(mask, group_size=2), count_empty=count_empty)
+    assert on_device.item() == normaliser(mode, loss_counts(mask, group_size=2), count_empty=count_empty)
+    empty = torch.zeros(2, 3, dtype=torch.long)  # nothing in the loss: 1, never a division by 0
+    assert normaliser_tensor(mode, count_tensor(empty)).item() == normaliser(mode, loss_counts(empty)) >= 1.0

@@ -86,16 +86,28 @@ def all_reduce_counts(counts: LossCounts, group=None) -> LossCounts:
     return LossCounts(*all_reduce_sum(torch.tensor(counts), group).tolist())
 
 
+def _normalising_count(mode: str, count_empty: bool) -> int | None:
+    """Which of :class:`LossCounts`' fields divides ``mode``'s summed terms; None: nothing
+    (``constant`` is already in every token's term)."""
+    if mode == "token_mean":
+        return 0
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return 2 if count_empty else 1
+    return 3 if mode == "pair_mean" else None
+
+
 def normaliser(mode: str, counts: LossCounts, *, count_empty: bool = False) -> float:
     """What the summed per-token terms of a step are divided by, from its global counts.
     ``count_empty``: the sequence modes count every row, not only those with a loss token."""
-    if mode == "token_mean":
-        return max(counts.tokens, 1.0)
-    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
-        return max(counts.rows if count_empty else counts.sequences, 1.0)
-    if mode == "pair_mean":
-        return max(counts.groups, 1.0)
-    return 1.0  # constant: already in every token's term
+    index = _normalising_count(mode, count_empty)
+    return 1.0 if index is None else max(counts[index], 1.0)
+
+
+def normaliser_tensor(mode: str, counts: Tensor, *, count_empty: bool = False) -> Tensor:
+    """:func:`normaliser` of a :func:`count_tensor` [4], as a float64 scalar on its device:
+    never read back to the host."""
+    index = _normalising_count(mode, count_empty)
+    return counts.new_ones(()) if index is None else counts[index].clamp_min(1.0)
 
 
 def token_terms(mask: Tensor, mode: str, *, constant: float | None = None) -> Tensor:
@@ -155,11 +167,12 @@ class StepSums:
         self._sums: Tensor | None = None
 
     def add(self, loss: Tensor, objective: Tensor, mask: Tensor, group: Tensor | None = None,
-            token_objective: Tensor | None = None, group_size: int = 1) -> None:
+            token_objective: Tensor | None = None, group_size: int = 1, counts: Tensor | None = None) -> None:
         """``group`` [B] long: each row's group; ``token_objective`` [B, T] its tokens'
-        share of ``objective`` (both needed with ``groups``); ``group_size``: rows per prompt."""
-        sums = torch.cat([torch.stack([loss.detach().double(), objective.detach().double()]),
-                          count_tensor(mask, group_size).to(loss.device)])
+        share of ``objective`` (both needed with ``groups``); ``group_size``: rows per prompt;
+        ``counts``: ``count_tensor(mask, group_size)`` where the caller has it already."""
+        counts = count_tensor(mask, group_size) if counts is None else counts
+        sums = torch.cat([torch.stack([loss.detach().double(), objective.detach().double()]), counts.to(loss.device)])
         if self.groups:
             if group is None or token_objective is None:
                 raise ValueError(f"StepSums(groups={self.groups}) needs each row's group and its tokens' objective")
