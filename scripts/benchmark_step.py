@@ -30,9 +30,9 @@ between processes and over seconds (a shared host: this project's CPU runners mo
 step by 20% between runs) then slows both alike, and the ratio is what it measures. It
 gives no memory figures, since both loops share the process. ``--control`` adds an A/A row
 per method: the plain loop against a second copy of itself, interleaved the same way. Its
-ratio is what this machine makes of two identical loops (on the 2-core CPU runners, each
-run's came out anywhere in 0.95-1.06): a project ratio inside that band is not a measured
-difference.
+ratio is what this machine makes of two identical loops (on the 2-core CPU runners, single
+processes 0.97-1.04, runs of five 1.00-1.02): a project ratio inside that band is not a
+measured difference.
 
 On a CPU both variants keep freed heap memory between steps
 (:mod:`lightning_unified.host_memory`, the project's default on a CPU; the plain loop does
