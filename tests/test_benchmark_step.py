@@ -25,4 +25,3 @@ def test_the_interleaved_benchmark_and_its_control_write_their_rows(tmp_path: Pa
     for row in rows:
         assert row["plain_s"] > 0 and row["project_s"] > 0 and row["memory_ratio"] is None
     assert "sft (A/A)" in done.stdout
-

@@ -1,9 +1,11 @@
 """How per-token terms become one loss: the normaliser, as an explicit choice.
 
 The loss is ``sum_t token_scale_t * term_t``; :func:`token_scale` folds the padding mask
-and the normaliser into one per-token factor. A trainer that only knows the normaliser once
-a step's micro-batches have run (``UnifiedModule``) uses :func:`token_terms` per micro-batch
-and divides the summed gradient by :func:`normaliser` of the step's global counts. The normaliser is always built from GLOBAL
+and the normaliser into one per-token factor. ``UnifiedModule`` uses :func:`token_terms` per
+micro-batch: with one micro-batch a step it scales the loss by :func:`normaliser_tensor`
+of the counts summed over ranks (on the device), with several it knows the normaliser only
+once they have run and divides the summed gradient by :func:`normaliser` of the step's
+global counts. The normaliser is always built from GLOBAL
 counts (over every micro-batch of an optimizer step and every rank), passed in by the
 caller; :func:`all_reduce_counts` sums them over ranks. Each micro-batch's loss is then a
 share of one global sum, so summing the micro-batch gradients gives exactly the gradient of
