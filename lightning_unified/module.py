@@ -221,7 +221,8 @@ class UnifiedModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """With several micro-batches a step, divide the summed gradient by the whole step's
         normaliser (with one, the loss carried it: see training_step); log the step's loss
-        and objective with the same normaliser (one all-reduce per step). DDP and FSDP
+        and objective with the same normaliser (one all-reduce of the step's sums, besides
+        the counts' all-reduce training_step makes with one micro-batch). DDP and FSDP
         average gradients over ranks, so the factor carries the world size; gradient
         clipping runs after this hook, on the normalised gradient.
 
