@@ -6,7 +6,8 @@ the two ranks' batches of 4 (the distributed sampler deals rows out alternately)
 sampling keeps only the most likely token (top_k=1): the same responses whatever each
 rank's random stream, so the three layouts train on identical data. SGD without clipping
 makes the update proportional to the gradient, so any error in the cross-rank normaliser
-or reduction shows in the weights."""
+or reduction shows in the weights. The one-process run is made in the test's own process
+(no second start of Python, Lightning and transformers); the two-process ones start their own."""
 
 from __future__ import annotations
 
@@ -16,32 +17,38 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lightning_unified.config import train
+from tests.lightning_helpers import compose_config
 from tests.test_runs import run_script
 
 LAYOUTS = {"one_process": ("cpu", 8), "ddp": ("ddp", 4), "fsdp2": ("fsdp2_cpu", 4)}
 GREEDY = ["data_source.sampling.top_k=1", "data_source.sampling.max_new_tokens=4"]
 METHODS = {
     # tied input and output embeddings (SmolLM2): one parameter, one FSDP2 shard unit; the
-    # other methods have separate ones
-    "sft_tied_embeddings": ["experiment=sft", "model.config.tie_word_embeddings=true"],
+    # other methods have separate ones. The run's first forward is a training step (as after
+    # a resume): FSDP2's root must still be the whole policy, not the decoder the loss calls
+    "sft_tied_embeddings_training_first": ["experiment=sft", "model.config.tie_word_embeddings=true",
+                                           "validate_first=false"],
     "distill": ["experiment=distill"],
     # reinforce: GRPO's group baseline is zero when the group's samples are identical
     "rl": ["experiment=rl", "signal.advantage=reinforce", "data_source.sampling.num_generations=2", *GREEDY],
-    "on_policy_distill": ["experiment=on_policy_distill", *GREEDY],
+    # on-policy and dense; on-policy distillation differs from it only in its weights (its
+    # preset is compared packed below)
     "gkd": ["experiment=gkd", *GREEDY],
     # FSDP2-specific parts, so compared under FSDP2 only: DPO's reference is a copy of the
     # starting policy taken before sharding; the self-teacher reads the sharded head whole
     "dpo": ["experiment=dpo"],
     "self_distill": ["experiment=self_distill", *GREEDY],
-    # the run's first forward is a training step (as after a resume): FSDP2's root must still
-    # be the whole policy, not the decoder the loss calls directly
-    "sft_training_first": ["experiment=sft", "validate_first=false"],
     # padding-free forwards: each rank packs its own share of the batch, the normaliser is the same
     "sft_packed": ["experiment=sft", "module.packing=true", "module.max_tokens_per_row=24"],
     "on_policy_distill_packed": ["experiment=on_policy_distill", "module.packing=true",
                                  "module.max_tokens_per_row=24", *GREEDY],
 }
-FSDP2_ONLY = {"dpo", "self_distill", "sft_training_first"}
+FSDP2_ONLY = {"dpo", "self_distill"}
+# two steps of SGD without clipping on rows read in order; no samples written
+SHARED = ["task.shuffle=false", "task.num_train=64", "task.num_val=16", "task.val_batch_size=16", "trainer.max_steps=2",
+          "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "optimizer=sgd", "trainer.gradient_clip_val=null",
+          "scheduler=constant", "module.samples_every_n_steps=null"]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -50,10 +57,11 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
     layouts = {k: v for k, v in LAYOUTS.items() if method not in FSDP2_ONLY or k != "ddp"}
     for layout, (trainer, batch_size) in layouts.items():
         out = tmp_path / layout
-        run_script(*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", "task.shuffle=false",
-                   "task.num_train=64", "task.num_val=16", "task.val_batch_size=16", "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "optimizer=sgd", "trainer.gradient_clip_val=null",
-                   "scheduler=constant", "module.samples_every_n_steps=null", f"hydra.run.dir={out}")
+        overrides = [*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", *SHARED]
+        if layout == "one_process":
+            train(compose_config(overrides), out)
+        else:
+            run_script(*overrides, f"hydra.run.dir={out}")
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
     start = AutoModelForCausalLM.from_pretrained(_start(method)).state_dict() if _start(method) else None
     reference = policies["one_process"]

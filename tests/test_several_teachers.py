@@ -143,12 +143,16 @@ def test_two_teachers_on_two_processes_give_the_single_process_update(models: di
     policies, objectives = {}, {}
     for layout, batch_size in (("cpu", 8), ("ddp", 4), ("fsdp2_cpu", 4)):
         out = tmp_path / layout
-        run_script("experiment=on_policy_distill", *files_overrides(models["policy"], train_path, val_path),
-                   teachers_override, f"trainer={layout}", f"task.batch_size={batch_size}", "task.shuffle=false",
-                   "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
-                   "data_source.sampling.max_new_tokens=4", "optimizer=sgd", "optimizer.lr=0.5",
-                   "trainer.gradient_clip_val=null", "scheduler=constant", "module.samples_every_n_steps=null",
-                   f"hydra.run.dir={out}")
+        overrides = ["experiment=on_policy_distill", *files_overrides(models["policy"], train_path, val_path),
+                     teachers_override, f"trainer={layout}", f"task.batch_size={batch_size}", "task.shuffle=false",
+                     "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
+                     "data_source.sampling.max_new_tokens=4", "optimizer=sgd", "optimizer.lr=0.5",
+                     "trainer.gradient_clip_val=null", "scheduler=constant", "module.samples_every_n_steps=null"]
+        if layout == "cpu":
+            # in this process: the two-process layouts start their own, the reference need not
+            train(compose_config(overrides), out)
+        else:
+            run_script(*overrides, f"hydra.run.dir={out}")
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
         objectives[layout] = [[float(r[f"train/objective/{name}"]) for name in NAMES]
                               for r in read_metrics(out / "metrics.csv") if r.get("train/objective")]

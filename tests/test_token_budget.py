@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from transformers import AutoModelForCausalLM
 
 from lightning_unified import batch as F
-from lightning_unified.config import build_run
+from lightning_unified.config import build_run, train
 from lightning_unified.data.files import DataError
 from lightning_unified.data.token_budget import example_tokens, token_budget_batches
 from tests.lightning_helpers import compose_config, quiet_trainer, save_chat_model
@@ -103,10 +103,14 @@ def test_an_example_over_the_budget_is_named(ragged_task, tmp_path: Path) -> Non
 
 
 def _trained(ragged_task, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
-    run_script(*ragged_task, "task.shuffle=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
-               "trainer.log_every_n_steps=1", "optimizer=sgd", "trainer.gradient_clip_val=null", "scheduler=constant",
-               "module.samples_every_n_steps=null", "validate_first=false", "+trainer.limit_val_batches=0",
-               f"hydra.run.dir={out}", *overrides)
+    """Two SGD steps; a DDP run starts its own processes, a one-process run is this one."""
+    overrides = [*ragged_task, "task.shuffle=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "trainer.log_every_n_steps=1", "optimizer=sgd", "trainer.gradient_clip_val=null", "scheduler=constant",
+                 "module.samples_every_n_steps=null", "validate_first=false", "+trainer.limit_val_batches=0", *overrides]
+    if "trainer=ddp" in overrides:
+        run_script(*overrides, f"hydra.run.dir={out}")
+    else:
+        train(compose_config(overrides), out)
     return AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
 
 
@@ -130,7 +134,6 @@ def test_killed_and_resumed_on_files_equals_uninterrupted(batching: str, ragged_
     the schedule's length needs the loader's length before the checkpoint is restored):
     the resumed run reads the batches the uninterrupted one read, in the same order, from
     the step it stopped at. (It once started its epoch over in a new order.)"""
-    from lightning_unified.config import train
     from tests.test_resume import kill_after_step_2, rows
 
     batches = ([f"task.max_tokens_per_batch={BUDGET}", "task.batch_size=16", "module.packing=true"]
