@@ -54,6 +54,17 @@ def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -
     assert any(r.get("train/loss") for r in rows)
 
 
+def test_the_opd_preset_is_the_2x2s_on_policy_distillation_run_longer() -> None:
+    """docs/guides/served_teacher.md reports the smollm2_opd preset's gain from a run of
+    the 2x2's on-policy distillation quadrant for 120 steps: the two must stay one setting."""
+    from omegaconf import OmegaConf
+
+    longer = ["trainer.max_steps=120", "trainer.val_check_interval=30", "checkpoint_every_n_steps=30"]
+    quadrant = compose_config(["experiment=smollm2_2x2", "data_source=on_policy", "signal=dense", *longer])
+    preset = compose_config(["experiment=smollm2_opd"])
+    assert OmegaConf.to_container(preset) == OmegaConf.to_container(quadrant)
+
+
 @pytest.mark.parametrize("data_source", ["off_policy", "on_policy"])
 @pytest.mark.parametrize("signal", ["sparse", "dense"])
 def test_the_smollm2_2x2_preset_runs_every_quadrant(data_source: str, signal: str, tmp_path: Path) -> None:
