@@ -17,9 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_unified.config import train
-from tests.lightning_helpers import compose_config
-from tests.test_runs import run_script
+from tests.test_runs import train_in_its_layout
 
 LAYOUTS = {"one_process": ("cpu", 8), "ddp": ("ddp", 4), "fsdp2": ("fsdp2_cpu", 4)}
 GREEDY = ["data_source.sampling.top_k=1", "data_source.sampling.max_new_tokens=4"]
@@ -57,11 +55,7 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
     layouts = {k: v for k, v in LAYOUTS.items() if method not in FSDP2_ONLY or k != "ddp"}
     for layout, (trainer, batch_size) in layouts.items():
         out = tmp_path / layout
-        overrides = [*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", *SHARED]
-        if layout == "one_process":
-            train(compose_config(overrides), out)
-        else:
-            run_script(*overrides, f"hydra.run.dir={out}")
+        train_in_its_layout([*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", *SHARED], out)
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
     start = AutoModelForCausalLM.from_pretrained(_start(method)).state_dict() if _start(method) else None
     reference = policies["one_process"]

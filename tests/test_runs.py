@@ -29,6 +29,19 @@ def run_script(*overrides: str, timeout: int = 300) -> subprocess.CompletedProce
     return done
 
 
+# trainer configs whose strategy starts processes of its own (Lightning re-launches the script)
+MULTI_PROCESS_TRAINERS = ("ddp", "ddp_spawn", "fsdp2_cpu")
+
+
+def train_in_its_layout(overrides: list[str], out: Path) -> None:
+    """A run under a multi-process trainer goes through the script in processes of its own;
+    any other runs in this process, saving a start of Python, Lightning and transformers."""
+    if any(o in overrides for o in (f"trainer={t}" for t in MULTI_PROCESS_TRAINERS)):
+        run_script(*overrides, f"hydra.run.dir={out}")
+    else:
+        train(compose_config(overrides), out)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
     cfg = compose_config([f"experiment={experiment}", "trainer.fast_dev_run=true", *FAST_TASK])

@@ -135,7 +135,7 @@ def test_two_teachers_on_two_processes_give_the_single_process_update(models: di
     own mix of the two teachers' rows; greedy sampling gives every layout the same replies."""
     from transformers import AutoModelForCausalLM
 
-    from tests.test_runs import run_script
+    from tests.test_runs import train_in_its_layout
 
     train_path = write_jsonl(tmp_path / "train.jsonl", routed_rows())
     val_path = write_jsonl(tmp_path / "val.jsonl", chat_rows()[:8])
@@ -148,11 +148,7 @@ def test_two_teachers_on_two_processes_give_the_single_process_update(models: di
                      "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
                      "data_source.sampling.max_new_tokens=4", "optimizer=sgd", "optimizer.lr=0.5",
                      "trainer.gradient_clip_val=null", "scheduler=constant", "module.samples_every_n_steps=null"]
-        if layout == "cpu":
-            # in this process: the two-process layouts start their own, the reference need not
-            train(compose_config(overrides), out)
-        else:
-            run_script(*overrides, f"hydra.run.dir={out}")
+        train_in_its_layout(overrides, out)
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
         objectives[layout] = [[float(r[f"train/objective/{name}"]) for name in NAMES]
                               for r in read_metrics(out / "metrics.csv") if r.get("train/objective")]

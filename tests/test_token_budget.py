@@ -19,7 +19,7 @@ from lightning_unified.config import build_run, train
 from lightning_unified.data.files import DataError
 from lightning_unified.data.token_budget import example_tokens, token_budget_batches
 from tests.lightning_helpers import compose_config, quiet_trainer, save_chat_model
-from tests.test_runs import run_script
+from tests.test_runs import train_in_its_layout
 
 BUDGET = 160
 
@@ -103,14 +103,11 @@ def test_an_example_over_the_budget_is_named(ragged_task, tmp_path: Path) -> Non
 
 
 def _trained(ragged_task, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
-    """Two SGD steps; a DDP run starts its own processes, a one-process run is this one."""
+    """The policy after two SGD steps."""
     overrides = [*ragged_task, "task.shuffle=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
                  "trainer.log_every_n_steps=1", "optimizer=sgd", "trainer.gradient_clip_val=null", "scheduler=constant",
                  "module.samples_every_n_steps=null", "validate_first=false", "+trainer.limit_val_batches=0", *overrides]
-    if "trainer=ddp" in overrides:
-        run_script(*overrides, f"hydra.run.dir={out}")
-    else:
-        train(compose_config(overrides), out)
+    train_in_its_layout(overrides, out)
     return AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
 
 

@@ -5,9 +5,9 @@ and the normaliser into one per-token factor. ``UnifiedModule`` uses :func:`toke
 micro-batch: with one micro-batch a step it scales the loss by :func:`normaliser_tensor`
 of the counts summed over ranks (on the device), with several it knows the normaliser only
 once they have run and divides the summed gradient by :func:`normaliser` of the step's
-global counts. The normaliser is always built from GLOBAL
-counts (over every micro-batch of an optimizer step and every rank), passed in by the
-caller; :func:`all_reduce_counts` sums them over ranks. Each micro-batch's loss is then a
+global counts. The normaliser is always built from GLOBAL counts (over every micro-batch
+of an optimizer step and every rank), passed in by the caller; :func:`all_reduce_counts`
+sums them over ranks. Each micro-batch's loss is then a
 share of one global sum, so summing the micro-batch gradients gives exactly the gradient of
 the whole batch, however it is split. A per-micro-batch mean would weight a token of a
 short micro-batch more than one of a long one.
