@@ -5,6 +5,7 @@ a run samples and validates through it."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from lightning_unified import batch as F
 from lightning_unified.engines import GenerationRequest
-from lightning_unified.engines.vllm import VLLMEngine
+from lightning_unified.engines.vllm import RotaryReloadNotice, VLLMEngine, engine_weights, quiet_rotary_reload_notice
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse
@@ -90,6 +91,45 @@ def test_a_rows_samples_depend_on_the_seed_only(engine_and_policy) -> None:
     other = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=12))
     assert torch.equal(first.response_ids, again.response_ids)
     assert not torch.equal(first.response_ids, other.response_ids)
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_weight_sync_does_not_warn_about_the_rotary_cache(engine_and_policy) -> None:
+    """vLLM logs "RotaryEmbedding: Failed to load weights" at every sync (the rotary cache is
+    a computed buffer, put back); the engine drops that line and no other."""
+    engine, policy = engine_and_policy
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    lines = Lines()
+    layerwise.addHandler(lines)  # behind the logger's filters, as vLLM's own handler is
+    try:
+        notices = [f for f in layerwise.filters if isinstance(f, RotaryReloadNotice)]
+        assert notices, "the engine's start installed the filter"
+        for notice in notices:
+            layerwise.removeFilter(notice)
+        engine.sync(policy)  # the sync installs it again, before the reload
+        assert not lines.lines
+        layerwise.removeFilter(next(f for f in layerwise.filters if isinstance(f, RotaryReloadNotice)))
+        with engine_weights(policy) as weights, torch.inference_mode():  # vLLM's own reload, unfiltered: it warns
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        assert "RotaryEmbedding: Failed to load weights" in lines.lines
+    finally:
+        layerwise.removeHandler(lines)
+        quiet_rotary_reload_notice()
+
+    def record(layer: str) -> logging.LogRecord:
+        return logging.LogRecord(layerwise.name, logging.WARNING, __file__, 0, "%s: Failed to load weights", (layer,),
+                                 None)
+
+    assert not RotaryReloadNotice().filter(record("Llama3RotaryEmbedding"))
+    assert RotaryReloadNotice().filter(record("QKVParallelLinear")), "a layer with weights still warns"
 
 
 def engine_module(lora: bool = False, vllm: dict | None = None) -> UnifiedModule:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import tempfile
 import weakref
@@ -38,6 +39,25 @@ def import_vllm():
     except ImportError as error:
         raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from error
     return vllm
+
+
+class RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight sync.
+    A rotary layer's only tensor is its cos/sin cache, a buffer computed from the config that
+    no checkpoint holds; vLLM puts the computed one back, so nothing failed. Every other
+    layer's failure still reaches the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and len(args) == 1
+                    and str(args[0]).endswith("RotaryEmbedding"))
+
+
+def quiet_rotary_reload_notice() -> None:
+    """Installs :class:`RotaryReloadNotice` on the logger of vLLM's weight reload, once."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, RotaryReloadNotice) for f in logger.filters):
+        logger.addFilter(RotaryReloadNotice())
 
 
 def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
@@ -274,6 +294,7 @@ class VLLMEngine(RolloutEngine):
     def sync(self, policy: nn.Module) -> None:
         # the engine's tensors are inference tensors (it may have started under Lightning's
         # inference-mode validation), which only inference mode may update in place
+        quiet_rotary_reload_notice()
         with engine_weights(policy) as weights, torch.inference_mode():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
