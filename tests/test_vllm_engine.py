@@ -13,7 +13,8 @@ import torch
 
 from lightning_unified import batch as F
 from lightning_unified.engines import GenerationRequest
-from lightning_unified.engines.vllm import RotaryReloadNotice, VLLMEngine, engine_weights, quiet_rotary_reload_notice
+from lightning_unified.engines.vllm import (RELOAD_LOGGER, RotaryReloadNotice, VLLMEngine, engine_weights,
+                                           quiet_rotary_reload_notice)
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse
@@ -106,7 +107,7 @@ def test_a_weight_sync_does_not_warn_about_the_rotary_cache(engine_and_policy) -
     """vLLM logs "RotaryEmbedding: Failed to load weights" at every sync (the rotary cache is
     a computed buffer, put back); the engine drops that line and no other."""
     engine, policy = engine_and_policy
-    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    layerwise = logging.getLogger(RELOAD_LOGGER)
     lines = Lines()
     layerwise.addHandler(lines)  # behind the logger's filters, as vLLM's own handler is
     try:

@@ -41,6 +41,10 @@ def import_vllm():
     return vllm
 
 
+# the logger of vLLM's layer-by-layer weight reload (a sync's reload_weights)
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
 class RotaryReloadNotice(logging.Filter):
     """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight sync.
     A rotary layer's only tensor is its cos/sin cache, a buffer computed from the config that
@@ -55,7 +59,7 @@ class RotaryReloadNotice(logging.Filter):
 
 def quiet_rotary_reload_notice() -> None:
     """Installs :class:`RotaryReloadNotice` on the logger of vLLM's weight reload, once."""
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    logger = logging.getLogger(RELOAD_LOGGER)
     if not any(isinstance(f, RotaryReloadNotice) for f in logger.filters):
         logger.addFilter(RotaryReloadNotice())
 
