@@ -5,9 +5,13 @@ arithmetic questions, all offline.
     python scripts/prepare_smollm2.py data/smollm2
 
 writes ``OUT/model`` (config, weights de-quantized to float32, tokenizer with its chat
-template) and ``OUT/train.jsonl`` / ``OUT/val.jsonl``: one JSON object per line,
-``{"prompt": [{"role": "user", "content": "What is 23+41? Reply with the number only."}],
-"response": "64", "reference": "64"}``, train and held-out questions disjoint.
+template) and ``OUT/train.jsonl`` / ``OUT/val.jsonl`` / ``OUT/test.jsonl``: one JSON object
+per line, ``{"prompt": [{"role": "user", "content": "What is 23+41? Reply with the number
+only."}], "response": "64", "reference": "64"}``, the three sets of questions disjoint. The
+runs validate on ``val``; ``test`` is for ``scripts/evaluate.py`` after training, large
+enough that a paired test tells a gain of a few points from noise. The questions come from
+one seeded stream, val first, then train, then test, so a larger ``--num-test`` leaves the
+other two files as they were.
 
 The package is found with ``importlib.util.find_spec``, never imported: its ``__init__``
 needs a CLI this project does not use, and its dependencies pull ``llama-cpp-python``.
@@ -57,9 +61,12 @@ def write_model(out: Path) -> None:
 
 def questions(seed: int, count: int, digits: int, operations: str) -> list[dict]:
     """``count`` distinct questions, operands of up to ``digits`` digits."""
+    limit = 10**digits
+    if count > limit * limit * len(operations):
+        raise ValueError(f"{count} distinct questions asked for, but operands of up to {digits} digit(s) with "
+                         f"{len(operations)} operation(s) make only {limit * limit * len(operations)}")
     rng = random.Random(seed)
     seen, rows = set(), []
-    limit = 10**digits
     while len(rows) < count:
         a, b, op = rng.randrange(limit), rng.randrange(limit), rng.choice(operations)
         if (a, op, b) in seen:
@@ -76,21 +83,31 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--num-test", type=int, default=1000, help="questions for scripts/evaluate.py")
     parser.add_argument("--digits", type=int, default=2, help="operand digits")
     parser.add_argument("--operations", default="+-*", help="a subset of +-*")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for name in ("num_train", "num_val", "num_test"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if set(args.operations) - set(OPERATIONS):
         raise SystemExit(f"--operations must be a subset of {''.join(OPERATIONS)}")
+    try:  # before the model: a request that cannot be met stops in a second
+        rows = questions(args.seed, args.num_val + args.num_train + args.num_test, args.digits, args.operations)
+    except ValueError as error:
+        raise SystemExit(f"{error}: lower --num-train, --num-val or --num-test, or raise --digits") from error
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "model" / "config.json").is_file():
         write_model(args.out / "model")
-    rows = questions(args.seed, args.num_train + args.num_val, args.digits, args.operations)
-    for name, part in (("val", rows[: args.num_val]), ("train", rows[args.num_val:])):
+    train_end = args.num_val + args.num_train
+    for name, part in (("val", rows[: args.num_val]), ("train", rows[args.num_val:train_end]),
+                       ("test", rows[train_end:])):
         with (args.out / f"{name}.jsonl").open("w") as f:
             for row in part:
                 f.write(json.dumps(row) + "\n")
-    print(f"wrote {args.out}/model, {args.out}/train.jsonl ({args.num_train}), {args.out}/val.jsonl ({args.num_val})")
+    print(f"wrote {args.out}/model, {args.out}/train.jsonl ({args.num_train}), {args.out}/val.jsonl ({args.num_val}), "
+          f"{args.out}/test.jsonl ({args.num_test})")
 
 
 if __name__ == "__main__":
