@@ -48,6 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    columns = parse_columns(args.columns)
+    twice = sorted({str(m) for m in args.models if args.models.count(m) > 1})
+    if twice:
+        raise SystemExit(f"each policy once: {twice} named more than once")
     # imported once the arguments are good: a mistyped command fails in a second, not after torch loads
     from lightning_unified.evaluation import greedy_answers, paired_comparison
     from lightning_unified.rewards import text
@@ -58,7 +62,7 @@ def main() -> None:
     for model in args.models:
         answers = greedy_answers(model, args.data, {args.reward: reward},
                                  max_new_tokens=args.max_new_tokens, engine=args.engine, engine_options=options,
-                                 batch_size=args.batch_size, columns=parse_columns(args.columns))
+                                 batch_size=args.batch_size, columns=columns, progress=True)
         results[model] = answers
         scores = answers.scores[args.reward]
         print(f"{model}: {args.reward} = {sum(scores) / len(scores):.4f} on {len(scores)} questions", flush=True)
