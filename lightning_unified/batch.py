@@ -4,13 +4,20 @@ A batch is a plain dict. The DataLoader yields the prompt (and, for off-policy d
 response); callbacks add the rest in ``on_train_batch_start``; ``training_step`` reads what
 is present. B is rows (prompts x generations once sampled), P prompt tokens (left-padded),
 R response tokens (right-padded, ending in EOS), H_t the teacher's width, K the top-k.
+
+A row is a trajectory: its prompt, then its response, which may hold several assistant
+turns with user turns or tool output between them. Two masks say what is what:
+``response_mask`` marks the response's real tokens (what every forward attends to, a
+contiguous run from position 0), ``loss_mask`` the ones the loss trains on (the
+assistant's). A single-turn response is one assistant span: its two masks are equal.
 """
 
 # --- from the DataLoader -------------------------------------------------------------
 PROMPT_IDS = "prompt_ids"  # [B, P] long, left-padded
 PROMPT_MASK = "prompt_mask"  # [B, P] long, 1 on real prompt tokens
 RESPONSE_IDS = "response_ids"  # [B, R] long, right-padded; off-policy data, or sampled
-RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on response tokens (EOS included)
+RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on the response's real tokens (EOS included): attended, contiguous
+LOSS_MASK = "loss_mask"  # [B, R] long, 1 on the response tokens in the loss (assistant turns), within response_mask
 REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
 PROMPTS = "prompts"  # list[str | list[dict]] of length B: each prompt as the data gave it (text or chat messages)
 TEACHER_NAMES = "teacher_names"  # list[str] of length B: the teacher each row's data names (signal.teachers)
@@ -18,7 +25,7 @@ EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
 
 # --- sampling callback (on-policy batches) -------------------------------------------
-BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from
+BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 
 # --- teacher callback (dense signal) ------------------------------------------------
@@ -69,6 +76,14 @@ def require(batch: dict, *names: str, who: str) -> None:
             f"{who} needs batch field(s) {missing}, but the batch only has {sorted(batch)}; "
             f"see lightning_unified/batch.py for who adds each field"
         )
+
+
+def loss_mask(batch: dict):
+    """[B, R] the tokens the loss trains on. The collator and the sampler always add
+    ``loss_mask``; a batch built by hand without one is single-turn, where every response
+    token is in the loss."""
+    mask = batch.get(LOSS_MASK)
+    return batch[RESPONSE_MASK] if mask is None else mask
 
 
 def select_rows(batch: dict, start: int, stop: int) -> dict:

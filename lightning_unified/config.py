@@ -111,6 +111,10 @@ def check_data_has_responses(datamodule, data_source, signal) -> None:
     if needs and "reference" not in examples[0] and (data_source.samples or getattr(signal, "reward_data", False)):
         raise ValueError(f"signal.rewards {needs} compare each answer with a reference, but {where} has no reference "
                          f"column (task.columns.reference)")
+    if data_source.samples and "loss_mask" in examples[0] and getattr(datamodule, "loss_on", None) != "last_assistant":
+        raise ValueError(f"{where} holds conversations, and sampling writes one reply to each prompt: set "
+                         f"task.loss_on=last_assistant, so that the prompt is each conversation up to its last "
+                         f"assistant turn (task.loss_on=all_assistant trains every turn of the data's own replies)")
     uses_data = not data_source.samples or data_source.probability < 1
     if not uses_data or isinstance(signal, Preference):
         return

@@ -171,7 +171,7 @@ class UnifiedModule(L.LightningModule):
         # stages that must see the policy as it is at this very update (a sequence-level
         # ratio, a preference margin) refresh their fields here, once per optimizer step
         run_update_hooks(self.trainer, self, batch)
-        mask = batch[fields.RESPONSE_MASK]
+        mask = fields.loss_mask(batch)  # the tokens in the loss; every forward attends to RESPONSE_MASK's
         # Each micro-batch contributes its SUM of per-token terms, divided by the normaliser
         # of the whole optimizer step (every micro-batch, every rank), so any split into
         # micro-batches and ranks gives the gradient of the whole batch. With one micro-batch
@@ -180,7 +180,7 @@ class UnifiedModule(L.LightningModule):
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask, self.packing)
+                                 batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK], self.packing)
         out = self.policy.get_output_embeddings()(hidden, loss_inputs={
             "targets": batch[fields.RESPONSE_IDS],
             "token_scale": token_terms(mask, self.aggregation, constant=self.constant_normaliser),

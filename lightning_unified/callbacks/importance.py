@@ -26,18 +26,18 @@ class ImportanceCallback(L.Callback):
         """Called by the module before each optimizer step, on that step's rows."""
         if not self.importance.sequence_level or fields.BEHAVIOUR_LOGP not in batch:
             return
-        mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature,
-                                 packing=pl_module.packing)
-        batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], mask)
+                                 batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
+                                 temperature=pl_module.temperature, packing=pl_module.packing)
+        # the sequence's ratio is over the tokens its sampler wrote, the ones in the loss
+        batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], fields.loss_mask(batch))
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int) -> None:
         """The ratios the batch's last pass trained with (the only pass, with one update)."""
         if fields.BEHAVIOUR_LOGP not in batch or not isinstance(outputs, dict) or "target_logp" not in outputs:
             return
-        mask = batch[fields.RESPONSE_MASK]
+        mask = fields.loss_mask(batch)
         spec = self.importance
         if spec.sequence_level:
             log_ratio = sequence_log_ratio(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)

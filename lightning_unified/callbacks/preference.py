@@ -60,11 +60,11 @@ class PreferenceCallback(L.Callback):
         fields.require(batch, fields.PREFERENCE, who="signal=preference")
         if self.signal.needs_reference:
             fields.require(batch, fields.REFERENCE_LOGP, who=f"signal.loss={self.signal.loss}")
-        mask = batch[fields.RESPONSE_MASK]
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], mask, temperature=pl_module.temperature,
-                                 packing=pl_module.packing)
-        terms = preference_terms(logp, mask, batch[fields.PREFERENCE], batch.get(fields.GROUP_SIZE, 2),
+                                 batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
+                                 temperature=pl_module.temperature, packing=pl_module.packing)
+        # a pair's margin sums its responses' tokens in the loss (the last assistant turn of a conversation)
+        terms = preference_terms(logp, fields.loss_mask(batch), batch[fields.PREFERENCE], batch.get(fields.GROUP_SIZE, 2),
                                  batch.get(fields.REFERENCE_LOGP), loss=self.signal.loss, beta=self.signal.beta,
                                  gamma=self.signal.gamma)
         batch[fields.PREFERENCE_WEIGHT] = terms.weight

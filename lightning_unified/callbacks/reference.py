@@ -125,7 +125,7 @@ class ReferenceCallback(L.Callback):
                            batch_idx: int) -> None:
         if not isinstance(outputs, dict) or "target_logp" not in outputs or fields.REFERENCE_LOGP not in batch:
             return
-        mask = batch[fields.RESPONSE_MASK].bool()
+        mask = fields.loss_mask(batch).bool()
         # the k3 estimate of KL(policy || reference) per token: non-negative, low variance
         log_r = (batch[fields.REFERENCE_LOGP] - outputs["target_logp"])[mask].float()
         kl = (log_r.exp() - log_r - 1).mean() if log_r.numel() else log_r.new_zeros(())

@@ -79,11 +79,11 @@ class RewardCallback(L.Callback):
         if sampled and self.k1 is not None:
             fields.require(batch, fields.REFERENCE_LOGP, who="the k1 reference penalty")
             rewards = estimators.kl_penalized_rewards(rewards, batch[fields.BEHAVIOUR_LOGP], batch[fields.REFERENCE_LOGP],
-                                                      mask, kl_coef=self.k1.kl_coef)
+                                                      fields.loss_mask(batch), kl_coef=self.k1.kl_coef)
         group_size = batch.get(fields.GROUP_SIZE, 1)
         advantages = (estimate_advantages(rewards, self.signal.advantage, group_size, self.signal.std_eps)
                       if sampled else rewards)
-        batch[fields.ADVANTAGES] = estimators.to_tokens(advantages, mask)
+        batch[fields.ADVANTAGES] = estimators.to_tokens(advantages, fields.loss_mask(batch))
         for name, value in estimators.reward_metrics(batch[fields.REWARDS],
                                                      group_size=group_size if group_size > 1 else None).items():
             pl_module.log(f"reward/{name}", value, batch_size=n, prog_bar=name == "reward_mean")

@@ -91,6 +91,7 @@ class SamplingCallback(L.Callback):
         batch[fields.PROMPT_MASK] = prompt_mask
         batch[fields.RESPONSE_IDS] = rollout.response_ids
         batch[fields.RESPONSE_MASK] = rollout.response_mask
+        batch[fields.LOSS_MASK] = rollout.response_mask  # one sampled turn: every token is the policy's
         batch[fields.BEHAVIOUR_LOGP] = rollout.logp
         batch[fields.GROUP_SIZE] = group
         for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES):  # per-prompt lists, now one entry per row

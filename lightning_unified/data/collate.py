@@ -36,9 +36,10 @@ class ListDataset(Dataset):
 
 
 class TokenCollator:
-    """Examples ``{prompt_ids, response_ids?, reference?, reward?, prompt?, index?, chosen_ids?,
-    rejected_ids?, teacher?}`` (token id lists; ``prompt`` the prompt as the data gave it) to a
-    batch. Responses already end with their stop token. A batch where every example has
+    """Examples ``{prompt_ids, response_ids?, loss_mask?, reference?, reward?, prompt?, index?,
+    chosen_ids?, rejected_ids?, teacher?}`` (token id lists; ``loss_mask`` 1 on the response
+    tokens the loss trains on, all of them when absent; ``prompt`` the prompt as the data gave
+    it) to a batch. Responses already end with their stop token. A batch where every example has
     a response is off-policy data; prompt-only examples give prompts only. A batch where
     every example has ``chosen_ids`` and ``rejected_ids`` is preference pairs: two rows per
     example, chosen then rejected, marked +1 / -1 in ``preference``."""
@@ -60,6 +61,9 @@ class TokenCollator:
         if all(e.get("response_ids") for e in examples):
             out[fields.RESPONSE_IDS], out[fields.RESPONSE_MASK] = pad([e["response_ids"] for e in examples],
                                                                        self.pad_token_id, "right")
+            # a conversation's loss covers its assistant turns only; a single-turn response is all loss
+            out[fields.LOSS_MASK], _ = pad([e.get("loss_mask") or [1] * len(e["response_ids"]) for e in examples],
+                                           0, "right")
         if all("teacher" in e for e in examples):
             out[fields.TEACHER_NAMES] = [e["teacher"] for e in examples]
         if all(e.get("reward") is not None for e in examples):

@@ -21,12 +21,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from lightning_unified.data.chat import is_chat, prompt_token_ids
+from lightning_unified.data.conversations import LOSS_ON, ConversationError, check_tools, render_conversation
 
 log = logging.getLogger(__name__)
 
-# the columns a file may have, by their names in the code; task.columns renames them
-COLUMNS = ("prompt", "response", "reference", "reward", "chosen", "rejected", "teacher")
-REQUIRED = ("prompt",)
+# the columns a file may have, by their names in the code; task.columns renames them.
+# ``messages`` holds whole conversations (several assistant turns), in place of prompt and response
+COLUMNS = ("prompt", "messages", "tools", "response", "reference", "reward", "chosen", "rejected", "teacher")
 OVERLONG = ("error", "drop")
 
 
@@ -164,15 +165,30 @@ def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: P
     resolved = {}
     for name in COLUMNS:
         if name in columns and columns[name] is None:
-            if name in REQUIRED:
-                raise DataError(f"task.columns.{name} cannot be null: every example needs a {name}")
             continue  # switched off: e.g. a prompt-only run over a file that also has responses
         column = columns.get(name, name)
         if column in found:
             resolved[name] = column
-        elif name in REQUIRED or column != name:  # a column the user named must be there
-            hint = f" (task.columns.{name}={column})" if column != name else ""
-            raise DataError(f"{path}: missing column {column!r}{hint}; the file has columns {found}")
+        elif column != name:  # a column the user named must be there
+            raise DataError(f"{path}: missing column {column!r} (task.columns.{name}={column}); the file has "
+                            f"columns {found}")
+    if "prompt" not in resolved and "messages" not in resolved and not {"chosen", "rejected"} <= set(resolved):
+        if "prompt" in columns and columns["prompt"] is None:
+            raise DataError("task.columns.prompt cannot be null: every example needs a prompt (or a 'messages' "
+                            "column of whole conversations, task.columns.messages)")
+        raise DataError(f"{path}: missing column 'prompt'; the file has columns {found}: name yours with "
+                        f"task.columns.prompt=COLUMN, or a column of whole conversations with "
+                        f"task.columns.messages=COLUMN")
+    if "messages" in resolved:
+        beside = [n for n in ("prompt", "response", "chosen", "rejected") if n in resolved]
+        if beside:
+            named = " and ".join(f"{resolved[n]!r} ({n})" for n in beside)
+            off = " ".join(f"task.columns.{n}=null" for n in beside)
+            raise DataError(f"{path}: column {resolved['messages']!r} holds whole conversations (prompt and replies); "
+                            f"{named} cannot be read beside it: switch them off ({off}), or task.columns.messages=null")
+    elif "tools" in resolved:
+        raise DataError(f"{path}: column {resolved['tools']!r} (tools) goes with a 'messages' column of conversations, "
+                        f"which the file does not have; the file has columns {found}")
     if ("chosen" in resolved) != ("rejected" in resolved):
         have, lack = ("chosen", "rejected") if "chosen" in resolved else ("rejected", "chosen")
         raise DataError(f"{path}: column {resolved[have]!r} ({have}) needs a {lack} column beside it for preference "
@@ -188,22 +204,36 @@ def _check_text(value, what: str, where: str) -> str:
     return value
 
 
+# what a chat message may carry besides role and content, passed to the template as given
+# (an assistant's tool calls, a tool message's name and call id)
+MESSAGE_EXTRAS = ("tool_calls", "name", "tool_call_id")
+
+
 def _check_prompt(value, column: str, where: str):
     if not is_chat(value):
         return _check_text(value, column, where)
     if not value:
         raise DataError(f"{where}: column {column!r} is an empty list of chat messages")
+    messages = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
             raise DataError(f"{where}: column {column!r}, message {i} is a {type(message).__name__}, not "
                             f"{{role, content}}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str) or (key == "role" and not message[key]):
-                raise DataError(f"{where}: column {column!r}, message {i} has no {key!r}")
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise DataError(f"{where}: column {column!r}, message {i} has no 'role'")
         if message["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: column {column!r}, message {i} has role {message['role']!r}; a chat "
                             f"message's role is one of {', '.join(CHAT_ROLES)}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        # an assistant message that calls tools may have no text (``datasets`` reads it as null)
+        calls = message.get("tool_calls")
+        content = message.get("content")
+        if content is None and calls:
+            content = ""
+        if not isinstance(content, str):
+            raise DataError(f"{where}: column {column!r}, message {i} has no 'content'")
+        extras = {k: message[k] for k in MESSAGE_EXTRAS if message.get(k) is not None}
+        messages.append({"role": message["role"], "content": content, **extras})
+    return messages
 
 
 def tokenize_table(
@@ -215,22 +245,46 @@ def tokenize_table(
     limits: Limits,
     stop_id: int,
     teachers_seen: dict[str, str] | None = None,
+    loss_on: str = "all_assistant",
 ) -> list[dict]:
-    """Checked, tokenized examples ``{prompt_ids, response_ids?, reference?, reward?,
-    chosen_ids?, rejected_ids?, teacher?}``; each response ends with ``stop_id``.
-    ``teachers_seen``, when given, gets {teacher name: where the first example naming it is}."""
+    """Checked, tokenized examples ``{prompt_ids, response_ids?, loss_mask?, reference?,
+    reward?, chosen_ids?, rejected_ids?, teacher?}``; each response ends with ``stop_id``.
+    A ``messages`` column's conversation becomes a prompt and a response holding every turn
+    after it, ``loss_mask`` 1 on the trained assistant turns (``loss_on``, see
+    :mod:`lightning_unified.data.conversations`). ``teachers_seen``, when given, gets
+    {teacher name: where the first example naming it is}."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"task.loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     path = Path(path)
     resolved = resolve_columns(list(table.column_names), columns, path)
     locate = _Locator(path, _format(path) if path.exists() else "")
     examples, dropped = [], 0
     for row, record in enumerate(table):
         where = locate(row)
-        prompt = _check_prompt(record[resolved["prompt"]], resolved["prompt"], where)
-        # the row names the example in later errors (a token budget it does not fit)
-        example = {"prompt_ids": prompt_token_ids(tokenizer, prompt), "prompt": prompt, "row": row}
         responses = {}
+        if "messages" in resolved:
+            column = resolved["messages"]
+            tools = _as_data_error(check_tools, record[resolved["tools"]], resolved["tools"], where) \
+                if "tools" in resolved else None
+            trajectory = _render(tokenizer, _check_conversation(record[column], column, where), stop_id=stop_id,
+                                 loss_on=loss_on, tools=tools, where=f"{where}, column {column!r}")
+            example = {"prompt_ids": trajectory.prompt_ids, "prompt": trajectory.prompt_messages, "row": row,
+                       "loss_mask": trajectory.loss_mask, "reference": trajectory.last_reply}
+            responses["response"] = trajectory.response_ids
+        elif "prompt" in resolved:
+            prompt = _check_prompt(record[resolved["prompt"]], resolved["prompt"], where)
+            # the row names the example in later errors (a token budget it does not fit)
+            example = {"prompt_ids": prompt_token_ids(tokenizer, prompt), "prompt": prompt, "row": row}
+        else:  # preference pairs as two whole conversations: the prompt is what they share
+            example = {"row": row}
+        if "chosen" in resolved and _pair_of_conversations(record, resolved, where):
+            example.update(_conversation_pair(tokenizer, record, resolved, example.get("prompt"), stop_id, where))
+            responses.update(chosen=example.pop("chosen_ids"), rejected=example.pop("rejected_ids"))
+        elif "prompt_ids" not in example:
+            raise DataError(f"{where}: without a prompt column, 'chosen' and 'rejected' must each be a whole "
+                            f"conversation (a list of chat messages), whose shared messages are the prompt")
         for name in ("response", "chosen", "rejected"):
-            if name in resolved:
+            if name in resolved and name not in responses:
                 text = _check_text(record[resolved[name]], resolved[name], where)
                 responses[name] = tokenizer(text, add_special_tokens=False).input_ids + [stop_id]
         if "reference" in resolved:
@@ -267,6 +321,63 @@ def tokenize_table(
     if not examples:
         raise DataError(f"{path}: no examples left" + (f" ({dropped} over the length limits)" if dropped else ""))
     return examples
+
+
+def _check_conversation(value, column: str, where: str) -> list[dict]:
+    if not is_chat(value):
+        raise DataError(f"{where}: column {column!r} must be a conversation, a list of chat messages "
+                        f"{{role, content}}; got {type(value).__name__}")
+    return _check_prompt(value, column, where)
+
+
+def _as_data_error(fn, *args, **kwargs):
+    """``fn``'s result; a conversation it refuses is bad input in a data file."""
+    try:
+        return fn(*args, **kwargs)
+    except ConversationError as error:
+        raise DataError(str(error)) from None
+
+
+def _render(tokenizer, messages, *, where: str, **settings):
+    """The conversation's trajectory (:func:`render_conversation`)."""
+    return _as_data_error(render_conversation, tokenizer, messages, where=where, **settings)
+
+
+def _pair_of_conversations(record, resolved: dict, where: str) -> bool:
+    """Whether the row's chosen and rejected are conversations (lists of messages) rather
+    than texts; both or neither."""
+    chosen, rejected = (is_chat(record[resolved[n]]) for n in ("chosen", "rejected"))
+    if chosen != rejected:
+        raise DataError(f"{where}: columns {resolved['chosen']!r} and {resolved['rejected']!r} (chosen, rejected) "
+                        f"must both be texts or both conversations")
+    return chosen
+
+
+def _conversation_pair(tokenizer, record, resolved: dict, prompt, stop_id: int, where: str) -> dict:
+    """``prompt_ids``, ``prompt``, ``chosen_ids`` and ``rejected_ids`` of a pair given as
+    conversations (TRL's conversational preference format): the prompt's messages followed by
+    each reply's, or, without a prompt column, two whole conversations that share all but
+    their last assistant message. Only that last turn differs, and only it is in the margin."""
+    if prompt is not None and not is_chat(prompt):
+        raise DataError(f"{where}: 'chosen' and 'rejected' are conversations, so the prompt must be chat messages "
+                        f"too, not a text")
+    conversations = {}
+    for name in ("chosen", "rejected"):
+        column = resolved[name]
+        conversations[name] = list(prompt or []) + _check_conversation(record[column], column, where)
+    chosen, rejected = conversations["chosen"], conversations["rejected"]
+    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if shared != len(chosen) - 1 or shared != len(rejected) - 1:
+        raise DataError(f"{where}: the chosen and rejected conversations differ at message {shared}, but a pair "
+                        f"shares everything except its last assistant message (chosen has {len(chosen)} messages, "
+                        f"rejected {len(rejected)})")
+    out = {}
+    for name, messages in conversations.items():
+        trajectory = _render(tokenizer, messages, stop_id=stop_id, loss_on="last_assistant",
+                             where=f"{where}, column {resolved[name]!r}")
+        out.update(prompt_ids=trajectory.prompt_ids, prompt=trajectory.prompt_messages)
+        out[f"{name}_ids"] = trajectory.response_ids
+    return out
 
 
 def _over_limit(prompt_tokens: int, responses: dict[str, list[int]], limits: Limits) -> str | None:

@@ -17,6 +17,7 @@ import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_unified.data.chat import end_of_turn_id
+from lightning_unified.data.conversations import LOSS_ON
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
 from lightning_unified.data.files import DataError, Limits, locate_row, read_table, tokenize_table
 from lightning_unified.data.token_budget import BatchDataset, describe, example_tokens, token_budget_batches
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 
 class FilesDataModule(L.LightningDataModule):
     """``train`` (and optional ``val``) files; ``columns`` renames the columns
-    (``{prompt: question, reference: answer}``); ``max_prompt_tokens`` and
+    (``{prompt: question, reference: answer}``); a ``messages`` column of conversations
+    trains ``loss_on`` its assistant turns (``all_assistant`` or ``last_assistant``, see
+    :mod:`lightning_unified.data.conversations`); ``max_prompt_tokens`` and
     ``max_response_tokens`` bound an example, ``overlong`` says what happens above them
     (``error`` or ``drop``, counted in the log). ``max_tokens_per_batch`` fills each training
     batch to a token budget (at most ``batch_size`` examples), see
@@ -55,11 +58,14 @@ class FilesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         trust_remote_code: bool = False,
         seed: int = 0,
+        loss_on: str = "all_assistant",
     ):
         super().__init__()
         if tokenizer is None:
             raise ValueError("task=files needs a tokenizer: set model.path (a Hugging Face directory with its "
                              "tokenizer) or task.tokenizer")
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"task.loss_on must be one of {LOSS_ON}, got {loss_on!r}")
         if max_response_tokens is None or max_response_tokens < 1:
             raise ValueError(f"task.max_response_tokens must be >= 1 (it also bounds sampling), got {max_response_tokens}")
         self.tokenizer = load_tokenizer(tokenizer, pad_token=pad_token, trust_remote_code=trust_remote_code)
@@ -70,8 +76,10 @@ class FilesDataModule(L.LightningDataModule):
         stop = end_of_turn_id(self.tokenizer)
         self.train_path = train
         self._teachers_seen: dict[str, str] = {}
-        self.train_examples = self._load(train, columns, stop, self._teachers_seen)
-        self.val_examples = self._load(val, columns, stop) if val is not None else []
+        self.loss_on = loss_on
+        self.train_examples = self._load(train, columns, stop, self._teachers_seen, loss_on=loss_on)
+        # validation answers a held-out conversation's last turn
+        self.val_examples = self._load(val, columns, stop, loss_on="last_assistant") if val is not None else []
         log.info("task=files: %d training examples from %s, %d held-out from %s", len(self.train_examples), train,
                  len(self.val_examples), val)
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -88,9 +96,10 @@ class FilesDataModule(L.LightningDataModule):
             raise DataError(f"{val}: task.val_rewards {needs} compare each answer with a reference, but the file has "
                             f"no {column!r} column (task.columns.reference)")
 
-    def _load(self, path: str, columns, stop: int, teachers_seen: dict | None = None) -> list[dict]:
+    def _load(self, path: str, columns, stop: int, teachers_seen: dict | None = None,
+              loss_on: str = "all_assistant") -> list[dict]:
         return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop,
-                              teachers_seen=teachers_seen)
+                              teachers_seen=teachers_seen, loss_on=loss_on)
 
     def teacher_names(self) -> dict[str, str]:
         """{teacher name: where the first training example naming it is}, from the data's
