@@ -27,6 +27,7 @@ PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejecte
 # --- sampling callback (on-policy batches) -------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
+POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row
 
 # --- teacher callback (dense signal) ------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several

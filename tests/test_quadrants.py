@@ -27,7 +27,7 @@ from tests.lightning_helpers import (
 
 BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.EXAMPLE_INDEX, F.RESPONSE_IDS, F.RESPONSE_MASK,
         F.LOSS_MASK}
-SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE}
+SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE, F.POLICY_VERSION}
 REWARDS = [Reward(exact_match), Reward(digit_match, weight=0.5)]
 
 

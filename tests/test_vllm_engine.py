@@ -232,8 +232,35 @@ def test_a_run_logs_the_engine_and_the_mismatch(tmp_path) -> None:
     kl = [float(r["importance/mismatch_kl"]) for r in rows if r.get("importance/mismatch_kl")]
     assert kl and all(0.0 <= k < 1e-3 for k in kl), kl
     assert any(float(r.get("sampling/tokens_per_sec") or 0) > 0 for r in rows)
+    assert not any(r.get("importance/stale_kl") for r in rows), "every batch was sampled from the trainer's weights"
     masked = [float(r["importance/masked_fraction"]) for r in rows if r.get("importance/masked_fraction")]
     assert masked and all(m == 0.0 for m in masked)
+
+
+def test_weights_synced_every_other_step_log_their_staleness_apart_from_the_mismatch(tmp_path) -> None:
+    """With sync_every=2 the second batch is sampled from the weights before the first
+    update: its gap to the trainer is staleness plus the engine's mismatch, logged as
+    stale_kl, and mismatch_kl stays the engine's alone (Lightning repeats a metric's last
+    value on the steps that do not log it, so each column is read from where it starts)."""
+    from lightning_unified.config import train
+    from tests.lightning_helpers import FAST_TASK, compose_config
+    from tests.test_runs import read_metrics
+
+    # on-policy distillation: every step moves the policy (a random policy's RL rewards are all 0)
+    cfg = compose_config(["experiment=on_policy_distill", *FAST_TASK, "model.config.hidden_size=64",
+                          "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
+                          "model.config.intermediate_size=128", "model.path=null",
+                          "data_source.sampling.engine=vllm", "data_source.sampling.vllm.kv_cache_gib=0.25",
+                          "data_source.sampling.num_generations=2", "data_source.sampling.sync_every=2",
+                          "trainer.max_steps=3", "trainer.log_every_n_steps=1", "save_policy=null",
+                          "validate_first=false", "trainer.val_check_interval=3", "scheduler.num_warmup_steps=0"])
+    train(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r.get("sampling/staleness")]
+    assert [float(r["sampling/staleness"]) for r in rows] == [0.0, 1.0, 0.0]
+    assert not rows[0].get("importance/stale_kl"), "the first batch is sampled from the trainer's own weights"
+    stale = float(rows[1]["importance/stale_kl"])
+    mismatch = [float(r["importance/mismatch_kl"]) for r in rows]
+    assert stale > 1e-4 and all(k < stale / 100 for k in mismatch), (mismatch, stale)
 
 
 @pytest.mark.parametrize("experiment", ["on_policy_distill", "self_distill", "online_dpo"])

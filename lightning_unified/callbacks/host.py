@@ -27,6 +27,11 @@ class PolicyHost(Protocol):
     temperature: float
 
     @property
+    def progress(self) -> dict:
+        """What the run has trained on so far: tokens_seen, train_seconds, optimizer_steps
+        (the policy's version: a sampled row's ``policy_version`` is the one that sampled it)."""
+
+    @property
     def max_new_tokens(self) -> int:
         """The longest response to sample or generate."""
 

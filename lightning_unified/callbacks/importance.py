@@ -21,6 +21,13 @@ class ImportanceCallback(L.Callback):
 
     def __init__(self, importance: Importance):
         self.importance = importance
+        # whether the batch being trained was sampled from older weights than the policy's
+        self._stale = False
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        versions = batch.get(fields.POLICY_VERSION) or []
+        self._stale = any(v != pl_module.progress["optimizer_steps"] for v in versions)
 
     def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
@@ -56,9 +63,14 @@ class ImportanceCallback(L.Callback):
             low = spec.mask_low if spec.mask_low is not None else 0.0
             high = spec.mask_high if spec.mask_high is not None else float("inf")
             stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()
-        if pl_module.data_source.updates_per_batch == 1:
-            # with one update per rollout the loss's log-probs are the trainer's own at the
-            # sampler's weights, so their gap to the sampler's is the engine mismatch alone
-            stats["mismatch_kl"] = mismatch_kl(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
+        kl = mismatch_kl(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
+        if pl_module.data_source.updates_per_batch == 1 and not self._stale:
+            # one update per rollout, from weights the engine held: the loss's log-probs are the
+            # trainer's own at the sampler's weights, so their gap is the engine's mismatch alone
+            stats["mismatch_kl"] = kl
+        else:
+            # the sampler's weights are older than those the loss read (sync_every > 1, or an
+            # earlier update of the same rollout): staleness and the mismatch together
+            stats["stale_kl"] = kl
         for name, value in stats.items():
             pl_module.log(f"importance/{name}", value, batch_size=int(mask.sum()))

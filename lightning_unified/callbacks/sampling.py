@@ -62,7 +62,11 @@ class SamplingCallback(L.Callback):
         with trainer_precision(pl_module):
             self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1, seed=seed)
         seconds = time.perf_counter() - started
+        # the weights that sampled: older than the policy's when the engine syncs every few steps
+        version = pl_module.engine_session.weights_version(pl_module.progress["optimizer_steps"])
+        batch[fields.POLICY_VERSION] = [version] * batch[fields.RESPONSE_IDS].shape[0]
         pl_module.engine_session.rest()  # its memory is the training step's until the next rollout
+        pl_module.log("sampling/staleness", pl_module.progress["optimizer_steps"] - version, batch_size=1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()

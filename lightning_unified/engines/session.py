@@ -63,6 +63,13 @@ class EngineSession:
             self.last_sync_seconds = time.perf_counter() - started
         return self._engine
 
+    def weights_version(self, optimizer_step: float) -> int:
+        """The optimizer step whose weights the engine holds: ``optimizer_step`` itself for an
+        engine that reads the training model, else the step of its last sync."""
+        if self._engine.shares_weights or self._synced_step is None:
+            return int(optimizer_step)
+        return int(self._synced_step)
+
     def rest(self) -> None:
         """The rollout is done: the engine may free its memory for the training step (vLLM's
         sleep mode, where ``sampling.vllm.sleep`` asks for it); the next :meth:`ready` wakes it."""
