@@ -29,12 +29,14 @@ from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_re
                                                   normaliser_tensor, token_terms)
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
-from lightning_unified.models.loading import response_hidden, trainable_policy
+from lightning_unified.models.loading import trainable_policy
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_pipeline, check_method, not_yet_held
-from lightning_unified.progress import TrainingProgress, writes_logs_now
+from lightning_unified.lightning_private import attached_trainer, writes_logs_now
+from lightning_unified.progress import TrainingProgress
 from lightning_unified.replay import RolloutReplay
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
@@ -147,7 +149,7 @@ class UnifiedModule(L.LightningModule):
         if self._pipeline is None:
             self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps,
                                             non_finite=self.non_finite, max_non_finite_steps=self.max_non_finite_steps)
-        return not_yet_held(self._pipeline, self._trainer)
+        return not_yet_held(self._pipeline, attached_trainer(self))
 
     @property
     def max_new_tokens(self) -> int:
@@ -160,7 +162,7 @@ class UnifiedModule(L.LightningModule):
         return validation_rewards(self._val_rewards, self._datamodule())
 
     def _datamodule(self):
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(attached_trainer(self), "datamodule", None)
 
     # --- training: the one place where gradients flow ------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -304,7 +306,7 @@ class UnifiedModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) shard the policy (:func:`shard_policy`);
         other strategies leave the model alone."""
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         if mesh is not None and not self.policy_is_sharded():
             shard_policy(self.policy, mesh["data_parallel"])
 
@@ -316,4 +318,4 @@ class UnifiedModule(L.LightningModule):
         merged model in ``merged_directory`` if given). Call it on every rank: a sharded
         policy is gathered first (a collective), then rank 0 writes."""
         save_policy(self.policy, self.tokenizer, directory, merged_directory,
-                    writer=self._trainer is None or self.trainer.is_global_zero)
+                    writer=attached_trainer(self) is None or self.trainer.is_global_zero)

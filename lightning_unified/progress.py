@@ -1,5 +1,5 @@
 """What a run has trained on so far (tokens, seconds, optimizer steps), kept across a resume,
-the step clock behind ``train/tokens_per_sec``, and which steps Lightning writes to its loggers."""
+and the step clock behind ``train/tokens_per_sec``."""
 
 from __future__ import annotations
 
@@ -49,13 +49,3 @@ class TrainingProgress:
             metrics["train/tokens_per_sec"] = self._interval_tokens / self._interval_seconds
         self._interval_tokens = self._interval_seconds = 0.0
         return metrics
-
-
-def writes_logs_now(trainer) -> bool:
-    """Whether Lightning writes this step's metrics to its loggers (every
-    ``log_every_n_steps`` steps, and when a run stops early): its logger connector's own
-    test, a private attribute, so every step counts where it is missing. Each ``self.log``
-    costs about a millisecond of host time, so metrics that only a logger reads, or that
-    change rarely, are logged on these steps alone."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return True if connector is None else connector.should_update_logs

@@ -10,21 +10,14 @@ from collections.abc import Callable
 
 import lightning as L
 
+from lightning_unified.lightning_private import estimated_steps_without_loader
+
 
 def training_steps(trainer: L.Trainer) -> int:
     """Optimizer steps (training batches, with several updates per rollout) this fit will
     run: ``trainer.max_steps``, or ``max_epochs`` x batches per epoch when that is sooner."""
-    fit_loop = getattr(trainer, "fit_loop", None)
-    unbuilt = fit_loop is not None and fit_loop._combined_loader is None
-    total = trainer.estimated_stepping_batches
-    if unbuilt and fit_loop._combined_loader is not None:
-        # To count the batches of an epoch, Lightning built the training loader here, while
-        # the optimizers are configured: before a resumed run's checkpoint is restored, so
-        # that loader would never get the checkpoint's place in the data, and the resumed
-        # run would start its epoch over in another order. Dropped, the fit loop builds it
-        # again after the restore and loads the place (Lightning's own attribute: no public
-        # way to ask for this)
-        fit_loop._combined_loader = None
+    # the training loader stays unbuilt: a resumed run's must be built after its restore
+    total = estimated_steps_without_loader(trainer)
     if not math.isfinite(total):
         raise ValueError(
             f"trainer.max_steps={trainer.max_steps} with trainer.max_epochs={trainer.max_epochs} trains without end, "

@@ -9,6 +9,7 @@ import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.lightning_private import attached_trainer
 from lightning_unified.rewards.scoring import decode_prompts, score_each
 from lightning_unified.rewards.text import exact_match
 
@@ -35,7 +36,7 @@ def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) 
     request = GenerationRequest(
         max_new_tokens=module.max_new_tokens, stop_token_ids=tuple(module.stop_token_ids),
         pad_token_id=module.tokenizer.pad_token_id, greedy=True,
-        synced=module.trainer.world_size > 1 if module._trainer is not None else False,
+        synced=module.trainer.world_size > 1 if attached_trainer(module) is not None else False,
     )
     rollout = module.rollout_engine().generate(module.policy, prompt_ids, prompt_mask, request)
     return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)

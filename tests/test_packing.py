@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.models.loading import build_policy, response_hidden
+from lightning_unified.models.loading import build_policy
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.packing import Packing, block_causal_mask, first_fit_decreasing, pack, unpack
 from tests.lightning_helpers import TINY, chat_tokenizer, save_chat_model
 from tests.test_coming_from_trl import BUILT_IN_TASK, RL, RecordingSGD, run_one_batch

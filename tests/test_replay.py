@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.models.loading import response_hidden
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match

@@ -12,7 +12,7 @@ from lightning_unified.callbacks.sampling import (
     mixed_batch_is_on_policy,
 )
 from lightning_unified.engines.base import mask_after_stop
-from lightning_unified.models.loading import response_hidden
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.specs import OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match
 from tests.lightning_helpers import tiny_datamodule, tiny_module

@@ -8,7 +8,8 @@ import torch
 
 from lightning_unified import batch as F
 from lightning_unified.callbacks.teacher import TeacherCallback
-from lightning_unified.models.loading import build_policy, load_causal_lm, response_hidden
+from lightning_unified.models.loading import build_policy, load_causal_lm
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.losses.objective import target_logprobs, topk_logprobs
 from lightning_unified.specs import Dense, OffPolicy
 from tests.lightning_helpers import (

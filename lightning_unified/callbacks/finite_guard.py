@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.losses.aggregation import all_reduce_sum
-from lightning_unified.progress import writes_logs_now
+from lightning_unified.lightning_private import writes_logs_now
 
 GUARD_MODES = ("skip", "stop")
 

@@ -11,11 +11,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 import lightning as L
 
+from lightning_unified.lightning_private import attached_trainer
+
 
 def trainer_precision(pl_module: L.LightningModule) -> AbstractContextManager:
     """The precision plugin's forward context (autocast, or nothing under 32-true); nothing
     when the module is not attached to a trainer (a direct call in a script or a test)."""
-    trainer = getattr(pl_module, "_trainer", None)
+    trainer = attached_trainer(pl_module)
     if trainer is None:
         return nullcontext()
     return trainer.precision_plugin.forward_context()

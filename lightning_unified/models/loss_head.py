@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_unified.models.loading import response_hidden
+from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.packing import Packing
 from lightning_unified.losses.objective import (
     WeightedNLL,

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_unified.models.loading import decoder
+from lightning_unified.models.forward import decoder
 
 
 def is_sharded(policy: nn.Module) -> bool:
@@ -59,7 +59,8 @@ def evaluate_without_inference_mode(trainer: L.Trainer) -> None:
     on gloo, and for FSDP1)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from lightning_unified.lightning_private import evaluate_without_inference_mode as without_inference_mode
+
     if not isinstance(trainer.strategy, ModelParallelStrategy):
         return
-    for loop in (trainer.validate_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.test_loop, trainer.predict_loop):
-        loop.inference_mode = False
+    without_inference_mode(trainer)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_unified.engines.vllm import (
+from lightning_unified.engines.vllm_process import (
     INSTALL_HINT,
     engine_kwargs,
     import_vllm,
@@ -19,8 +19,9 @@ from lightning_unified.engines.vllm import (
     shut_down,
     start_engine,
 )
+from lightning_unified.engines.vllm_scoring import prompt_logprob_scores
 from lightning_unified.models.loading import check_model_directory, check_vocabulary_of
-from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
+from lightning_unified.teachers.scores import TeacherScores
 
 
 class InProcessTeacher:
@@ -78,20 +79,3 @@ class InProcessTeacher:
     def close(self) -> None:
         shut_down(self.llm)
         self.llm = None
-
-
-def prompt_logprob_scores(llm, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-                          top_k: int, source: str) -> TeacherScores:
-    """What the vLLM engine ``llm`` gives each row's prompt + response: the log-prob of every
-    response token and, with ``top_k``, its top-k there (the prompt positions' log-probs of
-    one request with one generated token at most). ``source`` names the engine in errors."""
-    from vllm import SamplingParams
-
-    rows, prompt_lengths = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
-    with torch.inference_mode():
-        outputs = llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
-    positions = [[{token: entry.logprob for token, entry in step.items()} for step in out.prompt_logprobs[start:]]
-                 for out, start in zip(outputs, prompt_lengths)]
-    tokens = [row[start:] for row, start in zip(rows, prompt_lengths)]
-    return scores_from_positions(positions, tokens, response_ids.shape[1], top_k, source)
