@@ -28,6 +28,7 @@ PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejecte
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row
+SAMPLED = "sampled"  # bool: the sampler wrote this batch's responses (a mixed source keeps the data's in some batches)
 
 # --- teacher callback (dense signal) ------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several
@@ -65,7 +66,7 @@ PER_TOKEN_FIELDS = (
 )
 
 # Fields that hold one value for the whole batch rather than one per row.
-BATCH_WIDE_FIELDS = (GROUP_SIZE,)
+BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED)
 
 
 def require(batch: dict, *names: str, who: str) -> None:
@@ -85,6 +86,13 @@ def loss_mask(batch: dict):
     token is in the loss."""
     mask = batch.get(LOSS_MASK)
     return batch[RESPONSE_MASK] if mask is None else mask
+
+
+def is_sampled(batch: dict) -> bool:
+    """Whether the sampler wrote this batch's responses (``sampled``, which the sample stage
+    always sets); a batch built by hand without it is sampled when it has behaviour log-probs."""
+    sampled = batch.get(SAMPLED)
+    return BEHAVIOUR_LOGP in batch if sampled is None else bool(sampled)
 
 
 def select_rows(batch: dict, start: int, stop: int) -> dict:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
-from lightning_unified.pipeline import check_method
+from lightning_unified.pipeline import build_batch_pipeline
 from lightning_unified.rewards.scoring import names_parameter, reward_name
 from lightning_unified.specs import Preference
 from lightning_unified.tasks.addition import checkpoint_path
@@ -66,7 +66,9 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     data_source = instantiate(cfg.data_source, _convert_="all")
     signal = instantiate(cfg.signal, _convert_="all")
     reference = instantiate(cfg.reference) if cfg.get("reference") else None
-    check_method(data_source, signal, reference)
+    # the method and the stages in their order, checked before any data or model loads
+    stages = instantiate(cfg.module.get("stages") or [], _convert_="all")
+    build_batch_pipeline(data_source, signal, reference, stages)
     lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"optimizer.lr must be a number > 0, got {lr!r}")
@@ -75,7 +77,9 @@ def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
     check_data_has_responses(datamodule, data_source, signal)
     tokenizer = datamodule.tokenizer
     # objects go in through a partial: instantiate() would turn dataclass kwargs into configs
-    module = instantiate(cfg.module, _partial_=True)(
+    module_cfg = OmegaConf.masked_copy(cfg.module, [k for k in cfg.module if k != "stages"])
+    module = instantiate(module_cfg, _partial_=True)(
+        stages=stages,
         policy=instantiate(cfg.model, tokenizer=tokenizer),
         tokenizer=tokenizer,
         data_source=data_source,

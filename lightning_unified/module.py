@@ -1,9 +1,10 @@
 """UnifiedModule: the policy forward, the weights from the batch's fields, the one loss.
 
 SFT, distillation, RL and on-policy distillation are the same ``training_step``; what
-differs is the batch the pipeline (:mod:`lightning_unified.pipeline`) hands it, and the
-weight builder :mod:`lightning_unified.weighting` picks from its fields. What the callbacks
-may read of this module is :class:`lightning_unified.callbacks.host.PolicyHost`.
+differs is the batch its stages (:mod:`lightning_unified.stages`, chosen by
+:mod:`lightning_unified.pipeline`) hand it, and the weight builder
+:mod:`lightning_unified.weighting` picks from its fields. What a stage may read of this
+module is :class:`lightning_unified.stages.host.PolicyHost`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_unified import batch as fields
-from lightning_unified.callbacks.finite_guard import NonFiniteGuard
-from lightning_unified.callbacks.host import run_update_hooks
+from lightning_unified.stages import Stage
+from lightning_unified.stages.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.session import EngineSession
@@ -34,9 +35,9 @@ from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
-from lightning_unified.pipeline import build_pipeline, check_method, not_yet_held
+from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
 from lightning_unified.lightning_private import attached_trainer, writes_logs_now
-from lightning_unified.progress import TrainingProgress
+from lightning_unified.progress import TrainingProgress, log_step
 from lightning_unified.replay import RolloutReplay
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
@@ -47,19 +48,16 @@ from lightning_unified.weighting import builder_fields, select_weight_fn
 class UnifiedModule(L.LightningModule):
     """One LightningModule for every (data_source, signal) pair.
 
-    ``policy`` and ``tokenizer`` are a Hugging Face causal LM (peft LoRA too) and its
-    tokenizer, or local paths to them. ``optimizer`` and ``scheduler`` are partials taking the
-    trainable parameters and the optimizer (a scheduler taking an unset ``num_training_steps``
-    gets the steps this fit will make). ``aggregation`` normalises the loss over the whole
-    optimizer step, every micro-batch on every rank (None: the signal's own, ``pair_mean``
-    for preference pairs, else ``token_mean``); ``count_empty`` counts empty responses in
-    the sequence modes' normaliser. ``temperature`` divides the policy's
-    logits in the loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default
-    to the datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
-    ``stop`` or None (:class:`~lightning_unified.callbacks.NonFiniteGuard`).
-    ``keep_freed_host_memory``: on a CPU, glibc keeps the heap memory one step frees for the
-    next (:mod:`lightning_unified.host_memory`). Every argument is
-    documented where a run sets it: ``conf/train.yaml``'s ``module`` section.
+    ``policy`` and ``tokenizer``: a Hugging Face causal LM (peft LoRA too) and its tokenizer,
+    or local paths to them. ``optimizer`` and ``scheduler``: partials taking the trainable
+    parameters and the optimizer (an unset ``num_training_steps`` gets this fit's steps).
+    ``aggregation`` normalises the loss over the whole optimizer step, every micro-batch on
+    every rank (None: the signal's own). ``temperature`` divides the policy's logits in the
+    loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default to the
+    datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
+    ``stop`` or None. ``stages``: stages of your own, each placed before or after a named one
+    (:class:`~lightning_unified.stages.Stage`). Every argument is documented where a run
+    sets it: ``conf/train.yaml``'s ``module`` section.
     """
 
     def __init__(
@@ -86,12 +84,14 @@ class UnifiedModule(L.LightningModule):
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
         keep_freed_host_memory: bool = True,
+        stages: list[Stage] | None = None,
     ):
         super().__init__()
         aggregation = aggregation or signal.aggregation  # the method's own normaliser
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        check_method(data_source, signal, reference)
+        # the batch stages in their order, checked before the policy loads
+        self.pipeline = build_batch_pipeline(data_source, signal, reference, stages)
         self.policy, self.tokenizer = trainable_policy(policy, tokenizer)
         # EOS and the chat template's end-of-turn token end a response
         self.stop_token_ids = stop_token_ids(self.tokenizer)
@@ -105,16 +105,14 @@ class UnifiedModule(L.LightningModule):
         self.packing = Packing(packing, max_tokens_per_row)
         self.chunk_size, self.compile_loss = chunk_size, compile_loss
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
-        self.samples_every_n_steps = samples_every_n_steps
-        self.non_finite, self.max_non_finite_steps = non_finite, max_non_finite_steps
         self.keep_freed_host_memory = keep_freed_host_memory
-        if non_finite is not None:
-            NonFiniteGuard(non_finite, max_non_finite_steps)  # bad settings fail here, not at fit
+        # what crosses the loop: the stages' end of batch, the sample log, the guards (bad settings fail here)
+        self.loop_callbacks = loop_callbacks(samples_every_n_steps, non_finite=non_finite,
+                                             max_non_finite_steps=max_non_finite_steps)
         # where sampled responses and greedy validation answers are generated
         self.engine_session = EngineSession.for_sampling(data_source.sampling if data_source.samples else None)
         self.replay = RolloutReplay.for_data_source(data_source)
         self.val_metrics = nn.ModuleDict()
-        self._pipeline: list[L.Callback] | None = None
         # several teachers: each one's objective is logged as train/objective/<name>
         self.teacher_names = list(signal.teachers) if isinstance(signal, Dense) and signal.routed else []
         self.step_sums = StepSums(groups=len(self.teacher_names))  # this optimizer step's loss and counts so far
@@ -134,35 +132,33 @@ class UnifiedModule(L.LightningModule):
                 # on a CPU every step's tensors are malloc'd: keep what the last step freed
                 keep_freed_host_memory()
             if self.packing.enabled:
-                attention = ("FlashAttention's variable-length path" if uses_varlen_attention(self.policy)
-                             else "a block-diagonal causal mask")
-                budget = (f"at most {self.packing.max_tokens_per_row} tokens" if self.packing.max_tokens_per_row
-                          else "as long as the batch's longest sequence")
-                rank_zero_info(f"packing: each forward lays the batch's sequences end to end in rows {budget}; "
-                               f"attention through {attention}")
+                rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric()
+        self.pipeline.each("setup", self.trainer, self, stage)
+
+    def teardown(self, stage: str) -> None:
+        self.pipeline.each("teardown", self.trainer, self, stage)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The pipeline (built once), less what the trainer already holds."""
-        if self._pipeline is None:
-            self._pipeline = build_pipeline(self.data_source, self.signal, self.reference, self.samples_every_n_steps,
-                                            non_finite=self.non_finite, max_non_finite_steps=self.max_non_finite_steps)
-        return not_yet_held(self._pipeline, attached_trainer(self))
+        """What crosses the loop (the sample log, the guards), less what the trainer already
+        holds; the batch's own work is :attr:`pipeline`'s."""
+        return not_yet_held(self.loop_callbacks, attached_trainer(self))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """The stages, in their order, add their fields to the batch."""
+        self.pipeline.run(self.trainer, self, batch, batch_idx)
 
     @property
     def max_new_tokens(self) -> int:
         """The longest greedy answer (and sampled response, unless sampling sets its own)."""
-        return max_new_tokens(self._max_new_tokens, self._datamodule())
+        return max_new_tokens(self._max_new_tokens, getattr(attached_trainer(self), "datamodule", None))
 
     @property
     def val_rewards(self) -> dict[str, Callable]:
         """{name: reward fn} scoring greedy validation answers."""
-        return validation_rewards(self._val_rewards, self._datamodule())
-
-    def _datamodule(self):
-        return getattr(attached_trainer(self), "datamodule", None)
+        return validation_rewards(self._val_rewards, getattr(attached_trainer(self), "datamodule", None))
 
     # --- training: the one place where gradients flow ------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -172,13 +168,13 @@ class UnifiedModule(L.LightningModule):
         batch = self.replay.select(full_batch)
         # stages that must see the policy as it is at this very update (a sequence-level
         # ratio, a preference margin) refresh their fields here, once per optimizer step
+        self.pipeline.on_update(self.trainer, self, batch)
         run_update_hooks(self.trainer, self, batch)
         mask = fields.loss_mask(batch)  # the tokens in the loss; every forward attends to RESPONSE_MASK's
-        # Each micro-batch contributes its SUM of per-token terms, divided by the normaliser
-        # of the whole optimizer step (every micro-batch, every rank), so any split into
-        # micro-batches and ranks gives the gradient of the whole batch. With one micro-batch
-        # a step the normaliser is known here and scales the loss; with several it is known
-        # only after the last, and on_before_optimizer_step divides the gradient by it.
+        # Each micro-batch contributes its SUM of per-token terms over the whole step's
+        # normaliser (every micro-batch, every rank): any split gives the whole batch's
+        # gradient. With one micro-batch a step the normaliser scales the loss here; with
+        # several it is known after the last, and on_before_optimizer_step applies it.
         importance = self.data_source.importance if self.data_source.samples else None
         weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
         hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
@@ -205,16 +201,13 @@ class UnifiedModule(L.LightningModule):
 
     @property
     def _normalises_loss(self) -> bool:
-        """Whether each optimizer step is one training_step, whose loss can carry the step's
-        normaliser (else on_before_optimizer_step divides the gradient by it)."""
+        """One training_step per optimizer step: its loss carries the step's normaliser."""
         return self.trainer.accumulate_grad_batches == 1
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Each training batch makes ``replay.updates`` optimizer steps: the closure
-        (training_step + backward) runs once per step, each time on the next mini-batch of
-        the same rollout. With one update this is Lightning's own optimizer_step.
-        ``trainer.global_step`` and the learning-rate schedule count training batches
-        (rollouts); ``train/optimizer_steps`` counts steps."""
+        """Each training batch makes ``replay.updates`` optimizer steps, each on the next
+        mini-batch of the rollout (one: Lightning's own). ``trainer.global_step`` and the
+        schedule count batches (rollouts); ``train/optimizer_steps`` counts steps."""
         self.replay.step(optimizer, optimizer_closure)
         self.progress["optimizer_steps"] += self.replay.updates
         if self.replay.updates > 1:
@@ -226,12 +219,7 @@ class UnifiedModule(L.LightningModule):
         and objective with the same normaliser (one all-reduce of the step's sums, besides
         the counts' all-reduce training_step makes with one micro-batch). DDP and FSDP
         average gradients over ranks, so the factor carries the world size; gradient
-        clipping runs after this hook, on the normalised gradient.
-
-        Metrics are logged on the steps Lightning writes to its loggers
-        (``log_every_n_steps``), where the logger and the progress bar read them: each
-        ``self.log`` costs Lightning about a millisecond of host time, 2% of a small
-        model's step on a CPU, and the other steps' values would reach no logger."""
+        clipping runs after this hook, on the normalised gradient."""
         total = self.step_sums.total()  # the step's one read back to the host
         if total is None:
             return
@@ -241,30 +229,24 @@ class UnifiedModule(L.LightningModule):
             grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, self.trainer.world_size / norm)
-        write = writes_logs_now(self.trainer)
-        if write:
-            self.log("train/loss", total.surrogate / norm, prog_bar=True, batch_size=1)
-            self.log("train/objective", total.objective / norm, batch_size=1)
-            for name, (objective, counts) in zip(self.teacher_names, total.groups):
-                if counts.sequences:  # a teacher none of this step's rows named has no objective
-                    self.log(f"train/objective/{name}", objective / normaliser(self.aggregation, counts), batch_size=1)
-        for name, value in self.clock.step_metrics(total.counts.tokens, write=write).items():
-            self.log(name, value, prog_bar=name == "train/tokens_per_sec", batch_size=1)
+        log_step(self, total, norm, writes_logs_now(self.trainer))
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,
         # which fit's no-grad validation cannot update in place; reset makes fresh ones
         for metric in self.val_metrics.values():
             metric.reset()
+        self.pipeline.each("on_fit_start", self.trainer, self)
 
     def on_train_start(self) -> None:
         if self.policy_is_sharded():
             initialise_root(self.policy, self.device)  # before the loss calls the decoder alone
+        self.pipeline.each("on_train_start", self.trainer, self)
         self.clock.start_clock()  # validation before fit is not training time
 
     def on_validation_end(self) -> None:
-        if self.clock.running:  # validation time is not training time
-            self.clock.start_clock()
+        if self.clock.running:
+            self.clock.start_clock()  # validation time is not training time
 
     # --- generation: the rollout engine, holding the policy's current weights ----------
     def rollout_engine(self):
@@ -289,6 +271,7 @@ class UnifiedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
+        checkpoint["stages"] = self.pipeline.state_dict()
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint from another model or another method, naming the difference."""
@@ -296,6 +279,7 @@ class UnifiedModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
+        self.pipeline.load_state_dict(checkpoint.get("stages", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 
@@ -304,8 +288,7 @@ class UnifiedModule(L.LightningModule):
         return configure_optimization(self.policy, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy (FSDP2) shard the policy (:func:`shard_policy`);
-        other strategies leave the model alone."""
+        """Under ModelParallelStrategy (FSDP2) shard the policy; others leave it alone."""
         mesh = self.device_mesh
         if mesh is not None and not self.policy_is_sharded():
             shard_policy(self.policy, mesh["data_parallel"])

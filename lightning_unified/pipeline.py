@@ -1,54 +1,86 @@
-"""The callbacks a (data_source, signal) pair needs, in the order a step's data flows:
-sample, then score (reference, teacher) or reward, then reweight; and what a run shows."""
+"""What a (data_source, signal) pair runs: its batch stages, in the order a step's data
+flows (sample, then score (reference, teacher) or reward, then advantages and reweighting),
+with any stage of the user's placed among them; and the callbacks that cross the loop."""
 
 from __future__ import annotations
 
 import lightning as L
 
-from lightning_unified.callbacks import (
-    ImportanceCallback,
-    NonFiniteGuard,
-    PreferenceCallback,
-    RankFailureWatch,
-    ReferenceCallback,
-    RewardCallback,
-    SampleLog,
-    SamplingCallback,
-    TeacherCallback,
-)
+from lightning_unified import batch as fields
+from lightning_unified.callbacks import NonFiniteGuard, RankFailureWatch, SampleLog
+from lightning_unified.callbacks.stage_hooks import StagesAfterBatch
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse
+from lightning_unified.stages import (
+    AdvantagesStage,
+    BatchPipeline,
+    ImportanceStage,
+    PreferenceStage,
+    ReferenceStage,
+    RewardsStage,
+    SampleStage,
+    Stage,
+    TeacherStage,
+)
 
 
-def build_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
-                   reference: Reference | None = None, samples_every_n_steps: int | None = None, *,
-                   non_finite: str | None = None, max_non_finite_steps: int = 3) -> list[L.Callback]:
-    """The stages in the order a step's data flows, then the run's guards: the non-finite
-    step guard (``non_finite``: skip, stop or None) and the watch that stops every rank when
-    one fails."""
+def method_stages(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
+                  reference: Reference | None = None) -> list[Stage]:
+    """The stages the method needs, in the order a step's data flows."""
     check_method(data_source, signal, reference)
-    stages: list[L.Callback] = []
+    stages: list[Stage] = []
     if data_source.samples:
-        stages.append(SamplingCallback(data_source))
+        stages.append(SampleStage(data_source))
     if reference is not None:
-        stages.append(ReferenceCallback(reference))
+        stages.append(ReferenceStage(reference))
     elif isinstance(signal, Preference) and signal.needs_reference:
         # DPO's margin is measured against a reference; scoring only, no KL penalty
-        stages.append(ReferenceCallback(Reference(kl_coef=0.0, path=signal.reference_path,
-                                                  options=signal.reference_options)))
+        stages.append(ReferenceStage(Reference(kl_coef=0.0, path=signal.reference_path,
+                                               options=signal.reference_options)))
     if isinstance(signal, Dense):
-        stages.append(TeacherCallback(signal, copy_head=data_source.updates_per_batch > 1))
+        stages.append(TeacherStage(signal, copy_head=data_source.updates_per_batch > 1))
     elif isinstance(signal, Preference):
-        stages.append(PreferenceCallback(signal))
+        stages.append(PreferenceStage(signal))
     elif data_source.samples or signal.reward_data:
-        stages.append(RewardCallback(signal, reference))
+        stages.append(RewardsStage(signal))
+        stages.append(AdvantagesStage(signal, reference))
     if data_source.samples:
-        stages.append(ImportanceCallback(data_source.importance))
-    if samples_every_n_steps:
-        stages.append(SampleLog(every_n_steps=samples_every_n_steps))
-    if non_finite is not None:
-        stages.append(NonFiniteGuard(non_finite, max_non_finite_steps))
-    stages.append(RankFailureWatch())
+        stages.append(ImportanceStage(data_source.importance))
     return stages
+
+
+def data_fields(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference) -> set[str]:
+    """The fields the data gives every batch: prompts, and the responses unless every batch
+    is sampled (preference pairs marked, rewards where the data's are used)."""
+    out = {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.REFERENCES, fields.PROMPTS, fields.EXAMPLE_INDEX}
+    if not data_source.samples or data_source.probability < 1:
+        out |= {fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK}
+        if isinstance(signal, Preference):
+            out |= {fields.PREFERENCE, fields.GROUP_SIZE}
+    return out
+
+
+def build_batch_pipeline(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
+                         reference: Reference | None = None, stages: list[Stage] | None = None) -> BatchPipeline:
+    """The method's stages with the user's ``stages`` placed among them, checked: every
+    stage's reads come from the data or an earlier stage, and the loss finds its responses."""
+    return BatchPipeline.assemble(method_stages(data_source, signal, reference), stages,
+                                  data_fields(data_source, signal),
+                                  loss_reads={fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS,
+                                              fields.RESPONSE_MASK})
+
+
+def loop_callbacks(samples_every_n_steps: int | None = None, *, non_finite: str | None = None,
+                   max_non_finite_steps: int = 3) -> list[L.Callback]:
+    """What crosses the loop: the stages' end-of-batch work (before a checkpoint is written),
+    the sample log, the non-finite step guard (``non_finite``: skip, stop or None) and the
+    watch that stops every rank when one fails."""
+    callbacks: list[L.Callback] = [StagesAfterBatch()]
+    if samples_every_n_steps:
+        callbacks.append(SampleLog(every_n_steps=samples_every_n_steps))
+    if non_finite is not None:
+        callbacks.append(NonFiniteGuard(non_finite, max_non_finite_steps))
+    callbacks.append(RankFailureWatch())
+    return callbacks
 
 
 def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
@@ -97,9 +129,9 @@ def check_replay(data_source: OffPolicy | OnPolicy, signal) -> None:
         )
 
 
-def not_yet_held(pipeline: list[L.Callback], trainer: L.Trainer | None) -> list[L.Callback]:
-    """The pipeline's callbacks that ``trainer`` does not hold yet. Lightning asks a module
+def not_yet_held(callbacks: list[L.Callback], trainer: L.Trainer | None) -> list[L.Callback]:
+    """The module's callbacks that ``trainer`` does not hold yet. Lightning asks a module
     for its callbacks at every ``validate`` and ``fit``; handing one over twice would
     replace it, and say so on the console at every call."""
     held = trainer.callbacks if trainer is not None else []
-    return [c for c in pipeline if not any(c is h for h in held)]
+    return [c for c in callbacks if not any(c is h for h in held)]

@@ -28,7 +28,7 @@ def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None)
     if fields.ADVANTAGES not in batch:
         # data tokens with reward 1: SFT, or DFT's probability-scaled SFT
         return weights.dft if signal.weighting == "dft" else weights.indicator
-    if fields.BEHAVIOUR_LOGP not in batch or importance is None or importance.ratio == "none":
+    if not fields.is_sampled(batch) or importance is None or importance.ratio == "none":
         return weights.advantage_indicator
     band = {"mask_low": importance.mask_low, "mask_high": importance.mask_high} if importance.masks else {}
     if importance.sequence_level:

@@ -31,7 +31,7 @@ def test_grpo_normalises_per_group_and_zeroes_uniform_groups() -> None:
 def test_grpo_batch_std_centres_per_group_and_scales_by_the_batch() -> None:
     """TRL's scale_rewards="batch": (r - group mean) / (std of every reward + eps); the
     callback's global std (sums over ranks) equals torch's on one process."""
-    from lightning_unified.callbacks.reward import estimate_advantages
+    from lightning_unified.stages.advantages import estimate_advantages
 
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.5, 1.5, 0.0, 3.0])
     want = torch.cat([g - g.mean() for g in r.reshape(3, 4)]) / (r.std() + 1e-4)

@@ -7,9 +7,9 @@ import torch
 from hydra.errors import InstantiationException
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_unified.callbacks.reward import estimate_advantages
+from lightning_unified.stages.advantages import estimate_advantages
 from lightning_unified.rewards.scoring import compute_rewards
-from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.stages.teacher import TeacherStage
 from lightning_unified.config import build_run
 from lightning_unified.specs import (
     Dense,
@@ -58,7 +58,7 @@ def test_missing_checkpoints_name_the_path(tmp_path) -> None:
         checkpoint_path("nope")
     module = tiny_module(OffPolicy(), Dense(teacher=str(tmp_path / "missing")))
     with pytest.raises(FileNotFoundError, match="missing"):
-        TeacherCallback(module.signal).setup(None, module, "fit")
+        TeacherStage(module.signal).setup(None, module, "fit")
 
 
 def test_teacher_with_another_vocabulary_is_refused(tmp_path) -> None:
@@ -67,7 +67,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path) -> None:
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     module = tiny_module(OffPolicy(), Dense(teacher=str(tmp_path)))
     with pytest.raises(ValueError, match="vocabulary of 40 tokens and the policy 15"):
-        TeacherCallback(module.signal).setup(None, module, "fit")
+        TeacherStage(module.signal).setup(None, module, "fit")
 
 
 def test_reward_function_with_the_wrong_shape_is_named() -> None:

@@ -62,7 +62,7 @@ def fit(poisoned: set[int], steps: int, log_every_n_steps: int = 50, **module_kw
 
 def test_a_nan_step_is_skipped_and_counted() -> None:
     module, snap = fit(poisoned={1}, steps=4)
-    guard = next(c for c in module._pipeline if isinstance(c, NonFiniteGuard))
+    guard = next(c for c in module.loop_callbacks if isinstance(c, NonFiniteGuard))
     assert guard.skipped == 1
     for name, value in snap.weights[1].items():
         assert torch.equal(value, snap.weights[0][name]), f"{name} moved in the skipped step"

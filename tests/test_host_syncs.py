@@ -103,7 +103,7 @@ def syncs_of_a_step(method: str, layers: int, teacher: str, monkeypatch) -> tupl
     module = UnifiedModule(policy, datamodule.tokenizer, source, signal, max_new_tokens=4,
                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), samples_every_n_steps=None)
     counter = StepCounter()
-    from lightning_unified.callbacks import reward
+    from lightning_unified.stages import AdvantagesStage, RewardsStage
     from lightning_unified.engines import hf
 
     monkeypatch.setattr(hf.HFEngine, "generate", paused_while(counter.mode, hf.HFEngine.generate))
@@ -128,8 +128,8 @@ def syncs_of_a_step(method: str, layers: int, teacher: str, monkeypatch) -> tupl
         return out
 
     monkeypatch.setattr(Precision, "_after_closure", then_pause)
-    monkeypatch.setattr(reward.RewardCallback, "on_train_batch_start",
-                        paused_while(counter.mode, reward.RewardCallback.on_train_batch_start))
+    for stage in (RewardsStage, AdvantagesStage):
+        monkeypatch.setattr(stage, "run", paused_while(counter.mode, stage.run))
     quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[counter]).fit(module, datamodule=datamodule)
     return counter.counts[-1], counter.where[-1]
 
@@ -145,7 +145,7 @@ def test_host_syncs_do_not_grow_with_the_model(method: str, tmp_path, monkeypatc
 
 def test_prompts_are_decoded_only_for_reward_functions_that_name_them() -> None:
     from lightning_unified import batch as F
-    from lightning_unified.callbacks import RewardCallback
+    from lightning_unified.stages import RewardsStage
 
     seen = []
 
@@ -163,7 +163,7 @@ def test_prompts_are_decoded_only_for_reward_functions_that_name_them() -> None:
     module.tokenizer.batch_decode = lambda *a, **k: calls.append(1) or real(*a, **k)
     trainer = quiet_trainer(max_steps=1)
     trainer.strategy.connect(module)
-    RewardCallback(Sparse(rewards=[Reward(exact_match)])).on_train_batch_start(trainer, module, dict(batch), 0)
+    RewardsStage(Sparse(rewards=[Reward(exact_match)])).run(trainer, module, dict(batch), 0)
     assert len(calls) == 1, "the responses only: exact_match does not name prompts"
-    RewardCallback(Sparse(rewards=[Reward(wants_prompts)])).on_train_batch_start(trainer, module, dict(batch), 0)
+    RewardsStage(Sparse(rewards=[Reward(wants_prompts)])).run(trainer, module, dict(batch), 0)
     assert len(calls) == 3 and len(seen[0]) == 2, "the responses and the prompts, for the function that names them"

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.reference import ReferenceCallback
+from lightning_unified.stages.reference import ReferenceStage
 from lightning_unified.config import train
 from lightning_unified.losses import advantages as adv
 from lightning_unified.losses import weights
@@ -72,11 +72,11 @@ def test_reference_logprobs_equal_a_direct_forward(tmp_path: Path) -> None:
     path = save_tiny_teacher(tmp_path / "reference")
     module = UnifiedModule(build_policy(tiny_datamodule().tokenizer, config=TINY), tiny_datamodule().tokenizer,
                            OffPolicy(), Sparse(), reference=Reference(path=path))
-    callback = ReferenceCallback(module.reference)
+    callback = ReferenceStage(module.reference)
     callback.setup(None, module, "fit")
     callback.on_fit_start(None, module)
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
-    callback.on_train_batch_start(None, module, batch, 0)
+    callback.run(None, module, batch, 0)
     with torch.no_grad():
         logp = torch.log_softmax(full_response_logits(AutoModelForCausalLM.from_pretrained(path), batch), -1)
     want = logp.gather(-1, batch[F.RESPONSE_IDS][..., None]).squeeze(-1) * batch[F.RESPONSE_MASK]
@@ -90,11 +90,11 @@ def test_with_lora_the_reference_is_the_base_model_with_adapters_off() -> None:
         for name, param in module.policy.named_parameters():
             if "lora_B" in name:
                 param.normal_()
-    callback = ReferenceCallback(module.reference)
+    callback = ReferenceStage(module.reference)
     callback.setup(None, module, "fit")
     assert callback.model is None, "no second copy of the weights"
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
-    callback.on_train_batch_start(None, module, batch, 0)
+    callback.run(None, module, batch, 0)
     with torch.no_grad():
         logp = torch.log_softmax(full_response_logits(base, batch), -1)
         adapted = torch.log_softmax(full_response_logits(module.policy, batch), -1)
@@ -147,7 +147,7 @@ def test_k1_needs_sampled_rewards() -> None:
         lora_module(reference=Reference(estimator="k1"))
     rl = lora_module(Reference(estimator="k1"), OnPolicy(sampling=Sampling(num_generations=2)),
                      Sparse(rewards=[Reward(digit_match)]))
-    assert any(isinstance(c, ReferenceCallback) for c in rl.configure_callbacks())
+    assert any(isinstance(s, ReferenceStage) for s in rl.pipeline)
 
 
 def test_a_reference_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
     module = UnifiedModule(build_policy(tiny_datamodule().tokenizer, config=TINY), tiny_datamodule().tokenizer,
                            OffPolicy(), Sparse(), reference=Reference(path=other))
     with pytest.raises(ValueError, match=r"reference .* has a vocabulary of 100 tokens and the policy 15"):
-        ReferenceCallback(module.reference).setup(None, module, "fit")
+        ReferenceStage(module.reference).setup(None, module, "fit")
 
 
 @pytest.mark.parametrize("overrides, where", [

@@ -7,8 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_unified.callbacks.teacher import TeacherCallback
-from lightning_unified.callbacks.reference import ReferenceCallback
+from lightning_unified.pipeline import build_batch_pipeline
+from lightning_unified.stages.teacher import TeacherStage
+from lightning_unified.stages.reference import ReferenceStage
 from lightning_unified.specs import Dense, OnPolicy, Reference, Sampling
 from tests.lightning_helpers import quiet_trainer, save_tiny_teacher, tiny_datamodule, tiny_module
 
@@ -28,9 +29,9 @@ def test_teacher_reference_and_sampling_run_under_the_trainer_precision(tmp_path
     spec = OnPolicy(sampling=Sampling(num_generations=2, max_new_tokens=3))
     module = tiny_module(spec, Dense(teacher=teacher_dir, divergence="reverse_kl"))
     module.reference = Reference(kl_coef=0.1)
-    pipeline = module.configure_callbacks()
-    teacher = next(c for c in pipeline if isinstance(c, TeacherCallback))
-    reference = next(c for c in pipeline if isinstance(c, ReferenceCallback))
+    module.pipeline = build_batch_pipeline(module.data_source, module.signal, module.reference)
+    teacher = next(s for s in module.pipeline if isinstance(s, TeacherStage))
+    reference = next(s for s in module.pipeline if isinstance(s, ReferenceStage))
     spies = {}
 
     class Attach(L.Callback):

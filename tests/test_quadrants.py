@@ -27,7 +27,7 @@ from tests.lightning_helpers import (
 
 BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.EXAMPLE_INDEX, F.RESPONSE_IDS, F.RESPONSE_MASK,
         F.LOSS_MASK}
-SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE, F.POLICY_VERSION}
+SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE, F.POLICY_VERSION, F.SAMPLED}
 REWARDS = [Reward(exact_match), Reward(digit_match, weight=0.5)]
 
 
@@ -55,7 +55,7 @@ def quadrants(teacher: str) -> dict[str, tuple]:
         "on_policy_sampled_kl": (on_policy(), Dense(teacher=teacher, divergence="sampled_reverse_kl"),
                                  BASE | SAMPLED | {F.TEACHER_TOKEN_LOGP}),
         "gkd_on": (on_policy(probability=1.0), Dense(teacher=teacher, divergence="jsd"), BASE | SAMPLED | {F.TEACHER}),
-        "gkd_off": (on_policy(probability=0.0), Dense(teacher=teacher, divergence="jsd"), BASE | {F.TEACHER}),
+        "gkd_off": (on_policy(probability=0.0), Dense(teacher=teacher, divergence="jsd"), BASE | {F.TEACHER, F.SAMPLED}),
     }
 
 

@@ -14,7 +14,8 @@ from lightning_unified.models.forward import response_hidden
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match
-from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module
+from lightning_unified.models.loading import build_policy
+from tests.lightning_helpers import TINY, quiet_trainer, tiny_datamodule, tiny_module
 
 
 class StepSpy(L.Callback):
@@ -158,20 +159,29 @@ def test_bad_replay_settings(field: str, value: int) -> None:
         OnPolicy(**{field: value})
 
 
-def test_callbacks_added_to_the_trainer_by_hand_get_the_per_update_hook() -> None:
-    """``on_update_start`` is a public hook: an exported callback handed to the Trainer
-    directly (here the ImportanceCallback, asking for GSPO's sequence ratio, taken out of
-    the module's own pipeline as a user assembling their own would), or a user's own, runs
-    before every update."""
+def test_stages_and_callbacks_added_by_hand_get_the_per_update_hook() -> None:
+    """``on_update`` (a stage's) and ``on_update_start`` (a Lightning callback's) are public
+    hooks: a stage a user adds to the module (here an exported ImportanceStage asking for
+    GSPO's sequence ratio, placed after the method's own importance stage) runs before
+    every update, and then a callback handed to the Trainer directly."""
     import lightning as L
 
-    from lightning_unified.callbacks import ImportanceCallback
-    from lightning_unified.callbacks.host import PolicyHost
+    from lightning_unified.stages import ImportanceStage
+    from lightning_unified.stages.host import PolicyHost
+
+    class SequenceRatio(ImportanceStage):
+        name = "sequence_ratio"
+
+        def __init__(self) -> None:
+            super().__init__(Importance(ratio="sequence_clip"))
+            self.after = "importance"
 
     spec = OnPolicy(sampling=Sampling(num_generations=2), importance=Importance(ratio="truncated"),
                     updates_per_rollout=2)
-    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
-    module._pipeline = [c for c in module.configure_callbacks() if not isinstance(c, ImportanceCallback)]
+    data = tiny_datamodule()
+    module = UnifiedModule(build_policy(data.tokenizer, config=TINY), data.tokenizer, spec,
+                           Sparse(rewards=[Reward(digit_match)]), stages=[SequenceRatio()])
+    assert module.pipeline.names == ["sample", "rewards", "advantages", "importance", "sequence_ratio"]
 
     class Counter(L.Callback):
         def __init__(self) -> None:
@@ -180,11 +190,10 @@ def test_callbacks_added_to_the_trainer_by_hand_get_the_per_update_hook() -> Non
         def on_update_start(self, trainer, pl_module, batch) -> None:
             self.seen.append((trainer.global_step, F.LOG_RATIO in batch))
 
-    by_hand = ImportanceCallback(Importance(ratio="sequence_clip"))
     counter = Counter()
-    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[by_hand, counter]).fit(
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[counter]).fit(
         module, datamodule=tiny_datamodule(batch_size=4))
-    # two batches x two updates each; the hand-added ImportanceCallback ran first (the
-    # trainer's order) and wrote the sequence ratio into every update's rows
+    # two batches x two updates each; the added stage ran first and wrote the sequence
+    # ratio into every update's rows
     assert counter.seen == [(0, True), (0, True), (1, True), (1, True)]
-    assert isinstance(module, PolicyHost), "the module offers what its callbacks read"
+    assert isinstance(module, PolicyHost), "the module offers what its stages read"

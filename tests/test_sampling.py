@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.sampling import (
-    SamplingCallback,
+from lightning_unified.stages.sample import (
+    SampleStage,
     mixed_batch_is_on_policy,
 )
 from lightning_unified.engines.base import mask_after_stop
@@ -46,7 +46,7 @@ def test_behaviour_logp_is_the_documented_distribution(temperature: float, top_k
                                       behaviour=behaviour))
     module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
-    SamplingCallback(spec).sample_into(batch, module, max_new_tokens=6, synced=False)
+    SampleStage(spec).sample_into(batch, module, max_new_tokens=6, synced=False)
 
     mask = batch[F.RESPONSE_MASK].bool()
     assert batch[F.RESPONSE_IDS].shape[0] == 18 and batch[F.GROUP_SIZE] == 3

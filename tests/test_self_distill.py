@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.sampling import SamplingCallback
-from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.stages.sample import SampleStage
+from lightning_unified.stages.teacher import TeacherStage
 from lightning_unified.data.chat import contextual_prompt
 from lightning_unified.data.collate import pad
 from lightning_unified.specs import Dense, OnPolicy, Sampling
@@ -22,7 +22,7 @@ TEMPLATE = "{reference}={prompt}"
 
 def sampled_batch(module, spec):
     batch = next(iter(tiny_datamodule(batch_size=4).train_dataloader()))
-    SamplingCallback(spec).sample_into(batch, module, max_new_tokens=5, synced=False)
+    SampleStage(spec).sample_into(batch, module, max_new_tokens=5, synced=False)
     return batch
 
 
@@ -32,7 +32,7 @@ def test_teacher_fields_are_the_policy_on_the_context_prompt(divergence: str) ->
     signal = Dense(teacher="self", teacher_context=TEMPLATE, divergence=divergence)
     module = tiny_module(spec, signal)
     batch = sampled_batch(module, spec)
-    TeacherCallback(signal).on_train_batch_start(None, module, batch, 0)
+    TeacherStage(signal).run(None, module, batch, 0)
     assert module.policy.training, "the policy goes back to train mode after scoring"
 
     # independently: the context prompt as text, tokenized, left-padded, one plain HF forward
@@ -68,7 +68,7 @@ def test_self_distillation_trains_without_a_second_model() -> None:
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
-    teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
+    teacher = module.pipeline.stage("teacher")
     assert not teacher.models and not teacher.served and teacher.copy_head
     assert torch.isfinite(trainer.callback_metrics["train/objective"])
     assert float(trainer.callback_metrics["train/objective"]) > 0, "the context makes the teacher differ"
@@ -117,7 +117,7 @@ def test_a_lagging_self_teacher_scores_with_its_own_weights(schedule: str) -> No
 
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Record()])
     trainer.fit(module, datamodule=tiny_datamodule(batch_size=4))
-    teacher = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
+    teacher = module.pipeline.stage("teacher")
     expected = {"frozen": start, "refresh": history[1]}.get(schedule)  # refreshed after step 2 of 3
     if schedule == "ema":
         expected = start
@@ -130,14 +130,14 @@ def test_a_lagging_self_teacher_scores_with_its_own_weights(schedule: str) -> No
     # the teacher's fields: the policy with the snapshot's weights, on the context prompt
     batch = sampled_batch(module, spec)
     before = _trainable(module)
-    teacher.on_train_batch_start(None, module, batch, 0)
+    teacher.run(None, module, batch, 0)
     assert all(torch.equal(a, b) for a, b in zip(_trainable(module), before)), "the policy's weights are back"
     copy = tiny_module(spec, Dense(teacher="self", teacher_context=TEMPLATE, divergence="sampled_reverse_kl"))
     with torch.no_grad():
         for p, w in zip((p for p in copy.policy.parameters() if p.requires_grad), expected):
             p.copy_(w)
     alone = dict(batch)
-    TeacherCallback(copy.signal).on_train_batch_start(None, copy, alone, 0)
+    TeacherStage(copy.signal).run(None, copy, alone, 0)
     valid = batch[F.RESPONSE_MASK].bool()
     torch.testing.assert_close(batch[F.TEACHER_TOKEN_LOGP][valid], alone[F.TEACHER_TOKEN_LOGP][valid])
 

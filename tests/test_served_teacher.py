@@ -168,18 +168,18 @@ def test_the_in_process_vllm_teacher_scores_as_hf_does() -> None:
 
 
 def test_an_in_process_vllm_reference_scores_as_the_hf_reference_does() -> None:
-    from lightning_unified.callbacks.reference import ReferenceCallback
+    from lightning_unified.stages.reference import ReferenceStage
     from lightning_unified.specs import OffPolicy
 
     rows = data_batch()
 
     def scored(reference: Reference) -> torch.Tensor:
         module = UnifiedModule(student(), tiny_datamodule().tokenizer, OffPolicy(), Sparse(), reference=reference)
-        callback = ReferenceCallback(module.reference)
+        callback = ReferenceStage(module.reference)
         callback.setup(None, module, "fit")
         try:
             batch = dict(rows)
-            callback.on_train_batch_start(None, module, batch, 0)
+            callback.run(None, module, batch, 0)
         finally:
             callback.teardown(None, module, "fit")
         return batch[F.REFERENCE_LOGP]
@@ -193,7 +193,7 @@ def test_an_in_process_vllm_reference_scores_as_the_hf_reference_does() -> None:
 def test_a_served_and_a_local_teacher_each_score_the_rows_their_data_names(server, tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from lightning_unified.callbacks.teacher import TeacherCallback
+    from lightning_unified.stages.teacher import TeacherStage
     from lightning_unified.specs import OffPolicy
     from lightning_unified.tasks.files import FilesDataModule
 
@@ -207,12 +207,12 @@ def test_a_served_and_a_local_teacher_each_score_the_rows_their_data_names(serve
 
     def scored(signal: Dense) -> dict:
         module = UnifiedModule(student(), data.tokenizer, OffPolicy(), signal)
-        callback = TeacherCallback(signal)
+        callback = TeacherStage(signal)
         # a teacher alone scores every row, whatever the data names
         callback.setup(SimpleNamespace(datamodule=data if signal.routed else None), module, "fit")
         out = dict(batch)
         try:
-            callback.on_train_batch_start(None, module, out, 0)
+            callback.run(None, module, out, 0)
         finally:
             callback.teardown(None, module, "fit")
         return out

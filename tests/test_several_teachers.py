@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.stages.teacher import TeacherStage
 from lightning_unified.config import describe_method, build_run, train
 from lightning_unified.losses.teacher_logits import RoutedTeacherLogits, TeacherLogits
 from lightning_unified.models.loading import load_causal_lm
@@ -50,11 +50,11 @@ def teachers(models: dict) -> dict:
 def scored(signal: Dense, models: dict, batch: dict, data=None) -> dict:
     """``batch`` with the fields ``signal``'s teacher callback adds."""
     module = UnifiedModule(models["policy"], models["policy"], OffPolicy(), signal)
-    callback = TeacherCallback(signal)
+    callback = TeacherStage(signal)
     callback.setup(SimpleNamespace(datamodule=data), module, "fit")
     callback.on_fit_start(None, module)
     batch = dict(batch)
-    callback.on_train_batch_start(None, module, batch, 0)
+    callback.run(None, module, batch, 0)
     return batch
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.stages.teacher import TeacherStage
 from lightning_unified.models.loading import build_policy, load_causal_lm
 from lightning_unified.models.forward import response_hidden
 from lightning_unified.losses.objective import target_logprobs, topk_logprobs
@@ -64,11 +64,11 @@ def test_teacher_callback_hands_the_loss_the_teachers_distribution(tmp_path, top
     path = save_tiny_teacher(tmp_path / "teacher")
     signal = Dense(teacher=path, divergence=divergence, top_k=top_k, temperature=1.5)
     module = tiny_module(OffPolicy(), signal)
-    callback = TeacherCallback(signal)
+    callback = TeacherStage(signal)
     callback.setup(None, module, "fit")
     callback.on_fit_start(None, module)
     batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
-    callback.on_train_batch_start(None, module, batch, 0)
+    callback.run(None, module, batch, 0)
     with torch.no_grad():
         expected = torch.log_softmax(full_response_logits(load_causal_lm(path), batch) / 1.5, -1)  # [B, R, V]
     if top_k:

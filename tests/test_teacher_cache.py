@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.callbacks.teacher import TeacherCallback
+from lightning_unified.stages.teacher import TeacherStage
 from lightning_unified.data.teacher_cache import CacheMismatch, TeacherCache, shard_path, write_teacher_cache
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy
 from tests.lightning_helpers import (
@@ -42,11 +42,11 @@ def test_cached_fields_equal_the_live_top_k_teacher(cached) -> None:
     batch = next(iter(datamodule.train_dataloader()))
     assert F.EXAMPLE_INDEX in batch
     live = dict(batch)
-    live_cb = TeacherCallback(Dense(teacher=teacher, top_k=4))
+    live_cb = TeacherStage(Dense(teacher=teacher, top_k=4))
     from lightning_unified.models.loading import load_causal_lm
 
     live_cb.models["teacher"] = load_causal_lm(teacher).eval()
-    live_cb.on_train_batch_start(None, module, live, 0)
+    live_cb.run(None, module, live, 0)
     cache = TeacherCache(out)
     cache.check(tokenizer=datamodule.tokenizer, examples=datamodule.training_examples(), teacher=None, top_k=4,
                 temperature=1.0)
@@ -64,7 +64,7 @@ def test_training_from_the_cache_equals_training_with_the_live_teacher(cached) -
         module = tiny_module(OffPolicy(), signal)
         trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
         trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
-        teacher_cb = next(c for c in trainer.callbacks if isinstance(c, TeacherCallback))
+        teacher_cb = module.pipeline.stage("teacher")
         assert (not teacher_cb.models) == (signal.cache is not None), "a cached run loads no teacher"
         policies.append(module.policy.state_dict())
     for key in policies[0]:

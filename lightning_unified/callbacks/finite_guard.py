@@ -63,20 +63,22 @@ class NonFiniteGuard(L.Callback):
         # this step's checks, kept on the device until the one read in on_before_optimizer_step:
         # (which micro-batch, the names checked, [n] finite flags)
         self._pending: list[tuple[str, list[str], torch.Tensor]] = []
-        self._batch_idx = -1
+        self._batch_idx, self._batch = -1, None
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
-        # the last stage of the pipeline: every field of this micro-batch is in place
-        self._batch_idx = batch_idx
-        checked = _checked_fields(batch)
-        if checked:
-            self._pending.append((f"batch {batch_idx}", [name for name, _ in checked],
-                                  finite_flags([t for _, t in checked]).to(pl_module.device)))
+        # the module's stages add their fields after this hook: they are checked before backward
+        self._batch_idx, self._batch = batch_idx, batch
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Every field of this micro-batch is in place (the stages ran, and the update's own
+        fields were refreshed): its floating-point fields and the loss, checked on the device."""
+        checked = _checked_fields(self._batch or {})
+        if checked:
+            self._pending.append((f"batch {self._batch_idx}", [name for name, _ in checked],
+                                  finite_flags([t for _, t in checked]).to(pl_module.device)))
         self._pending.append((f"batch {self._batch_idx}", ["loss"], torch.isfinite(loss.detach()).reshape(1)))
 
     @override

@@ -40,6 +40,13 @@ class Packing:
         if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
             raise ValueError(f"module.max_tokens_per_row must be >= 1 or null, got {self.max_tokens_per_row}")
 
+    def describe(self, varlen: bool) -> str:
+        """The run's start line for packing (``varlen``: FlashAttention's path)."""
+        attention = "FlashAttention's variable-length path" if varlen else "a block-diagonal causal mask"
+        budget = (f"at most {self.max_tokens_per_row} tokens" if self.max_tokens_per_row
+                  else "as long as the batch's longest sequence")
+        return f"packing: each forward lays the batch's sequences end to end in rows {budget}; attention through {attention}"
+
 
 @dataclass(frozen=True)
 class PackedBatch:

@@ -1,6 +1,6 @@
 """Where a dense signal's teacher (or the KL penalty's reference) runs when it is not a
 Hugging Face model in the training process (``engine=hf``,
-:mod:`lightning_unified.callbacks.teacher`, :mod:`lightning_unified.callbacks.reference`): a
+:mod:`lightning_unified.stages.teacher`, :mod:`lightning_unified.stages.reference`): a
 frozen vLLM engine in the process (``vllm``) or an OpenAI-compatible server (``server``). Both return
 :class:`~lightning_unified.teachers.scores.TeacherScores`: each response token's log-prob
 and the teacher's top-k, the fields the loss already reads."""

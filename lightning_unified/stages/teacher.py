@@ -1,4 +1,4 @@
-"""Dense signal: a frozen teacher (or several, each row scored by the one its data names)
+"""The teacher stage (dense signal): a frozen teacher (or several, each row scored by the one its data names)
 scores each batch's prompt + response once, and hands the loss its hidden states and head
 (or a top-k, or one log-prob per token), never [B, R, V]."""
 
@@ -9,7 +9,6 @@ import logging
 import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
-from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
@@ -23,12 +22,13 @@ from lightning_unified.models.snapshot import WeightSnapshot
 from lightning_unified.specs import Dense
 from lightning_unified.teachers import build_teacher
 from lightning_unified.teachers.routing import joined_rows, route_index
+from lightning_unified.stages.base import Stage
 
 
 log = logging.getLogger(__name__)
 
 
-class TeacherCallback(L.Callback):
+class TeacherStage(Stage):
     """``signal.teacher`` is a model directory, or ``self``: the policy itself, in eval mode
     and under no_grad, with no second copy of its weights (self-distillation). With
     ``signal.teacher_context`` the teacher scores the responses after a prompt with
@@ -45,7 +45,10 @@ class TeacherCallback(L.Callback):
     with ``teacher.engine=vllm``: the run's own vLLM rollout engine scores the context prompt
     (its top-k or each token's log-prob), with the weights it samples with."""
 
+    name = "teacher"
+
     def __init__(self, signal: Dense, copy_head: bool = False):
+        super().__init__()
         self.signal = signal
         self.copy_head = copy_head
         # by name: Hugging Face teachers (engine=hf) and served ones (vllm, server)
@@ -55,7 +58,22 @@ class TeacherCallback(L.Callback):
         self.snapshot = (WeightSnapshot(signal.self_teacher, signal.self_teacher_decay, signal.self_teacher_every)
                          if signal.is_self and signal.self_teacher != "live" else None)
 
-    @override
+    def reads(self) -> set[str]:
+        return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+
+    def writes(self) -> set[str]:
+        """The teacher's fields in the form the signal asks for: its top-k (a cache, or
+        ``top_k``), its log-prob of each token (the sampled reverse KL, or a served teacher
+        without ``top_k``), or its hidden states and head (the whole distribution)."""
+        signal = self.signal
+        if signal.cache is not None or signal.top_k:
+            out = {fields.TEACHER_TOPK_IDS, fields.TEACHER_TOPK_LOGP}
+        elif signal.divergence == "sampled_reverse_kl" or signal.served or (signal.is_self and signal.engine == "vllm"):
+            out = {fields.TEACHER_TOKEN_LOGP}
+        else:
+            out = {fields.TEACHER}
+        return out | ({fields.TEACHER_INDEX} if signal.routed else set())
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -109,12 +127,10 @@ class TeacherCallback(L.Callback):
                     temperature=self.signal.temperature)
         self.cache = cache
 
-    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for teacher in self.models.values():
             teacher.to(pl_module.device)
 
-    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.snapshot is None:
             return
@@ -124,17 +140,14 @@ class TeacherCallback(L.Callback):
                                       f"signal.self_teacher=live")
         self.snapshot.take(pl_module.policy)  # the starting policy, or the checkpoint's snapshot
 
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+    def after_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
                            batch_idx: int) -> None:
         if self.snapshot is not None:
             self.snapshot.follow(pl_module.policy, pl_module.progress["optimizer_steps"])
 
-    @override
     def state_dict(self) -> dict:
         return {"snapshot": self.snapshot.state_dict()} if self.snapshot is not None else {}
 
-    @override
     def load_state_dict(self, state_dict: dict) -> None:
         if self.snapshot is not None:
             if "snapshot" not in state_dict:
@@ -142,8 +155,7 @@ class TeacherCallback(L.Callback):
                                  f"weights (it was written with signal.self_teacher=live)")
             self.snapshot.load_state_dict(state_dict["snapshot"])
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="teacher scoring")
         signal = self.signal
@@ -234,7 +246,6 @@ class TeacherCallback(L.Callback):
             return {fields.TEACHER: TeacherLogits(hidden=hidden, head_weight=weight, head_bias=bias,
                                                   temperature=signal.temperature)}
 
-    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             for served in self.served.values():

@@ -1,4 +1,4 @@
-"""On-policy responses: sample G per prompt from the current policy, through the run's
+"""The sample stage: on-policy responses, G per prompt from the current policy, through the run's
 rollout engine (:mod:`lightning_unified.engines`), and record the behaviour log-probs of the
 distribution sampled from."""
 
@@ -9,12 +9,12 @@ import time
 
 import lightning as L
 import torch
-from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.specs import OnPolicy
+from lightning_unified.stages.base import Stage
 
 
 def mixed_batch_is_on_policy(probability: float, seed: int, global_step: int, batch_idx: int) -> bool:
@@ -31,21 +31,33 @@ def sampling_seed(seed: int, global_step: int, batch_idx: int, rank: int) -> int
     return random.Random(f"sample:{seed}:{global_step}:{batch_idx}:{rank}").getrandbits(63)
 
 
-class SamplingCallback(L.Callback):
+class SampleStage(Stage):
+    name = "sample"
+
     def __init__(self, data_source: OnPolicy):
+        super().__init__()
         self.data_source = data_source
+
+    def reads(self) -> set[str]:
+        return {fields.PROMPT_IDS, fields.PROMPT_MASK}
+
+    def writes(self) -> set[str]:
+        # the prompts (and their per-row lists) come back as G copies each
+        return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK,
+                fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
+                fields.PROMPTS, fields.TEACHER_NAMES}
 
     def _max_new_tokens(self, pl_module: L.LightningModule) -> int:
         """The sampling spec's, else the module's (which falls back to the datamodule's)."""
         return self.data_source.sampling.max_new_tokens or pl_module.max_new_tokens
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         on_policy = mixed_batch_is_on_policy(
             self.data_source.probability, self.data_source.seed, trainer.global_step, batch_idx
         )
         if self.data_source.probability < 1.0:
             pl_module.log("sampling/on_policy", float(on_policy), batch_size=1)
+        batch[fields.SAMPLED] = on_policy
         if not on_policy:
             fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                            who="a mixed data source's off-policy batch")

@@ -10,7 +10,6 @@ import copy
 import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
-from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
@@ -20,20 +19,29 @@ from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.specs import Reference
 from lightning_unified.teachers import build_teacher
+from lightning_unified.stages.base import Stage
 
 
-class ReferenceCallback(L.Callback):
+class ReferenceStage(Stage):
     """``reference.path`` loads a model; without one the reference is the starting policy:
     with LoRA the same base model with its adapters switched off (no copy), otherwise a
     frozen copy taken before the first step. ``reference.engine=vllm`` or ``server``: the
     reference is served (:mod:`lightning_unified.teachers`), and no model is loaded here."""
 
+    name = "reference"
+
     def __init__(self, reference: Reference):
+        super().__init__()
         self.reference = reference
         self.model = None
         self.served = None
 
-    @override
+    def reads(self) -> set[str]:
+        return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+
+    def writes(self) -> set[str]:
+        return {fields.REFERENCE_LOGP}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reference.served:
             if stage == "fit" and self.served is None:
@@ -55,8 +63,8 @@ class ReferenceCallback(L.Callback):
             if pl_module.policy_is_sharded():
                 raise RuntimeError(
                     "the reference is the starting policy, but the policy was sharded (FSDP2) before this "
-                    "callback saw it, and a sharded model cannot be copied; give reference.path (the "
-                    "starting model's directory) or attach the callback before the first validate/fit")
+                    "stage saw it, and a sharded model cannot be copied; give reference.path (the "
+                    "starting model's directory)")
             model = copy.deepcopy(pl_module.policy)
         # kept out of the module so it is never trained, checkpointed or wrapped by DDP; a
         # whole copy on every rank under FSDP2 too (scored without collectives)
@@ -74,19 +82,16 @@ class ReferenceCallback(L.Callback):
         served.start(pl_module.policy, pl_module.tokenizer)
         self.served = served
 
-    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.served is not None:
             self.served.close()
             self.served = None
 
-    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.model is not None:
             self.model.to(pl_module.device)
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="reference scoring")
         with trainer_precision(pl_module):
@@ -116,8 +121,7 @@ class ReferenceCallback(L.Callback):
                                temperature=pl_module.temperature)
         return torch.where(mask.bool(), logp, 0.0)
 
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+    def after_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
                            batch_idx: int) -> None:
         if not isinstance(outputs, dict) or "target_logp" not in outputs or fields.REFERENCE_LOGP not in batch:
             return

@@ -4,16 +4,16 @@ on sampled responses), then before every update the pairs' sequence-level weight
 from __future__ import annotations
 
 import lightning as L
-from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import Preference
+from lightning_unified.stages.base import Stage
 
 
-class PreferenceCallback(L.Callback):
+class PreferenceStage(Stage):
     """Data pairs arrive marked (``preference``: +1 chosen, -1 rejected, in groups of 2). A
     sampled batch (online DPO) is scored by ``signal.rewards``, and each prompt's best and
     worst samples become its pair; a prompt whose samples all score the same has no pair
@@ -22,16 +22,25 @@ class PreferenceCallback(L.Callback):
     The weights need the policy's whole-sequence log-probs at the moment of the update, so
     :meth:`on_update_start` pays one no-grad forward per optimizer step."""
 
+    name = "preference"
+
     def __init__(self, signal: Preference):
+        super().__init__()
         self.signal = signal
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+    def reads(self) -> set[str]:
+        needs = {fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+        return needs | {fields.REFERENCE_LOGP} if self.signal.needs_reference else needs
+
+    def writes(self) -> set[str]:
+        return {fields.PREFERENCE, fields.REWARDS, fields.COMPLETIONS, fields.PREFERENCE_WEIGHT, fields.PREFERENCE_LOSS}
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
         fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK, who="signal=preference")
         if fields.PREFERENCE in batch:
             return  # pairs from the data
-        if fields.BEHAVIOUR_LOGP not in batch:
+        if not fields.is_sampled(batch):
             raise ValueError(
                 "signal=preference on data without pairs: give the data 'chosen' and 'rejected' columns (the built-in "
                 "task: task.pairs=true), or sample the responses (data_source=on_policy) and set signal.rewards"
@@ -55,7 +64,7 @@ class PreferenceCallback(L.Callback):
             pl_module.log(f"reward/{name}", value, batch_size=n)
         pl_module.log("reward/reward_mean", rewards.mean(), batch_size=n, prog_bar=True)
 
-    def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
+    def on_update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
         fields.require(batch, fields.PREFERENCE, who="signal=preference")
         if self.signal.needs_reference:

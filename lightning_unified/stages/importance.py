@@ -5,33 +5,41 @@ trainer-sampler mismatch)."""
 from __future__ import annotations
 
 import lightning as L
-from typing_extensions import override
 
 from lightning_unified import batch as fields
 from lightning_unified.losses.importance import mismatch_kl, ratio_diagnostics, ratio_from_log, sequence_log_ratio
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import Importance
+from lightning_unified.stages.base import Stage
 
 
-class ImportanceCallback(L.Callback):
+class ImportanceStage(Stage):
     """Token-level ratios need nothing here: the loss forms rho from the policy's log-probs
     and ``behaviour_logp`` one chunk at a time. A sequence-level ratio needs every token's
-    log-prob first, so for ``sequence_clip`` this callback pays one no-grad forward before
+    log-prob first, so for ``sequence_clip`` this stage pays one no-grad forward before
     every update (with several updates per rollout, the policy has moved since the last)."""
 
+    name = "importance"
+
     def __init__(self, importance: Importance):
+        super().__init__()
         self.importance = importance
         # whether the batch being trained was sampled from older weights than the policy's
         self._stale = False
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def reads(self) -> set[str]:
+        return {fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+
+    def writes(self) -> set[str]:
+        return {fields.LOG_RATIO} if self.importance.sequence_level else set()
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         versions = batch.get(fields.POLICY_VERSION) or []
         self._stale = any(v != pl_module.progress["optimizer_steps"] for v in versions)
 
-    def on_update_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
+    def on_update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
-        if not self.importance.sequence_level or fields.BEHAVIOUR_LOGP not in batch:
+        if not self.importance.sequence_level or not fields.is_sampled(batch):
             return
         logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
                                  batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
@@ -39,10 +47,9 @@ class ImportanceCallback(L.Callback):
         # the sequence's ratio is over the tokens its sampler wrote, the ones in the loss
         batch[fields.LOG_RATIO] = sequence_log_ratio(logp, batch[fields.BEHAVIOUR_LOGP], fields.loss_mask(batch))
 
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int) -> None:
+    def after_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int) -> None:
         """The ratios the batch's last pass trained with (the only pass, with one update)."""
-        if fields.BEHAVIOUR_LOGP not in batch or not isinstance(outputs, dict) or "target_logp" not in outputs:
+        if not fields.is_sampled(batch) or not isinstance(outputs, dict) or "target_logp" not in outputs:
             return
         mask = fields.loss_mask(batch)
         spec = self.importance

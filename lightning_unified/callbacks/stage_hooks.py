@@ -1,0 +1,21 @@
+"""The stages' end-of-batch work, called from the loop's callbacks rather than the module."""
+
+from __future__ import annotations
+
+import lightning as L
+from typing_extensions import override
+
+
+class StagesAfterBatch(L.Callback):
+    """Calls each stage's ``after_batch`` (diagnostics, and state that follows the policy)
+    when a training batch ends. A callback, not the module's own hook: Lightning calls every
+    callback's ``on_train_batch_end``, the checkpoint callbacks last, before the module's, so
+    a checkpoint written at this batch holds the stages' state as of this batch (a lagging
+    self-teacher's weights, which a resumed run must continue from)."""
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+                           batch_idx: int) -> None:
+        pipeline = getattr(pl_module, "pipeline", None)
+        if pipeline is not None:
+            pipeline.after_batch(trainer, pl_module, outputs, batch, batch_idx)

@@ -1,0 +1,59 @@
+"""The rewards stage: reward functions on the decoded responses (sampled ones, or the data's
+with ``signal.reward_data``), or the data's own reward column."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from lightning_unified import batch as fields
+from lightning_unified.losses import advantages as estimators
+from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
+from lightning_unified.specs import Sparse
+from lightning_unified.stages.base import Stage
+
+
+class RewardsStage(Stage):
+    """Scores sampled responses (RL), or the dataset's when ``reward_data`` is set
+    (reward-weighted SFT), with ``signal.rewards``; the data's ``reward`` column, when it
+    has one, is the data's reward as it is."""
+
+    name = "rewards"
+
+    def __init__(self, signal: Sparse):
+        super().__init__()
+        self.signal = signal
+        self.needs_prompts = any(names_parameter(r.fn, "prompts") for r in signal.rewards)
+
+    def reads(self) -> set[str]:
+        return {fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+
+    def writes(self) -> set[str]:
+        return {fields.REWARDS, fields.COMPLETIONS}
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        sampled = fields.is_sampled(batch)
+        if not (sampled or self.signal.reward_data):
+            return  # off-policy data under plain SFT: every data token has reward 1
+        fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK, who="rewards")
+        response_ids, mask = batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK]
+        n = response_ids.shape[0]
+        if not sampled and fields.REWARDS in batch:
+            rewards = batch[fields.REWARDS].float()  # the data's own reward column
+        else:
+            if not self.signal.rewards:
+                raise ValueError("signal.reward_data=true needs a 'reward' column in the data or an entry in "
+                                 "signal.rewards")
+            completions = decode_responses(pl_module.tokenizer, batch)
+            batch[fields.COMPLETIONS] = completions
+            rewards, parts = compute_rewards(
+                self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
+                completion_ids=response_ids, completion_mask=mask,
+                # decoded only for functions that name them (a reward model does)
+                **({"prompts": decode_prompts(pl_module.tokenizer, batch)} if self.needs_prompts else {}))
+            for name, value in parts.items():
+                pl_module.log(f"reward/{name}", value, batch_size=n)
+        batch[fields.REWARDS] = rewards.to(response_ids.device)
+        group_size = batch.get(fields.GROUP_SIZE, 1)
+        for name, value in estimators.reward_metrics(batch[fields.REWARDS],
+                                                     group_size=group_size if group_size > 1 else None).items():
+            pl_module.log(f"reward/{name}", value, batch_size=n, prog_bar=name == "reward_mean")
