@@ -9,39 +9,40 @@ module is :class:`lightning_unified.stages.host.PolicyHost`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_unified import batch as fields
-from lightning_unified.stages import Stage
-from lightning_unified.stages.host import run_update_hooks
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
-from lightning_unified.engines.session import EngineSession
+from lightning_unified.engines.rollouts import Rollouts
 from lightning_unified.host_memory import keep_freed_host_memory
+from lightning_unified.lightning_private import attached_trainer, writes_logs_now
 from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_reduce_sum, count_tensor, normaliser,
                                                   normaliser_tensor, token_terms)
 from lightning_unified.losses.weights import WeightSum
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
-from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.forward import response_hidden
-from lightning_unified.models.packing import Packing, uses_varlen_attention
+from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.lora import is_lora
+from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
-from lightning_unified.lightning_private import attached_trainer, writes_logs_now
 from lightning_unified.progress import TrainingProgress, log_step
 from lightning_unified.replay import RolloutReplay
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
-from lightning_unified.validation import max_new_tokens, score_batch, validation_rewards
+from lightning_unified.stages import Stage
+from lightning_unified.stages.host import run_update_hooks
+from lightning_unified.validation import max_new_tokens, validate_batch, validation_rewards
 from lightning_unified.weighting import builder_fields, select_weight_fn
 
 
@@ -109,8 +110,9 @@ class UnifiedModule(L.LightningModule):
         # what crosses the loop: the stages' end of batch, the sample log, the guards (bad settings fail here)
         self.loop_callbacks = loop_callbacks(samples_every_n_steps, non_finite=non_finite,
                                              max_non_finite_steps=max_non_finite_steps)
-        # where sampled responses and greedy validation answers are generated
-        self.engine_session = EngineSession.for_sampling(data_source.sampling if data_source.samples else None)
+        # the one owner of the engine that samples responses and answers validation prompts
+        self.rollouts = Rollouts.for_sampling(self.policy, data_source.sampling if data_source.samples else None)
+        self._validation = contextlib.ExitStack()
         self.replay = RolloutReplay.for_data_source(data_source)
         self.val_metrics = nn.ModuleDict()
         # several teachers: each one's objective is logged as train/objective/<name>
@@ -244,30 +246,24 @@ class UnifiedModule(L.LightningModule):
         self.pipeline.each("on_train_start", self.trainer, self)
         self.clock.start_clock()  # validation before fit is not training time
 
-    def on_validation_end(self) -> None:
+    # --- validation: greedy answers from the rollout engine, awake for the whole epoch --------
+    def on_validation_epoch_start(self) -> None:
+        self._validation.enter_context(self.rollouts.engine_for(self.progress["optimizer_steps"]))
+
+    def on_validation_epoch_end(self) -> None:
+        self._validation.close()
         if self.clock.running:
             self.clock.start_clock()  # validation time is not training time
 
-    # --- generation: the rollout engine, holding the policy's current weights ----------
-    def rollout_engine(self):
-        """The engine that samples responses and answers validation prompts (``hf``: the
-        policy's own ``generate``; ``vllm``: an engine synced with the policy's weights every
-        ``sampling.sync_every`` optimizer steps)."""
-        return self.engine_session.ready(self.policy, self.progress["optimizer_steps"])
-
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """Greedy answers to the held-out prompts, scored by each validation reward."""
-        result = score_batch(self, batch)
-        for name, value in result["scores"].items():
-            self.val_metrics[name].update(value.to(self.device))
-            self.log(f"val/{name}", self.val_metrics[name], prog_bar=True, batch_size=value.numel())
-        return result
+        return validate_batch(self, batch)
 
     # --- checkpoints: LoRA keeps only its adapters; progress survives a resume ----------
     def fingerprint(self) -> dict:
         """What a checkpoint must match to be resumed into this module."""
-        method = f"data_source={type(self.data_source).__name__}, signal={type(self.signal).__name__}"
-        return fingerprint(method, self.policy)
+        return fingerprint(f"data_source={type(self.data_source).__name__}, signal={type(self.signal).__name__}",
+                           self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
@@ -289,9 +285,8 @@ class UnifiedModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) shard the policy; others leave it alone."""
-        mesh = self.device_mesh
-        if mesh is not None and not self.policy_is_sharded():
-            shard_policy(self.policy, mesh["data_parallel"])
+        if self.device_mesh is not None and not self.policy_is_sharded():
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def policy_is_sharded(self) -> bool:
         return is_sharded(self.policy)

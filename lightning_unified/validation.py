@@ -38,7 +38,8 @@ def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) 
         pad_token_id=module.tokenizer.pad_token_id, greedy=True,
         synced=module.trainer.world_size > 1 if attached_trainer(module) is not None else False,
     )
-    rollout = module.rollout_engine().generate(module.policy, prompt_ids, prompt_mask, request)
+    with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
+        rollout = engine.generate(module.policy, prompt_ids, prompt_mask, request)
     return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
 
 
@@ -50,3 +51,13 @@ def score_batch(module, batch: dict) -> dict:
     scores = score_each(module.val_rewards, completions=completions, prompts=prompts,
                         references=batch.get(fields.REFERENCES, [None] * len(completions)))
     return {"completions": completions, "prompts": prompts, "scores": scores}
+
+
+def validate_batch(module, batch: dict) -> dict:
+    """One validation step of ``module``: its greedy answers, each validation reward's
+    scores added to the module's ``val_metrics`` and logged as ``val/<name>``."""
+    result = score_batch(module, batch)
+    for name, value in result["scores"].items():
+        module.val_metrics[name].update(value.to(module.device))
+        module.log(f"val/{name}", module.val_metrics[name], prog_bar=True, batch_size=value.numel())
+    return result

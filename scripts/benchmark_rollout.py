@@ -37,7 +37,7 @@ def sampling_cell(args, engine: str) -> dict:
 
     from lightning_unified.data.chat import stop_token_ids
     from lightning_unified.engines import GenerationRequest
-    from lightning_unified.engines.session import EngineSession
+    from lightning_unified.engines.rollouts import Rollouts
     from lightning_unified.models.loading import load_causal_lm
     from lightning_unified.tasks.files import FilesDataModule
 
@@ -49,19 +49,19 @@ def sampling_cell(args, engine: str) -> dict:
     tokenizer = data.tokenizer
     prompt_ids = batch["prompt_ids"].repeat_interleave(args.samples, 0)
     prompt_mask = batch["prompt_mask"].repeat_interleave(args.samples, 0)
-    session = EngineSession(engine, {"kv_cache_gib": 1} if engine == "vllm" else None, temperature=1.0)
+    rollouts = Rollouts(policy, engine, {"kv_cache_gib": 1} if engine == "vllm" else None, temperature=1.0)
     times, tokens = [], []
     for repeat in range(args.repeats + 1):
         request = GenerationRequest(max_new_tokens=args.gen, stop_token_ids=tuple(stop_token_ids(tokenizer)),
                                     pad_token_id=tokenizer.pad_token_id, temperature=1.0, seed=repeat)
-        generator = session.ready(policy, 0)
-        started = time.perf_counter()
-        rollout = generator.generate(policy, prompt_ids, prompt_mask, request)
-        seconds = time.perf_counter() - started
+        with rollouts.engine_for(0) as generator:
+            started = time.perf_counter()
+            rollout = generator.generate(policy, prompt_ids, prompt_mask, request)
+            seconds = time.perf_counter() - started
         if repeat:  # the first is a warm-up
             times.append(seconds)
             tokens.append(int(rollout.response_mask.sum()))
-    session.close()
+    rollouts.close()
     rates = [n / s for n, s in zip(tokens, times)]
     return {"cell": "sampling", "engine": engine, "tokens_per_sec": statistics.median(rates),
             "tokens": statistics.median(tokens), "seconds": statistics.median(times), "threads": torch.get_num_threads()}

@@ -154,16 +154,16 @@ def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
     tokenizer, prompt_ids, prompt_mask = prompts()
     before = greedy_answers(module, prompt_ids, prompt_mask)
     quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=tiny_datamodule())
-    engine = module.rollout_engine()  # synced: the policy has made two steps since
-    sampled = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0))
+    with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:  # synced: two steps since
+        sampled = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0))
+        after = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
     expected = forward_logp(module.policy, prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
     gap = (sampled.logp - expected).abs().max().item()
     assert gap < LOGP_TOLERANCE, f"after the sync the engine is {gap} away from the updated policy"
-    after = engine.generate(module.policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
     theirs = hf_greedy(module.policy, tokenizer, prompt_ids, prompt_mask)
     assert torch.equal(after.response_ids[:, :theirs.shape[1]], theirs)
     assert greedy_answers(module, prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
-    module.engine_session.close()
+    module.rollouts.close()
 
 
 def _self_distilled(engine: str, signal: dict, steps: int = 3) -> UnifiedModule:
@@ -179,7 +179,7 @@ def _self_distilled(engine: str, signal: dict, steps: int = 3) -> UnifiedModule:
     try:
         quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
     finally:
-        module.engine_session.close()
+        module.rollouts.close()
     return module
 
 

@@ -31,8 +31,9 @@ class PolicyHost(Protocol):
     data_source: object
     #: padding-free forwards, for every forward a stage makes on the batch's sequences
     packing: object
-    #: the rollout engine's session: its sync seconds, the weights' version, rest between rollouts
-    engine_session: object
+    #: the rollout engine's owner: ``with rollouts.engine_for(step) as engine`` (started,
+    #: woken and synced), the version of the weights it holds, its sync seconds
+    rollouts: object
 
     @property
     def max_new_tokens(self) -> int:
@@ -45,9 +46,6 @@ class PolicyHost(Protocol):
 
     def policy_is_sharded(self) -> bool:
         """True when the policy's parameters are FSDP2 shards (a copy must gather first)."""
-
-    def rollout_engine(self):
-        """The rollout engine (:mod:`lightning_unified.engines`), synced with the policy."""
 
 
 @runtime_checkable

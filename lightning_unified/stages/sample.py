@@ -66,19 +66,20 @@ class SampleStage(Stage):
         # the draws depend on (seed, step, batch, rank) only: a resumed run samples exactly
         # what the uninterrupted one did, whatever else used the global RNG before
         seed = sampling_seed(self.data_source.seed, trainer.global_step, batch_idx, trainer.global_rank)
-        pl_module.rollout_engine()  # started and synced now, so the time below is generation's alone
-        sync_seconds = pl_module.engine_session.take_sync_seconds()
-        if sync_seconds is not None:
-            pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
-        started = time.perf_counter()
-        with trainer_precision(pl_module):
-            self.sample_into(batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1, seed=seed)
-        seconds = time.perf_counter() - started
+        step = pl_module.progress["optimizer_steps"]
+        # the engine rests again after the block: its memory is the training step's until the next rollout
+        with pl_module.rollouts.engine_for(step) as engine, trainer_precision(pl_module):
+            sync_seconds = pl_module.rollouts.take_sync_seconds()  # started and synced: what follows is generation
+            if sync_seconds is not None:
+                pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
+            started = time.perf_counter()
+            self._sample(engine, batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1,
+                         seed=seed)
+            seconds = time.perf_counter() - started
         # the weights that sampled: older than the policy's when the engine syncs every few steps
-        version = pl_module.engine_session.weights_version(pl_module.progress["optimizer_steps"])
+        version = pl_module.rollouts.weights_version(step)
         batch[fields.POLICY_VERSION] = [version] * batch[fields.RESPONSE_IDS].shape[0]
-        pl_module.engine_session.rest()  # its memory is the training step's until the next rollout
-        pl_module.log("sampling/staleness", pl_module.progress["optimizer_steps"] - version, batch_size=1)
+        pl_module.log("sampling/staleness", step - version, batch_size=1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()
@@ -87,12 +88,16 @@ class SampleStage(Stage):
         pl_module.log("sampling/eos_fraction", ended.mean(), batch_size=n)
         pl_module.log("sampling/tokens_per_sec", lengths.sum() / seconds, batch_size=1)
 
-    @torch.no_grad()
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
                     seed: int = 0) -> None:
         """Replace the batch's prompts by G copies each and add their sampled responses,
         from the module's rollout engine (synced with the policy first, when due)."""
-        engine = pl_module.rollout_engine()
+        with pl_module.rollouts.engine_for(pl_module.progress["optimizer_steps"]) as engine:
+            self._sample(engine, batch, pl_module, max_new_tokens, synced, seed)
+
+    @torch.no_grad()
+    def _sample(self, engine, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
+                seed: int) -> None:
         spec = self.data_source.sampling
         group = spec.num_generations
         prompt_ids = batch[fields.PROMPT_IDS].repeat_interleave(group, dim=0)

@@ -172,11 +172,8 @@ class TeacherStage(Stage):
         tensors = (prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])
         if signal.is_self and signal.engine == "vllm":
             # the policy's own rollout engine, synced as sampling syncs it, scores the context prompt
-            engine = pl_module.rollout_engine()
-            try:
+            with pl_module.rollouts.engine_for(pl_module.progress["optimizer_steps"]) as engine:
                 batch.update(self._served_fields(pl_module, engine.score(*tensors, signal.top_k)))
-            finally:
-                pl_module.engine_session.rest()
             return
         if signal.is_self:
             if self.snapshot is None:
