@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_unified.config_checks import check_config
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
 from lightning_unified.pipeline import build_batch_pipeline
@@ -57,23 +58,24 @@ class Run:
     output_dir: Path
 
 
-def build_run(cfg: DictConfig, output_dir: str | Path) -> Run:
+def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None = None) -> Run:
     """Every object of a run, from its composed config; metrics go to
-    ``<output_dir>/metrics.csv`` and checkpoints to ``<output_dir>/checkpoints``. The method
-    is checked before any data or model is loaded."""
+    ``<output_dir>/metrics.csv`` and checkpoints to ``<output_dir>/checkpoints``. The config
+    and the method are checked before any data or model is loaded; with ``resume_state``
+    (the checkpoint a run continues from) the data is checked against it before the model."""
     output_dir = Path(output_dir)
-    check_trainer_numbers(cfg.trainer)
+    check_config(cfg)  # every key with a type or a range, named
     data_source = instantiate(cfg.data_source, _convert_="all")
     signal = instantiate(cfg.signal, _convert_="all")
     reference = instantiate(cfg.reference) if cfg.get("reference") else None
     # the method and the stages in their order, checked before any data or model loads
     stages = instantiate(cfg.module.get("stages") or [], _convert_="all")
     build_batch_pipeline(data_source, signal, reference, stages)
-    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"optimizer.lr must be a number > 0, got {lr!r}")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.task)
+    if resume_state is not None and hasattr(datamodule, "load_state_dict"):
+        # Lightning keeps a data module's state under its class name; other data is refused now
+        datamodule.load_state_dict(resume_state.get(type(datamodule).__qualname__) or {})
     check_data_has_responses(datamodule, data_source, signal)
     tokenizer = datamodule.tokenizer
     # objects go in through a partial: instantiate() would turn dataclass kwargs into configs
@@ -133,15 +135,6 @@ def check_data_has_responses(datamodule, data_source, signal) -> None:
                 f"data_source=mixed keeps the data's responses in {1 - data_source.probability:.0%} of its batches")
         raise ValueError(f"{what}, but {where} has none (no response column): add one (task.columns.response), "
                          f"or sample every response (data_source=on_policy)")
-
-
-def check_trainer_numbers(trainer: DictConfig) -> None:
-    """The trainer's counts are whole numbers (a typo like max_steps=abc is named here, not
-    met later as a comparison of str and int)."""
-    for key in ("max_steps", "max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
-        value = trainer.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
 def describe_method(cfg: DictConfig, run: Run) -> str:
@@ -240,17 +233,19 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     """Validate the starting policy, fit, validate again; returns the final metrics. A
     resumed run skips the first validation and continues from its checkpoint, its
     metrics.csv cut back to the rows that checkpoint had seen."""
+    check_config(cfg)  # resume and ckpt_path are read before the run is built
     check_run_directory(cfg, Path(output_dir))
     ckpt = resume_checkpoint(cfg, Path(output_dir))
-    run = build_run(cfg, output_dir)
+    # every check that can refuse the resume runs before metrics.csv is cut (the data's before the model loads)
+    state = read_checkpoint(ckpt) if ckpt is not None else None
+    run = build_run(cfg, output_dir, resume_state=state)
     if run.trainer.is_global_zero:
         log.info(describe_method(cfg, run))
-    if ckpt is not None:
-        # every check that can refuse the resume runs before metrics.csv is cut
-        state = read_checkpoint(ckpt)
+    if state is not None:
         run.module.check_resumable(state)
         if run.trainer.is_global_zero:
             truncate_after_step(run.output_dir / "metrics.csv", state["global_step"])
+        del state
     elif cfg.get("validate_first", True) and not cfg.trainer.get("fast_dev_run"):
         # the first val/* row of every run is the starting policy's score
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)

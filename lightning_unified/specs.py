@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lightning_unified.typecheck import check_fields
+
 RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
 KL_ESTIMATORS = ("k3", "k1")
 BEHAVIOURS = ("tempered", "sampled")
@@ -75,6 +77,7 @@ class Sampling:
     sync_every: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self, "data_source.sampling")
         if self.num_generations < 1:
             raise ValueError(f"sampling.num_generations must be >= 1, got {self.num_generations}")
         if self.temperature <= 0:
@@ -127,6 +130,7 @@ class Importance:
         return self.ratio == "sequence_clip" or (self.level == "sequence" and self.ratio != "none")
 
     def __post_init__(self) -> None:
+        check_fields(self, "data_source.importance")
         _one_of("importance", "ratio", self.ratio, RATIOS)
         _one_of("importance", "level", self.level, ("token", "sequence"))
         if self.masks and self.ratio == "none":
@@ -171,6 +175,7 @@ class OnPolicy:
     samples = True
 
     def __post_init__(self) -> None:
+        check_fields(self, "data_source")
         if not 0 <= self.probability <= 1:
             raise ValueError(f"data_source.probability must be in [0, 1], got {self.probability}")
         if self.updates_per_rollout < 1:
@@ -246,6 +251,7 @@ class Sparse:
     std_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        check_fields(self, "signal")
         self.rewards = as_rewards(self.rewards)
         _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         if not (isinstance(self.std_eps, (int, float)) and self.std_eps >= 0):
@@ -284,6 +290,7 @@ class Teacher:
 
     def check(self, owner: str) -> None:
         """``owner`` is where the user set it: ``teacher``, ``signal.teachers.NAME`` or ``reference``."""
+        check_fields(self, owner)
         _one_of(owner, "engine", self.engine, TEACHER_ENGINES)
         _known_options(f"{owner} load options", self.options)
         if self.engine == "server" and not self.url:
@@ -369,7 +376,7 @@ class Dense:
     # max_model_len, dtype, max_logprobs)
     vllm: dict = field(default_factory=dict)
     # several teachers, {name: Teacher or its fields}; each example names its own
-    teachers: dict = field(default_factory=dict)
+    teachers: dict | None = field(default_factory=dict)
     # teacher=self: which weights the teacher has (SELF_TEACHER_UPDATES): the policy's own
     # (live), the starting policy's (frozen), an average with ``self_teacher_decay`` of the
     # old one kept each step (ema), or the policy's copied every ``self_teacher_every``
@@ -396,6 +403,7 @@ class Dense:
 
 
     def __post_init__(self) -> None:
+        check_fields(self, "signal")
         _one_of("teacher", "engine", self.engine, TEACHER_ENGINES)
         self.teachers = as_teachers(self.teachers)
         self._named = bool(self.teachers)
@@ -528,6 +536,7 @@ class Preference:
     reference_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self, "signal")
         self.rewards = as_rewards(self.rewards)
         _one_of("signal", "loss", self.loss, PREFERENCE_LOSSES)
         _known_options("signal.reference_options", self.reference_options)
@@ -569,6 +578,7 @@ class Reference:
     vllm: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self, "reference")
         _known_options("reference.options", self.options)
         _one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)
         if self.kl_coef < 0:

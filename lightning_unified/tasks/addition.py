@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerFast
 
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
+from lightning_unified.data.identity import check_same_data, data_identity
 from lightning_unified.rewards.text import exact_match
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -157,6 +158,18 @@ class AdditionDataModule(L.LightningDataModule):
         if pairs:  # preference pairs: the right answer (chosen) against one corrupted digit (rejected)
             rng = random.Random(f"pairs:{seed}")
             self.train_problems = [{**p, "rejected": corrupted_answer(p["response"], rng)} for p in self.train_problems]
+
+    def data_identity(self) -> dict:
+        """What this run trains on, as its checkpoints keep it (a resume on other data is refused)."""
+        h = self.hparams
+        return data_identity(self.train_problems, f"the built-in task ({h.digits}-digit addition, {h.num_train} "
+                                                  f"problems, seed {h.seed})")
+
+    def state_dict(self) -> dict:
+        return {"data": self.data_identity()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_same_data(state_dict.get("data"), self.data_identity())
 
     @property
     def max_new_tokens(self) -> int:

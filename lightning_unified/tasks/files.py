@@ -20,6 +20,7 @@ from lightning_unified.data.chat import end_of_turn_id
 from lightning_unified.data.conversations import LOSS_ON
 from lightning_unified.data.collate import ListDataset, TokenCollator, training_sampling
 from lightning_unified.data.files import DataError, Limits, locate_row, read_table, tokenize_table
+from lightning_unified.data.identity import check_same_data, data_identity
 from lightning_unified.data.token_budget import BatchDataset, describe, example_tokens, token_budget_batches
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.rewards.scoring import names_parameter
@@ -100,6 +101,16 @@ class FilesDataModule(L.LightningDataModule):
               loss_on: str = "all_assistant") -> list[dict]:
         return tokenize_table(read_table(path), path, self.tokenizer, columns=columns, limits=self.limits, stop_id=stop,
                               teachers_seen=teachers_seen, loss_on=loss_on)
+
+    def data_identity(self) -> dict:
+        """What this run trains on, as its checkpoints keep it (a resume on other data is refused)."""
+        return data_identity(self.train_examples, str(self.train_path))
+
+    def state_dict(self) -> dict:
+        return {"data": self.data_identity()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_same_data(state_dict.get("data"), self.data_identity())
 
     def teacher_names(self) -> dict[str, str]:
         """{teacher name: where the first training example naming it is}, from the data's
