@@ -229,10 +229,26 @@ def read_checkpoint(path: Path) -> dict:
         ) from error
 
 
+# what the run's log says last, so that a sweep's report can tell a finished run from a failed one
+FINISHED, FAILED = "the run finished", "the run failed"
+
+
 def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     """Validate the starting policy, fit, validate again; returns the final metrics. A
     resumed run skips the first validation and continues from its checkpoint, its
-    metrics.csv cut back to the rows that checkpoint had seen."""
+    metrics.csv cut back to the rows that checkpoint had seen. The run's log ends with
+    whether it finished or failed, and why (scripts/compare.py reads it)."""
+    try:
+        metrics = _train(cfg, output_dir)
+    except BaseException as error:
+        text = str(error).strip().splitlines()
+        log.error("%s: %s%s", FAILED, type(error).__name__, f": {text[0]}" if text else "")
+        raise
+    log.info("%s: %s", FINISHED, ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()) or "no held-out metrics")
+    return metrics
+
+
+def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     check_config(cfg)  # resume and ckpt_path are read before the run is built
     check_run_directory(cfg, Path(output_dir))
     ckpt = resume_checkpoint(cfg, Path(output_dir))

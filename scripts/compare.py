@@ -4,8 +4,9 @@
     python scripts/compare.py multirun/<date>/<time> --out comparison
 
 writes ``comparison.md`` (each run's method, final held-out metric, steps, training time and
-tokens trained on) and ``comparison.png`` (the held-out metric against steps and against
-training time, one line per run). Training time is ``train/train_seconds``: each step's wall
+tokens trained on; then each run that failed, with the last line of its log) and
+``comparison.png`` (the held-out metric against steps and against training time, one line
+per finished run). Training time is ``train/train_seconds``: each step's wall
 time, sampling and scoring included, validation excluded. Needs matplotlib (the ``plots``
 extra; scripts/setup.sh installs it).
 """
@@ -74,18 +75,63 @@ def read_run(run_dir: Path, metric: str) -> Run | None:
 
 
 def find_runs(sweep: Path) -> list[Path]:
-    """The sweep's run directories; one without a metrics.csv (a run that crashed before it
-    logged anything) is skipped with a warning."""
-    runs = []
-    for path in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir() or (p / "metrics.csv").is_file()):
-        if (path / "metrics.csv").is_file():
-            runs.append(path)
-        else:
-            print(f"warning: {path} has no metrics.csv (the run stopped before it logged anything); left out",
-                  file=sys.stderr)
+    """The sweep's run directories (Hydra's record, or a metrics.csv), failed ones included."""
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.csv").is_file()))
     if not runs:
-        raise SystemExit(f"{sweep}: no run directories with a metrics.csv")
+        raise SystemExit(f"{sweep}: no run directories (each holds .hydra/ or a metrics.csv)")
     return runs
+
+
+# what scripts/train.py's log says last (lightning_unified.config.FINISHED / FAILED)
+FINISHED, FAILED = "the run finished", "the run failed"
+
+
+@dataclass
+class Failure:
+    name: str
+    method: str
+    steps: int | None  # the last step its metrics.csv holds, None without one
+    last_line: str  # its log's last line, or what stands in for it
+
+
+def last_log_line(run_dir: Path) -> tuple[str | None, bool]:
+    """(the run's log's last line without Hydra's prefix, whether the log says it finished);
+    (None, False) without a log."""
+    logs = sorted(run_dir.glob("*.log"))
+    if not logs:
+        return None, False
+    lines = [line for line in logs[0].read_text(errors="replace").splitlines() if line.strip()]
+    finished = any(f"] - {FINISHED}" in line for line in lines)
+    last = lines[-1].split("] - ", 1)[-1] if lines else "(its log is empty)"
+    return last, finished
+
+
+def failure_of(run_dir: Path, run: Run | None, metric: str) -> Failure | None:
+    """Why ``run_dir``'s run did not finish, or None when it did: its log ends without the
+    line a finished run writes last (a run without a log counts as finished when it has
+    held-out rows)."""
+    last, finished = last_log_line(run_dir)
+    if last is None:
+        finished = run is not None
+        last = "(no log)" if run is not None or (run_dir / "metrics.csv").is_file() else "(no log, no metrics.csv)"
+    if finished and run is not None:
+        return None
+    steps = None
+    if (run_dir / "metrics.csv").is_file():
+        with (run_dir / "metrics.csv").open(newline="") as f:
+            steps = max((int(row["step"]) for row in csv.DictReader(f) if row.get("step")), default=None)
+    if finished:  # finished, but never validated
+        last = f"no {metric} rows"
+    return Failure(run_dir.name, method_of(run_dir), steps, last)
+
+
+def failures_table(failures: list[Failure]) -> str:
+    lines = ["## Runs that did not finish", "", "| run | method | last step logged | its log's last line |",
+             "|---|---|---|---|"]
+    for f in failures:
+        lines.append(f"| {f.name} | {f.method} | {'-' if f.steps is None else f.steps} | "
+                     f"{f.last_line.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(runs: list[Run], metric: str) -> str:
@@ -132,18 +178,20 @@ def main() -> None:
     args = parser.parse_args()
     if not args.sweep.is_dir():
         raise SystemExit(f"{args.sweep} is not a directory")
-    runs = []
+    runs, failures = [], []
     for path in find_runs(args.sweep):
-        run = read_run(path, args.metric)
-        if run is None:
-            print(f"warning: {path / 'metrics.csv'} has no {args.metric} rows (the run stopped before its first "
-                  f"validation); left out", file=sys.stderr)
-        else:
+        run = read_run(path, args.metric) if (path / "metrics.csv").is_file() else None
+        failure = failure_of(path, run, args.metric)
+        if failure is None:
             runs.append(run)
-    if not runs:
-        raise SystemExit(f"{args.sweep}: no run has {args.metric} rows")
+        else:
+            failures.append(failure)
+            print(f"failed: {path}: {failure.last_line}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comparison.md").write_text(f"# {args.sweep}\n\n" + table(runs, args.metric))
+    report = f"# {args.sweep}\n\n" + (table(runs, args.metric) if runs else "No run finished.\n")
+    (args.out / "comparison.md").write_text(report + ("\n" + failures_table(failures) if failures else ""))
+    if not runs:
+        raise SystemExit(f"{args.sweep}: no run finished; {args.out / 'comparison.md'} lists why each stopped")
     plot(runs, args.metric, args.out / "comparison.png")
     print(f"wrote {args.out / 'comparison.md'} and {args.out / 'comparison.png'}")
 

@@ -46,7 +46,7 @@ def test_a_garbage_checkpoint_is_named(tmp_path: Path) -> None:
         train(compose_config([*SHORT, "resume=true"]), tmp_path)
 
 
-def test_compare_refuses_two_runs_in_one_file_and_skips_a_crashed_run(tmp_path: Path) -> None:
+def test_compare_refuses_two_runs_in_one_file_and_lists_crashed_runs_as_failed(tmp_path: Path) -> None:
     def write(run: str, steps: list[int]) -> None:
         (tmp_path / run / ".hydra").mkdir(parents=True)
         rows = "".join(f"{s},0.5,{s}.0,{10 * s}\n" for s in steps)
@@ -54,14 +54,24 @@ def test_compare_refuses_two_runs_in_one_file_and_skips_a_crashed_run(tmp_path: 
 
     write("0_good", [0, 1, 2])
     (tmp_path / "1_crashed" / ".hydra").mkdir(parents=True)
+    write("2_diverged", [0, 1, 2, 3])  # it validated, then stopped: its log says why
+    (tmp_path / "2_diverged" / "train.log").write_text(
+        "[2026-12-06 05:21:30,100][lightning_unified.config][INFO] - method: data_source=on_policy\n"
+        "[2026-12-06 05:21:30,453][lightning_unified.config][ERROR] - the run failed: NonFiniteError: step 3: "
+        "non-finite gradient\n")
     script = [sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path), "--out", str(tmp_path / "out")]
     done = subprocess.run(script, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "1_crashed has no metrics.csv" in done.stderr and "0_good" in (tmp_path / "out" / "comparison.md").read_text()
-    write("2_mixed", [0, 1, 2, 0, 1])
+    report = (tmp_path / "out" / "comparison.md").read_text()
+    finished, failed = report.split("## Runs that did not finish")
+    assert "0_good" in finished and "1_crashed" not in finished and "2_diverged" not in finished
+    assert "| 1_crashed | 1_crashed | - | (no log, no metrics.csv) |" in failed
+    assert "| 2_diverged | 2_diverged | 3 | the run failed: NonFiniteError: step 3: non-finite gradient |" in failed
+    assert "failed: " in done.stderr
+    write("3_mixed", [0, 1, 2, 0, 1])
     done = subprocess.run(script, capture_output=True, text=True)
     assert done.returncode != 0
-    assert "2_mixed/metrics.csv, line 5: step 0 after step 2" in done.stderr
+    assert "3_mixed/metrics.csv, line 5: step 0 after step 2" in done.stderr
 
 
 # --- only causal decoders -----------------------------------------------------------------------
