@@ -9,6 +9,7 @@ import lightning as L
 from lightning_unified import batch as fields
 from lightning_unified.callbacks import NonFiniteGuard, RankFailureWatch, SampleLog
 from lightning_unified.callbacks.stage_hooks import StagesAfterBatch
+from lightning_unified.registry import ADVANTAGES
 from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse
 from lightning_unified.stages import (
     AdvantagesStage,
@@ -107,7 +108,7 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
         raise ValueError("signal.teacher=self with teacher.engine=vllm is scored by the run's own vLLM rollout "
                          "engine: it needs data_source=on_policy (or mixed) with data_source.sampling.engine=vllm")
     if data_source.samples and data_source.sampling.num_generations < 2:
-        if isinstance(signal, Sparse) and signal.advantage != "reinforce":
+        if isinstance(signal, Sparse) and ADVANTAGES[signal.advantage].grouped:
             raise ValueError(
                 f"signal.advantage={signal.advantage!r} compares each sample with the others of its prompt, but "
                 f"data_source.sampling.num_generations=1: set it to 2 or more, or use signal.advantage=reinforce")

@@ -13,14 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lightning_unified.registry import ADVANTAGES, DIVERGENCES, RATIOS, WEIGHTINGS
 from lightning_unified.typecheck import check_fields
 
-RATIOS = ("none", "token", "truncated", "ppo_clip", "sequence_clip")
 KL_ESTIMATORS = ("k3", "k1")
 BEHAVIOURS = ("tempered", "sampled")
-ADVANTAGE_ESTIMATORS = ("reinforce", "rloo", "grpo", "grpo_batch_std", "dr_grpo")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
-WEIGHTINGS = ("indicator", "dft")
 TOPK_TAILS = ("bucket", "renormalize")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
 SELF_TEACHER = "self"
@@ -39,6 +36,10 @@ def _known_options(owner: str, options: dict) -> None:
     unknown = set(options) - set(LOAD_OPTIONS)
     if unknown:
         raise ValueError(f"{owner} has unknown key(s) {sorted(unknown)}; known: {list(LOAD_OPTIONS)}")
+
+
+# what each kind of teacher signal is, in an error
+_NEEDS = {"distribution": "whole distribution", "token_logp": "log-prob of each sampled token"}
 
 
 def _one_of(owner: str, name: str, value, allowed) -> None:
@@ -127,11 +128,11 @@ class Importance:
     @property
     def sequence_level(self) -> bool:
         """The ratio of each sequence (GSPO's geometric mean), not of each token."""
-        return self.ratio == "sequence_clip" or (self.level == "sequence" and self.ratio != "none")
+        return RATIOS[self.ratio].sequence or (self.level == "sequence" and self.ratio != "none")
 
     def __post_init__(self) -> None:
         check_fields(self, "data_source.importance")
-        _one_of("importance", "ratio", self.ratio, RATIOS)
+        RATIOS[self.ratio]  # a registered name (lightning_unified.registry)
         _one_of("importance", "level", self.level, ("token", "sequence"))
         if self.masks and self.ratio == "none":
             raise ValueError("importance.mask_low / mask_high test the importance ratio; importance.ratio=none has none")
@@ -253,10 +254,10 @@ class Sparse:
     def __post_init__(self) -> None:
         check_fields(self, "signal")
         self.rewards = as_rewards(self.rewards)
-        _one_of("signal", "advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        ADVANTAGES[self.advantage]  # a registered name (lightning_unified.registry)
         if not (isinstance(self.std_eps, (int, float)) and self.std_eps >= 0):
             raise ValueError(f"signal.std_eps must be a number >= 0, got {self.std_eps!r}")
-        _one_of("signal", "weighting", self.weighting, WEIGHTINGS)
+        WEIGHTINGS[self.weighting]
 
 
 @dataclass
@@ -439,13 +440,14 @@ class Dense:
                 "giving the teacher privileged context, e.g. '{prompt}' with the '{reference}' answer) the two "
                 "distributions are the same and there is nothing to learn"
             )
-        _one_of("signal", "divergence", self.divergence, DIVERGENCES)
+        divergence = DIVERGENCES[self.divergence]  # a registered name (lightning_unified.registry)
         self._check_self_teacher()
-        if self.cache is not None and (self.divergence != "forward_kl" or self.is_self or self.teacher_context):
+        if self.cache is not None and (divergence.from_top_k is None or self.is_self or self.teacher_context):
             raise ValueError(
-                "signal.cache holds the teacher's top-k on the dataset's responses: it gives forward KL "
-                f"(signal.divergence=forward_kl), from a teacher other than the policy, without teacher_context; "
-                f"got divergence={self.divergence!r}, teacher={self.teacher!r}, teacher_context={self.teacher_context!r}"
+                "signal.cache holds the teacher's top-k on the dataset's responses: it gives a divergence that runs "
+                f"from a top-k (signal.divergence={'|'.join(self.from_top_k_names())}), from a teacher other than the "
+                f"policy, without teacher_context; got divergence={self.divergence!r}, teacher={self.teacher!r}, "
+                f"teacher_context={self.teacher_context!r}"
             )
         _known_options("signal.teacher_options", self.teacher_options)
         _one_of("signal", "topk_tail", self.topk_tail, TOPK_TAILS)
@@ -455,10 +457,11 @@ class Dense:
             raise ValueError(f"signal.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"signal.top_k must be >= 0, got {self.top_k}")
-        if self.top_k and self.divergence != "forward_kl":
+        if self.top_k and divergence.from_top_k is None:
             raise ValueError(
-                f"signal.top_k={self.top_k} gives forward KL from the teacher's top-k; it cannot "
-                f"give {self.divergence!r}, which needs the teacher's whole distribution"
+                f"signal.top_k={self.top_k} gives the teacher's top-k, from which signal.divergence="
+                f"{self.divergence!r} cannot run (it needs the teacher's {_NEEDS[divergence.needs]}); the divergences "
+                f"that run from a top-k: {self.from_top_k_names()}"
             )
         for name, teacher in self.teachers.items():
             if teacher.served:
@@ -488,15 +491,29 @@ class Dense:
             raise ValueError("signal.teacher_context gives the self-teacher privileged context; with signal.teachers "
                              "each teacher scores the student's own prompt")
 
+    @staticmethod
+    def from_top_k_names() -> list[str]:
+        return [name for name in DIVERGENCES.names if DIVERGENCES[name].from_top_k is not None]
+
+    @property
+    def teacher_gives(self) -> str:
+        """What the teacher stage asks of the teacher: ``top_k`` (its top-k: ``signal.top_k``
+        or an offline cache), or what the divergence needs (``distribution``, ``token_logp``)."""
+        if self.top_k or self.cache is not None:
+            return "top_k"
+        return DIVERGENCES[self.divergence].needs
+
     def _check_served(self, owner: str, engine: str) -> None:
         where = f"{owner}.engine={engine}"
-        if not ((self.divergence == "forward_kl" and self.top_k > 0) or self.divergence == "sampled_reverse_kl"):
+        if self.teacher_gives == "distribution":
+            token_logp = [n for n in DIVERGENCES.names if DIVERGENCES[n].needs == "token_logp"]
             raise ValueError(
                 f"{where} returns the teacher's top-k and each sampled token's log-prob, not its whole distribution, "
                 f"which signal.divergence={self.divergence!r}"
-                f"{' without signal.top_k' if self.divergence == 'forward_kl' else ''} needs. "
-                f"Two signals work with it: signal.divergence=forward_kl with signal.top_k=K (forward KL from the "
-                f"top-k), or signal.divergence=sampled_reverse_kl (the teacher's log-prob of each sampled token)"
+                f"{' without signal.top_k' if DIVERGENCES[self.divergence].from_top_k else ''} needs. "
+                f"Signals that work with it: signal.top_k=K with a divergence that runs from a top-k "
+                f"({self.from_top_k_names()}), or a divergence of the teacher's log-prob of each sampled token "
+                f"({token_logp})"
             )
         if self.temperature != 1.0:
             raise ValueError(f"{where} reports log-probs at temperature 1; signal.temperature={self.temperature} "

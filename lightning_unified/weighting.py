@@ -1,9 +1,11 @@
-"""Which weight builder a batch gets: chosen from the fields the pipeline added and the specs.
+"""Which weight builder a batch gets: the signal's registered one (a divergence, a
+weighting of data tokens), the importance ratio's for sampled rows, plus the k3 penalty.
 
 This is where a method is decided, and it never looks at a quadrant's name: a batch with
-``advantages`` is pushed by rewards, one with teacher fields by the teacher, one with
-``behaviour_logp`` is corrected for its sampler. A new method is a new builder in
-:mod:`lightning_unified.losses.weights` and a line here.
+``advantages`` is pushed by rewards, a dense signal by its divergence in the form the
+teacher gave it, a sampled batch (``sampled``) is corrected for its sampler. A new
+divergence, advantage estimator or ratio is a function and its registration in
+:mod:`lightning_unified.registry`; nothing here changes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from functools import cache, partial
 from lightning_unified import batch as fields
 from lightning_unified.losses import weights
 from lightning_unified.losses.objective import WeightFn
+from lightning_unified.registry import DIVERGENCES, RATIOS, WEIGHTINGS
 from lightning_unified.specs import Dense, Importance, Preference, Reference, Sparse
 
 
@@ -24,36 +27,35 @@ def _configured(builder: WeightFn, **settings) -> WeightFn:
     return partial(builder, **settings)
 
 
+def _with(builder: WeightFn, settings: dict) -> WeightFn:
+    return _configured(builder, **settings) if settings else builder
+
+
 def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None) -> WeightFn:
     if fields.ADVANTAGES not in batch:
-        # data tokens with reward 1: SFT, or DFT's probability-scaled SFT
-        return weights.dft if signal.weighting == "dft" else weights.indicator
-    if not fields.is_sampled(batch) or importance is None or importance.ratio == "none":
+        # data tokens with reward 1: SFT, or a registered weighting of them (DFT's)
+        return WEIGHTINGS[signal.weighting].builder
+    if not fields.is_sampled(batch) or importance is None:
         return weights.advantage_indicator
-    band = {"mask_low": importance.mask_low, "mask_high": importance.mask_high} if importance.masks else {}
     if importance.sequence_level:
-        # the importance callback's sequence ratio; without it the builder would fall back to
+        # the importance stage's sequence ratio; without it the builder would fall back to
         # token ratios and silently train another method
         fields.require(batch, fields.LOG_RATIO, who=f"importance.ratio={importance.ratio} at the sequence level")
-    if importance.ratio == "token":
-        return _configured(weights.importance_weighted_advantage, **band) if band else weights.importance_weighted_advantage
-    if importance.ratio == "truncated":
-        return _configured(weights.importance_weighted_advantage, truncate=importance.truncate, **band)
-    # ppo_clip, or sequence_clip (GSPO: ppo_clip on the LOG_RATIO field)
-    return _configured(weights.ppo_clip, eps_low=importance.eps_low, eps_high=importance.eps_high, **band)
+    return _with(*RATIOS[importance.ratio].weights(importance))
+
+
+# the batch field each form of teacher signal arrives in
+TEACHER_FIELD = {"top_k": fields.TEACHER_TOPK_IDS, "token_logp": fields.TEACHER_TOKEN_LOGP,
+                 "distribution": fields.TEACHER}
 
 
 def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:
-    if fields.TEACHER_TOPK_IDS in batch:
-        return _configured(weights.forward_kl_topk, tail=signal.topk_tail)
-    if fields.TEACHER_TOKEN_LOGP in batch:
-        return weights.sampled_reverse_kl
-    fields.require(batch, fields.TEACHER, who=f"signal.divergence={signal.divergence!r}")
-    if signal.divergence == "forward_kl":
-        return weights.forward_kl
-    if signal.divergence == "reverse_kl":
-        return weights.reverse_kl
-    return _configured(weights.jsd, beta=signal.beta)
+    divergence = DIVERGENCES[signal.divergence]
+    gives = signal.teacher_gives
+    fields.require(batch, TEACHER_FIELD[gives], who=f"signal.divergence={signal.divergence!r} from the teacher's {gives}")
+    if gives == "top_k":
+        return _configured(divergence.from_top_k, tail=signal.topk_tail)
+    return _with(divergence.builder, {name: getattr(signal, name) for name in divergence.settings})
 
 
 def preference_weight_fn(batch: dict) -> WeightFn:

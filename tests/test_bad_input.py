@@ -43,7 +43,7 @@ def test_bad_config_values_name_the_field(override: str, message: str, tmp_path)
 def test_bad_spec_values_name_the_field() -> None:
     with pytest.raises(ValueError, match="signal.divergence must be one of"):
         Dense(teacher="x", divergence="kl")
-    with pytest.raises(ValueError, match="top_k=4 gives forward KL"):
+    with pytest.raises(ValueError, match="top_k=4 gives the teacher.s top-k, from which signal.divergence=.reverse_kl. cannot run"):
         Dense(teacher="x", divergence="reverse_kl", top_k=4)
     with pytest.raises(ValueError, match="sampling.top_p"):
         Sampling(top_p=0.0)

@@ -8,7 +8,9 @@ keyword arguments, bound with ``functools.partial`` (picklable, unlike a lambda)
 
 Every builder also reports the real objective per token, whose gradient the weights
 reproduce: the tests check each pair against autograd of an independent closed form.
-A new signal is a new function here; nothing else changes.
+A new signal is a new function (here, or in your own module) and its registration in
+:mod:`lightning_unified.registry`, which says what it needs from the teacher; nothing
+else changes.
 """
 
 from __future__ import annotations

@@ -5,39 +5,26 @@ the loss. Data rewarded as it is (reward-weighted SFT) keeps its reward as the w
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from lightning_unified import batch as fields
 from lightning_unified.losses import advantages as estimators
-from lightning_unified.losses.aggregation import all_reduce_sum
+from lightning_unified.registry import ADVANTAGES
 from lightning_unified.specs import Reference, Sparse
 from lightning_unified.stages.base import Stage
 
 
 def estimate_advantages(rewards: Tensor, estimator: str, group_size: int, eps: float = 1e-6) -> Tensor:
-    """[B] rewards to [B] advantages. Groups are consecutive rows sharing a prompt; ``eps``
-    keeps a standard deviation's division finite."""
-    if estimator == "reinforce":
-        # the mean over the whole global batch, not this rank's share of it
-        total = all_reduce_sum(torch.stack([rewards.sum().double(), rewards.new_tensor(rewards.numel()).double()]))
-        return estimators.reinforce_advantages(rewards, baseline=(total[0] / total[1]).to(rewards.dtype))
-    if group_size < 2:
+    """[B] rewards to [B] advantages through the registered ``estimator``
+    (:data:`lightning_unified.registry.ADVANTAGES`). Groups are consecutive rows sharing a
+    prompt; ``eps`` keeps a standard deviation's division finite."""
+    entry = ADVANTAGES[estimator]
+    if entry.grouped and group_size < 2:
         raise ValueError(
             f"signal.advantage={estimator!r} compares responses to the same prompt, but the batch has "
             f"{group_size} per prompt; set data_source.sampling.num_generations >= 2 or use 'reinforce'"
         )
-    if estimator == "grpo":
-        return estimators.grpo_advantages(rewards, group_size=group_size, eps=eps)
-    if estimator == "grpo_batch_std":
-        # the standard deviation of the whole global batch's rewards, not this rank's share
-        r = rewards.double()
-        n, total, squares = all_reduce_sum(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum()]))
-        std = ((squares - total * total / n).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt()
-        return estimators.grpo_batch_std_advantages(rewards, group_size=group_size, batch_std=std.to(rewards.dtype),
-                                                    eps=eps)
-    fn = {"rloo": estimators.rloo_advantages, "dr_grpo": estimators.dr_grpo_advantages}[estimator]
-    return fn(rewards, group_size=group_size)
+    return entry.fn(rewards, group_size=group_size, eps=eps)
 
 
 class AdvantagesStage(Stage):

@@ -65,14 +65,9 @@ class TeacherStage(Stage):
         """The teacher's fields in the form the signal asks for: its top-k (a cache, or
         ``top_k``), its log-prob of each token (the sampled reverse KL, or a served teacher
         without ``top_k``), or its hidden states and head (the whole distribution)."""
-        signal = self.signal
-        if signal.cache is not None or signal.top_k:
-            out = {fields.TEACHER_TOPK_IDS, fields.TEACHER_TOPK_LOGP}
-        elif signal.divergence == "sampled_reverse_kl" or signal.served or (signal.is_self and signal.engine == "vllm"):
-            out = {fields.TEACHER_TOKEN_LOGP}
-        else:
-            out = {fields.TEACHER}
-        return out | ({fields.TEACHER_INDEX} if signal.routed else set())
+        out = {"top_k": {fields.TEACHER_TOPK_IDS, fields.TEACHER_TOPK_LOGP}, "token_logp": {fields.TEACHER_TOKEN_LOGP},
+               "distribution": {fields.TEACHER}}[self.signal.teacher_gives]
+        return out | ({fields.TEACHER_INDEX} if self.signal.routed else set())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -209,7 +204,7 @@ class TeacherStage(Stage):
     def _served_fields(self, pl_module: L.LightningModule, scores) -> dict:
         """The batch fields of a teacher that answers with log-probs: its top-k, or its
         log-prob of each token."""
-        if self.signal.top_k:
+        if self.signal.teacher_gives == "top_k":
             return {fields.TEACHER_TOPK_IDS: scores.topk_ids.to(pl_module.device),
                     fields.TEACHER_TOPK_LOGP: scores.topk_logp.to(pl_module.device)}
         return {fields.TEACHER_TOKEN_LOGP: scores.token_logp.to(pl_module.device)}
@@ -234,10 +229,11 @@ class TeacherStage(Stage):
         if signal.is_self:
             weight, bias = _frozen(weight, copy_head), _frozen(bias, copy_head)
         with torch.no_grad(), trainer_precision(pl_module):
-            if signal.top_k:
+            # what the divergence needs (lightning_unified.registry), or the top-k signal.top_k asks for
+            if signal.teacher_gives == "top_k":
                 ids, logp = topk_logprobs(hidden, weight, signal.top_k, head_bias=bias, temperature=signal.temperature)
                 return {fields.TEACHER_TOPK_IDS: ids, fields.TEACHER_TOPK_LOGP: logp}
-            if signal.divergence == "sampled_reverse_kl":
+            if signal.teacher_gives == "token_logp":
                 return {fields.TEACHER_TOKEN_LOGP: target_logprobs(hidden, weight, response_ids, head_bias=bias,
                                                                    temperature=signal.temperature)}
             return {fields.TEACHER: TeacherLogits(hidden=hidden, head_weight=weight, head_bias=bias,

@@ -1,0 +1,225 @@
+"""The names a config may give, each to one function: divergences, advantage estimators,
+importance ratios and the weightings of data tokens. A new one is a function and one
+registration, from anywhere (your own module, imported before the run is built)::
+
+    from lightning_unified.registry import register_divergence
+
+    @register_divergence("tv_squared", needs="distribution")
+    def tv_squared(student_logp, targets, teacher_logp):   # [c, V], [c], [c, V] -> TokenWeights
+        ...
+
+Import the module that registers it before the run is built: in your own entry point, or
+from a run's config through any ``_target_`` in that module (a reward, a stage).
+
+Each registry says what the rest of the run needs to know of its entries: a divergence, what
+it needs from the teacher (``distribution``: the whole of it; ``token_logp``: the sampled
+token's log-prob), and whether it can run from the teacher's top-k; an advantage estimator,
+whether it compares a prompt's samples with each other. The teacher stage then asks the
+teacher for exactly that, and the weighting builds the weights from the registered
+function, never from a list of names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_unified.losses import advantages as estimators
+from lightning_unified.losses import weights
+from lightning_unified.losses.aggregation import all_reduce_sum
+
+# what a divergence needs from the teacher
+TEACHER_NEEDS = ("distribution", "token_logp")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """``builder(student_logp [c, V], targets [c], <teacher field>, **settings) ->
+    TokenWeights``; ``settings``: the ``signal`` fields it takes as keyword arguments
+    (``beta``); ``from_top_k``: the builder that runs from the teacher's top-k instead
+    (``signal.top_k``, a served teacher, an offline cache), None when it cannot."""
+
+    name: str
+    builder: Callable
+    needs: str
+    settings: tuple[str, ...] = ()
+    from_top_k: Callable | None = None
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """``fn(rewards [B], *, group_size, eps) -> [B]`` advantages over the global batch
+    (every rank's rows); ``grouped``: it compares a prompt's samples, so it needs 2 or more."""
+
+    name: str
+    fn: Callable
+    grouped: bool = True
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``weights(importance) -> (weight builder, its settings)`` for sampled tokens
+    (``importance`` is the run's :class:`~lightning_unified.specs.Importance`); ``sequence``:
+    it acts on each sequence's ratio, which the importance stage computes before every update."""
+
+    name: str
+    weights: Callable
+    sequence: bool = False
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """``builder(student_logp [c, V], targets [c]) -> TokenWeights`` for data tokens."""
+
+    name: str
+    builder: Callable
+
+
+@dataclass
+class Registry:
+    """Entries by name; ``what`` names the config key in errors."""
+
+    what: str
+    entries: dict = field(default_factory=dict)
+
+    def add(self, entry) -> None:
+        if not isinstance(entry.name, str) or not entry.name:
+            raise ValueError(f"a {self.what} needs a name, got {entry.name!r}")
+        self.entries[entry.name] = entry
+
+    def __getitem__(self, name: str):
+        if name not in self.entries:
+            raise ValueError(f"{self.what} must be one of {self.names}, got {name!r}")
+        return self.entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.entries)
+
+
+DIVERGENCES = Registry("signal.divergence")
+ADVANTAGES = Registry("signal.advantage")
+RATIOS = Registry("importance.ratio")
+WEIGHTINGS = Registry("signal.weighting")
+
+
+def register_divergence(name: str, *, needs: str, settings: tuple[str, ...] = (), from_top_k: Callable | None = None):
+    """Register the decorated weight builder as ``signal.divergence=name``."""
+    if needs not in TEACHER_NEEDS:
+        raise ValueError(f"divergence {name!r} needs one of {TEACHER_NEEDS} from the teacher, got {needs!r}")
+
+    def add(builder: Callable) -> Callable:
+        DIVERGENCES.add(Divergence(name, builder, needs, tuple(settings), from_top_k))
+        return builder
+
+    return add
+
+
+def register_advantage(name: str, *, grouped: bool = True):
+    """Register the decorated ``fn(rewards, *, group_size, eps)`` as ``signal.advantage=name``."""
+
+    def add(fn: Callable) -> Callable:
+        ADVANTAGES.add(AdvantageEstimator(name, fn, grouped))
+        return fn
+
+    return add
+
+
+def register_ratio(name: str, *, sequence: bool = False):
+    """Register the decorated ``weights(importance) -> builder`` as ``importance.ratio=name``."""
+
+    def add(fn: Callable) -> Callable:
+        RATIOS.add(Ratio(name, fn, sequence))
+        return fn
+
+    return add
+
+
+def register_weighting(name: str):
+    """Register the decorated builder ``(student_logp, targets) -> TokenWeights`` of data
+    tokens as ``signal.weighting=name``."""
+
+    def add(builder: Callable) -> Callable:
+        WEIGHTINGS.add(Weighting(name, builder))
+        return builder
+
+    return add
+
+
+# --- the built-in ones ------------------------------------------------------------------------
+
+register_divergence("forward_kl", needs="distribution", from_top_k=weights.forward_kl_topk)(weights.forward_kl)
+register_divergence("reverse_kl", needs="distribution")(weights.reverse_kl)
+register_divergence("jsd", needs="distribution", settings=("beta",))(weights.jsd)
+register_divergence("sampled_reverse_kl", needs="token_logp")(weights.sampled_reverse_kl)
+
+register_weighting("indicator")(weights.indicator)
+register_weighting("dft")(weights.dft)
+
+
+@register_advantage("reinforce", grouped=False)
+def _reinforce(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
+    # the mean over the whole global batch, not this rank's share of it
+    total = all_reduce_sum(torch.stack([rewards.sum().double(), rewards.new_tensor(rewards.numel()).double()]))
+    return estimators.reinforce_advantages(rewards, baseline=(total[0] / total[1]).to(rewards.dtype))
+
+
+@register_advantage("rloo")
+def _rloo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
+    return estimators.rloo_advantages(rewards, group_size=group_size)
+
+
+@register_advantage("grpo")
+def _grpo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
+    return estimators.grpo_advantages(rewards, group_size=group_size, eps=eps)
+
+
+@register_advantage("grpo_batch_std")
+def _grpo_batch_std(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
+    # the standard deviation of the whole global batch's rewards, not this rank's share
+    r = rewards.double()
+    n, total, squares = all_reduce_sum(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum()]))
+    std = ((squares - total * total / n).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt()
+    return estimators.grpo_batch_std_advantages(rewards, group_size=group_size, batch_std=std.to(rewards.dtype),
+                                                eps=eps)
+
+
+@register_advantage("dr_grpo")
+def _dr_grpo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
+    return estimators.dr_grpo_advantages(rewards, group_size=group_size)
+
+
+def _band(importance) -> dict:
+    return {"mask_low": importance.mask_low, "mask_high": importance.mask_high} if importance.masks else {}
+
+
+@register_ratio("none")
+def _no_ratio(importance):
+    return weights.advantage_indicator, {}
+
+
+@register_ratio("token")
+def _token_ratio(importance):
+    return weights.importance_weighted_advantage, _band(importance)
+
+
+@register_ratio("truncated")
+def _truncated_ratio(importance):
+    return weights.importance_weighted_advantage, {"truncate": importance.truncate, **_band(importance)}
+
+
+@register_ratio("ppo_clip")
+def _ppo_clip(importance):
+    return weights.ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high, **_band(importance)}
+
+
+@register_ratio("sequence_clip", sequence=True)
+def _sequence_clip(importance):
+    # GSPO: PPO's clip on the sequence's ratio (the importance stage's log_ratio field)
+    return _ppo_clip(importance)
