@@ -77,3 +77,19 @@ def require_vllm() -> None:
         importlib.import_module("vllm")
     else:
         pytest.importorskip("vllm", reason="the vllm extra: scripts/setup.sh installs it")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> str:
+    """A tiny Llama and its ChatML tokenizer, saved as save_pretrained writes them."""
+    from tests.lightning_helpers import save_chat_model
+
+    return save_chat_model(tmp_path_factory.mktemp("chat_model"))
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(tmp_path_factory) -> str:
+    """Another tiny chat model (other weights, the same tokenizer), as a teacher."""
+    from tests.lightning_helpers import save_chat_model
+
+    return save_chat_model(tmp_path_factory.mktemp("chat_teacher"), seed=7)

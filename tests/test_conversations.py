@@ -7,7 +7,6 @@ conversation a template cannot split, named."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ from lightning_unified.data.chat import end_of_turn_id, prompt_token_ids
 from lightning_unified.data.conversations import ConversationError, render_conversation
 from lightning_unified.data.files import DataError
 from lightning_unified.tasks.files import FilesDataModule
-from tests.lightning_helpers import chat_tokenizer, compose_config, save_chat_model
+from tests.lightning_helpers import chat_tokenizer, compose_config
+from tests.test_files_task import write_jsonl
 from tests.test_runs import ROOT, read_metrics
 
 THREE_TURNS = [
@@ -39,21 +39,6 @@ def three_turns(a: int, b: int, c: int) -> list[dict]:
 
 
 CONVERSATIONS = [three_turns(a, b, c) for a in range(1, 5) for b in range(1, 3) for c in range(1, 3)]  # 16
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory) -> str:
-    return save_chat_model(tmp_path_factory.mktemp("chat_model"))
-
-
-@pytest.fixture(scope="module")
-def chat_teacher(tmp_path_factory) -> str:
-    return save_chat_model(tmp_path_factory.mktemp("chat_teacher"), seed=7)
 
 
 def test_the_loss_mask_is_exactly_the_assistant_turns() -> None:

@@ -14,7 +14,7 @@ import pytest
 from lightning_unified.config import build_run, train
 from lightning_unified.data.files import DataError
 from lightning_unified.tasks.files import FilesDataModule
-from tests.lightning_helpers import compose_config, save_chat_model
+from tests.lightning_helpers import compose_config
 from tests.test_runs import read_metrics, run_script
 
 QUESTIONS = [(a, b) for a in range(1, 7) for b in range(1, 5)]  # 24 questions
@@ -33,16 +33,6 @@ def chat_rows(with_response: bool = True) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory) -> str:
-    return save_chat_model(tmp_path_factory.mktemp("chat_model"))
-
-
-@pytest.fixture(scope="module")
-def chat_teacher(tmp_path_factory) -> str:
-    return save_chat_model(tmp_path_factory.mktemp("chat_teacher"), seed=7)
 
 
 def files_overrides(model: str, train_path: str, val_path: str, *extra: str) -> list[str]:
