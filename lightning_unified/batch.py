@@ -10,6 +10,11 @@ turns with user turns or tool output between them. Two masks say what is what:
 ``response_mask`` marks the response's real tokens (what every forward attends to, a
 contiguous run from position 0), ``loss_mask`` the ones the loss trains on (the
 assistant's). A single-turn response is one assistant span: its two masks are equal.
+What reads which: every forward (the policy's, a teacher's, the reference's, a ratio's, a
+margin's), packing's layout, a served teacher's rows, the offline cache's rows and the
+decoded completions read ``response_mask``; the loss's token scale and normaliser, the
+step's token counts, advantages on tokens, importance ratios and their diagnostics, the
+KL-to-reference metric and a preference pair's summed log-probs read ``loss_mask``.
 """
 
 # --- from the DataLoader -------------------------------------------------------------

@@ -272,4 +272,6 @@ def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         merged = run.output_dir / f"{cfg.save_policy}_merged" if cfg.get("save_merged") else None
         # every rank: a sharded policy is gathered first
         run.module.save_pretrained(str(run.output_dir / cfg.save_policy), None if merged is None else str(merged))
+    # the run is over: its engine goes now, while every rank's process group still exists
+    run.module.rollouts.close()
     return {k: float(v) for k, v in (final[0] if final else {}).items()}

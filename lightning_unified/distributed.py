@@ -24,6 +24,8 @@ def destroy_process_group_at_exit() -> None:
 
 
 def _destroy_process_group() -> None:
-    close_all_engines()  # an engine's own teardown needs the group
+    # a run closes its engine when it ends (config.train); one left open (a module used from
+    # Python, a run that failed) closes here, while the group its teardown needs still exists
+    close_all_engines()
     if dist.is_initialized():
         dist.destroy_process_group()

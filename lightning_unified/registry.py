@@ -90,6 +90,10 @@ class Registry:
             raise ValueError(f"a {self.what} needs a name, got {entry.name!r}")
         self.entries[entry.name] = entry
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test's own entry, say)."""
+        self.entries.pop(name, None)
+
     def __getitem__(self, name: str):
         if name not in self.entries:
             raise ValueError(f"{self.what} must be one of {self.names}, got {name!r}")

@@ -506,14 +506,14 @@ class Dense:
     def _check_served(self, owner: str, engine: str) -> None:
         where = f"{owner}.engine={engine}"
         if self.teacher_gives == "distribution":
-            token_logp = [n for n in DIVERGENCES.names if DIVERGENCES[n].needs == "token_logp"]
+            works = [f"signal.divergence={name} with signal.top_k=K (from the top-k)" for name in self.from_top_k_names()]
+            works += [f"signal.divergence={name} (the teacher's log-prob of each sampled token)"
+                      for name in DIVERGENCES.names if DIVERGENCES[name].needs == "token_logp"]
             raise ValueError(
                 f"{where} returns the teacher's top-k and each sampled token's log-prob, not its whole distribution, "
                 f"which signal.divergence={self.divergence!r}"
                 f"{' without signal.top_k' if DIVERGENCES[self.divergence].from_top_k else ''} needs. "
-                f"Signals that work with it: signal.top_k=K with a divergence that runs from a top-k "
-                f"({self.from_top_k_names()}), or a divergence of the teacher's log-prob of each sampled token "
-                f"({token_logp})"
+                f"Signals that work with it: {', or '.join(works)}"
             )
         if self.temperature != 1.0:
             raise ValueError(f"{where} reports log-probs at temperature 1; signal.temperature={self.temperature} "

@@ -29,7 +29,7 @@ BAD = [
     ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a number >= 0 or null, got -1"),
     ("trainer.precision=31", r"trainer.precision must be .*one of .*'32-true'"),
     ("trainer.devices=0", r"trainer.devices must be a whole number of devices >= 1"),
-    ("+trainer.num_nodes=0", r"trainer.num_nodes must be a whole number >= 1, got 0"),
+    ("trainer.num_nodes=0", r"trainer.num_nodes must be a whole number >= 1, got 0"),
     ("task.batch_size=0", r"task.batch_size must be a whole number >= 1, got 0"),
     ("task.num_train=many", r"task.num_train must be a whole number, got 'many'"),
     ("task.shuffle=sometimes", r"task.shuffle must be true or false, got 'sometimes'"),

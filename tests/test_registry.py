@@ -14,7 +14,8 @@ from lightning_unified.losses import weights
 from lightning_unified.losses.token_weights import TokenWeights
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
-from lightning_unified.registry import register_advantage, register_divergence, register_ratio
+from lightning_unified.registry import (ADVANTAGES, DIVERGENCES, RATIOS, register_advantage, register_divergence,
+                                        register_ratio)
 from lightning_unified.specs import Dense, Importance, OffPolicy, OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.stages.advantages import estimate_advantages
 from lightning_unified.stages.teacher import TeacherStage
@@ -22,29 +23,39 @@ from lightning_unified.tasks.addition import digit_match
 from tests.lightning_helpers import TINY, quiet_trainer, save_tiny_teacher, tiny_datamodule
 
 
-@register_divergence("doubled_forward_kl", needs="distribution")
 def doubled_forward_kl(student_logp, targets, teacher_logp) -> TokenWeights:
     """2 KL(teacher || student): twice forward KL's weights and objective."""
     half = weights.forward_kl(student_logp, targets, teacher_logp)
     return TokenWeights(dense=2 * half.dense, objective=2 * half.objective, dense_total=2 * half.dense_total)
 
 
-@register_divergence("halved_sampled_reverse_kl", needs="token_logp")
 def halved_sampled_reverse_kl(student_logp, targets, teacher_token_logp) -> TokenWeights:
     half = weights.sampled_reverse_kl(student_logp, targets, teacher_token_logp)
     return TokenWeights(coef=half.coef / 2, objective=half.objective / 2)
 
 
-@register_advantage("best_of_group")
 def best_of_group(rewards, *, group_size: int, eps: float):
     """1 for each prompt's best sample, 0 for the others."""
     groups = rewards.reshape(-1, group_size)
     return (groups == groups.max(-1, keepdim=True).values).to(rewards.dtype).reshape(-1)
 
 
-@register_ratio("untruncated")
 def untruncated(importance):
     return weights.importance_weighted_advantage, {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """One registration each, as a user's module makes them on import; here for this
+    module's tests only (the registries are the process's, and a worker runs other files)."""
+    register_divergence("doubled_forward_kl", needs="distribution")(doubled_forward_kl)
+    register_divergence("halved_sampled_reverse_kl", needs="token_logp")(halved_sampled_reverse_kl)
+    register_advantage("best_of_group")(best_of_group)
+    register_ratio("untruncated")(untruncated)
+    yield
+    for registry, name in ((DIVERGENCES, "doubled_forward_kl"), (DIVERGENCES, "halved_sampled_reverse_kl"),
+                           (ADVANTAGES, "best_of_group"), (RATIOS, "untruncated")):
+        registry.remove(name)
 
 
 def sgd_step(signal, teacher: str | None = None) -> dict[str, torch.Tensor]:
