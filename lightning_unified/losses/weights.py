@@ -185,6 +185,18 @@ def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp
     return TokenWeights(coef=log_ratio, objective=-log_ratio)
 
 
+def span_sampled_reverse_kl(student_logp: Tensor, targets: Tensor, span_log_ratio: Tensor,
+                            span_share: Tensor) -> TokenWeights:
+    """The sampled reverse KL taken span by span, for a teacher with another tokenizer:
+    w = r_j * 1[v = y_t] on every student token of span j, with ``r_j = log pi_T(span) -
+    log pi_theta(span)`` (:func:`lightning_unified.losses.spans.span_log_ratio`, from the
+    policy as it is at this update). Its gradient is ``-sum_j r_j grad log pi_theta(span j)``,
+    the span-level estimator's; with one token per span it is :func:`sampled_reverse_kl`.
+    The objective is the span's KL sample ``-r_j``, shared over its tokens (``span_share``)."""
+    ratio = span_log_ratio.to(student_logp.dtype)
+    return TokenWeights(coef=ratio, objective=-ratio * span_share.to(student_logp.dtype))
+
+
 def preference(student_logp: Tensor, targets: Tensor, preference_weight: Tensor, preference_loss: Tensor) -> TokenWeights:
     """Preference pairs (DPO, IPO, SimPO): w = g * 1[v = y_t] with the pair's sequence-level
     weight g, +g on the chosen response and -g on the rejected one
