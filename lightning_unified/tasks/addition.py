@@ -161,9 +161,11 @@ class AdditionDataModule(L.LightningDataModule):
 
     def data_identity(self) -> dict:
         """What this run trains on, as its checkpoints keep it (a resume on other data is refused)."""
-        h = self.hparams
-        return data_identity(self.train_problems, f"the built-in task ({h.digits}-digit addition, {h.num_train} "
-                                                  f"problems, seed {h.seed})")
+        if getattr(self, "_identity", None) is None:  # digested once, not at every checkpoint
+            h = self.hparams
+            self._identity = data_identity(self.train_problems, f"the built-in task ({h.digits}-digit addition, "
+                                                                f"{h.num_train} problems, seed {h.seed})")
+        return self._identity
 
     def state_dict(self) -> dict:
         return {"data": self.data_identity()}

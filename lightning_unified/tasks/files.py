@@ -103,8 +103,11 @@ class FilesDataModule(L.LightningDataModule):
                               teachers_seen=teachers_seen, loss_on=loss_on)
 
     def data_identity(self) -> dict:
-        """What this run trains on, as its checkpoints keep it (a resume on other data is refused)."""
-        return data_identity(self.train_examples, str(self.train_path))
+        """What this run trains on, as its checkpoints keep it (a resume on other data is
+        refused); digested once, not at every checkpoint."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = data_identity(self.train_examples, str(self.train_path))
+        return self._identity
 
     def state_dict(self) -> dict:
         return {"data": self.data_identity()}
