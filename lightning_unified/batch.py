@@ -1,8 +1,8 @@
 """Every batch field, its shape and who adds it: the one place that documents the batch.
 
 A batch is a plain dict. The DataLoader yields the prompt (and, for off-policy data, the
-response); callbacks add the rest in ``on_train_batch_start``; ``training_step`` reads what
-is present. B is rows (prompts x generations once sampled), P prompt tokens (left-padded),
+response); the module's stages (:mod:`lightning_unified.stages`) add the rest before
+``training_step``, which reads what is present. B is rows (prompts x generations once sampled), P prompt tokens (left-padded),
 R response tokens (right-padded, ending in EOS), H_t the teacher's width, K the top-k.
 
 A row is a trajectory: its prompt, then its response, which may hold several assistant
@@ -29,32 +29,32 @@ TEACHER_NAMES = "teacher_names"  # list[str] of length B: the teacher each row's
 EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module's training examples (a teacher cache's key)
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
 
-# --- sampling callback (on-policy batches) -------------------------------------------
+# --- sample stage (on-policy batches) ----------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row
 SAMPLED = "sampled"  # bool: the sampler wrote this batch's responses (a mixed source keeps the data's in some batches)
 
-# --- teacher callback (dense signal) ------------------------------------------------
+# --- teacher stage (dense signal) ---------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several
 TEACHER_INDEX = "teacher_index"  # [B] long, each row's teacher as its position in signal.teachers (several teachers)
 TEACHER_TOPK_IDS = "teacher_topk_ids"  # [B, R, K] long, the teacher's top-k tokens
 TEACHER_TOPK_LOGP = "teacher_topk_logp"  # [B, R, K] float, their log-probs
 TEACHER_TOKEN_LOGP = "teacher_token_logp"  # [B, R] float, log pi_T(y_t) of the batch's tokens
 
-# --- reference callback (a KL penalty to a frozen reference) --------------------------
+# --- reference stage (a KL penalty to a frozen reference) -----------------------------
 REFERENCE_LOGP = "reference_logp"  # [B, R] float, log pi_ref(y_t) of the batch's tokens (0 on padding)
 
-# --- reward callback (sparse signal) ------------------------------------------------
+# --- rewards and advantages stages (sparse signal) ---------------------------------
 REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions (or the data's reward column)
 COMPLETIONS = "completions"  # list[str] of length B, the decoded responses the rewards scored
 ADVANTAGES = "advantages"  # [B, R] float, the estimator's advantage on every response token
 
-# --- preference callback (preference signal), refreshed before every update ---------------
+# --- preference stage (preference signal), refreshed before every update ---------------
 PREFERENCE_WEIGHT = "preference_weight"  # [B, R] float, the pair's sequence-level weight on each response token
 PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over its tokens (sums to the pair's loss)
 
-# --- importance callback ---------------------------------------------------------------
+# --- importance stage ------------------------------------------------------------------
 LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed sequence-level log pi_theta / mu (GSPO, importance.level=sequence)
 
 # The fields a weight builder may take from the batch, each [B, R, ...] like the response.
@@ -75,7 +75,7 @@ BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED)
 
 
 def require(batch: dict, *names: str, who: str) -> None:
-    """A clear error when a field a step depends on is missing (a callback not configured,
+    """A clear error when a field a step depends on is missing (a stage not configured,
     or a DataLoader that yields something else)."""
     missing = [n for n in names if n not in batch]
     if missing:

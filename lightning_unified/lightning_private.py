@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import lightning as L
 
-CHECKED_AGAINST = "2.6.6"
-
-
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The trainer ``module`` is attached to, or None (a module used in a script or a test).
     The public ``module.trainer`` raises when there is none; its private ``_trainer`` does

@@ -82,6 +82,11 @@ class NonFiniteGuard(L.Callback):
         self._pending.append((f"batch {self._batch_idx}", ["loss"], torch.isfinite(loss.detach()).reshape(1)))
 
     @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+                           batch_idx: int) -> None:
+        self._batch = None  # checked: the batch (a teacher's hidden states among its fields) is not kept alive
+
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         grads_ok = finite_flags(grads).all() if grads else torch.ones((), dtype=torch.bool, device=pl_module.device)

@@ -1,6 +1,6 @@
 """The rollout engine interface: token ids in, token ids and their log-probs out.
 
-Engines know nothing of Lightning: the sampling callback and the module's validation hand
+Engines know nothing of Lightning: the sample stage and the module's validation hand
 them tensors, the policy, and the settings of one request (:class:`GenerationRequest`).
 """
 
