@@ -25,6 +25,7 @@ RESPONSE_MASK = "response_mask"  # [B, R] long, 1 on the response's real tokens 
 LOSS_MASK = "loss_mask"  # [B, R] long, 1 on the response tokens in the loss (assistant turns), within response_mask
 REFERENCES = "references"  # list[str | None] of length B: the reference answer, for rewards
 PROMPTS = "prompts"  # list[str | list[dict]] of length B: each prompt as the data gave it (text or chat messages)
+TEACHER_PROMPTS = "teacher_prompts"  # list[str | None] of length B: the data's teacher_prompt column, for signal.teacher_context
 TEACHER_NAMES = "teacher_names"  # list[str] of length B: the teacher each row's data names (signal.teachers)
 EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module's training examples (a teacher cache's key)
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
@@ -41,9 +42,24 @@ TEACHER_INDEX = "teacher_index"  # [B] long, each row's teacher as its position 
 TEACHER_TOPK_IDS = "teacher_topk_ids"  # [B, R, K] long, the teacher's top-k tokens
 TEACHER_TOPK_LOGP = "teacher_topk_logp"  # [B, R, K] float, their log-probs
 TEACHER_TOKEN_LOGP = "teacher_token_logp"  # [B, R] float, log pi_T(y_t) of the batch's tokens
+# a teacher with another tokenizer (signal.teacher_tokenizer=auto, teachers/tokenizers.py): S spans per row,
+# each a run of student tokens and a run of the teacher's covering the same characters
+SPAN_ID = "span_id"  # [B, R] long, each student token's span in its row, -1 outside every span
+SPAN_END = "span_end"  # [B, R] float, 1 on each span's last student token
+TEACHER_SPAN_LOGP = "teacher_span_logp"  # [B, S] float, the teacher's log-prob of each span (the sum over its tokens)
+TEACHER_SPAN_TOPK_IDS = "teacher_span_topk_ids"  # [B, R, K] long, on span ends: the teacher's top-k after the span's prefix, as student ids (-1: no twin)
+TEACHER_SPAN_TOPK_LOGP = "teacher_span_topk_logp"  # [B, R, K] float, their log-probs plus the prefix's (-inf elsewhere)
+VOCABULARY_MATCH = "vocabulary_match"  # VocabularyMatch: the tokens both vocabularies share (signal.divergence=uld_hybrid)
+# refreshed before every update, from the policy as it is then (TeacherStage.on_update)
+SPAN_LOG_RATIO = "span_log_ratio"  # [B, R] float, on each token its span's log pi_T(span) - log pi_theta(span)
+SPAN_SHARE = "span_share"  # [B, R] float, 1 / its span's student tokens
+SPAN_PREFIX_LOGP = "span_prefix_logp"  # [B, R] float, on span ends: log pi_theta of the span's earlier tokens
+SPAN_PREFIX_GRAD = "span_prefix_grad"  # [B, R] float, on a span's earlier tokens: d(span's objective) / d(log-prob of its prefix)
 
 # --- reference stage (a KL penalty to a frozen reference) -----------------------------
-REFERENCE_LOGP = "reference_logp"  # [B, R] float, log pi_ref(y_t) of the batch's tokens (0 on padding)
+REFERENCE_LOGP = "reference_logp"  # [B, R] float, log pi_ref(y_t) of the batch's tokens (0 on padding); with
+# reference.tokenizer=auto, each span's log-prob on its last token (0 elsewhere): the sums over a reply are exact
+REFERENCE_SPAN_ID = "reference_span_id"  # [B, R] long, reference.tokenizer=auto: each token's span (-1 outside)
 
 # --- rewards and advantages stages (sparse signal) ---------------------------------
 REWARDS = "rewards"  # [B] float, the weighted sum of the reward functions (or the data's reward column)
@@ -63,6 +79,13 @@ PER_TOKEN_FIELDS = (
     TEACHER_TOPK_IDS,
     TEACHER_TOPK_LOGP,
     TEACHER_TOKEN_LOGP,
+    SPAN_END,
+    TEACHER_SPAN_TOPK_IDS,
+    TEACHER_SPAN_TOPK_LOGP,
+    SPAN_LOG_RATIO,
+    SPAN_SHARE,
+    SPAN_PREFIX_LOGP,
+    SPAN_PREFIX_GRAD,
     ADVANTAGES,
     LOG_RATIO,
     REFERENCE_LOGP,
@@ -71,7 +94,7 @@ PER_TOKEN_FIELDS = (
 )
 
 # Fields that hold one value for the whole batch rather than one per row.
-BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED)
+BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED, VOCABULARY_MATCH)
 
 
 def require(batch: dict, *names: str, who: str) -> None:

@@ -52,7 +52,8 @@ def method_stages(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pr
 def data_fields(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference) -> set[str]:
     """The fields the data gives every batch: prompts, and the responses unless every batch
     is sampled (preference pairs marked, rewards where the data's are used)."""
-    out = {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.REFERENCES, fields.PROMPTS, fields.EXAMPLE_INDEX}
+    out = {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.REFERENCES, fields.PROMPTS, fields.EXAMPLE_INDEX,
+           fields.TEACHER_PROMPTS}
     if not data_source.samples or data_source.probability < 1:
         out |= {fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK}
         if isinstance(signal, Preference):

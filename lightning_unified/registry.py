@@ -40,13 +40,20 @@ class Divergence:
     """``builder(student_logp [c, V], targets [c], <teacher field>, **settings) ->
     TokenWeights``; ``settings``: the ``signal`` fields it takes as keyword arguments
     (``beta``); ``from_top_k``: the builder that runs from the teacher's top-k instead
-    (``signal.top_k``, a served teacher, an offline cache), None when it cannot."""
+    (``signal.top_k``, a served teacher, an offline cache), None when it cannot.
+    ``across``: the builder that runs with a teacher of another tokenizer
+    (``signal.teacher_tokenizer=auto``), from the span fields, None when it cannot;
+    ``only_across``: it has no same-tokenizer form (ULD); ``batch_settings``: batch-wide
+    fields it takes as keyword arguments (the shared vocabulary)."""
 
     name: str
     builder: Callable
     needs: str
     settings: tuple[str, ...] = ()
     from_top_k: Callable | None = None
+    across: Callable | None = None
+    only_across: bool = False
+    batch_settings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,13 +120,16 @@ RATIOS = Registry("importance.ratio")
 WEIGHTINGS = Registry("signal.weighting")
 
 
-def register_divergence(name: str, *, needs: str, settings: tuple[str, ...] = (), from_top_k: Callable | None = None):
+def register_divergence(name: str, *, needs: str, settings: tuple[str, ...] = (), from_top_k: Callable | None = None,
+                        across: Callable | None = None, only_across: bool = False,
+                        batch_settings: tuple[str, ...] = ()):
     """Register the decorated weight builder as ``signal.divergence=name``."""
     if needs not in TEACHER_NEEDS:
         raise ValueError(f"divergence {name!r} needs one of {TEACHER_NEEDS} from the teacher, got {needs!r}")
 
     def add(builder: Callable) -> Callable:
-        DIVERGENCES.add(Divergence(name, builder, needs, tuple(settings), from_top_k))
+        DIVERGENCES.add(Divergence(name, builder, needs, tuple(settings), from_top_k,
+                                   builder if only_across else across, only_across, tuple(batch_settings)))
         return builder
 
     return add
@@ -161,7 +171,12 @@ def register_weighting(name: str):
 register_divergence("forward_kl", needs="distribution", from_top_k=weights.forward_kl_topk)(weights.forward_kl)
 register_divergence("reverse_kl", needs="distribution")(weights.reverse_kl)
 register_divergence("jsd", needs="distribution", settings=("beta",))(weights.jsd)
-register_divergence("sampled_reverse_kl", needs="token_logp")(weights.sampled_reverse_kl)
+register_divergence("sampled_reverse_kl", needs="token_logp",
+                    across=weights.span_sampled_reverse_kl)(weights.sampled_reverse_kl)
+# across tokenizers only: distributions over two vocabularies (losses/uld.py)
+register_divergence("uld", needs="distribution", only_across=True)(weights.uld)
+register_divergence("uld_hybrid", needs="distribution", only_across=True, settings=("beta",),
+                    batch_settings=("vocabulary_match",))(weights.uld_hybrid)
 
 register_weighting("indicator")(weights.indicator)
 register_weighting("dft")(weights.dft)

@@ -27,6 +27,9 @@ ENGINES = ("hf", "vllm")
 TEACHER_ENGINES = ("hf", "vllm", "server")
 # which weights a self-teacher scores with (lightning_unified/models/snapshot.py)
 SELF_TEACHER_UPDATES = ("live", "frozen", "ema", "refresh")
+# whether a teacher (or reference) shares the policy's tokenizer (same), or has its own and
+# is aligned with it span by span (auto; lightning_unified/teachers/tokenizers.py)
+TOKENIZER_MODES = ("same", "auto")
 
 
 LOAD_OPTIONS = ("dtype", "attn_implementation", "trust_remote_code")
@@ -385,6 +388,16 @@ class Dense:
     self_teacher: str = "live"
     self_teacher_decay: float = 0.99
     self_teacher_every: int = 50
+    # the teacher's tokenizer (TOKENIZER_MODES): the policy's (same: checked), or its own
+    # (auto: each reply re-encoded and aligned span by span; the divergences with an
+    # ``across`` form in the registry: sampled_reverse_kl, uld, uld_hybrid)
+    teacher_tokenizer: str = "same"
+    # auto: the log-prob a teacher token standing for characters the teacher cannot encode
+    # gets (its unknown token); null refuses such a reply, naming the characters
+    unencodable_logp: float | None = None
+    # uld_hybrid: the weight of the part on tokens both vocabularies share (the rest gets
+    # 1 - it); null is GOLD's adaptive weight, the shared share of the teacher's vocabulary
+    hybrid_matched_weight: float | None = None
 
     @property
     def is_self(self) -> bool:
@@ -441,6 +454,7 @@ class Dense:
                 "distributions are the same and there is nothing to learn"
             )
         divergence = DIVERGENCES[self.divergence]  # a registered name (lightning_unified.registry)
+        self._check_tokenizer(divergence)
         self._check_self_teacher()
         if self.cache is not None and (divergence.from_top_k is None or self.is_self or self.teacher_context):
             raise ValueError(
@@ -457,7 +471,7 @@ class Dense:
             raise ValueError(f"signal.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"signal.top_k must be >= 0, got {self.top_k}")
-        if self.top_k and divergence.from_top_k is None:
+        if self.top_k and divergence.from_top_k is None and not self.across_tokenizers:
             raise ValueError(
                 f"signal.top_k={self.top_k} gives the teacher's top-k, from which signal.divergence="
                 f"{self.divergence!r} cannot run (it needs the teacher's {_NEEDS[divergence.needs]}); the divergences "
@@ -467,6 +481,51 @@ class Dense:
             if teacher.served:
                 self._check_served("teacher" if name == "teacher" and not self.routed else f"signal.teachers.{name}",
                                    teacher.engine)
+
+    @property
+    def across_tokenizers(self) -> bool:
+        """The teacher has its own tokenizer (``teacher_tokenizer=auto``)."""
+        return self.teacher_tokenizer == "auto"
+
+    def _check_tokenizer(self, divergence) -> None:
+        _one_of("signal", "teacher_tokenizer", self.teacher_tokenizer, TOKENIZER_MODES)
+        across = [name for name in DIVERGENCES.names if DIVERGENCES[name].across is not None]
+        if self.unencodable_logp is not None and (not self.across_tokenizers or self.unencodable_logp > 0):
+            raise ValueError(f"signal.unencodable_logp={self.unencodable_logp} is the log-prob (<= 0) a teacher with "
+                             f"its own tokenizer (signal.teacher_tokenizer=auto) gives a token it cannot encode")
+        if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
+            raise ValueError(f"signal.hybrid_matched_weight must be in [0, 1] (or null: GOLD's adaptive weight), got "
+                             f"{self.hybrid_matched_weight}")
+        if not self.across_tokenizers:
+            if divergence.only_across:
+                raise ValueError(f"signal.divergence={self.divergence} compares distributions over two vocabularies; it "
+                                 f"needs a teacher with its own tokenizer (signal.teacher_tokenizer=auto). With one "
+                                 f"tokenizer, forward_kl, reverse_kl and jsd compare them exactly")
+            return
+        if divergence.across is None:
+            raise ValueError(f"signal.divergence={self.divergence} compares the two models token by token over one "
+                             f"vocabulary, which a teacher with its own tokenizer (signal.teacher_tokenizer=auto) does "
+                             f"not share; the divergences that run across tokenizers: {across}")
+        if self.cache is not None:
+            raise ValueError("signal.cache holds a teacher's top-k over the tokens of the tokenizer it was made with "
+                             "(scripts/cache_teacher.py, the student's); a teacher with its own tokenizer "
+                             "(signal.teacher_tokenizer=auto) scores each reply in its own tokens: give teacher.path, "
+                             "or drop signal.cache")
+        if self.is_self:
+            raise ValueError("signal.teacher=self is the policy, which shares its tokenizer: "
+                             "signal.teacher_tokenizer=same")
+        if self.routed:
+            raise ValueError("signal.teacher_tokenizer=auto takes one teacher (teacher.path); several teachers "
+                             "(signal.teachers) must share the policy's tokenizer")
+        teacher = self.teachers.get("teacher")
+        if teacher is not None and teacher.engine == "server" and not teacher.path:
+            raise ValueError("signal.teacher_tokenizer=auto encodes each reply with the teacher's own tokenizer: with "
+                             "teacher.engine=server give teacher.path=DIR, a local directory holding the served "
+                             "model's tokenizer")
+        if teacher is not None and teacher.served and divergence.needs == "distribution" and not self.top_k:
+            raise ValueError(f"teacher.engine={teacher.engine} returns the teacher's top-k, not its whole "
+                             f"distribution: signal.divergence={self.divergence} with a served teacher needs "
+                             f"signal.top_k=K")
 
     def _check_self_teacher(self) -> None:
         _one_of("signal", "self_teacher", self.self_teacher, SELF_TEACHER_UPDATES)
@@ -498,14 +557,19 @@ class Dense:
     @property
     def teacher_gives(self) -> str:
         """What the teacher stage asks of the teacher: ``top_k`` (its top-k: ``signal.top_k``
-        or an offline cache), or what the divergence needs (``distribution``, ``token_logp``)."""
+        or an offline cache), or what the divergence needs (``distribution``, ``token_logp``);
+        across tokenizers, its log-prob of each span (``spans``) or its top-k after each
+        span's prefix (``span_top_k``)."""
+        if self.across_tokenizers:
+            # the teacher's scores in its own tokens, summed or merged span by span
+            return "spans" if DIVERGENCES[self.divergence].needs == "token_logp" else "span_top_k"
         if self.top_k or self.cache is not None:
             return "top_k"
         return DIVERGENCES[self.divergence].needs
 
     def _check_served(self, owner: str, engine: str) -> None:
         where = f"{owner}.engine={engine}"
-        if self.teacher_gives == "distribution":
+        if self.teacher_gives == "distribution" and not self.across_tokenizers:
             works = [f"signal.divergence={name} with signal.top_k=K (from the top-k)" for name in self.from_top_k_names()]
             works += [f"signal.divergence={name} (the teacher's log-prob of each sampled token)"
                       for name in DIVERGENCES.names if DIVERGENCES[name].needs == "token_logp"]
@@ -593,11 +657,31 @@ class Reference:
     url: str | None = None
     server: dict = field(default_factory=dict)
     vllm: dict = field(default_factory=dict)
+    # the reference's tokenizer (TOKENIZER_MODES): the policy's (same), or its own (auto:
+    # each reply re-encoded, and the k1 penalty's sum taken span by span, which is exact)
+    tokenizer: str = "same"
+    # auto: the log-prob a reference token standing for characters it cannot encode gets;
+    # null refuses such a reply, naming the characters
+    unencodable_logp: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "reference")
         _known_options("reference.options", self.options)
         _one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)
+        _one_of("reference", "tokenizer", self.tokenizer, TOKENIZER_MODES)
+        if self.tokenizer == "auto":
+            if self.estimator != "k1":
+                raise ValueError(f"reference.estimator={self.estimator} compares the policy and the reference token by "
+                                 f"token, which a reference with its own tokenizer (reference.tokenizer=auto) does not "
+                                 f"allow; reference.estimator=k1 sums the log-ratio over the reply, which spans give "
+                                 f"exactly")
+            if not self.path:
+                raise ValueError("reference.tokenizer=auto encodes each reply with the reference's own tokenizer: set "
+                                 "reference.path=DIR (its directory; with reference.engine=server, a local directory "
+                                 "holding the served model's tokenizer)")
+        if self.unencodable_logp is not None and (self.tokenizer != "auto" or self.unencodable_logp > 0):
+            raise ValueError(f"reference.unencodable_logp={self.unencodable_logp} is the log-prob (<= 0) a reference "
+                             f"with its own tokenizer (reference.tokenizer=auto) gives a token it cannot encode")
         if self.kl_coef < 0:
             raise ValueError(f"reference.kl_coef must be >= 0, got {self.kl_coef}")
         if self.served:

@@ -46,7 +46,8 @@ def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None)
 
 # the batch field each form of teacher signal arrives in
 TEACHER_FIELD = {"top_k": fields.TEACHER_TOPK_IDS, "token_logp": fields.TEACHER_TOKEN_LOGP,
-                 "distribution": fields.TEACHER}
+                 "distribution": fields.TEACHER, "spans": fields.SPAN_LOG_RATIO,
+                 "span_top_k": fields.TEACHER_SPAN_TOPK_LOGP}
 
 
 def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:
@@ -55,7 +56,11 @@ def dense_weight_fn(batch: dict, signal: Dense) -> WeightFn:
     fields.require(batch, TEACHER_FIELD[gives], who=f"signal.divergence={signal.divergence!r} from the teacher's {gives}")
     if gives == "top_k":
         return _configured(divergence.from_top_k, tail=signal.topk_tail)
-    return _with(divergence.builder, {name: getattr(signal, name) for name in divergence.settings})
+    settings = {name: getattr(signal, name) for name in divergence.settings}
+    if signal.across_tokenizers:  # the span fields of a teacher with its own tokenizer
+        fields.require(batch, *divergence.batch_settings, who=f"signal.divergence={signal.divergence!r}")
+        return _with(divergence.across, settings | {name: batch[name] for name in divergence.batch_settings})
+    return _with(divergence.builder, settings)
 
 
 def preference_weight_fn(batch: dict) -> WeightFn:

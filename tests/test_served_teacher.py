@@ -23,7 +23,8 @@ from lightning_unified.specs import Dense, Importance, OnPolicy, Reference, Rewa
 from lightning_unified.tasks.addition import checkpoint_path, digit_match
 from lightning_unified.teachers.server import ServedTeacher, TeacherServerError
 from tests.conftest import require_vllm
-from tests.lightning_helpers import FAST_TASK, compose_config, quiet_trainer, save_chat_model, tiny_datamodule
+from tests.lightning_helpers import (FAST_TASK, compose_config, pairs_datamodule, quiet_trainer, save_chat_model,
+                                    tiny_datamodule)
 from tests.teacher_server import TeacherServer
 from tests.test_runs import read_metrics
 
@@ -105,6 +106,36 @@ def test_distillation_through_the_server_is_distillation_through_hf(server, sign
     assert moved > 1e-3, "the steps moved the policy"
     for (name, a), b in zip(through_hf.policy.named_parameters(), through_server.policy.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and server teachers")
+
+
+def _distill_across(signal: Dense, steps: int = 2) -> UnifiedModule:
+    """On-policy distillation of a student that reads digits two at a time from the built-in
+    task's teacher, which reads them one at a time (signal.teacher_tokenizer=auto)."""
+    L.seed_everything(0)
+    datamodule = pairs_datamodule(batch_size=4)
+    policy = build_policy(datamodule.tokenizer, seed=0, config={
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64})
+    source = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0), importance=Importance(ratio="none"))
+    module = UnifiedModule(policy, datamodule.tokenizer, source, signal, max_new_tokens=4,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    quiet_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)
+    return module
+
+
+@pytest.mark.parametrize("signal", [dict(divergence="sampled_reverse_kl"), dict(divergence="uld", top_k=TOP_K)],
+                         ids=["span_reverse_kl", "uld_top_k"])
+@pytest.mark.parametrize("engine", ["server", "vllm"])
+def test_a_served_teacher_with_another_tokenizer_is_the_hf_teachers_run(server, signal: dict, engine: str) -> None:
+    across = dict(signal, teacher=TEACHER, teacher_tokenizer="auto")
+    through_hf = _distill_across(Dense(**across))
+    served = dict(url=server.url) if engine == "server" else dict(vllm={"kv_cache_gib": 0.25})
+    through_served = _distill_across(Dense(engine=engine, **served, **across))
+    start = _distill_across(Dense(**across), steps=0)
+    moved = max((a - b).abs().max().item() for a, b in zip(through_hf.policy.parameters(), start.policy.parameters()))
+    assert moved > 1e-4, "the steps moved the policy, 10x beyond the tolerance below"
+    for (name, a), b in zip(through_hf.policy.named_parameters(), through_served.policy.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and {engine} teachers")
 
 
 def _penalised_rl(reference: Reference | None, steps: int = 3, temperature: float = 1.0) -> UnifiedModule:

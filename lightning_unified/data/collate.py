@@ -54,6 +54,8 @@ class TokenCollator:
         out[fields.PROMPT_IDS], out[fields.PROMPT_MASK] = pad([e["prompt_ids"] for e in examples],
                                                                self.pad_token_id, "left")
         out[fields.REFERENCES] = [e.get("reference") for e in examples]
+        if any("teacher_prompt" in e for e in examples):
+            out[fields.TEACHER_PROMPTS] = [e.get("teacher_prompt") for e in examples]
         if all("prompt" in e for e in examples):
             out[fields.PROMPTS] = [e["prompt"] for e in examples]
         if all("index" in e for e in examples):

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # the columns a file may have, by their names in the code; task.columns renames them.
 # ``messages`` holds whole conversations (several assistant turns), in place of prompt and response
-COLUMNS = ("prompt", "messages", "tools", "response", "reference", "reward", "chosen", "rejected", "teacher")
+COLUMNS = ("prompt", "messages", "tools", "response", "reference", "reward", "chosen", "rejected", "teacher",
+           "teacher_prompt")
 OVERLONG = ("error", "drop")
 
 
@@ -302,6 +303,8 @@ def tokenize_table(
             if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
                 raise DataError(f"{where}: column {resolved['reward']!r} must be a finite number, got {reward!r}")
             example["reward"] = float(reward)
+        if "teacher_prompt" in resolved:  # the teacher's own prompt, for signal.teacher_context='{teacher_prompt}'
+            example["teacher_prompt"] = _check_text(record[resolved["teacher_prompt"]], resolved["teacher_prompt"], where)
         if "teacher" in resolved:
             example["teacher"] = _check_text(record[resolved["teacher"]], resolved["teacher"], where).strip()
             if teachers_seen is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_unified.losses.uld import span_terms
+
 
 def span_ids(spans: list[tuple[int, int, int, int]], length: int) -> list[int]:
     """Each of a row's ``length`` student tokens' span (its index in ``spans``), -1 on tokens
@@ -34,3 +36,26 @@ def span_log_ratio(student_logp: Tensor, teacher_span_logp: Tensor, span_id: Ten
     ratio = (teacher_span_logp - student_span).gather(1, index)  # [B, R]
     share = tokens.clamp_min(1.0).reciprocal().gather(1, index)
     return torch.where(inside, ratio, 0.0), torch.where(inside, share, 0.0)
+
+
+def span_prefix_fields(token_logp: Tensor, end_logp: Tensor, span_id: Tensor, span_end: Tensor,
+                       teacher_ids: Tensor, teacher_logp: Tensor, match=None, beta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """(prefix [B, R], prefix_grad [B, R]) for ULD and the hybrid, from the policy as it is
+    before an update: on each span's last token, the log-prob of the span's earlier tokens;
+    on those earlier tokens, ``G = sum_v g(v) m(v)``, the span's objective's derivative with
+    respect to that log-prob (:func:`lightning_unified.losses.uld.span_terms`).
+
+    ``token_logp`` [B, R]: log pi_theta of each token (0 on padding); ``end_logp`` [n, V]:
+    the policy's log-probs at the ``n`` span ends (``span_end`` [B, R] bool, row-major);
+    ``teacher_ids``/``teacher_logp`` [n, K]: the teacher's at those ends."""
+    inside = span_id >= 0
+    index = span_id.clamp_min(0)
+    dtype = torch.promote_types(token_logp.dtype, torch.float32)  # float32 at least: sums of many log-probs
+    logp = token_logp.to(dtype)
+    span_sum = torch.zeros_like(logp).scatter_add_(1, index, torch.where(inside, logp, 0.0))  # [B, S<=R]
+    prefix = torch.where(span_end, span_sum.gather(1, index) - logp, 0.0)  # [B, R]
+    merged = end_logp.to(dtype) + prefix[span_end][:, None]  # [n, V]
+    _, grad = span_terms(merged, teacher_ids, teacher_logp, match, beta)
+    carried = torch.zeros_like(span_sum)
+    carried[span_end.nonzero(as_tuple=True)[0], span_id[span_end]] = (grad * merged.exp()).sum(-1)
+    return prefix, torch.where(inside & ~span_end, carried.gather(1, index), 0.0)

@@ -29,6 +29,7 @@ from lightning_unified.losses.importance import (
     token_log_ratio,
     truncated_ratio,
 )
+from lightning_unified.losses.uld import span_terms
 from lightning_unified.losses.token_weights import TokenWeights
 
 
@@ -195,6 +196,43 @@ def span_sampled_reverse_kl(student_logp: Tensor, targets: Tensor, span_log_rati
     The objective is the span's KL sample ``-r_j``, shared over its tokens (``span_share``)."""
     ratio = span_log_ratio.to(student_logp.dtype)
     return TokenWeights(coef=ratio, objective=-ratio * span_share.to(student_logp.dtype))
+
+
+def _span_distribution(student_logp: Tensor, span_end: Tensor, span_prefix_logp: Tensor, span_prefix_grad: Tensor,
+                       teacher_span_topk_ids: Tensor, teacher_span_topk_logp: Tensor, match, beta: float) -> TokenWeights:
+    """ULD or the hybrid, span by span: on a span's last token the objective of ``m(v) =
+    pi(prefix) pi_theta(v)`` (:func:`lightning_unified.losses.uld.span_terms`) and the weight
+    ``w(v) = -m(v) g(v)`` with ``g = d objective / d m``, whose gradient is the objective's
+    through this position's logits; on the span's earlier tokens, ``-G`` on the token, with
+    ``G = sum_v g(v) m(v)`` from before the update (``span_prefix_grad``): the objective's
+    gradient through the prefix's log-probability."""
+    ends = span_end.nonzero().squeeze(-1)
+    dense = torch.zeros_like(student_logp)
+    objective = student_logp.new_zeros(student_logp.shape[0])
+    if ends.numel():
+        merged = student_logp.index_select(0, ends) + span_prefix_logp.index_select(0, ends).to(student_logp.dtype)[:, None]
+        value, grad = span_terms(merged, teacher_span_topk_ids.index_select(0, ends),
+                                 teacher_span_topk_logp.index_select(0, ends), match, beta)
+        dense.index_copy_(0, ends, -(merged.exp() * grad).to(student_logp.dtype))
+        objective.index_copy_(0, ends, value.to(student_logp.dtype))
+    return TokenWeights(coef=-span_prefix_grad.to(student_logp.dtype), dense=dense, objective=objective)
+
+
+def uld(student_logp: Tensor, targets: Tensor, span_end: Tensor, span_prefix_logp: Tensor, span_prefix_grad: Tensor,
+        teacher_span_topk_ids: Tensor, teacher_span_topk_logp: Tensor) -> TokenWeights:
+    """Universal Logit Distillation across tokenizers, span by span: the L1 distance of the
+    two sorted distributions of the span's continuations (:mod:`lightning_unified.losses.uld`)."""
+    return _span_distribution(student_logp, span_end, span_prefix_logp, span_prefix_grad, teacher_span_topk_ids,
+                              teacher_span_topk_logp, None, 0.5)
+
+
+def uld_hybrid(student_logp: Tensor, targets: Tensor, span_end: Tensor, span_prefix_logp: Tensor,
+               span_prefix_grad: Tensor, teacher_span_topk_ids: Tensor, teacher_span_topk_logp: Tensor, *,
+               vocabulary_match, beta: float) -> TokenWeights:
+    """GOLD's hybrid across tokenizers, span by span: the generalised JSD (``beta``) on the
+    tokens both vocabularies share, ULD on the rest (:mod:`lightning_unified.losses.uld`)."""
+    return _span_distribution(student_logp, span_end, span_prefix_logp, span_prefix_grad, teacher_span_topk_ids,
+                              teacher_span_topk_logp, vocabulary_match, beta)
 
 
 def preference(student_logp: Tensor, targets: Tensor, preference_weight: Tensor, preference_loss: Tensor) -> TokenWeights:

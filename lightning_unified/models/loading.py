@@ -238,6 +238,12 @@ def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         )
 
 
+# a teacher with another tokenizer is aligned span by span instead (teachers/tokenizers.py)
+_ACROSS_HINT = ("; to distil from it anyway, set signal.teacher_tokenizer=auto (each reply re-encoded with the "
+                "teacher's tokenizer and compared span by span: signal.divergence=sampled_reverse_kl, uld or "
+                "uld_hybrid)")
+
+
 def check_same_vocabulary(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, other: nn.Module,
                           other_path: str | None, what: str) -> None:
     """A teacher or reference compares distributions with the policy token by token, so
@@ -254,12 +260,13 @@ def check_vocabulary_of(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, o
     if other_rows != policy_rows:
         raise ValueError(
             f"{what} has a vocabulary of {other_rows} tokens and the policy {policy_rows}; a dense signal "
-            f"compares distributions over one shared vocabulary (sizes differ)"
+            f"compares distributions over one shared vocabulary (sizes differ){_ACROSS_HINT if 'teacher' in what else ''}"
         )
     if has_tokenizer(other_path):
         difference = vocabulary_difference(tokenizer, AutoTokenizer.from_pretrained(other_path))
         if difference:
-            raise ValueError(f"{what} uses another tokenizer than the policy: {difference}")
+            raise ValueError(f"{what} uses another tokenizer than the policy: {difference}"
+                             f"{_ACROSS_HINT if 'teacher' in what else ''}")
 
 
 def trainable_policy(policy, tokenizer):

@@ -13,12 +13,13 @@ import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
-from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
+from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.specs import Reference
 from lightning_unified.teachers import build_teacher
+from lightning_unified.teachers.tokenizers import TokenizerBridge
 from lightning_unified.stages.base import Stage
 
 
@@ -26,7 +27,10 @@ class ReferenceStage(Stage):
     """``reference.path`` loads a model; without one the reference is the starting policy:
     with LoRA the same base model with its adapters switched off (no copy), otherwise a
     frozen copy taken before the first step. ``reference.engine=vllm`` or ``server``: the
-    reference is served (:mod:`lightning_unified.teachers`), and no model is loaded here."""
+    reference is served (:mod:`lightning_unified.teachers`), and no model is loaded here.
+    ``reference.tokenizer=auto``: the reference has its own tokenizer; it scores each reply
+    in its own tokens, and each span's log-prob lands on the span's last token, so the k1
+    penalty's sum over the reply is exact (:mod:`lightning_unified.teachers.tokenizers`)."""
 
     name = "reference"
 
@@ -35,14 +39,20 @@ class ReferenceStage(Stage):
         self.reference = reference
         self.model = None
         self.served = None
+        self.bridge: TokenizerBridge | None = None
 
     def reads(self) -> set[str]:
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
 
     def writes(self) -> set[str]:
-        return {fields.REFERENCE_LOGP}
+        return {fields.REFERENCE_LOGP} | ({fields.REFERENCE_SPAN_ID} if self.reference.tokenizer == "auto" else set())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference.tokenizer == "auto" and self.bridge is None:
+            self.bridge = TokenizerBridge(
+                pl_module.tokenizer, load_tokenizer(self.reference.path,
+                                                    trust_remote_code=bool(self.reference.options.get("trust_remote_code"))),
+                unencodable_logp=self.reference.unencodable_logp, who="reference.tokenizer=auto")
         if self.reference.served:
             if stage == "fit" and self.served is None:
                 self._start_served(pl_module)
@@ -57,7 +67,8 @@ class ReferenceStage(Stage):
             return
         if self.reference.path is not None:
             model = load_causal_lm(self.reference.path, **self.reference.options)
-            check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
+            if self.bridge is None:
+                check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
                                   f"reference {self.reference.path}")
         else:
             if pl_module.policy_is_sharded():
@@ -79,7 +90,10 @@ class ReferenceStage(Stage):
                              f"(module.temperature, or data_source.sampling.temperature when that is null): sample "
                              f"at temperature 1, set module.temperature=1, or use reference.engine=hf")
         served = build_teacher(self.reference.as_served(), owner="reference", role="reference")
-        served.start(pl_module.policy, pl_module.tokenizer)
+        if self.bridge is not None:  # checked against the reference's own tokenizer
+            served.start(pl_module.policy, self.bridge.teacher, own_tokenizer=True)
+        else:
+            served.start(pl_module.policy, pl_module.tokenizer)
         self.served = served
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -95,7 +109,28 @@ class ReferenceStage(Stage):
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                        who="reference scoring")
         with trainer_precision(pl_module):
-            batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
+            if self.bridge is not None:
+                batch[fields.REFERENCE_LOGP], batch[fields.REFERENCE_SPAN_ID] = self.score_spans(pl_module, batch)
+            else:
+                batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
+
+    @torch.no_grad()
+    def score_spans(self, pl_module: L.LightningModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] each span's log-prob under the reference on its last student token, [B, R]
+        each token's span): the reference reads the prompt and the reply in its own tokens."""
+        rows = self.bridge.rows(batch, pl_module.device)
+        tensors = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
+        if self.served is not None:
+            logp = self.served.score(*tensors, top_k=0).token_logp.to(pl_module.device)
+        else:
+            hidden = response_hidden(self.model, *tensors, packing=pl_module.packing)
+            weight, bias = output_head(self.model)
+            logp = target_logprobs(hidden, weight, rows.response_ids, head_bias=bias,
+                                   temperature=pl_module.temperature)
+        spans = self.bridge.span_fields(rows, self.bridge.teacher_logp(rows, logp), batch[fields.RESPONSE_IDS].shape[1])
+        span_id = spans[fields.SPAN_ID]
+        on_ends = spans[fields.TEACHER_SPAN_LOGP].gather(1, span_id.clamp_min(0))
+        return torch.where(spans[fields.SPAN_END].bool(), on_ends, 0.0), span_id
 
     @torch.no_grad()
     def score(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
@@ -126,7 +161,17 @@ class ReferenceStage(Stage):
         if not isinstance(outputs, dict) or "target_logp" not in outputs or fields.REFERENCE_LOGP not in batch:
             return
         mask = fields.loss_mask(batch).bool()
-        # the k3 estimate of KL(policy || reference) per token: non-negative, low variance
+        # the k3 estimate of KL(policy || reference) per token (per span across tokenizers):
+        # non-negative, low variance
         log_r = (batch[fields.REFERENCE_LOGP] - outputs["target_logp"])[mask].float()
+        if fields.REFERENCE_SPAN_ID in batch:
+            span_id = batch[fields.REFERENCE_SPAN_ID]
+            inside = span_id >= 0
+            policy = torch.zeros_like(outputs["target_logp"], dtype=torch.float32).scatter_add_(
+                1, span_id.clamp_min(0), torch.where(inside, outputs["target_logp"].float(), 0.0))  # [B, S<=R]
+            reference = torch.zeros_like(policy).scatter_add_(1, span_id.clamp_min(0),
+                                                              torch.where(inside, batch[fields.REFERENCE_LOGP].float(), 0.0))
+            held = torch.zeros_like(policy).scatter_add_(1, span_id.clamp_min(0), inside.float()) > 0
+            log_r = (reference - policy)[held]
         kl = (log_r.exp() - log_r - 1).mean() if log_r.numel() else log_r.new_zeros(())
         pl_module.log("train/kl_ref", kl, prog_bar=True, batch_size=int(mask.sum()))

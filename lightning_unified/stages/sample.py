@@ -45,7 +45,7 @@ class SampleStage(Stage):
         # the prompts (and their per-row lists) come back as G copies each
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK,
                 fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
-                fields.PROMPTS, fields.TEACHER_NAMES}
+                fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS}
 
     def _max_new_tokens(self, pl_module: L.LightningModule) -> int:
         """The sampling spec's, else the module's (which falls back to the datamodule's)."""
@@ -115,6 +115,6 @@ class SampleStage(Stage):
         batch[fields.LOSS_MASK] = rollout.response_mask  # one sampled turn: every token is the policy's
         batch[fields.BEHAVIOUR_LOGP] = rollout.logp
         batch[fields.GROUP_SIZE] = group
-        for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES):  # per-prompt lists, now one entry per row
+        for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS):  # per-prompt lists, now one entry per row
             if name in batch:
                 batch[name] = [value for value in batch[name] for _ in range(group)]

@@ -64,8 +64,9 @@ class ServedTeacher:
         self.owner, self.role = owner, role
 
     # --- start: which model, and is its vocabulary the policy's -----------------------------
-    def start(self, policy, tokenizer) -> None:
-        """Find the served model and check its vocabulary against the policy's tokenizer."""
+    def start(self, policy, tokenizer, own_tokenizer: bool = False) -> None:
+        """Find the served model and check its vocabulary against ``tokenizer``: the
+        policy's, or with ``own_tokenizer`` the teacher's own (signal.teacher_tokenizer=auto)."""
         served = self._request("GET", "/v1/models").get("data", [])
         names = [m.get("id") for m in served]
         if self.model is None:
@@ -77,14 +78,20 @@ class ServedTeacher:
             raise TeacherServerError(f"{self.name} does not serve {self.model!r}; it serves {names}")
         self.max_model_len = next((m.get("max_model_len") for m in served if m.get("id") == self.model), None)
         self.name = f"{self.role} server {self.url} ({self.model})"
-        self.check_vocabulary(tokenizer)
+        self.check_vocabulary(tokenizer, own_tokenizer)
 
-    def check_vocabulary(self, tokenizer) -> None:
+    def check_vocabulary(self, tokenizer, own_tokenizer: bool = False) -> None:
         """The server's tokenizer must map tokens as the policy's does: the same ids for a
         probe text, and the same text for ids spread over the policy's vocabulary."""
         name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-        refuse = (f"{self.name} uses another vocabulary than the policy (tokenizer {name}); its log-probs are "
-                  f"compared with the policy's token by token: serve a {self.role} with the policy's tokenizer")
+        if own_tokenizer:
+            refuse = (f"{self.name} uses another vocabulary than the teacher's tokenizer {name} (teacher.path), "
+                      f"which encodes the replies it scores: give the served model's own directory as teacher.path")
+        else:
+            refuse = (f"{self.name} uses another vocabulary than the policy (tokenizer {name}); its log-probs are "
+                      f"compared with the policy's token by token: serve a {self.role} with the policy's tokenizer"
+                      + (", or align the two tokenizers with signal.teacher_tokenizer=auto (and teacher.path=DIR "
+                         "holding the served model's tokenizer)" if self.role == "teacher" else ""))
         ours = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
         theirs = self._request("POST", "/tokenize", {"model": self.model, "prompt": PROBE_TEXT,
                                                      "add_special_tokens": False})["tokens"]

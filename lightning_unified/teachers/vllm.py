@@ -45,8 +45,11 @@ class InProcessTeacher:
         self.llm = None
         self.name = f"{role} {path} ({owner}.engine=vllm)"
 
-    def start(self, policy: nn.Module, tokenizer) -> None:
-        self.check_vocabulary(policy, tokenizer)
+    def start(self, policy: nn.Module, tokenizer, own_tokenizer: bool = False) -> None:
+        """Start the engine; ``own_tokenizer``: the teacher has its own tokenizer (read from
+        ``path``, where the engine's model is), so no vocabulary is compared with the policy's."""
+        if not own_tokenizer:
+            self.check_vocabulary(policy, tokenizer)
         vllm = import_vllm()
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, sleep=False)
         try:

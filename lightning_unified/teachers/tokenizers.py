@@ -1,0 +1,181 @@
+"""A teacher with another tokenizer than the student's (``signal.teacher_tokenizer=auto``;
+``reference.tokenizer=auto`` for the KL penalty's reference).
+
+Each row's reply is decoded once from the student's ids and encoded with the teacher's
+tokenizer; the two tokenizations are cut into spans at the characters where both have a
+boundary (:func:`lightning_unified.data.alignment.align_reply`). The teacher reads its own
+prompt (the data's prompt in its own chat format, or ``signal.teacher_context`` rendered
+for it) followed by its own tokens of the reply, and what it says is brought back onto the
+student's tokens span by span:
+
+- its log-probability of each span (the sum over its tokens), for the sampled reverse KL
+  and the k1 penalty, which are exact span by span;
+- its distribution after each span's prefix, times the prefix's probability (its top-k of
+  those continuations), on the span's last student token, for ULD and the GOLD-style hybrid.
+
+A teacher token standing for characters the teacher cannot encode is refused, naming them,
+unless ``signal.unencodable_logp`` gives the log-prob such a token gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_unified import batch as fields
+from lightning_unified.data.alignment import Alignment, AlignmentError, align_reply
+from lightning_unified.data.chat import contextual_prompt, end_of_turn_id, is_chat, prompt_token_ids, stop_token_ids
+from lightning_unified.data.collate import pad
+from lightning_unified.losses.uld import VocabularyMatch
+
+
+@dataclass
+class TeacherRows:
+    """The batch's rows in the teacher's tokens: its prompts (left-padded) and its tokens of
+    each reply (right-padded), with each row's alignment to the student's tokens."""
+
+    prompt_ids: Tensor  # [B, P_t] long
+    prompt_mask: Tensor  # [B, P_t] long
+    response_ids: Tensor  # [B, R_t] long
+    response_mask: Tensor  # [B, R_t] long
+    alignments: list[Alignment]
+    unknown: Tensor  # [B, R_t] bool: the teacher's unknown token, standing for characters it cannot encode
+
+
+def vocabulary_match(student_tokenizer, teacher_tokenizer, matched_weight: float | None = None) -> VocabularyMatch:
+    """Tokens whose vocabulary strings are equal in both tokenizers (GOLD's rule); the
+    matched part's weight is ``matched_weight``, or by default (GOLD's adaptive one) the
+    matched share of the teacher's vocabulary."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    student_size = max(len(student_tokenizer), max(student_vocab.values()) + 1)
+    teacher_size = max(len(teacher_tokenizer), max(teacher_vocab.values()) + 1)
+    student_matched = torch.zeros(student_size, dtype=torch.bool)
+    teacher_to_student = torch.full((teacher_size,), -1, dtype=torch.long)
+    for token, teacher_id in teacher_vocab.items():
+        student_id = student_vocab.get(token)
+        if student_id is not None:
+            teacher_to_student[teacher_id] = student_id
+            student_matched[student_id] = True
+    if matched_weight is None:
+        matched_weight = float((teacher_to_student >= 0).sum()) / teacher_size
+    return VocabularyMatch(student_matched, teacher_to_student, matched_weight, 1.0 - matched_weight)
+
+
+def teacher_prompt_ids(teacher_tokenizer, prompt, context: str | None, columns: dict, who: str) -> list[int]:
+    """The teacher's prompt in its own format: ``context`` (``signal.teacher_context``)
+    rendered over the example's columns, or the data's prompt; a chat prompt goes through
+    the teacher's chat template, and a teacher without one reads the rendered text as it
+    is (its own plain format)."""
+    has_template = bool(getattr(teacher_tokenizer, "chat_template", None))
+    if context is None:
+        if is_chat(prompt) and not has_template:
+            raise ValueError(f"{who}: the prompt is a list of chat messages, and the teacher's tokenizer "
+                             f"{teacher_tokenizer.name_or_path!r} has no chat template; give its own prompt format "
+                             f"with signal.teacher_context (e.g. '{{teacher_prompt}}', a column of the data)")
+        return prompt_token_ids(teacher_tokenizer, prompt)
+    rendered = contextual_prompt(prompt, context, columns)
+    if is_chat(rendered) and not has_template:
+        rendered = contextual_prompt(_last_user_text(prompt), context, columns)
+    return prompt_token_ids(teacher_tokenizer, rendered)
+
+
+def _last_user_text(prompt) -> str:
+    users = [m for m in prompt if m.get("role") == "user"]
+    return users[-1]["content"] if users else ""
+
+
+class TokenizerBridge:
+    """The student's rows in a teacher's tokens, and the teacher's scores back on the
+    student's. ``who`` names the setting in errors (``signal.teacher_tokenizer=auto``)."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, *, unencodable_logp: float | None = None,
+                 context: str | None = None, who: str = "signal.teacher_tokenizer=auto"):
+        self.student, self.teacher = student_tokenizer, teacher_tokenizer
+        self.unencodable_logp, self.context, self.who = unencodable_logp, context, who
+        self.student_stops = set(stop_token_ids(student_tokenizer))
+        self.teacher_stop = end_of_turn_id(teacher_tokenizer)
+        pad_id = teacher_tokenizer.pad_token_id
+        self.teacher_pad = pad_id if pad_id is not None else teacher_tokenizer.eos_token_id
+
+    def rows(self, batch: dict, device: torch.device | str) -> TeacherRows:
+        fields.require(batch, fields.PROMPTS, who=f"{self.who} (the prompts, rendered in the teacher's format)")
+        response_ids, response_mask = batch[fields.RESPONSE_IDS].cpu(), batch[fields.RESPONSE_MASK].cpu()
+        if not torch.equal(fields.loss_mask(batch).cpu().bool(), response_mask.bool()):
+            raise ValueError(f"{self.who} scores single-turn replies, and this batch's responses hold turns the loss "
+                             f"skips (conversations with several assistant turns); train on the last assistant turn "
+                             f"(task.loss_on=last_assistant)")
+        prompts = batch[fields.PROMPTS]
+        references = batch.get(fields.REFERENCES) or [None] * len(prompts)
+        teacher_prompts = batch.get(fields.TEACHER_PROMPTS) or [None] * len(prompts)
+        prompt_rows, reply_rows, alignments, unknown_rows = [], [], [], []
+        for b, (ids, mask) in enumerate(zip(response_ids, response_mask)):
+            student_ids = ids[mask.bool()].tolist()
+            try:
+                alignment = align_reply(student_ids, self.student, self.teacher, student_stops=self.student_stops,
+                                        teacher_stop=self.teacher_stop, unknown_ok=self.unencodable_logp is not None)
+            except AlignmentError as error:
+                raise AlignmentError(f"{self.who}, row {b}: {error}; set signal.unencodable_logp (the log-prob "
+                                     f"the teacher gives a token it cannot encode, e.g. -20) to score such replies "
+                                     f"as ones the teacher would not write") from None
+            columns = {"reference": references[b], "teacher_prompt": teacher_prompts[b]}
+            prompt_rows.append(teacher_prompt_ids(self.teacher, prompts[b], self.context, columns, self.who))
+            reply_rows.append(alignment.teacher_ids)
+            alignments.append(alignment)
+            unknown_rows.append([k in set(alignment.unknown) for k in range(len(alignment.teacher_ids))])
+        prompt_ids, prompt_mask = pad(prompt_rows, self.teacher_pad, "left")
+        reply_ids, reply_mask = pad(reply_rows, self.teacher_pad, "right")
+        width = reply_ids.shape[1]
+        unknown = torch.tensor([u + [False] * (width - len(u)) for u in unknown_rows], dtype=torch.bool).reshape(-1, width)
+        return TeacherRows(prompt_ids.to(device), prompt_mask.to(device), reply_ids.to(device), reply_mask.to(device),
+                           alignments, unknown.to(device))
+
+    def teacher_logp(self, rows: TeacherRows, token_logp: Tensor) -> Tensor:
+        """[B, R_t] the teacher's log-prob of each of its tokens, ``unencodable_logp`` on the
+        ones that stand for characters it cannot encode, 0 on padding."""
+        if self.unencodable_logp is not None:
+            token_logp = torch.where(rows.unknown, token_logp.new_tensor(self.unencodable_logp), token_logp)
+        return torch.where(rows.response_mask.bool(), token_logp, 0.0)
+
+    def span_fields(self, rows: TeacherRows, teacher_logp: Tensor, student_width: int) -> dict:
+        """{span_id [B, R], span_end [B, R], teacher_span_logp [B, S]} from the teacher's
+        log-prob of each of its tokens ([B, R_t], :meth:`teacher_logp`)."""
+        device = teacher_logp.device
+        spans = max((len(a.spans) for a in rows.alignments), default=0)
+        span_id = torch.full((len(rows.alignments), student_width), -1, dtype=torch.long)
+        span_end = torch.zeros(len(rows.alignments), student_width)
+        # each teacher token's span, -1 on padding: the span sums are one scatter
+        teacher_span = torch.full(tuple(teacher_logp.shape), -1, dtype=torch.long)
+        for b, alignment in enumerate(rows.alignments):
+            for j, (s0, s1, t0, t1) in enumerate(alignment.spans):
+                span_id[b, s0:s1] = j
+                span_end[b, s1 - 1] = 1.0
+                teacher_span[b, t0:t1] = j
+        teacher_span = teacher_span.to(device)
+        sums = torch.zeros(teacher_logp.shape[0], max(spans, 1), dtype=torch.float32, device=device)
+        sums.scatter_add_(1, teacher_span.clamp_min(0), torch.where(teacher_span >= 0, teacher_logp.float(), 0.0))
+        return {fields.SPAN_ID: span_id.to(device), fields.SPAN_END: span_end.to(device),
+                fields.TEACHER_SPAN_LOGP: sums}
+
+    def span_topk_fields(self, rows: TeacherRows, teacher_logp: Tensor, topk_ids: Tensor, topk_logp: Tensor,
+                         student_width: int, match: VocabularyMatch | None) -> dict:
+        """{teacher_span_topk_ids [B, R, K], teacher_span_topk_logp [B, R, K]}: on each span's
+        last student token, the teacher's top-k at its own last token of the span, each
+        log-prob plus the teacher's log-prob of the span's earlier tokens (the probability
+        of the span's prefix followed by that token); ids are the student's twin of each
+        token (-1 where it has none, or without ``match``). ``topk_ids``/``topk_logp``
+        [B, R_t, K] are the teacher's at each of its tokens' positions."""
+        batch, k = topk_ids.shape[0], topk_ids.shape[-1]
+        device = topk_logp.device
+        out_logp = torch.full((batch, student_width, k), float("-inf"), device=device)
+        out_ids = torch.full((batch, student_width, k), -1, dtype=torch.long, device=device)
+        mapped = (match.teacher_to_student.to(device)[topk_ids] if match is not None
+                  else torch.full_like(topk_ids, -1))
+        prefix = teacher_logp.float().cumsum(-1)  # [B, R_t]: log-prob of the teacher's tokens up to each
+        for b, alignment in enumerate(rows.alignments):
+            for s0, s1, t0, t1 in alignment.spans:
+                before = prefix[b, t1 - 2] - (prefix[b, t0 - 1] if t0 > 0 else 0.0) if t1 - 1 > t0 else 0.0
+                out_logp[b, s1 - 1] = topk_logp[b, t1 - 1].float() + before
+                out_ids[b, s1 - 1] = mapped[b, t1 - 1]
+        return {fields.TEACHER_SPAN_TOPK_IDS: out_ids, fields.TEACHER_SPAN_TOPK_LOGP: out_logp}
