@@ -48,7 +48,7 @@ SPAN_ID = "span_id"  # [B, R] long, each student token's span in its row, -1 out
 SPAN_END = "span_end"  # [B, R] float, 1 on each span's last student token
 TEACHER_SPAN_LOGP = "teacher_span_logp"  # [B, S] float, the teacher's log-prob of each span (the sum over its tokens)
 TEACHER_SPAN_TOPK_IDS = "teacher_span_topk_ids"  # [B, R, K] long, on span ends: the teacher's top-k after the span's prefix, as student ids (-1: no twin)
-TEACHER_SPAN_TOPK_LOGP = "teacher_span_topk_logp"  # [B, R, K] float, their log-probs plus the prefix's (-inf elsewhere)
+TEACHER_SPAN_TOPK_LOGP = "teacher_span_topk_logp"  # [B, R, K] float, their log-probs plus the prefix's (-1e4: no entry)
 VOCABULARY_MATCH = "vocabulary_match"  # VocabularyMatch: the tokens both vocabularies share (signal.divergence=uld_hybrid)
 # refreshed before every update, from the policy as it is then (TeacherStage.on_update)
 SPAN_LOG_RATIO = "span_log_ratio"  # [B, R] float, on each token its span's log pi_T(span) - log pi_theta(span)

@@ -59,8 +59,16 @@ def write_model(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def questions(seed: int, count: int, digits: int, operations: str) -> list[dict]:
-    """``count`` distinct questions, operands of up to ``digits`` digits."""
+def addition_teacher_prompt(a: int, b: int) -> str:
+    """The question in the built-in addition teacher's own format: operands zero-padded to
+    two digits, and the sum's padding to three digits ("07+45=" then "052") moved into the
+    prompt ("07+45=0"), so the teacher scores the student's unpadded "52"."""
+    return f"{a:02d}+{b:02d}=" + ("0" if a + b < 100 else "")
+
+
+def questions(seed: int, count: int, digits: int, operations: str, teacher_prompts: bool = False) -> list[dict]:
+    """``count`` distinct questions, operands of up to ``digits`` digits; with
+    ``teacher_prompts``, each also in the built-in addition teacher's format."""
     limit = 10**digits
     if count > limit * limit * len(operations):
         raise ValueError(f"{count} distinct questions asked for, but operands of up to {digits} digit(s) with "
@@ -73,8 +81,11 @@ def questions(seed: int, count: int, digits: int, operations: str) -> list[dict]
             continue
         seen.add((a, op, b))
         answer = str(OPERATIONS[op](a, b))
-        rows.append({"prompt": [{"role": "user", "content": QUESTION.format(a=a, op=op, b=b)}],
-                     "response": answer, "reference": answer})
+        row = {"prompt": [{"role": "user", "content": QUESTION.format(a=a, op=op, b=b)}],
+               "response": answer, "reference": answer}
+        if teacher_prompts:
+            row["teacher_prompt"] = addition_teacher_prompt(a, b)
+        rows.append(row)
     return rows
 
 
@@ -87,18 +98,27 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=2, help="operand digits")
     parser.add_argument("--operations", default="+-*", help="a subset of +-*")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-prompts", action="store_true",
+                        help="also write each question in the built-in addition teacher's format (column teacher_prompt; "
+                             "needs --operations + and --digits 2 or less)")
+    parser.add_argument("--data-only", action="store_true", help="write the question files only, not OUT/model")
     args = parser.parse_args()
     for name in ("num_train", "num_val", "num_test"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if set(args.operations) - set(OPERATIONS):
         raise SystemExit(f"--operations must be a subset of {''.join(OPERATIONS)}")
+    if args.teacher_prompts and (args.operations != "+" or args.digits > 2):
+        raise SystemExit(f"--teacher-prompts writes the built-in addition teacher's format, which has two-digit "
+                         f"additions only: give --operations + and --digits 2 or less (got --operations "
+                         f"{args.operations} --digits {args.digits})")
     try:  # before the model: a request that cannot be met stops in a second
-        rows = questions(args.seed, args.num_val + args.num_train + args.num_test, args.digits, args.operations)
+        rows = questions(args.seed, args.num_val + args.num_train + args.num_test, args.digits, args.operations,
+                         args.teacher_prompts)
     except ValueError as error:
         raise SystemExit(f"{error}: lower --num-train, --num-val or --num-test, or raise --digits") from error
     args.out.mkdir(parents=True, exist_ok=True)
-    if not (args.out / "model" / "config.json").is_file():
+    if not args.data_only and not (args.out / "model" / "config.json").is_file():
         write_model(args.out / "model")
     train_end = args.num_val + args.num_train
     for name, part in (("val", rows[: args.num_val]), ("train", rows[args.num_val:train_end]),
@@ -106,7 +126,7 @@ def main() -> None:
         with (args.out / f"{name}.jsonl").open("w") as f:
             for row in part:
                 f.write(json.dumps(row) + "\n")
-    print(f"wrote {args.out}/model, {args.out}/train.jsonl ({args.num_train}), {args.out}/val.jsonl ({args.num_val}), "
+    print(f"wrote {'' if args.data_only else f'{args.out}/model, '}{args.out}/train.jsonl ({args.num_train}), {args.out}/val.jsonl ({args.num_val}), "
           f"{args.out}/test.jsonl ({args.num_test})")
 
 

@@ -204,6 +204,46 @@ def test_uld_and_the_hybrid_are_trls_gold_loss(divergence: str, beta: float) -> 
     assert trl_grad.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("divergence", ["uld", "uld_hybrid"])
+def test_a_uld_runs_gradient_is_trls_gold_loss_on_the_same_batch(pairs_teacher, divergence: str) -> None:
+    """The whole module, with the non-finite guard on: the gradient of one step is TRL's
+    ULDLoss's, row by row, under the module's normaliser (the batch's reply tokens)."""
+    step = first_step(Dense(teacher=pairs_teacher, divergence=divergence, teacher_tokenizer="auto"))
+    assert torch.isfinite(step.loss)
+    student_tok, teacher_tok = addition_tokenizer(), pairs_tokenizer()
+    trl = trl_uld_loss(student_tok, teacher_tok, divergence == "uld_hybrid", 0.5)
+    batch = step.batch
+    L.seed_everything(0)
+    policy = build_policy(tiny_datamodule().tokenizer, config=TINY, seed=0)
+    policy.train()
+    teacher = load_causal_lm(pairs_teacher).eval()
+    replies = [ids[mask.bool()].tolist() for ids, mask in zip(batch[F.RESPONSE_IDS], batch[F.RESPONSE_MASK])]
+    tokens = sum(len(r) for r in replies)
+    total = 0.0
+    for prompt_ids, prompt_mask, reply in zip(batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], replies):
+        prompt = prompt_ids[prompt_mask.bool()].tolist()
+        text = student_tok.decode(reply[:-1])
+        t_prompt = teacher_tok(student_tok.decode(prompt), add_special_tokens=False).input_ids
+        t_reply = teacher_tok(text, add_special_tokens=False).input_ids + [teacher_tok.eos_token_id]
+        s_logits = policy(input_ids=torch.tensor([prompt + reply])).logits
+        with torch.no_grad():
+            t_logits = teacher(input_ids=torch.tensor([t_prompt + t_reply])).logits
+        # each reply token's bytes in the reply's text; EOS is zero-width at its end
+        s_offsets = byte_offsets(student_tok, reply[:-1]) + [[len(text)] * 2]
+        t_offsets = byte_offsets(teacher_tok, t_reply[:-1]) + [[len(text)] * 2]
+        loss = trl(s_logits, t_logits, torch.tensor([[-100] * len(prompt) + reply]),
+                   torch.tensor([[-100] * len(t_prompt) + t_reply]), torch.tensor([prompt + reply]),
+                   torch.tensor([t_prompt + t_reply]),
+                   student_byte_offsets=torch.tensor([[[0, 0]] * len(prompt) + s_offsets]),
+                   teacher_byte_offsets=torch.tensor([[[0, 0]] * len(t_prompt) + t_offsets]))
+        spans = len(trl._align_by_byte_offsets(s_offsets, t_offsets)[0])
+        total = total + loss * spans / tokens  # TRL divides by the row's spans; the module by the batch's tokens
+    total.backward()
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(step.grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert max(g.abs().max() for g in step.grads.values()) > 1e-5
+
+
 # --- the teacher's own prompt format ---------------------------------------------------
 
 

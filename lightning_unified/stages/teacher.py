@@ -71,7 +71,9 @@ class TeacherStage(Stage):
         self.match = None
 
     def reads(self) -> set[str]:
-        return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+        out = {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
+        # a teacher with its own tokenizer reads the prompts as text, in its own format
+        return out | ({fields.PROMPTS} if self.signal.across_tokenizers else set())
 
     def writes(self) -> set[str]:
         """The teacher's fields in the form the signal asks for: its top-k (a cache, or

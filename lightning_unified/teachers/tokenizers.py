@@ -31,6 +31,10 @@ from lightning_unified.data.collate import pad
 from lightning_unified.losses.uld import VocabularyMatch
 
 
+# the log-prob of a top-k slot with no token in it (exp is exactly 0 in float32 and float64)
+NO_ENTRY_LOGP = -1.0e4
+
+
 @dataclass
 class TeacherRows:
     """The batch's rows in the teacher's tokens: its prompts (left-padded) and its tokens of
@@ -168,7 +172,9 @@ class TokenizerBridge:
         [B, R_t, K] are the teacher's at each of its tokens' positions."""
         batch, k = topk_ids.shape[0], topk_ids.shape[-1]
         device = topk_logp.device
-        out_logp = torch.full((batch, student_width, k), float("-inf"), device=device)
+        # "no entry" is a log-prob whose probability is 0 but which is finite: the non-finite
+        # guard checks every float field of the batch
+        out_logp = torch.full((batch, student_width, k), NO_ENTRY_LOGP, device=device)
         out_ids = torch.full((batch, student_width, k), -1, dtype=torch.long, device=device)
         mapped = (match.teacher_to_student.to(device)[topk_ids] if match is not None
                   else torch.full_like(topk_ids, -1))
@@ -178,4 +184,5 @@ class TokenizerBridge:
                 before = prefix[b, t1 - 2] - (prefix[b, t0 - 1] if t0 > 0 else 0.0) if t1 - 1 > t0 else 0.0
                 out_logp[b, s1 - 1] = topk_logp[b, t1 - 1].float() + before
                 out_ids[b, s1 - 1] = mapped[b, t1 - 1]
-        return {fields.TEACHER_SPAN_TOPK_IDS: out_ids, fields.TEACHER_SPAN_TOPK_LOGP: out_logp}
+        return {fields.TEACHER_SPAN_TOPK_IDS: out_ids,
+                fields.TEACHER_SPAN_TOPK_LOGP: out_logp.clamp_min(NO_ENTRY_LOGP)}
