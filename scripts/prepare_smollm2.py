@@ -63,7 +63,7 @@ def addition_teacher_prompt(a: int, b: int) -> str:
     """The question in the built-in addition teacher's own format: operands zero-padded to
     two digits, and the sum's padding to three digits ("07+45=" then "052") moved into the
     prompt ("07+45=0"), so the teacher scores the student's unpadded "52"."""
-    return f"{a:02d}+{b:02d}=" + ("0" if a + b < 100 else "")
+    return f"{a:02d}+{b:02d}=" + "0" * (3 - len(str(a + b)))
 
 
 def questions(seed: int, count: int, digits: int, operations: str, teacher_prompts: bool = False) -> list[dict]:

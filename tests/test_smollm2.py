@@ -23,10 +23,23 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import prepare_smollm2  # noqa: E402
 
 
-def write_questions(directory: Path, num_train: int = 16, num_val: int = 8) -> None:
-    rows = prepare_smollm2.questions(seed=0, count=num_train + num_val, digits=1, operations="+-*")
+def write_questions(directory: Path, num_train: int = 16, num_val: int = 8, operations: str = "+-*",
+                    teacher_prompts: bool = False) -> None:
+    rows = prepare_smollm2.questions(seed=0, count=num_train + num_val, digits=1, operations=operations,
+                                     teacher_prompts=teacher_prompts)
     for name, part in (("val", rows[:num_val]), ("train", rows[num_val:])):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def test_questions_in_the_addition_teachers_format() -> None:
+    rows = prepare_smollm2.questions(seed=0, count=200, digits=2, operations="+", teacher_prompts=True)
+    for row in rows:
+        a, b = row["prompt"][0]["content"].removeprefix("What is ").split("?")[0].split("+")
+        # the teacher's answer is three digits: its leading zero is in the prompt when the sum has two
+        assert row["teacher_prompt"] + row["reference"] == f"{int(a):02d}+{int(b):02d}={int(a) + int(b):03d}"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_smollm2.py"), "unused", "--teacher-prompts"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "--teacher-prompts writes the built-in addition teacher's format" in done.stderr
 
 
 def test_generated_questions_are_distinct_and_correct() -> None:
@@ -42,7 +55,9 @@ def test_generated_questions_are_distinct_and_correct() -> None:
 def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -> None:
     # two heads of width 32: smollm2_grpo samples through vLLM, whose CPU attention takes head sizes of 32 and up
     model = save_chat_model(tmp_path / "model", num_attention_heads=2, num_key_value_heads=2)
-    write_questions(tmp_path)
+    # the addition teacher's preset reads each question in that teacher's format too
+    across = preset == "smollm2_opd_addition_teacher"
+    write_questions(tmp_path, operations="+" if across else "+-*", teacher_prompts=across)
     cfg = compose_config([f"experiment={preset}", f"model.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
                           "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null",
@@ -73,7 +88,9 @@ def test_the_smollm2_2x2_preset_runs_every_quadrant(data_source: str, signal: st
     from lightning_unified.config import build_run
 
     model = save_chat_model(tmp_path / "model", num_attention_heads=2, num_key_value_heads=2)
-    write_questions(tmp_path)
+    # the addition teacher's preset reads each question in that teacher's format too
+    across = preset == "smollm2_opd_addition_teacher"
+    write_questions(tmp_path, operations="+" if across else "+-*", teacher_prompts=across)
     cfg = compose_config(["experiment=smollm2_2x2", f"data_source={data_source}", f"signal={signal}",
                           f"model.path={model}", f"teacher.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
