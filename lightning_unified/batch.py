@@ -72,6 +72,7 @@ PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over
 
 # --- importance stage ------------------------------------------------------------------
 LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed sequence-level log pi_theta / mu (GSPO, importance.level=sequence)
+PROXIMAL_LOGP = "proximal_logp"  # [B, R] float, log pi_prox(y_t): the trainer's policy at the batch's start (decoupled PPO), on the loss tokens
 
 # The fields a weight builder may take from the batch, each [B, R, ...] like the response.
 PER_TOKEN_FIELDS = (
@@ -88,6 +89,7 @@ PER_TOKEN_FIELDS = (
     SPAN_PREFIX_GRAD,
     ADVANTAGES,
     LOG_RATIO,
+    PROXIMAL_LOGP,
     REFERENCE_LOGP,
     PREFERENCE_WEIGHT,
     PREFERENCE_LOSS,

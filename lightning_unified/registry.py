@@ -70,11 +70,14 @@ class AdvantageEstimator:
 class Ratio:
     """``weights(importance) -> (weight builder, its settings)`` for sampled tokens
     (``importance`` is the run's :class:`~lightning_unified.specs.Importance`); ``sequence``:
-    it acts on each sequence's ratio, which the importance stage computes before every update."""
+    it acts on each sequence's ratio, which the importance stage computes before every update;
+    ``proximal``: it reads the trainer's own log-probs at the batch's start beside the
+    sampler's (``proximal_logp``, one no-grad forward per batch)."""
 
     name: str
     weights: Callable
     sequence: bool = False
+    proximal: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,11 +148,11 @@ def register_advantage(name: str, *, grouped: bool = True):
     return add
 
 
-def register_ratio(name: str, *, sequence: bool = False):
+def register_ratio(name: str, *, sequence: bool = False, proximal: bool = False):
     """Register the decorated ``weights(importance) -> builder`` as ``importance.ratio=name``."""
 
     def add(fn: Callable) -> Callable:
-        RATIOS.add(Ratio(name, fn, sequence))
+        RATIOS.add(Ratio(name, fn, sequence, proximal))
         return fn
 
     return add
@@ -242,3 +245,11 @@ def _ppo_clip(importance):
 def _sequence_clip(importance):
     # GSPO: PPO's clip on the sequence's ratio (the importance stage's log_ratio field)
     return _ppo_clip(importance)
+
+
+@register_ratio("decoupled_ppo_clip", proximal=True)
+def _decoupled_ppo_clip(importance):
+    # AReaL's decoupled PPO: the clip against the trainer's policy at the batch's start, the
+    # sampler's staleness and mismatch in a truncated (TIS), optionally masked (MIS) weight
+    return weights.decoupled_ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high,
+                                        "truncate": importance.truncate, **_band(importance)}

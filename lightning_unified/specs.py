@@ -137,6 +137,10 @@ class Importance:
         check_fields(self, "data_source.importance")
         RATIOS[self.ratio]  # a registered name (lightning_unified.registry)
         _one_of("importance", "level", self.level, ("token", "sequence"))
+        if RATIOS[self.ratio].proximal and self.level == "sequence":
+            raise ValueError(f"importance.ratio={self.ratio} weighs each token by its own proximal and behaviour "
+                             f"ratios; importance.level=sequence is not built for it: use level=token, or "
+                             f"ratio=sequence_clip for a sequence-level clip")
         if self.masks and self.ratio == "none":
             raise ValueError("importance.mask_low / mask_high test the importance ratio; importance.ratio=none has none")
         if (self.mask_low is not None and self.mask_low < 0) or (self.mask_high is not None and self.mask_high <= 0):

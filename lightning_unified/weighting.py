@@ -37,6 +37,9 @@ def sparse_weight_fn(batch: dict, signal: Sparse, importance: Importance | None)
         return WEIGHTINGS[signal.weighting].builder
     if not fields.is_sampled(batch) or importance is None:
         return weights.advantage_indicator
+    if RATIOS[importance.ratio].proximal:
+        fields.require(batch, fields.PROXIMAL_LOGP, who=f"importance.ratio={importance.ratio} (the trainer's "
+                                                        f"log-probs at the batch's start)")
     if importance.sequence_level:
         # the importance stage's sequence ratio; without it the builder would fall back to
         # token ratios and silently train another method

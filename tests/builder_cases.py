@@ -65,6 +65,28 @@ def closed_ppo(p: Problem, s: torch.Tensor, eps_low: float, eps_high: float) -> 
     return -torch.min(rho * p.advantages, rho.clamp(1 - eps_low, 1 + eps_high) * p.advantages)
 
 
+def proximal_logp(p: Problem) -> torch.Tensor:
+    """[B, T] log pi_prox: neither the behaviour's nor the current policy's (fixed offsets)."""
+    offsets = torch.cos(torch.arange(p.behaviour_logp.numel(), dtype=p.behaviour_logp.dtype))
+    return p.behaviour_logp + 0.3 * offsets.reshape(p.behaviour_logp.shape)
+
+
+def closed_decoupled(p: Problem, s: torch.Tensor, eps_low: float, eps_high: float, truncate: float,
+                     mask_low: float | None = None, mask_high: float | None = None) -> torch.Tensor:
+    """AReaL's decoupled PPO: -min(pi_prox / mu, c) min(rho A, clip(rho) A), rho = pi / pi_prox,
+    tokens whose pi_prox / mu lies outside the band dropped."""
+    prox = proximal_logp(p)
+    u = (prox - p.behaviour_logp).exp()
+    rho = (_logp_y(p, s) - prox).exp()
+    surrogate = u.clamp(max=truncate) * torch.min(rho * p.advantages, rho.clamp(1 - eps_low, 1 + eps_high) * p.advantages)
+    kept = torch.ones_like(u, dtype=torch.bool)
+    if mask_low is not None:
+        kept &= u >= mask_low
+    if mask_high is not None:
+        kept &= u <= mask_high
+    return -torch.where(kept, surrogate, 0.0)
+
+
 def closed_k3(p: Problem, s: torch.Tensor, kl_coef: float) -> torch.Tensor:
     log_r = p.reference_logp - _logp_y(p, s)
     return kl_coef * (log_r.exp() - log_r - 1)
@@ -109,6 +131,20 @@ CASES = [
         partial(weights.ppo_clip, eps_low=0.2, eps_high=0.28),
         partial(closed_ppo, eps_low=0.2, eps_high=0.28),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
+    ),
+    Case(
+        "decoupled_ppo_clip",
+        partial(weights.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2),
+        partial(closed_decoupled, eps_low=0.2, eps_high=0.28, truncate=1.2),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
+                          "proximal_logp": proximal_logp(p)},
+    ),
+    Case(
+        "decoupled_ppo_clip_masked",
+        partial(weights.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        partial(closed_decoupled, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
+                          "proximal_logp": proximal_logp(p)},
     ),
     Case(
         "k3_reference",

@@ -168,3 +168,15 @@ def test_sequence_clip_without_its_sequence_ratio_is_refused() -> None:
         sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="sequence_clip"))
     with pytest.raises(KeyError, match="log_ratio"):
         sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="truncated", level="sequence"))
+
+
+def test_decoupled_ppo_needs_its_proximal_log_probs_and_token_level_ratios() -> None:
+    from lightning_unified import batch as F
+    from lightning_unified.specs import Importance, Reward, Sparse
+    from lightning_unified.weighting import sparse_weight_fn
+
+    with pytest.raises(ValueError, match="decoupled_ppo_clip weighs each token .* importance.level=sequence is not"):
+        Importance(ratio="decoupled_ppo_clip", level="sequence")
+    batch = {F.ADVANTAGES: torch.zeros(2, 3), F.BEHAVIOUR_LOGP: torch.zeros(2, 3), F.SAMPLED: True}
+    with pytest.raises(KeyError, match="proximal_logp"):
+        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="decoupled_ppo_clip"))

@@ -197,3 +197,52 @@ def test_stages_and_callbacks_added_by_hand_get_the_per_update_hook() -> None:
     # ratio into every update's rows
     assert counter.seen == [(0, True), (0, True), (1, True), (1, True)]
     assert isinstance(module, PolicyHost), "the module offers what its stages read"
+
+
+def test_decoupled_ppo_clips_against_the_batchs_starting_policy_and_weighs_the_sampler() -> None:
+    """AReaL's decoupled PPO over two updates: the proximal log-probs are the trainer's at the
+    batch's start; each update's gradient is autograd's of -min(pi_prox / mu, c) min(rho A,
+    clip(rho) A) with rho = pi / pi_prox; the second update clips, the first cannot."""
+    eps, truncate = 0.2, 2.0
+    spec = OnPolicy(sampling=Sampling(num_generations=4),
+                    importance=Importance(ratio="decoupled_ppo_clip", eps_low=eps, eps_high=eps, truncate=truncate),
+                    updates_per_rollout=2)
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=20.0)
+    spy = StepSpy()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy])
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
+    assert len(spy.steps) == 2
+    checker = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    batch, mask = spy.batch, spy.batch[F.RESPONSE_MASK].bool()
+
+    def logp_at(params: dict) -> torch.Tensor:
+        policy = checker.policy
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                p.copy_(params[name][0])
+        policy.zero_grad()
+        hidden = response_hidden(policy, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
+                                 batch[F.RESPONSE_MASK])
+        logits = torch.nn.functional.linear(hidden, policy.lm_head.weight) / checker.temperature
+        return torch.log_softmax(logits, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+
+    with torch.no_grad():
+        start = logp_at(spy.steps[0])
+    torch.testing.assert_close(batch[F.PROXIMAL_LOGP][mask], start[mask], atol=1e-5, rtol=0)
+    u = (batch[F.PROXIMAL_LOGP] - batch[F.BEHAVIOUR_LOGP]).exp().clamp(max=truncate)
+    clipped_share = []
+    for step in range(2):
+        logp = logp_at(spy.steps[step])
+        rho = (logp - batch[F.PROXIMAL_LOGP]).exp()
+        adv = batch[F.ADVANTAGES]
+        surrogate = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
+        (-(u * surrogate * mask).sum() / mask.sum()).backward()
+        for name, (_, grad) in spy.steps[step].items():
+            torch.testing.assert_close(grad, dict(checker.policy.named_parameters())[name].grad, atol=1e-5, rtol=1e-4,
+                                       msg=f"update {step + 1}, {name}")
+        clipped_share.append(float((((rho.detach() * adv) != surrogate.detach()) & mask).sum()))
+    assert clipped_share[0] == 0 and clipped_share[1] > 0
+    for name in ("behaviour_kl", "proximal_kl", "clip_fraction", "truncated_fraction"):
+        assert f"importance/{name}" in trainer.callback_metrics, name
+    assert float(trainer.callback_metrics["importance/proximal_kl"]) > 0

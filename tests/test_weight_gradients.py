@@ -61,6 +61,23 @@ def test_ppo_case_has_clipped_and_unclipped_tokens() -> None:
     assert 0 < active.sum() < active.numel()
 
 
+def test_the_decoupled_case_has_every_regime() -> None:
+    """The decoupled PPO cases above mean something only if tokens are clipped and not,
+    truncated and not, and masked and not, in them."""
+    from tests.builder_cases import proximal_logp
+
+    p = make_problem(seed=1)
+    logp_y = torch.log_softmax(p.student_logits(), -1).gather(-1, p.safe_targets()[..., None])[..., 0]
+    valid = p.mask.bool()
+    prox = proximal_logp(p)
+    rho = (logp_y - prox).exp()[valid]
+    u = (prox - p.behaviour_logp).exp()[valid]
+    active = importance.ppo_clip_active(rho, p.advantages[valid], eps_low=0.2, eps_high=0.28)
+    masked = (u < 0.8) | (u > 1.25)
+    for regime in (active, u > 1.2, masked):
+        assert 0 < regime.sum() < regime.numel()
+
+
 def test_sequence_level_ppo_matches_gspo_objective() -> None:
     """Sequence ratio s_i = exp(mean_t log rho), GSPO's clipped objective, seq-mean aggregation."""
     p = make_problem(seed=2)

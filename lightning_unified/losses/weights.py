@@ -156,6 +156,46 @@ def ppo_clip(
     return TokenWeights(coef=torch.where(active, rho * advantages, 0.0), objective=-surrogate)
 
 
+def decoupled_ppo_clip(
+    student_logp: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    behaviour_logp: Tensor,
+    proximal_logp: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    truncate: float | None = None,
+    mask_low: float | None = None,
+    mask_high: float | None = None,
+) -> TokenWeights:
+    """Decoupled PPO (AReaL's): two policies behind a sampled token instead of one.
+
+    The clip acts on ``rho = pi_theta / pi_prox``, the proximal policy being the trainer's
+    at the step's start (``proximal_logp``), so the trust region is measured from weights
+    the trainer held; the behaviour policy that sampled (``behaviour_logp``, an engine's,
+    possibly several versions old) enters only through the importance weight ``u = pi_prox /
+    mu``, truncated at ``truncate`` (TIS) and with the tokens whose ``u`` lies outside
+    [``mask_low``, ``mask_high``] dropped (MIS, IcePop). w = min(u, c) rho A_t where PPO's
+    unclipped term is active, else 0; the objective is ``-min(u, c) min(rho A, clip(rho) A)``.
+    With a fresh sample and one update, pi_prox is pi_theta and this is truncated importance
+    sampling of the behaviour policy.
+    """
+    logp_y = _gather(student_logp, targets)
+    rho = ratio_from_log(logp_y - proximal_logp.to(student_logp.dtype))
+    weight = ratio_from_log((proximal_logp - behaviour_logp).to(student_logp.dtype))
+    outside = _outside_band(weight, mask_low, mask_high)
+    if truncate is not None:
+        weight = truncated_ratio(weight, truncate)
+    advantages = advantages.to(student_logp.dtype)
+    active = ppo_clip_active(rho, advantages, eps_low=eps_low, eps_high=eps_high)
+    surrogate = weight * torch.minimum(rho * advantages, rho.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
+    if outside is not None:
+        active = active & ~outside
+        surrogate = torch.where(outside, 0.0, surrogate)
+    return TokenWeights(coef=torch.where(active, weight * rho * advantages, 0.0), objective=-surrogate)
+
+
 def k3_reference_penalty(
     student_logp: Tensor, targets: Tensor, reference_logp: Tensor, *, kl_coef: float
 ) -> TokenWeights:

@@ -5,10 +5,12 @@ trainer-sampler mismatch)."""
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.losses.importance import mismatch_kl, ratio_diagnostics, ratio_from_log, sequence_log_ratio
 from lightning_unified.models.loss_head import response_logprobs
+from lightning_unified.registry import RATIOS
 from lightning_unified.specs import Importance
 from lightning_unified.stages.base import Stage
 
@@ -17,7 +19,9 @@ class ImportanceStage(Stage):
     """Token-level ratios need nothing here: the loss forms rho from the policy's log-probs
     and ``behaviour_logp`` one chunk at a time. A sequence-level ratio needs every token's
     log-prob first, so for ``sequence_clip`` this stage pays one no-grad forward before
-    every update (with several updates per rollout, the policy has moved since the last)."""
+    every update (with several updates per rollout, the policy has moved since the last).
+    A ratio that reads the proximal policy (``decoupled_ppo_clip``) gets the trainer's own
+    log-probs of the batch at its start, before its first update: one no-grad forward."""
 
     name = "importance"
 
@@ -31,11 +35,22 @@ class ImportanceStage(Stage):
         return {fields.RESPONSE_IDS, fields.RESPONSE_MASK}
 
     def writes(self) -> set[str]:
-        return {fields.LOG_RATIO} if self.importance.sequence_level else set()
+        out = {fields.LOG_RATIO} if self.importance.sequence_level else set()
+        return out | ({fields.PROXIMAL_LOGP} if self.proximal else set())
+
+    @property
+    def proximal(self) -> bool:
+        return RATIOS[self.importance.ratio].proximal
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         versions = batch.get(fields.POLICY_VERSION) or []
         self._stale = any(v != pl_module.progress["optimizer_steps"] for v in versions)
+        if self.proximal and fields.is_sampled(batch):
+            with torch.no_grad():
+                logp = response_logprobs(pl_module.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
+                                         batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK],
+                                         temperature=pl_module.temperature, packing=pl_module.packing)
+            batch[fields.PROXIMAL_LOGP] = logp * fields.loss_mask(batch)
 
     def on_update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""
@@ -57,6 +72,9 @@ class ImportanceStage(Stage):
             log_ratio = sequence_log_ratio(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
         else:
             log_ratio = (outputs["target_logp"] - batch[fields.BEHAVIOUR_LOGP]) * mask
+        if self.proximal and fields.PROXIMAL_LOGP in batch:
+            self._log_decoupled(pl_module, outputs, batch, mask)
+            return
         clipped = spec.ratio in ("ppo_clip", "sequence_clip")
         stats = ratio_diagnostics(
             log_ratio, mask,
@@ -79,5 +97,27 @@ class ImportanceStage(Stage):
             # the sampler's weights are older than those the loss read (sync_every > 1, or an
             # earlier update of the same rollout): staleness and the mismatch together
             stats["stale_kl"] = kl
+        for name, value in stats.items():
+            pl_module.log(f"importance/{name}", value, batch_size=int(mask.sum()))
+
+    def _log_decoupled(self, pl_module: L.LightningModule, outputs: dict, batch: dict, mask) -> None:
+        """Decoupled PPO's two ratios apart: the behaviour weight pi_prox / mu (the sampler's
+        staleness and its engine's mismatch: ``behaviour_kl``, truncated and masked
+        fractions) and the clip's pi_theta / pi_prox (the batch's own updates:
+        ``proximal_kl``, ``clip_fraction``)."""
+        spec = self.importance
+        proximal, behaviour = batch[fields.PROXIMAL_LOGP], batch[fields.BEHAVIOUR_LOGP]
+        stats = ratio_diagnostics(proximal - behaviour, mask, truncate=spec.truncate)
+        clip = ratio_diagnostics(outputs["target_logp"] - proximal, mask, advantages=batch.get(fields.ADVANTAGES),
+                                 eps_low=spec.eps_low, eps_high=spec.eps_high)
+        if "clip_fraction" in clip:
+            stats["clip_fraction"] = clip["clip_fraction"]
+        if spec.masks:
+            rho = ratio_from_log((proximal - behaviour)[mask.bool()].float())
+            low = spec.mask_low if spec.mask_low is not None else 0.0
+            high = spec.mask_high if spec.mask_high is not None else float("inf")
+            stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()
+        stats["behaviour_kl"] = mismatch_kl(proximal, behaviour, mask)
+        stats["proximal_kl"] = mismatch_kl(outputs["target_logp"], proximal, mask)
         for name, value in stats.items():
             pl_module.log(f"importance/{name}", value, batch_size=int(mask.sum()))
