@@ -41,20 +41,27 @@ class StepSpy(L.Callback):
         self.batch, self.outputs = dict(batch), outputs
 
 
-def clipped_surrogate_gradient(module: UnifiedModule, params: dict, batch: dict, eps: float) -> tuple[dict, float]:
-    """Autograd of PPO's clipped surrogate, token-mean, against the stored behaviour
-    log-probs, at ``params``; and the share of tokens where the clip is active."""
+def response_logp_at(module: UnifiedModule, params: dict, batch: dict) -> torch.Tensor:
+    """[B, R] log-probs of the batch's responses under ``module``'s policy set to ``params``
+    (a StepSpy step's), with a fresh graph and no gradient left from before."""
     policy = module.policy
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if name in params:
                 p.copy_(params[name][0])
     policy.zero_grad()
-    mask = batch[F.RESPONSE_MASK].bool()
     hidden = response_hidden(policy, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
                              batch[F.RESPONSE_MASK])
     logits = torch.nn.functional.linear(hidden, policy.lm_head.weight) / module.temperature
-    logp = torch.log_softmax(logits, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+    return torch.log_softmax(logits, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
+
+
+def clipped_surrogate_gradient(module: UnifiedModule, params: dict, batch: dict, eps: float) -> tuple[dict, float]:
+    """Autograd of PPO's clipped surrogate, token-mean, against the stored behaviour
+    log-probs, at ``params``; and the share of tokens where the clip is active."""
+    policy = module.policy
+    mask = batch[F.RESPONSE_MASK].bool()
+    logp = response_logp_at(module, params, batch)
     rho = (logp - batch[F.BEHAVIOUR_LOGP]).exp()
     adv = batch[F.ADVANTAGES]
     surrogate = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
@@ -216,24 +223,13 @@ def test_decoupled_ppo_clips_against_the_batchs_starting_policy_and_weighs_the_s
     checker = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     batch, mask = spy.batch, spy.batch[F.RESPONSE_MASK].bool()
 
-    def logp_at(params: dict) -> torch.Tensor:
-        policy = checker.policy
-        with torch.no_grad():
-            for name, p in policy.named_parameters():
-                p.copy_(params[name][0])
-        policy.zero_grad()
-        hidden = response_hidden(policy, batch[F.PROMPT_IDS], batch[F.PROMPT_MASK], batch[F.RESPONSE_IDS],
-                                 batch[F.RESPONSE_MASK])
-        logits = torch.nn.functional.linear(hidden, policy.lm_head.weight) / checker.temperature
-        return torch.log_softmax(logits, -1).gather(-1, batch[F.RESPONSE_IDS][..., None])[..., 0]
-
     with torch.no_grad():
-        start = logp_at(spy.steps[0])
+        start = response_logp_at(checker, spy.steps[0], batch)
     torch.testing.assert_close(batch[F.PROXIMAL_LOGP][mask], start[mask], atol=1e-5, rtol=0)
     u = (batch[F.PROXIMAL_LOGP] - batch[F.BEHAVIOUR_LOGP]).exp().clamp(max=truncate)
     clipped_share = []
     for step in range(2):
-        logp = logp_at(spy.steps[step])
+        logp = response_logp_at(checker, spy.steps[step], batch)
         rho = (logp - batch[F.PROXIMAL_LOGP]).exp()
         adv = batch[F.ADVANTAGES]
         surrogate = torch.minimum(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)

@@ -120,9 +120,10 @@ class TokenizerBridge:
                 alignment = align_reply(student_ids, self.student, self.teacher, student_stops=self.student_stops,
                                         teacher_stop=self.teacher_stop, unknown_ok=self.unencodable_logp is not None)
             except AlignmentError as error:
-                raise AlignmentError(f"{self.who}, row {b}: {error}; set signal.unencodable_logp (the log-prob "
-                                     f"the teacher gives a token it cannot encode, e.g. -20) to score such replies "
-                                     f"as ones the teacher would not write") from None
+                setting = "reference" if self.who.startswith("reference") else "signal"
+                raise AlignmentError(f"{self.who}, row {b}: {error}; set {setting}.unencodable_logp (the log-prob "
+                                     f"a token it cannot encode gets, far below that of anything the policy samples, "
+                                     f"e.g. -100) to score such replies as ones it would never write") from None
             columns = {"reference": references[b], "teacher_prompt": teacher_prompts[b]}
             prompt_rows.append(teacher_prompt_ids(self.teacher, prompts[b], self.context, columns, self.who))
             reply_rows.append(alignment.teacher_ids)
