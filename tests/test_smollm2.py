@@ -88,9 +88,7 @@ def test_the_smollm2_2x2_preset_runs_every_quadrant(data_source: str, signal: st
     from lightning_unified.config import build_run
 
     model = save_chat_model(tmp_path / "model", num_attention_heads=2, num_key_value_heads=2)
-    # the addition teacher's preset reads each question in that teacher's format too
-    across = preset == "smollm2_opd_addition_teacher"
-    write_questions(tmp_path, operations="+" if across else "+-*", teacher_prompts=across)
+    write_questions(tmp_path)
     cfg = compose_config(["experiment=smollm2_2x2", f"data_source={data_source}", f"signal={signal}",
                           f"model.path={model}", f"teacher.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
