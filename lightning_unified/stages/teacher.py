@@ -11,21 +11,19 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lightning_unified import batch as fields
-from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
-from lightning_unified.models.loss_head import response_logprobs
+from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.data.teacher_cache import TeacherCache, teacher_id
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
-from lightning_unified.losses.spans import span_log_ratio, span_prefix_fields
 from lightning_unified.models.snapshot import WeightSnapshot
 from lightning_unified.specs import Dense
 from lightning_unified.teachers import build_teacher
 from lightning_unified.teachers.routing import joined_rows, route_index
-from lightning_unified.teachers.tokenizers import TokenizerBridge, vocabulary_match
 from lightning_unified.stages.base import Stage
+from lightning_unified.stages.teacher_spans import SpanTeacher
 
 
 log = logging.getLogger(__name__)
@@ -48,11 +46,8 @@ class TeacherStage(Stage):
     with ``teacher.engine=vllm``: the run's own vLLM rollout engine scores the context prompt
     (its top-k or each token's log-prob), with the weights it samples with.
 
-    ``signal.teacher_tokenizer=auto``: the teacher has its own tokenizer
-    (:mod:`lightning_unified.teachers.tokenizers`). It scores each reply in its own tokens
-    after its own prompt, and its scores come back span by span; before every update the
-    stage reads the policy's log-probs as they are then (one no-grad forward), because a
-    span's weight depends on all of its tokens' log-probs at once."""
+    ``signal.teacher_tokenizer=auto``: the teacher has its own tokenizer, and
+    :class:`~lightning_unified.stages.teacher_spans.SpanTeacher` does this stage's work span by span."""
 
     name = "teacher"
 
@@ -66,9 +61,8 @@ class TeacherStage(Stage):
         self.cache: TeacherCache | None = None
         self.snapshot = (WeightSnapshot(signal.self_teacher, signal.self_teacher_decay, signal.self_teacher_every)
                          if signal.is_self and signal.self_teacher != "live" else None)
-        # a teacher with its own tokenizer: the replies in its tokens, and the shared vocabulary
-        self.bridge: TokenizerBridge | None = None
-        self.match = None
+        # a teacher with its own tokenizer (signal.teacher_tokenizer=auto)
+        self.spans: SpanTeacher | None = None
 
     def reads(self) -> set[str]:
         out = {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
@@ -99,8 +93,10 @@ class TeacherStage(Stage):
         for name, spec in self.signal.teachers.items():
             label = f"teacher {spec.describe()}" if single else f"teacher {name!r} ({spec.describe()})"
             tokenizer = pl_module.tokenizer
-            if self.signal.across_tokenizers and self.bridge is None:
-                tokenizer = self._open_bridge(pl_module, spec)
+            if self.signal.across_tokenizers:
+                if self.spans is None:
+                    self.spans = SpanTeacher(self.signal, pl_module.tokenizer, spec)
+                tokenizer = self.spans.bridge.teacher
             if spec.served and name not in self.served:
                 served = build_teacher(spec, owner="teacher" if single else f"signal.teachers.{name}")
                 # across tokenizers the served model is checked against the teacher's own tokenizer
@@ -112,18 +108,6 @@ class TeacherStage(Stage):
                     check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, spec.path, label)
                 # kept out of the module so it is never trained, checkpointed or wrapped by DDP
                 self.models[name] = teacher.eval().requires_grad_(False)
-
-    def _open_bridge(self, pl_module: L.LightningModule, spec):
-        """The teacher's own tokenizer, from its directory, and the bridge to the student's."""
-        tokenizer = load_tokenizer(spec.path, trust_remote_code=bool(spec.options.get("trust_remote_code", False)))
-        self.bridge = TokenizerBridge(pl_module.tokenizer, tokenizer, unencodable_logp=self.signal.unencodable_logp,
-                                      context=self.signal.teacher_context)
-        if self.signal.divergence == "uld_hybrid":
-            self.match = vocabulary_match(pl_module.tokenizer, tokenizer, self.signal.hybrid_matched_weight)
-            log.info("signal.divergence=uld_hybrid: %d of the teacher's %d tokens have a twin in the student's "
-                     "vocabulary; the matched part's weight is %.4f", int((self.match.teacher_to_student >= 0).sum()),
-                     self.match.teacher_to_student.numel(), self.match.matched_weight)
-        return tokenizer
 
     def _check_data_names(self, trainer: L.Trainer) -> None:
         """The teachers the training data names are the ones there are: each unknown name is
@@ -196,8 +180,10 @@ class TeacherStage(Stage):
             batch[fields.TEACHER_TOPK_IDS], batch[fields.TEACHER_TOPK_LOGP] = self.cache.rows(
                 batch[fields.EXAMPLE_INDEX], batch[fields.RESPONSE_MASK], k)
             return
-        if self.bridge is not None:
-            batch.update(self._across_tokenizers(pl_module, batch))
+        if self.spans is not None:
+            served = next(iter(self.served.values()), None)
+            batch.update(self.spans.fields(pl_module, batch, None if served else next(iter(self.models.values())),
+                                           served))
             return
         prompt_ids, prompt_mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
         if signal.teacher_context:
@@ -231,78 +217,10 @@ class TeacherStage(Stage):
         batch.update(joined_rows(parts, index.shape[0]))
         batch[fields.TEACHER_INDEX] = index
 
-    def _across_tokenizers(self, pl_module: L.LightningModule, batch: dict) -> dict:
-        """The span fields of a teacher with its own tokenizer: it reads its own prompt and
-        its own tokens of each reply."""
-        signal, bridge = self.signal, self.bridge
-        rows = bridge.rows(batch, pl_module.device)
-        tensors = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
-        top_k = 0
-        if signal.teacher_gives == "span_top_k":
-            top_k = signal.top_k or len(bridge.teacher)  # the teacher's whole vocabulary, sorted, by default
-        topk_ids = topk_logp = None
-        if self.served:
-            scores = next(iter(self.served.values())).score(*tensors, top_k)
-            token_logp, topk_ids, topk_logp = (scores.token_logp.to(pl_module.device), scores.topk_ids,
-                                               scores.topk_logp)
-        else:
-            teacher = next(iter(self.models.values()))
-            with torch.no_grad(), trainer_precision(pl_module):
-                hidden = response_hidden(teacher, *tensors, packing=pl_module.packing)  # [B, R_t, H_t]
-                weight, bias = output_head(teacher)
-                token_logp = target_logprobs(hidden, weight, rows.response_ids, head_bias=bias,
-                                             temperature=signal.temperature)
-                if top_k:
-                    topk_ids, topk_logp = topk_logprobs(hidden, weight, min(top_k, weight.shape[0]), head_bias=bias,
-                                                        temperature=signal.temperature)
-        teacher_logp = bridge.teacher_logp(rows, token_logp)
-        width = batch[fields.RESPONSE_IDS].shape[1]
-        out = bridge.span_fields(rows, teacher_logp, width)
-        if top_k:
-            out |= bridge.span_topk_fields(rows, teacher_logp, topk_ids.to(pl_module.device),
-                                           topk_logp.to(pl_module.device), width, self.match)
-            if self.match is not None:
-                out[fields.VOCABULARY_MATCH] = self.match
-        return out
-
     def on_update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
-        """Across tokenizers, before each update: the spans' weights from the policy's
-        log-probs as they are now (a span's weight depends on all of its tokens')."""
-        if self.bridge is None or fields.SPAN_ID not in batch:
-            return
-        inputs = (batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], batch[fields.RESPONSE_IDS],
-                  batch[fields.RESPONSE_MASK])
-        span_id = batch[fields.SPAN_ID]
-        if self.signal.teacher_gives == "spans":
-            with torch.no_grad():
-                logp = response_logprobs(pl_module.policy, *inputs, temperature=pl_module.temperature,
-                                         packing=pl_module.packing)  # [B, R]
-            batch[fields.SPAN_LOG_RATIO], batch[fields.SPAN_SHARE] = span_log_ratio(
-                logp, batch[fields.TEACHER_SPAN_LOGP], span_id)
-            return
-        batch.update(self._span_prefix_fields(pl_module, batch, inputs))
-
-    def _span_prefix_fields(self, pl_module: L.LightningModule, batch: dict, inputs: tuple) -> dict:
-        """{span_prefix_logp, span_prefix_grad} for ULD and the hybrid: the policy's log-prob
-        of each span's earlier tokens (on the span's end), and the span's objective's
-        derivative with respect to it (on those earlier tokens)."""
-        policy = pl_module.policy
-        ends = batch[fields.SPAN_END].bool()
-        with torch.no_grad(), trainer_precision(pl_module):
-            hidden = response_hidden(policy, *inputs, packing=pl_module.packing)  # [B, R, H]
-            weight, bias = output_head(policy)
-            weight, bias = _frozen(weight, False), _frozen(bias, False)
-            logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
-                                   temperature=pl_module.temperature)
-            logp = torch.where(batch[fields.RESPONSE_MASK].bool(), logp, 0.0)  # [B, R]
-            logits = hidden[ends].float() @ weight.float().T  # [n, V]: only at the span ends
-            if bias is not None:
-                logits = logits + bias.float()
-            prefix, prefix_grad = span_prefix_fields(
-                logp, torch.log_softmax(logits / pl_module.temperature, -1), batch[fields.SPAN_ID], ends,
-                batch[fields.TEACHER_SPAN_TOPK_IDS][ends], batch[fields.TEACHER_SPAN_TOPK_LOGP][ends], self.match,
-                self.signal.beta)
-        return {fields.SPAN_PREFIX_LOGP: prefix, fields.SPAN_PREFIX_GRAD: prefix_grad}
+        """Across tokenizers, before each update: the spans' weights from the policy as it is now."""
+        if self.spans is not None:
+            self.spans.before_update(pl_module, batch)
 
     def _score(self, pl_module: L.LightningModule, name: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                response_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
