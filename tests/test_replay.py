@@ -72,17 +72,23 @@ def clipped_surrogate_gradient(module: UnifiedModule, params: dict, batch: dict,
             float(clipped.sum() / mask.sum()))
 
 
+def replayed_batch(spec: OnPolicy) -> tuple[UnifiedModule, L.Trainer, StepSpy]:
+    """One sampled batch of 8 prompts trained with ``spec``'s updates, watched by a StepSpy.
+    The step is large, so a later update sees a policy far enough from the sampler's to clip."""
+    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
+    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=20.0)
+    spy = StepSpy()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy])
+    trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
+    return module, trainer, spy
+
+
 def test_second_update_matches_the_clipped_surrogate_and_clips() -> None:
     eps = 0.2
     spec = OnPolicy(sampling=Sampling(num_generations=4), importance=Importance(ratio="ppo_clip", eps_low=eps,
                                                                                   eps_high=eps),
                     updates_per_rollout=2)
-    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
-    # a large step, so the second update sees a policy far enough from the sampler's to clip
-    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=20.0)
-    spy = StepSpy()
-    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy])
-    trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
+    module, trainer, spy = replayed_batch(spec)
 
     assert len(spy.steps) == 2, "one sampled batch, two optimizer steps"
     assert trainer.global_step == 1, "global_step counts sampled batches"
@@ -214,11 +220,7 @@ def test_decoupled_ppo_clips_against_the_batchs_starting_policy_and_weighs_the_s
     spec = OnPolicy(sampling=Sampling(num_generations=4),
                     importance=Importance(ratio="decoupled_ppo_clip", eps_low=eps, eps_high=eps, truncate=truncate),
                     updates_per_rollout=2)
-    module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
-    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=20.0)
-    spy = StepSpy()
-    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy])
-    trainer.fit(module, datamodule=tiny_datamodule(batch_size=8))
+    module, trainer, spy = replayed_batch(spec)
     assert len(spy.steps) == 2
     checker = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     batch, mask = spy.batch, spy.batch[F.RESPONSE_MASK].bool()
