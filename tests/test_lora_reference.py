@@ -104,6 +104,21 @@ def test_with_lora_the_reference_is_the_base_model_with_adapters_off() -> None:
     assert not torch.allclose(adapted.gather(-1, ids).squeeze(-1) * batch[F.RESPONSE_MASK], want)
 
 
+def test_with_lora_a_reference_path_is_that_model_not_the_base(tmp_path: Path) -> None:
+    """reference.path names the reference under LoRA too (it used to be ignored there)."""
+    path = save_tiny_teacher(tmp_path / "reference")
+    module = lora_module(reference=Reference(path=path))
+    callback = ReferenceStage(module.reference)
+    callback.setup(None, module, "fit")
+    assert callback.model is not None, "the reference at reference.path is loaded"
+    batch = next(iter(tiny_datamodule(batch_size=6).train_dataloader()))
+    callback.run(None, module, batch, 0)
+    with torch.no_grad():
+        logp = torch.log_softmax(full_response_logits(AutoModelForCausalLM.from_pretrained(path).eval(), batch), -1)
+    want = logp.gather(-1, batch[F.RESPONSE_IDS][..., None]).squeeze(-1) * batch[F.RESPONSE_MASK]
+    torch.testing.assert_close(batch[F.REFERENCE_LOGP], want)
+
+
 def test_k1_penalty_in_the_reward_has_the_gradient_of_the_kl() -> None:
     """Two-step sequences over 3 tokens, enumerated: with advantages -kl_coef * sum_t (l - l_ref)
     on every token (kl_penalized_rewards with reward 0), the weighted loss's gradient is

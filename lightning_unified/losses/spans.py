@@ -21,6 +21,13 @@ def span_ids(spans: list[tuple[int, int, int, int]], length: int) -> list[int]:
     return ids
 
 
+def span_sums(values: Tensor, span_id: Tensor, spans: int | None = None) -> Tensor:
+    """[B, S] each span's sum of ``values`` [B, T] over its tokens; ``span_id`` [B, T] long,
+    -1 on tokens no span holds (left out). ``spans``: S (default T, enough for any row)."""
+    out = values.new_zeros(values.shape[0], spans or values.shape[1])
+    return out.scatter_add_(1, span_id.clamp_min(0), torch.where(span_id >= 0, values, 0.0))
+
+
 def span_log_ratio(student_logp: Tensor, teacher_span_logp: Tensor, span_id: Tensor) -> tuple[Tensor, Tensor]:
     """(r [B, R], share [B, R]): on each student token, its span's log-ratio ``r_j = log
     pi_T(span j) - log pi_theta(span j)``, and 1 / the span's student tokens (each token's
@@ -30,9 +37,9 @@ def span_log_ratio(student_logp: Tensor, teacher_span_logp: Tensor, span_id: Ten
     -1 outside every span. Both are 0 outside the spans."""
     inside = span_id >= 0
     index = span_id.clamp_min(0)  # [B, R]
-    student_span = torch.zeros_like(teacher_span_logp).scatter_add_(
-        1, index, torch.where(inside, student_logp.to(teacher_span_logp.dtype), 0.0))  # [B, S]
-    tokens = torch.zeros_like(teacher_span_logp).scatter_add_(1, index, inside.to(teacher_span_logp.dtype))  # [B, S]
+    spans = teacher_span_logp.shape[1]
+    student_span = span_sums(student_logp.to(teacher_span_logp.dtype), span_id, spans)  # [B, S]
+    tokens = span_sums(inside.to(teacher_span_logp.dtype), span_id, spans)  # [B, S]
     ratio = (teacher_span_logp - student_span).gather(1, index)  # [B, R]
     share = tokens.clamp_min(1.0).reciprocal().gather(1, index)
     return torch.where(inside, ratio, 0.0), torch.where(inside, share, 0.0)
@@ -52,7 +59,7 @@ def span_prefix_fields(token_logp: Tensor, end_logp: Tensor, span_id: Tensor, sp
     index = span_id.clamp_min(0)
     dtype = torch.promote_types(token_logp.dtype, torch.float32)  # float32 at least: sums of many log-probs
     logp = token_logp.to(dtype)
-    span_sum = torch.zeros_like(logp).scatter_add_(1, index, torch.where(inside, logp, 0.0))  # [B, S<=R]
+    span_sum = span_sums(logp, span_id)  # [B, S<=R]
     prefix = torch.where(span_end, span_sum.gather(1, index) - logp, 0.0)  # [B, R]
     merged = end_logp.to(dtype) + prefix[span_end][:, None]  # [n, V]
     _, grad = span_terms(merged, teacher_ids, teacher_logp, match, beta)

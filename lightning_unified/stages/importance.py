@@ -84,10 +84,7 @@ class ImportanceStage(Stage):
             truncate=spec.truncate if spec.ratio == "truncated" else None,
         )
         if spec.masks:
-            rho = ratio_from_log(log_ratio[mask.bool()].float())
-            low = spec.mask_low if spec.mask_low is not None else 0.0
-            high = spec.mask_high if spec.mask_high is not None else float("inf")
-            stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()
+            stats["masked_fraction"] = self._masked_fraction(log_ratio, mask)
         kl = mismatch_kl(outputs["target_logp"], batch[fields.BEHAVIOUR_LOGP], mask)
         if pl_module.data_source.updates_per_batch == 1 and not self._stale:
             # one update per rollout, from weights the engine held: the loss's log-probs are the
@@ -99,6 +96,14 @@ class ImportanceStage(Stage):
             stats["stale_kl"] = kl
         for name, value in stats.items():
             pl_module.log(f"importance/{name}", value, batch_size=int(mask.sum()))
+
+    def _masked_fraction(self, log_ratio, mask):
+        """The share of loss tokens whose ratio lies outside [mask_low, mask_high]."""
+        spec = self.importance
+        rho = ratio_from_log(log_ratio[mask.bool()].float())
+        low = spec.mask_low if spec.mask_low is not None else 0.0
+        high = spec.mask_high if spec.mask_high is not None else float("inf")
+        return ((rho < low) | (rho > high)).float().mean()
 
     def _log_decoupled(self, pl_module: L.LightningModule, outputs: dict, batch: dict, mask) -> None:
         """Decoupled PPO's two ratios apart: the behaviour weight pi_prox / mu (the sampler's
@@ -113,10 +118,7 @@ class ImportanceStage(Stage):
         if "clip_fraction" in clip:
             stats["clip_fraction"] = clip["clip_fraction"]
         if spec.masks:
-            rho = ratio_from_log((proximal - behaviour)[mask.bool()].float())
-            low = spec.mask_low if spec.mask_low is not None else 0.0
-            high = spec.mask_high if spec.mask_high is not None else float("inf")
-            stats["masked_fraction"] = ((rho < low) | (rho > high)).float().mean()
+            stats["masked_fraction"] = self._masked_fraction(proximal - behaviour, mask)
         stats["behaviour_kl"] = mismatch_kl(proximal, behaviour, mask)
         stats["proximal_kl"] = mismatch_kl(outputs["target_logp"], proximal, mask)
         for name, value in stats.items():

@@ -17,6 +17,7 @@ from lightning_unified.models.loading import check_same_vocabulary, load_causal_
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
+from lightning_unified.losses.spans import span_sums
 from lightning_unified.specs import Reference
 from lightning_unified.teachers import build_teacher
 from lightning_unified.teachers.tokenizers import TokenizerBridge
@@ -57,7 +58,8 @@ class ReferenceStage(Stage):
             if stage == "fit" and self.served is None:
                 self._start_served(pl_module)
             return
-        if self.model is not None or is_lora(pl_module.policy):
+        # with LoRA and no path the reference is the policy's own base model: nothing to load
+        if self.model is not None or (is_lora(pl_module.policy) and self.reference.path is None):
             return
         # FSDP2 shards the policy in configure_model, right after this hook, and a sharded
         # model cannot be copied: take the starting policy at the first setup, a
@@ -119,26 +121,25 @@ class ReferenceStage(Stage):
         """([B, R] each span's log-prob under the reference on its last student token, [B, R]
         each token's span): the reference reads the prompt and the reply in its own tokens."""
         rows = self.bridge.rows(batch, pl_module.device)
-        tensors = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
-        if self.served is not None:
-            logp = self.served.score(*tensors, top_k=0).token_logp.to(pl_module.device)
-        else:
-            hidden = response_hidden(self.model, *tensors, packing=pl_module.packing)
-            weight, bias = output_head(self.model)
-            logp = target_logprobs(hidden, weight, rows.response_ids, head_bias=bias,
-                                   temperature=pl_module.temperature)
+        logp = self.score_tokens(pl_module, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
         spans = self.bridge.span_fields(rows, self.bridge.teacher_logp(rows, logp), batch[fields.RESPONSE_IDS].shape[1])
         span_id = spans[fields.SPAN_ID]
         on_ends = spans[fields.TEACHER_SPAN_LOGP].gather(1, span_id.clamp_min(0))
         return torch.where(spans[fields.SPAN_END].bool(), on_ends, 0.0), span_id
 
-    @torch.no_grad()
     def score(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
         """log pi_ref(y_t) [B, R] of the batch's response tokens, 0 on padding."""
-        mask = batch[fields.RESPONSE_MASK]
-        inputs = (batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], batch[fields.RESPONSE_IDS], mask)
+        return self.score_tokens(pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
+                                 batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])
+
+    @torch.no_grad()
+    def score_tokens(self, pl_module: L.LightningModule, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """log pi_ref(y_t) [B, R] of these response tokens (the policy's, or the reference's
+        own across tokenizers), 0 on padding."""
+        inputs = (prompt_ids, prompt_mask, response_ids, response_mask)
         if self.served is not None:  # 0 on padding already
-            return self.served.score(*inputs, top_k=0).token_logp.to(device=mask.device)
+            return self.served.score(*inputs, top_k=0).token_logp.to(device=response_mask.device)
         if self.model is None:  # LoRA: the policy's own base model
             policy = pl_module.policy
             was_training = policy.training
@@ -152,9 +153,8 @@ class ReferenceStage(Stage):
         else:
             hidden = response_hidden(self.model, *inputs, packing=pl_module.packing)
             weight, bias = output_head(self.model)
-        logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
-                               temperature=pl_module.temperature)
-        return torch.where(mask.bool(), logp, 0.0)
+        logp = target_logprobs(hidden, weight, response_ids, head_bias=bias, temperature=pl_module.temperature)
+        return torch.where(response_mask.bool(), logp, 0.0)
 
     def after_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
                            batch_idx: int) -> None:
@@ -166,12 +166,9 @@ class ReferenceStage(Stage):
         log_r = (batch[fields.REFERENCE_LOGP] - outputs["target_logp"])[mask].float()
         if fields.REFERENCE_SPAN_ID in batch:
             span_id = batch[fields.REFERENCE_SPAN_ID]
-            inside = span_id >= 0
-            policy = torch.zeros_like(outputs["target_logp"], dtype=torch.float32).scatter_add_(
-                1, span_id.clamp_min(0), torch.where(inside, outputs["target_logp"].float(), 0.0))  # [B, S<=R]
-            reference = torch.zeros_like(policy).scatter_add_(1, span_id.clamp_min(0),
-                                                              torch.where(inside, batch[fields.REFERENCE_LOGP].float(), 0.0))
-            held = torch.zeros_like(policy).scatter_add_(1, span_id.clamp_min(0), inside.float()) > 0
+            policy = span_sums(outputs["target_logp"].float(), span_id)  # [B, S<=R]
+            reference = span_sums(batch[fields.REFERENCE_LOGP].float(), span_id)
+            held = span_sums((span_id >= 0).float(), span_id) > 0
             log_r = (reference - policy)[held]
         kl = (log_r.exp() - log_r - 1).mean() if log_r.numel() else log_r.new_zeros(())
         pl_module.log("train/kl_ref", kl, prog_bar=True, batch_size=int(mask.sum()))

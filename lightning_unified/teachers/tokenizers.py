@@ -28,6 +28,7 @@ from lightning_unified import batch as fields
 from lightning_unified.data.alignment import Alignment, AlignmentError, align_reply
 from lightning_unified.data.chat import contextual_prompt, end_of_turn_id, is_chat, prompt_token_ids, stop_token_ids
 from lightning_unified.data.collate import pad
+from lightning_unified.losses.spans import span_ids, span_sums
 from lightning_unified.losses.uld import VocabularyMatch
 
 
@@ -128,7 +129,8 @@ class TokenizerBridge:
             prompt_rows.append(teacher_prompt_ids(self.teacher, prompts[b], self.context, columns, self.who))
             reply_rows.append(alignment.teacher_ids)
             alignments.append(alignment)
-            unknown_rows.append([k in set(alignment.unknown) for k in range(len(alignment.teacher_ids))])
+            unknown = set(alignment.unknown)
+            unknown_rows.append([k in unknown for k in range(len(alignment.teacher_ids))])
         prompt_ids, prompt_mask = pad(prompt_rows, self.teacher_pad, "left")
         reply_ids, reply_mask = pad(reply_rows, self.teacher_pad, "right")
         width = reply_ids.shape[1]
@@ -148,20 +150,17 @@ class TokenizerBridge:
         log-prob of each of its tokens ([B, R_t], :meth:`teacher_logp`)."""
         device = teacher_logp.device
         spans = max((len(a.spans) for a in rows.alignments), default=0)
-        span_id = torch.full((len(rows.alignments), student_width), -1, dtype=torch.long)
+        span_id = torch.tensor([span_ids(a.spans, student_width) for a in rows.alignments],
+                               dtype=torch.long).reshape(-1, student_width)
         span_end = torch.zeros(len(rows.alignments), student_width)
-        # each teacher token's span, -1 on padding: the span sums are one scatter
+        # each teacher token's span: the span sums are one scatter
         teacher_span = torch.full(tuple(teacher_logp.shape), -1, dtype=torch.long)
         for b, alignment in enumerate(rows.alignments):
-            for j, (s0, s1, t0, t1) in enumerate(alignment.spans):
-                span_id[b, s0:s1] = j
+            for j, (_, s1, t0, t1) in enumerate(alignment.spans):
                 span_end[b, s1 - 1] = 1.0
                 teacher_span[b, t0:t1] = j
-        teacher_span = teacher_span.to(device)
-        sums = torch.zeros(teacher_logp.shape[0], max(spans, 1), dtype=torch.float32, device=device)
-        sums.scatter_add_(1, teacher_span.clamp_min(0), torch.where(teacher_span >= 0, teacher_logp.float(), 0.0))
-        return {fields.SPAN_ID: span_id.to(device), fields.SPAN_END: span_end.to(device),
-                fields.TEACHER_SPAN_LOGP: sums}
+        sums = span_sums(teacher_logp.float(), teacher_span.to(device), max(spans, 1))
+        return {fields.SPAN_ID: span_id.to(device), fields.SPAN_END: span_end.to(device), fields.TEACHER_SPAN_LOGP: sums}
 
     def span_topk_fields(self, rows: TeacherRows, teacher_logp: Tensor, topk_ids: Tensor, topk_logp: Tensor,
                          student_width: int, match: VocabularyMatch | None) -> dict:
