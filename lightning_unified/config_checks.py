@@ -172,6 +172,11 @@ def check_config(cfg: DictConfig) -> None:
     except Exception as error:  # an interpolation to a missing key, a resolver's failure
         raise ConfigError(f"the config does not resolve: {error}") from error
     _ranges(values, "", RUN)
+    source = values.get("data_source")
+    if isinstance(source, Mapping) and str(source.get("_target_", "")).endswith("OffPolicy") and "sampling" in source:
+        raise ConfigError("data_source=off_policy trains on the dataset's responses and samples nothing, so "
+                          "data_source.sampling (max_lag among them) has nothing to act on: use data_source=on_policy "
+                          "or data_source=mixed")
     check_section(values.get("trainer"), "trainer", TRAINER)
     check_section(values.get("module"), "module", MODULE)
     check_section(values.get("task"), "task", TASK)

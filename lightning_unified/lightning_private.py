@@ -48,3 +48,48 @@ def evaluate_without_inference_mode(trainer: L.Trainer) -> None:
     fixed once the trainer is built, and the module cannot change it)."""
     for loop in (trainer.validate_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.test_loop, trainer.predict_loop):
         loop.inference_mode = False
+
+
+class Lookahead:
+    """The training loader's iterator, able to show the batches after the current one
+    without taking them from the loop: :meth:`peek` pulls them early and keeps them, and
+    the fit loop's next fetch gets the oldest kept one. ``kept``: batches to hand out
+    before the loader's next (a resumed run's, pulled early before its checkpoint)."""
+
+    def __init__(self, iterator, kept: list | None = None):
+        self.iterator = iterator
+        self.kept = list(kept or [])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.kept.pop(0) if self.kept else next(self.iterator)
+
+    def peek(self, n: int):
+        """The ``n``-th batch after the current one (1: the next), or None past the epoch's end."""
+        while len(self.kept) < n:
+            try:
+                self.kept.append(next(self.iterator))
+            except StopIteration:
+                return None
+        return self.kept[n - 1]
+
+
+def training_lookahead(trainer: L.Trainer, kept: list | None = None) -> Lookahead:
+    """The fit loop's training iterator as a :class:`Lookahead` (this epoch's; installed on
+    first use). Lightning fetches each training batch with its data fetcher (2.6.6:
+    ``fit_loop._data_fetcher``, whose ``iterator`` is the combined loader's, made again every
+    epoch) and offers no public way to see later batches. Items are the combined loader's
+    ``(batch, batch_idx, dataloader_idx)``, before any transfer to the device. Only a loader
+    with a length is supported: for one without, the fetcher pulls a batch ahead itself."""
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None or fetcher.iterator is None:
+        raise RuntimeError("sampling.max_lag: the training loader is not being iterated")
+    if isinstance(fetcher.iterator, Lookahead):
+        return fetcher.iterator
+    if fetcher.length is None:
+        raise ValueError("sampling.max_lag >= 1 samples batches ahead of the trainer, which needs a training loader "
+                         "with a length (a map-style dataset or a batch sampler with __len__); this one has none")
+    fetcher.iterator = Lookahead(fetcher.iterator, kept)
+    return fetcher.iterator

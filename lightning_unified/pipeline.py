@@ -117,6 +117,25 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
             raise ValueError("online DPO picks a chosen and a rejected sample of each prompt: set "
                              "data_source.sampling.num_generations to 2 or more")
     check_replay(data_source, signal)
+    check_lag(data_source, signal)
+
+
+def check_lag(data_source: OffPolicy | OnPolicy, signal) -> None:
+    """Rows sampled ``max_lag`` steps ago come from an older policy than the one trained:
+    refused where nothing would correct for it."""
+    lag = data_source.sampling.max_lag if data_source.samples else 0
+    if not lag:
+        return
+    if isinstance(signal, Sparse) and data_source.importance.ratio == "none":
+        raise ValueError(
+            f"data_source.sampling.max_lag={lag} trains on responses sampled {lag} steps ago; importance.ratio=none "
+            f"ignores that. Use truncated (the default), token, ppo_clip, sequence_clip or decoupled_ppo_clip")
+    if isinstance(signal, Dense) and signal.teacher_gives in ("token_logp", "spans"):
+        raise ValueError(
+            f"data_source.sampling.max_lag={lag} with signal.divergence={signal.divergence!r}: that divergence reads "
+            f"the teacher only at the sampled token, an estimate that needs tokens sampled from the policy being "
+            f"trained, and nothing corrects it for a lag yet. Use a divergence over the teacher's distribution or "
+            f"top-k (reverse_kl, forward_kl, jsd), or max_lag=0")
 
 
 def check_replay(data_source: OffPolicy | OnPolicy, signal) -> None:

@@ -79,6 +79,14 @@ class Sampling:
     # sync the engine's weights every this many optimizer steps; > 1 samples from stale
     # weights on purpose (the importance ratio corrects for it)
     sync_every: int = 1
+    # 0: sample each batch when it is trained (synchronous). k >= 1: a producer thread
+    # samples batch t + k from the weights of step t while the trainer trains on batch t,
+    # so every batch is k steps stale (the first k of each epoch less) and the importance
+    # ratio corrects for it (lightning_unified.engines.producer)
+    max_lag: int = 0
+    # the producer thread's torch intra-op threads (null: torch's default); with max_lag,
+    # splits a CPU's cores between sampling and training
+    producer_threads: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "data_source.sampling")
@@ -98,6 +106,16 @@ class Sampling:
         _one_of("sampling", "engine", self.engine, ENGINES)
         if self.sync_every < 1:
             raise ValueError(f"sampling.sync_every must be >= 1, got {self.sync_every}")
+        if self.max_lag < 0:
+            raise ValueError(f"sampling.max_lag must be >= 0, got {self.max_lag}")
+        if self.producer_threads is not None and self.producer_threads < 1:
+            raise ValueError(f"sampling.producer_threads must be >= 1 or null, got {self.producer_threads}")
+        if self.max_lag and self.sync_every > 1:
+            raise ValueError(f"sampling.max_lag={self.max_lag} already samples from weights {self.max_lag} steps old; "
+                             f"sampling.sync_every={self.sync_every} would make them older still. Set one of them")
+        if self.max_lag and self.vllm.get("sleep"):
+            raise ValueError(f"sampling.max_lag={self.max_lag} samples during the training step, so the engine "
+                             f"cannot sleep then: set sampling.vllm.sleep=false")
 
 
 @dataclass

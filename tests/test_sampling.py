@@ -70,8 +70,8 @@ def test_response_mask_stops_after_the_first_eos() -> None:
 
 
 def test_mixed_choice_is_deterministic_and_follows_the_probability() -> None:
-    draws = [mixed_batch_is_on_policy(0.3, seed=1, global_step=s, batch_idx=s) for s in range(2000)]
-    again = [mixed_batch_is_on_policy(0.3, seed=1, global_step=s, batch_idx=s) for s in range(2000)]
+    draws = [mixed_batch_is_on_policy(0.3, seed=1, epoch=s, batch_idx=s) for s in range(2000)]
+    again = [mixed_batch_is_on_policy(0.3, seed=1, epoch=s, batch_idx=s) for s in range(2000)]
     assert draws == again, "every rank (and a resumed run) must make the same choice"
     assert 0.25 < sum(draws) / len(draws) < 0.35
     assert all(mixed_batch_is_on_policy(1.0, 0, s, 0) for s in range(10))

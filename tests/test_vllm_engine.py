@@ -256,8 +256,8 @@ def test_weights_synced_every_other_step_log_their_staleness_apart_from_the_mism
                           "trainer.max_steps=3", "trainer.log_every_n_steps=1", "save_policy=null",
                           "validate_first=false", "trainer.val_check_interval=3", "scheduler.num_warmup_steps=0"])
     train(cfg, tmp_path)
-    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r.get("sampling/staleness")]
-    assert [float(r["sampling/staleness"]) for r in rows] == [0.0, 1.0, 0.0]
+    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r.get("sampling/lag")]
+    assert [float(r["sampling/lag"]) for r in rows] == [0.0, 1.0, 0.0]
     assert not rows[0].get("importance/stale_kl"), "the first batch is sampled from the trainer's own weights"
     stale = float(rows[1]["importance/stale_kl"])
     mismatch = [float(r["importance/mismatch_kl"]) for r in rows]

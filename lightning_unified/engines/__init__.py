@@ -13,11 +13,13 @@ from lightning_unified.engines.hf import HFEngine
 from lightning_unified.specs import ENGINES
 
 
-def build_engine(name: str, options: dict | None = None, **sampling) -> RolloutEngine:
+def build_engine(name: str, options: dict | None = None, own_weights: bool = False, **sampling) -> RolloutEngine:
     """The engine ``sampling.engine`` names, not yet started. ``sampling`` is the run's
-    temperature, top_k, top_p and behaviour (an engine may fix its log-prob mode from them)."""
+    temperature, top_k, top_p and behaviour (an engine may fix its log-prob mode from them).
+    ``own_weights``: the engine must hold weights of its own, apart from the training
+    model's (it samples while the trainer updates them)."""
     if name == "hf":
-        return HFEngine()
+        return HFEngine(copy=own_weights)
     if name == "vllm":
         from lightning_unified.engines.vllm import VLLMEngine
 

@@ -1,11 +1,17 @@
-"""The training model's own Hugging Face ``generate``: no second copy of the weights and
-nothing to sync, at the speed of a training framework's decoding loop."""
+"""Hugging Face ``generate``, at the speed of a training framework's decoding loop: by
+default the training model's own (no second copy of the weights and nothing to sync); with
+``copy=True`` a plain model of its own, synced like any engine, so that it can sample in a
+thread beside the training step (``sampling.max_lag``) from weights the trainer is no
+longer changing."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 from transformers import (
+    AutoModelForCausalLM,
     LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -41,15 +47,74 @@ class BehaviourLogProbs(LogitsProcessor):
         return out
 
 
+class PrivateDraw(LogitsProcessor):
+    """Draws each next token from the processed distribution with a generator of its own,
+    seeded by the request, and hands generate scores whose argmax is that token. Sampling
+    never touches torch's global RNG: a producer thread may sample while the training step
+    uses it (dropout), and the draws depend on the request's seed alone."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.generator is None:  # on the scores' device, known at the first step
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
 class HFEngine(RolloutEngine):
-    shares_weights = True
+    """``copy``: generate from a plain model of its own (built from the policy's config,
+    loaded with its weights at every sync: LoRA merged, FSDP2 shards gathered) instead of
+    the training model."""
+
+    copy = False
+    model: nn.Module | None = None
+
+    def __init__(self, copy: bool = False):
+        self.copy = copy
+
+    @property
+    def shares_weights(self) -> bool:  # type: ignore[override]
+        return not self.copy
 
     def start(self, policy: nn.Module) -> None:
-        pass
+        if self.copy:
+            from lightning_unified.engines.vllm_weights import base_model
+
+            source = base_model(policy)
+            config = source.config.__class__.from_dict(source.config.to_dict())
+            parameter = next(source.parameters())
+            self.model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+            self.model.to(parameter.device if parameter.device.type != "meta" else "cpu").eval()
+            self.model.requires_grad_(False)
+            self.sync(policy)
+
+    def sync(self, policy: nn.Module) -> None:
+        if not self.copy:
+            return
+        from lightning_unified.engines.vllm_weights import engine_weights
+
+        with engine_weights(policy) as weights, torch.no_grad():
+            own = self.model.state_dict()
+            given = dict(weights)
+            missing = sorted(set(own) - set(given))
+            if missing:
+                raise RuntimeError(f"sampling.engine=hf with max_lag: the policy's weights lack {missing[:5]} "
+                                   f"that its config's model has")
+            for name, tensor in own.items():
+                tensor.copy_(given[name])
+
+    def close(self) -> None:
+        self.model = None
 
     @torch.no_grad()
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
+        if self.copy:
+            # the plain copy runs no collectives: each rank generates on its own
+            policy, request = self.model, dataclasses.replace(request, synced=False)
         recorder = BehaviourLogProbs() if not request.greedy else None
         processors = LogitsProcessorList()
         if recorder is not None:
@@ -63,22 +128,20 @@ class HFEngine(RolloutEngine):
                 processors.append(TopPLogitsWarper(request.top_p))
             if request.behaviour == "sampled":
                 processors.append(recorder)  # after truncation: what was actually sampled from
-        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+            # the draw itself, from the request's seed: generate then picks the drawn token greedily
+            processors.append(PrivateDraw(request.seed))
         was_training = policy.training
         policy.eval()
         try:
-            # the draws depend on the request's seed only, whatever else used the global RNG
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(request.seed)
-                sequences = policy.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not request.greedy,
-                    # the warpers above replace generate's own, so the recorder sees their output
-                    temperature=1.0, top_k=0, top_p=1.0, logits_processor=processors,
-                    max_new_tokens=request.max_new_tokens, pad_token_id=request.pad_token_id,
-                    eos_token_id=list(request.stop_token_ids), use_cache=True,
-                    # sharded strategies hang unless every rank runs the same number of forwards
-                    synced_gpus=request.synced,
-                )
+            sequences = policy.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                # the processors above replace generate's own warpers and sampling
+                temperature=None, top_k=None, top_p=None, logits_processor=processors,
+                max_new_tokens=request.max_new_tokens, pad_token_id=request.pad_token_id,
+                eos_token_id=list(request.stop_token_ids), use_cache=True,
+                # sharded strategies hang unless every rank runs the same number of forwards
+                synced_gpus=request.synced,
+            )
         finally:
             policy.train(was_training)
         response_ids = sequences[:, prompt_ids.shape[1]:]

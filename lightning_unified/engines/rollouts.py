@@ -8,7 +8,12 @@ weights it holds, and closes it. Stages and validation ask it for the engine::
 
 The engine holds the policy's weights as of the latest optimizer step (or of every
 ``sync_every``-th: sampling from stale weights on purpose, which the importance ratio
-corrects). Engines themselves know nothing of Lightning; this owner does not either.
+corrects). With ``max_lag`` it also owns the producer thread that samples ahead of the
+trainer (:meth:`produce`, :meth:`take`): the engine then holds weights of its own, takes new
+ones only while the producer is idle, at a batch boundary, so a batch is never sampled from
+two versions, and every other use of the engine (validation, a teacher scored by it) waits
+for the producer first. Engines themselves know nothing of Lightning; this owner does not
+either.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lightning_unified.engines import RolloutEngine, build_engine
+from lightning_unified.engines.producer import RolloutProducer
 
 # every owner in this process: an engine's shutdown needs the process group, so the
 # process's last act before destroying the group is to close them (close_all)
@@ -35,14 +41,16 @@ def close_all() -> None:
 class Rollouts:
     """``policy``: the model whose weights the engine follows. ``name`` and ``options``:
     the engine (``hf``, ``vllm``) and its settings; ``sampling``: the run's temperature,
-    top_k, top_p and behaviour."""
+    top_k, top_p and behaviour. ``max_lag`` >= 1: a producer thread samples ahead
+    (``producer_threads``: its torch threads)."""
 
     def __init__(self, policy: nn.Module, name: str = "hf", options: dict | None = None, sync_every: int = 1,
-                 **sampling):
+                 max_lag: int = 0, producer_threads: int | None = None, **sampling):
         if sync_every < 1:
             raise ValueError(f"sampling.sync_every must be >= 1, got {sync_every}")
-        self.policy, self.sync_every = policy, sync_every
-        self.engine: RolloutEngine = build_engine(name, options, **sampling)
+        self.policy, self.sync_every, self.max_lag = policy, sync_every, max_lag
+        self.engine: RolloutEngine = build_engine(name, options, own_weights=max_lag > 0, **sampling)
+        self.producer = RolloutProducer(producer_threads) if max_lag > 0 else None
         self._started = False
         self._resting = False
         self._synced_step: float | None = None
@@ -57,14 +65,17 @@ class Rollouts:
         ``hf`` engine, for validation alone)."""
         if sampling is None:
             return cls(policy)
-        return cls(policy, sampling.engine, sampling.vllm, sampling.sync_every, temperature=sampling.temperature,
-                   top_k=sampling.top_k, top_p=sampling.top_p, behaviour=sampling.behaviour)
+        return cls(policy, sampling.engine, sampling.vllm, sampling.sync_every, sampling.max_lag,
+                   sampling.producer_threads, temperature=sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p, behaviour=sampling.behaviour)
 
     @contextlib.contextmanager
     def engine_for(self, optimizer_step: float) -> Iterator[RolloutEngine]:
         """The engine, awake, started and synced as the schedule says for ``optimizer_step``;
         it rests when the outermost such block ends (validation holds it for its whole
-        epoch, each batch inside)."""
+        epoch, each batch inside). The producer, if any, finishes its jobs first."""
+        if self.producer is not None:
+            self.producer.wait()
         engine = self._ready(optimizer_step)
         self._depth += 1
         try:
@@ -73,6 +84,22 @@ class Rollouts:
             self._depth -= 1
             if self._depth == 0:
                 self._rest()
+
+    def produce(self, key, optimizer_step: float, job) -> int:
+        """At a batch boundary: once the producer is idle, sync the engine for
+        ``optimizer_step`` (here, in the caller's thread, while nothing else reads the
+        policy's weights), then hand ``job(engine, version)`` to the producer's thread, with
+        the weights version the engine then holds."""
+        if self.producer is None:
+            raise RuntimeError("Rollouts.produce needs max_lag >= 1")
+        self.producer.wait()
+        engine = self._ready(optimizer_step)
+        version = self.weights_version(optimizer_step)
+        self.producer.submit(key, lambda: job(engine, version))
+
+    def take(self, key):
+        """The result of the job :meth:`produce` handed over under ``key`` (waits for it)."""
+        return self.producer.take(key)
 
     def _ready(self, optimizer_step: float) -> RolloutEngine:
         if self.engine.shares_weights:
@@ -111,7 +138,10 @@ class Rollouts:
         return seconds
 
     def close(self) -> None:
-        """Release the engine (a later :meth:`engine_for` starts it again)."""
+        """Release the engine (a later :meth:`engine_for` starts it again), after the
+        producer's running job; jobs not started are dropped."""
+        if self.producer is not None:
+            self.producer.close()
         if self._started:
             self.engine.close()
         self._started, self._resting, self._synced_step = False, False, None

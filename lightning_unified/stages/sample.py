@@ -15,20 +15,23 @@ from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.specs import OnPolicy
 from lightning_unified.stages.base import Stage
+from lightning_unified.stages.sample_ahead import SamplingAhead
 
 
-def mixed_batch_is_on_policy(probability: float, seed: int, global_step: int, batch_idx: int) -> bool:
-    """The same draw on every rank, and again after a resume: it depends only on the seed
-    and the step, not on any rank's RNG state."""
+def mixed_batch_is_on_policy(probability: float, seed: int, epoch: int, batch_idx: int) -> bool:
+    """The same draw on every rank, and again after a resume, and known ahead of the batch
+    (a producer sampling ahead asks): it depends only on the seed, the epoch and the batch."""
     if probability >= 1.0:
         return True
     if probability <= 0.0:
         return False
-    return random.Random(f"{seed}:{global_step}:{batch_idx}").random() < probability
+    return random.Random(f"{seed}:{epoch}:{batch_idx}").random() < probability
 
 
-def sampling_seed(seed: int, global_step: int, batch_idx: int, rank: int) -> int:
-    return random.Random(f"sample:{seed}:{global_step}:{batch_idx}:{rank}").getrandbits(63)
+def sampling_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The draws of one batch on one rank: whenever it is sampled (now, or ahead of the
+    trainer), and whatever else used the global RNG before."""
+    return random.Random(f"sample:{seed}:{epoch}:{batch_idx}:{rank}").getrandbits(63)
 
 
 class SampleStage(Stage):
@@ -37,6 +40,8 @@ class SampleStage(Stage):
     def __init__(self, data_source: OnPolicy):
         super().__init__()
         self.data_source = data_source
+        # max_lag >= 1: the batches sampled ahead of the trainer, by the rollout owner's producer
+        self.ahead = SamplingAhead(self, data_source.sampling.max_lag) if data_source.sampling.max_lag else None
 
     def reads(self) -> set[str]:
         return {fields.PROMPT_IDS, fields.PROMPT_MASK}
@@ -51,10 +56,22 @@ class SampleStage(Stage):
         """The sampling spec's, else the module's (which falls back to the datamodule's)."""
         return self.data_source.sampling.max_new_tokens or pl_module.max_new_tokens
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
-        on_policy = mixed_batch_is_on_policy(
-            self.data_source.probability, self.data_source.seed, trainer.global_step, batch_idx
+    def is_on_policy(self, epoch: int, batch_idx: int) -> bool:
+        return mixed_batch_is_on_policy(self.data_source.probability, self.data_source.seed, epoch, batch_idx)
+
+    def request(self, pl_module: L.LightningModule, trainer: L.Trainer, epoch: int, batch_idx: int
+                ) -> GenerationRequest:
+        """What the engine is asked for one batch on this rank."""
+        spec = self.data_source.sampling
+        return GenerationRequest(
+            max_new_tokens=self._max_new_tokens(pl_module), stop_token_ids=tuple(pl_module.stop_token_ids),
+            pad_token_id=pl_module.tokenizer.pad_token_id, temperature=spec.temperature, top_k=spec.top_k,
+            top_p=spec.top_p, behaviour=spec.behaviour, synced=trainer.world_size > 1,
+            seed=sampling_seed(self.data_source.seed, epoch, batch_idx, trainer.global_rank),
         )
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        on_policy = self.is_on_policy(trainer.current_epoch, batch_idx)
         if self.data_source.probability < 1.0:
             pl_module.log("sampling/on_policy", float(on_policy), batch_size=1)
         batch[fields.SAMPLED] = on_policy
@@ -63,58 +80,90 @@ class SampleStage(Stage):
                            who="a mixed data source's off-policy batch")
             return
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="sampling")
-        # the draws depend on (seed, step, batch, rank) only: a resumed run samples exactly
-        # what the uninterrupted one did, whatever else used the global RNG before
-        seed = sampling_seed(self.data_source.seed, trainer.global_step, batch_idx, trainer.global_rank)
         step = pl_module.progress["optimizer_steps"]
-        # the engine rests again after the block: its memory is the training step's until the next rollout
-        with pl_module.rollouts.engine_for(step) as engine, trainer_precision(pl_module):
-            sync_seconds = pl_module.rollouts.take_sync_seconds()  # started and synced: what follows is generation
-            if sync_seconds is not None:
-                pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
-            started = time.perf_counter()
-            self._sample(engine, batch, pl_module, self._max_new_tokens(pl_module), synced=trainer.world_size > 1,
-                         seed=seed)
-            seconds = time.perf_counter() - started
-        # the weights that sampled: older than the policy's when the engine syncs every few steps
-        version = pl_module.rollouts.weights_version(step)
-        batch[fields.POLICY_VERSION] = [version] * batch[fields.RESPONSE_IDS].shape[0]
-        pl_module.log("sampling/staleness", step - version, batch_size=1)
+        if self.ahead is not None:
+            rows = self.ahead.rows_for(trainer, pl_module, batch, batch_idx)
+        else:
+            request = self.request(pl_module, trainer, trainer.current_epoch, batch_idx)
+            # the engine rests again after the block: its memory is the training step's until the next rollout
+            with pl_module.rollouts.engine_for(step) as engine:
+                sync_seconds = pl_module.rollouts.take_sync_seconds()  # started and synced: what follows is generation
+                if sync_seconds is not None:
+                    pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
+                rows = self.sample_with(engine, pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], request)
+            # the weights that sampled: older than the policy's when the engine syncs every few steps
+            rows["version"] = pl_module.rollouts.weights_version(step)
+        self.apply(batch, rows)
+        lag = step - rows["version"]
+        # the lag at the batch's first update, and at its last (a replayed rollout's)
+        pl_module.log("sampling/lag", float(lag), batch_size=1)
+        pl_module.log("sampling/lag_max", float(lag + self.data_source.updates_per_batch - 1), batch_size=1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()
         n = lengths.numel()
         pl_module.log("sampling/response_length", lengths.mean(), batch_size=n)
         pl_module.log("sampling/eos_fraction", ended.mean(), batch_size=n)
-        pl_module.log("sampling/tokens_per_sec", lengths.sum() / seconds, batch_size=1)
+        pl_module.log("sampling/tokens_per_sec", lengths.sum() / rows["seconds"], batch_size=1)
+
+    def apply(self, batch: dict, rows: dict) -> None:
+        """The sampled rows into the batch: the prompts as G copies each, their responses,
+        and every per-prompt list repeated alike."""
+        group = self.data_source.sampling.num_generations
+        for name in (fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
+                     fields.BEHAVIOUR_LOGP):
+            batch[name] = rows[name]
+        batch[fields.LOSS_MASK] = rows[fields.RESPONSE_MASK]  # one sampled turn: every token is the policy's
+        batch[fields.GROUP_SIZE] = group
+        batch[fields.POLICY_VERSION] = [rows["version"]] * rows[fields.RESPONSE_IDS].shape[0]
+        for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS):  # per-prompt lists, now one entry per row
+            if name in batch:
+                batch[name] = [value for value in batch[name] for _ in range(group)]
 
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
                     seed: int = 0) -> None:
         """Replace the batch's prompts by G copies each and add their sampled responses,
         from the module's rollout engine (synced with the policy first, when due)."""
-        with pl_module.rollouts.engine_for(pl_module.progress["optimizer_steps"]) as engine:
-            self._sample(engine, batch, pl_module, max_new_tokens, synced, seed)
-
-    @torch.no_grad()
-    def _sample(self, engine, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
-                seed: int) -> None:
         spec = self.data_source.sampling
-        group = spec.num_generations
-        prompt_ids = batch[fields.PROMPT_IDS].repeat_interleave(group, dim=0)
-        prompt_mask = batch[fields.PROMPT_MASK].repeat_interleave(group, dim=0)
         request = GenerationRequest(
             max_new_tokens=max_new_tokens, stop_token_ids=tuple(pl_module.stop_token_ids),
             pad_token_id=pl_module.tokenizer.pad_token_id, temperature=spec.temperature, top_k=spec.top_k,
             top_p=spec.top_p, behaviour=spec.behaviour, seed=seed, synced=synced,
         )
-        rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
-        batch[fields.PROMPT_IDS] = prompt_ids
-        batch[fields.PROMPT_MASK] = prompt_mask
-        batch[fields.RESPONSE_IDS] = rollout.response_ids
-        batch[fields.RESPONSE_MASK] = rollout.response_mask
-        batch[fields.LOSS_MASK] = rollout.response_mask  # one sampled turn: every token is the policy's
-        batch[fields.BEHAVIOUR_LOGP] = rollout.logp
-        batch[fields.GROUP_SIZE] = group
-        for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS):  # per-prompt lists, now one entry per row
-            if name in batch:
-                batch[name] = [value for value in batch[name] for _ in range(group)]
+        step = pl_module.progress["optimizer_steps"]
+        with pl_module.rollouts.engine_for(step) as engine:
+            rows = self.sample_with(engine, pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], request)
+        rows["version"] = pl_module.rollouts.weights_version(step)
+        self.apply(batch, rows)
+
+    # --- sampling ahead (max_lag >= 1) ---------------------------------------------------
+    def on_train_start(self, trainer, host) -> None:
+        if self.ahead is not None:
+            self.ahead.on_train_start(trainer, host)
+
+    def state_dict(self) -> dict:
+        return self.ahead.state_dict() if self.ahead is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ahead is not None:
+            self.ahead.load_state_dict(state)
+        elif state.get("ahead"):
+            raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
+                             f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}")
+
+
+    @torch.no_grad()
+    def sample_with(self, engine, pl_module: L.LightningModule, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    request: GenerationRequest) -> dict:
+        """G responses to each prompt from ``engine``, with their behaviour log-probs, under
+        the trainer's precision: the fields :meth:`apply` puts into the batch, and the
+        seconds generation took."""
+        group = self.data_source.sampling.num_generations
+        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+        started = time.perf_counter()
+        with trainer_precision(pl_module):
+            rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
+        return {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
+                fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
+                fields.BEHAVIOUR_LOGP: rollout.logp, "seconds": time.perf_counter() - started}

@@ -1,0 +1,123 @@
+"""Sampling ahead of the trainer (``data_source.sampling.max_lag = k >= 1``): at the start of
+batch ``t`` the sample stage takes batch ``t``'s rows, sampled earlier, and hands batch
+``t + k``'s prompts to the rollout owner's producer, which samples them from the weights of
+step ``t`` while the trainer trains on batch ``t``.
+
+- Each batch's rows carry the weights version that sampled them: ``t - k`` (the epoch's
+  first ``k`` batches: the epoch's first step, sampled when it starts).
+- The engine takes new weights at the batch boundary, once the producer is idle: a batch is
+  never sampled from two versions, and with a fixed lag the same seed gives the same rows.
+- Prompts of later batches come from the training loader's own iterator, pulled early
+  (:func:`~lightning_unified.lightning_private.training_lookahead`); the fit loop later gets
+  the very batches, so every stage after this one sees the batch it always did.
+- A checkpoint keeps the batches pulled early and their sampled rows: the loader's saved
+  place is after them, and their weights exist nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import lightning as L
+import torch
+
+from lightning_unified import batch as fields
+from lightning_unified.lightning_private import training_lookahead
+
+
+class SamplingAhead:
+    """The sample stage's work when it samples ``max_lag`` batches ahead."""
+
+    def __init__(self, stage, max_lag: int):
+        self.stage, self.max_lag = stage, max_lag
+        self._rollouts = None  # the module's rollout owner, once training runs
+        self._trainer: L.Trainer | None = None
+        self._restored: dict | None = None  # a checkpoint's batches ahead, until training starts
+
+    def on_train_start(self, trainer: L.Trainer, host) -> None:
+        self._trainer, self._rollouts = trainer, host.rollouts
+        restored, self._restored = self._restored, None
+        if not restored or not restored.get("ahead"):
+            return
+        # before the fit loop's first fetch: the loader resumes after the batches pulled early
+        training_lookahead(trainer, kept=restored["kept"])
+        for key, rows in restored["ahead"].items():
+            host.rollouts.producer.put(tuple(key), {k: _to(v, host.device) for k, v in rows.items()})
+
+    def rows_for(self, trainer: L.Trainer, host, batch: dict, batch_idx: int) -> dict:
+        """Batch ``batch_idx``'s sampled rows (waiting for the producer if it is not done),
+        after handing over the batches up to ``max_lag`` ahead that it does not hold yet."""
+        self._trainer, self._rollouts = trainer, host.rollouts
+        lookahead = training_lookahead(trainer)
+        epoch, step = trainer.current_epoch, host.progress["optimizer_steps"]
+        if not host.rollouts.producer.holds((epoch, batch_idx)):
+            # the epoch's first batch: nothing was sampled ahead, so it is sampled now
+            self._hand_over(trainer, host, epoch, batch_idx, batch, step)
+        started = time.perf_counter()
+        rows = host.rollouts.take((epoch, batch_idx))
+        # how long the trainer waited: the sampling that the training step did not hide
+        host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
+        host.log("sampling/seconds", rows["seconds"], batch_size=1)
+        _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
+        for ahead in range(1, self.max_lag + 1):
+            later = batch_idx + ahead
+            if host.rollouts.producer.holds((epoch, later)) or not self.stage.is_on_policy(epoch, later):
+                continue
+            upcoming = lookahead.peek(ahead)
+            if upcoming is None:  # the epoch ends first
+                break
+            self._hand_over(trainer, host, epoch, later, upcoming[0], step)
+        return rows
+
+    def _hand_over(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
+        request = self.stage.request(host, trainer, epoch, batch_idx)
+        device = host.device
+        prompt_ids, prompt_mask = prompts[fields.PROMPT_IDS], prompts[fields.PROMPT_MASK]
+
+        def job(engine, version: int) -> dict:
+            # on a GPU, a stream of its own: the training step's kernels do not wait behind sampling's
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                rows = self.stage.sample_with(engine, host, prompt_ids.to(device), prompt_mask.to(device), request)
+                if stream is not None:
+                    stream.synchronize()
+            rows["version"] = version
+            return rows
+
+        host.rollouts.produce((epoch, batch_idx), step, job)
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The rows sampled ahead (waiting for the producer's running jobs) and the batches
+        the loader gave early, on the CPU."""
+        if self._rollouts is None or self._rollouts.producer is None:
+            return {}
+        ahead = {key: {k: _to(v, "cpu") for k, v in rows.items()}
+                 for key, rows in self._rollouts.producer.results().items()}
+        lookahead = training_lookahead(self._trainer) if ahead else None
+        kept = list(lookahead.kept) if lookahead is not None else []
+        return {"max_lag": self.max_lag, "ahead": ahead, "kept": kept} if ahead else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("ahead") and state["max_lag"] != self.max_lag:
+            raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
+                             f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
+                             f"{self.max_lag}")
+        self._restored = state
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _check_same_prompts(rows: dict, batch: dict, group: int, batch_idx: int) -> None:
+    """The rows were sampled from the prompts the loader gave early: the batch the fit loop
+    hands the step must be the same (a hook that changes prompts after the loader would be
+    ignored by the producer). Compared where it costs no device sync."""
+    given = batch[fields.PROMPT_IDS]
+    sampled = rows[fields.PROMPT_IDS][::group]
+    if sampled.shape != given.shape or (given.device.type == "cpu" and not torch.equal(sampled.cpu(), given)):
+        raise RuntimeError(f"sampling.max_lag: batch {batch_idx}'s prompts differ from those sampled ahead for it "
+                           f"(shapes {tuple(sampled.shape)} and {tuple(given.shape)}); a hook between the loader and "
+                           f"the step (on_before_batch_transfer, on_after_batch_transfer) must not change prompts")

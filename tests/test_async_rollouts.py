@@ -1,0 +1,188 @@
+"""Sampling ahead of the trainer (``data_source.sampling.max_lag``): each batch is sampled by
+the producer thread from the weights of ``max_lag`` steps before, its behaviour log-probs
+are those weights' own, every on-policy method trains with it, and what cannot be corrected
+is refused before training. Resume at lag 2 is in ``tests/test_resume.py``; two processes
+(DDP, FSDP2) in ``tests/test_distributed_equivalence.py``."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unified import batch as fields
+from lightning_unified.config import train
+from lightning_unified.models.loss_head import response_logprobs
+from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.stages import Stage
+from lightning_unified.tasks.addition import digit_match
+from lightning_unified.module import UnifiedModule
+from tests.lightning_helpers import FAST_TASK, compose_config, quiet_trainer, tiny_datamodule, tiny_module
+from tests.test_runs import read_metrics
+
+STEPS = 5
+
+
+class RecordRows(Stage):
+    """Keeps, for every batch, what the sample stage handed the step."""
+
+    name = "record_rows"
+
+    def __init__(self):
+        super().__init__(after="sample")
+        self.batches: list[dict] = []
+
+    def reads(self):
+        return {fields.RESPONSE_IDS, fields.BEHAVIOUR_LOGP, fields.POLICY_VERSION}
+
+    def run(self, trainer, host, batch, batch_idx):
+        self.batches.append({"batch_idx": batch_idx, "step": host.progress["optimizer_steps"],
+                             **{k: copy.deepcopy(batch[k]) for k in (
+                                 fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
+                                 fields.BEHAVIOUR_LOGP, fields.POLICY_VERSION)}})
+
+
+class KeepWeights(L.Callback):
+    """The policy's weights at the start of every batch: version v's are ``weights[v]``."""
+
+    def __init__(self):
+        self.weights: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = pl_module.progress["optimizer_steps"]
+        self.weights[step] = {k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()}
+
+
+def lagged_run(max_lag: int, temperature: float = 1.0, steps: int = STEPS) -> tuple[UnifiedModule, RecordRows,
+                                                                                    KeepWeights]:
+    L.seed_everything(0, verbose=False)  # the loader's shuffle draws from the global RNG
+    record, keep = RecordRows(), KeepWeights()
+    source = OnPolicy(sampling=Sampling(num_generations=2, max_new_tokens=4, temperature=temperature,
+                                        max_lag=max_lag))
+    module = tiny_module(source, Sparse(rewards=[Reward(digit_match)]))
+    module = UnifiedModule(module.policy, module.tokenizer, source, Sparse(rewards=[Reward(digit_match)]),
+                           optimizer=module.optimizer_factory, stages=[record])
+    quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[keep]).fit(module, datamodule=tiny_datamodule())
+    return module, record, keep
+
+
+@pytest.mark.parametrize("max_lag", [1, 2])
+def test_each_rows_version_is_its_batch_index_minus_the_lag(max_lag: int) -> None:
+    _, record, _ = lagged_run(max_lag)
+    assert [b["batch_idx"] for b in record.batches] == list(range(STEPS))
+    for b in record.batches:
+        expected = max(0, b["batch_idx"] - max_lag)
+        assert set(b[fields.POLICY_VERSION]) == {expected}, (b["batch_idx"], b[fields.POLICY_VERSION])
+        assert len(b[fields.POLICY_VERSION]) == b[fields.RESPONSE_IDS].shape[0]
+
+
+def test_behaviour_logp_are_a_full_forward_of_the_weights_that_sampled() -> None:
+    """The producer's engine generates with a KV cache from its own copy of the weights;
+    a full forward of the policy with those weights (kept at each batch's start) gives the
+    same log-probs, to 1e-5 (float32, the same kernels), at the sampling temperature."""
+    module, record, keep = lagged_run(max_lag=2, temperature=0.8)
+    scorer = copy.deepcopy(module.policy)
+    stale = 0
+    for b in record.batches:
+        version = b[fields.POLICY_VERSION][0]
+        stale += version < b["step"]
+        scorer.load_state_dict(keep.weights[version])
+        logp = response_logprobs(scorer, b[fields.PROMPT_IDS], b[fields.PROMPT_MASK], b[fields.RESPONSE_IDS],
+                                 b[fields.RESPONSE_MASK], temperature=0.8)
+        mask = b[fields.RESPONSE_MASK].bool()
+        torch.testing.assert_close(b[fields.BEHAVIOUR_LOGP][mask], logp[mask], rtol=0, atol=1e-5)
+        # and not those of the weights the batch trains from, once they have moved
+        if version < b["step"]:
+            scorer.load_state_dict(keep.weights[b["step"]])
+            now = response_logprobs(scorer, b[fields.PROMPT_IDS], b[fields.PROMPT_MASK], b[fields.RESPONSE_IDS],
+                                    b[fields.RESPONSE_MASK], temperature=0.8)
+            assert (now[mask] - logp[mask]).abs().max() > 1e-3
+    assert stale == STEPS - 1, "every batch after the first trains on older weights' samples"
+
+
+def test_a_fixed_lag_gives_the_same_rows_from_the_same_seed() -> None:
+    first, second = lagged_run(max_lag=1, steps=3)[1], lagged_run(max_lag=1, steps=3)[1]
+    for a, b in zip(first.batches, second.batches):
+        assert torch.equal(a[fields.RESPONSE_IDS], b[fields.RESPONSE_IDS])
+        torch.testing.assert_close(a[fields.BEHAVIOUR_LOGP], b[fields.BEHAVIOUR_LOGP], rtol=0, atol=0)
+
+
+# every on-policy method, at lag 1, through the command line's configs
+METHODS = {
+    "grpo": ["experiment=rl"],
+    "rloo": ["experiment=rl", "signal.advantage=rloo"],
+    "ppo_clip": ["experiment=rl", "data_source.importance.ratio=ppo_clip"],
+    "decoupled_ppo_clip": ["experiment=rl", "data_source.importance.ratio=decoupled_ppo_clip"],
+    "sequence_masked": ["experiment=rl", "data_source.importance.level=sequence", "data_source.importance.mask_low=0.5",
+                        "data_source.importance.mask_high=2"],
+    "on_policy_distill": ["experiment=on_policy_distill"],
+    "gkd_on_policy_half": ["experiment=gkd", "data_source.probability=1.0"],
+    "online_dpo": ["experiment=online_dpo"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_on_policy_method_trains_at_lag_one(method: str, tmp_path: Path) -> None:
+    cfg = compose_config([*METHODS[method], "data_source.sampling.max_lag=1", "data_source.sampling.num_generations=2",
+                          "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+                          "save_policy=null", *FAST_TASK, "task.num_val=8", "task.val_batch_size=8"])
+    train(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    lags = [float(r["sampling/lag"]) for r in rows if r.get("sampling/lag")]
+    assert lags == [0.0, 1.0, 1.0], lags
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+    waits = [float(r["sampling/wait_seconds"]) for r in rows if r.get("sampling/wait_seconds")]
+    assert len(waits) == 3 and all(w >= 0 for w in waits)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data_source=off_policy", "+data_source.sampling.max_lag=1"], "data_source=off_policy trains on the dataset"),
+    (["experiment=rl", "data_source.sampling.max_lag=1", "data_source.importance.ratio=none"],
+     "importance.ratio=none ignores that"),
+    (["experiment=on_policy_distill", "data_source.sampling.max_lag=1", "signal.divergence=sampled_reverse_kl"],
+     "reads the teacher only at the sampled token"),
+    (["experiment=rl", "data_source.sampling.max_lag=1", "data_source.sampling.sync_every=2"],
+     "Set one of them"),
+    (["experiment=rl", "data_source.sampling.max_lag=1", "data_source.sampling.vllm.sleep=true"],
+     "cannot sleep then"),
+    (["experiment=rl", "data_source.sampling.max_lag=-1"], "max_lag must be >= 0"),
+])
+def test_what_a_lag_cannot_correct_is_refused_before_training(overrides: list[str], message: str,
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=message):
+        train(compose_config([*overrides, *FAST_TASK]), tmp_path)
+    assert not (tmp_path / "checkpoints").exists(), "refused before training"
+
+
+def test_a_checkpoint_sampled_ahead_resumes_only_at_its_lag(tmp_path: Path) -> None:
+    common = ["experiment=rl", "data_source.sampling.num_generations=2", "trainer.max_steps=2",
+              "checkpoint_every_n_steps=1", "trainer.val_check_interval=2", "save_policy=null", *FAST_TASK,
+              "task.num_val=8", "task.val_batch_size=8"]
+    train(compose_config([*common, "data_source.sampling.max_lag=2"]), tmp_path)
+    for other in ("1", "0"):
+        with pytest.raises(ValueError, match="resume it with data_source.sampling.max_lag=2"):
+            train(compose_config([*common, "trainer.max_steps=3", f"data_source.sampling.max_lag={other}",
+                                  "resume=true"]), tmp_path)
+
+
+def test_a_lag_needs_a_loader_with_a_length() -> None:
+    class Unsized(torch.utils.data.IterableDataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    data = tiny_datamodule()
+    loader = data.train_dataloader()
+    batches = [b for _, b in zip(range(3), loader)]
+    source = OnPolicy(sampling=Sampling(num_generations=2, max_new_tokens=4, max_lag=1))
+    module = tiny_module(source, Sparse(rewards=[Reward(digit_match)]))
+    with pytest.raises(ValueError, match="needs a training loader with a length"):
+        quiet_trainer(max_steps=2, limit_val_batches=0).fit(
+            module, train_dataloaders=torch.utils.data.DataLoader(Unsized(batches), batch_size=None))
