@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.test_runs import train_in_its_layout
+from tests.test_runs import read_metrics, train_in_its_layout
 
 LAYOUTS = {"one_process": ("cpu", 8), "ddp": ("ddp", 4), "fsdp2": ("fsdp2_cpu", 4)}
 GREEDY = ["data_source.sampling.top_k=1", "data_source.sampling.max_new_tokens=4"]
@@ -41,6 +41,13 @@ METHODS = {
     "sft_packed": ["experiment=sft", "module.packing=true", "module.max_tokens_per_row=24"],
     "on_policy_distill_packed": ["experiment=on_policy_distill", "module.packing=true",
                                  "module.max_tokens_per_row=24", *GREEDY],
+    # sampled one batch ahead (max_lag=1): each rank's own producer, the same lag on every
+    # rank, the second batch sampled from the first step's weights and corrected by the ratio
+    "rl_lag1": ["experiment=rl", "signal.advantage=reinforce", "data_source.sampling.num_generations=2", *GREEDY,
+                "data_source.sampling.max_lag=1"],
+    # the mixed source's seed 1 keeps the first batch's responses and samples the second: it
+    # is handed to the producer during the first, off-policy, step
+    "gkd_lag1": ["experiment=gkd", *GREEDY, "data_source.sampling.max_lag=1", "data_source.seed=1"],
 }
 FSDP2_ONLY = {"dpo", "self_distill"}
 # two steps of SGD without clipping on rows read in order; no samples written
@@ -57,6 +64,11 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
         out = tmp_path / layout
         train_in_its_layout([*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", *SHARED], out)
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+        if "data_source.sampling.max_lag=1" in METHODS[method]:
+            # the sampled batches' lags (a mixed source's off-policy batches log none)
+            lags = [float(r["sampling/lag"]) for r in read_metrics(out / "metrics.csv")
+                    if r.get("sampling/lag") and r.get("sampling/on_policy", "1.0") == "1.0"]
+            assert lags == ([1.0] if method == "gkd_lag1" else [0.0, 1.0]), f"{method} {layout}: {lags}"
     start = AutoModelForCausalLM.from_pretrained(_start(method)).state_dict() if _start(method) else None
     reference = policies["one_process"]
     if start is not None:

@@ -78,11 +78,14 @@ class SampleStage(Stage):
         if not on_policy:
             fields.require(batch, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                            who="a mixed data source's off-policy batch")
+            if self.ahead is not None:
+                self.ahead.feed(trainer, pl_module, batch_idx)
             return
         fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="sampling")
         step = pl_module.progress["optimizer_steps"]
         if self.ahead is not None:
             rows = self.ahead.rows_for(trainer, pl_module, batch, batch_idx)
+            self.ahead.feed(trainer, pl_module, batch_idx)  # then the batches ahead, from this step's weights
         else:
             request = self.request(pl_module, trainer, trainer.current_epoch, batch_idx)
             # the engine rests again after the block: its memory is the training step's until the next rollout

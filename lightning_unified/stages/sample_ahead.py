@@ -46,20 +46,27 @@ class SamplingAhead:
             host.rollouts.producer.put(tuple(key), {k: _to(v, host.device) for k, v in rows.items()})
 
     def rows_for(self, trainer: L.Trainer, host, batch: dict, batch_idx: int) -> dict:
-        """Batch ``batch_idx``'s sampled rows (waiting for the producer if it is not done),
-        after handing over the batches up to ``max_lag`` ahead that it does not hold yet."""
+        """Batch ``batch_idx``'s sampled rows (waiting for the producer if it is not done)."""
         self._trainer, self._rollouts = trainer, host.rollouts
-        lookahead = training_lookahead(trainer)
-        epoch, step = trainer.current_epoch, host.progress["optimizer_steps"]
+        epoch = trainer.current_epoch
         if not host.rollouts.producer.holds((epoch, batch_idx)):
             # the epoch's first batch: nothing was sampled ahead, so it is sampled now
-            self._hand_over(trainer, host, epoch, batch_idx, batch, step)
+            self._hand_over(trainer, host, epoch, batch_idx, batch, host.progress["optimizer_steps"])
         started = time.perf_counter()
         rows = host.rollouts.take((epoch, batch_idx))
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
         host.log("sampling/seconds", rows["seconds"], batch_size=1)
         _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
+        return rows
+
+    def feed(self, trainer: L.Trainer, host, batch_idx: int) -> None:
+        """At batch ``batch_idx``'s start (sampled or not: a mixed source's off-policy batch
+        too), hand the producer the batches up to ``max_lag`` ahead that it does not hold
+        yet, to sample from the weights of this step."""
+        self._trainer, self._rollouts = trainer, host.rollouts
+        lookahead = training_lookahead(trainer)
+        epoch, step = trainer.current_epoch, host.progress["optimizer_steps"]
         for ahead in range(1, self.max_lag + 1):
             later = batch_idx + ahead
             if host.rollouts.producer.holds((epoch, later)) or not self.stage.is_on_policy(epoch, later):
@@ -68,7 +75,6 @@ class SamplingAhead:
             if upcoming is None:  # the epoch ends first
                 break
             self._hand_over(trainer, host, epoch, later, upcoming[0], step)
-        return rows
 
     def _hand_over(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
         request = self.stage.request(host, trainer, epoch, batch_idx)
