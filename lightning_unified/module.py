@@ -24,7 +24,7 @@ from lightning_unified import batch as fields
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.rollouts import Rollouts
-from lightning_unified.host_memory import keep_freed_host_memory
+from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
 from lightning_unified.lightning_private import attached_trainer, writes_logs_now
 from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_reduce_sum, count_tensor, normaliser,
                                                   normaliser_tensor, token_terms)
@@ -130,9 +130,10 @@ class UnifiedModule(L.LightningModule):
         evaluate_without_inference_mode(self.trainer)
         if stage == "fit":
             self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
-            if self.keep_freed_host_memory and self.trainer.strategy.root_device.type == "cpu":
+            if self.trainer.strategy.root_device.type == "cpu":
                 # on a CPU every step's tensors are malloc'd: keep what the last step freed
-                keep_freed_host_memory()
+                # (fast), or give it back at once (small)
+                keep_freed_host_memory() if self.keep_freed_host_memory else return_freed_host_memory()
             if self.packing.enabled:
                 rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
         for name in self.val_rewards:

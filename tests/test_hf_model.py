@@ -50,3 +50,29 @@ def test_sft_weights_reproduce_the_models_own_loss_and_gradients(tiny_llama_dir)
     torch.testing.assert_close(out.loss, reference)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": "all-linear"}])
+def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradient(lora) -> None:
+    """model.gradient_checkpointing: each decoder layer runs again in the backward (so its
+    activations were not kept), and every trainable parameter's gradient is the same."""
+    from lightning_unified.models.loading import build_policy
+    from tests.lightning_helpers import TINY, tiny_datamodule
+
+    tokenizer = tiny_datamodule().tokenizer
+    input_ids = torch.randint(3, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # peft draws the adapters' initial weights from the global RNG
+        model = build_policy(tokenizer, config=TINY, seed=0, lora=lora, gradient_checkpointing=checkpointing)
+        model.train()
+        mlp = (model.get_base_model() if lora else model).model.layers[0].mlp
+        count, forward = [], mlp.forward  # (forward hooks do not fire when a checkpoint recomputes)
+        mlp.forward = lambda *a, forward=forward, count=count, **k: count.append(1) or forward(*a, **k)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        calls.append(len(count))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2], calls
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -147,11 +147,15 @@ def build_policy(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     lora: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel | nn.Module:
     """The policy to train: from ``path`` when given, else a fresh model built from
     ``config`` (``model_type`` plus its fields; vocabulary and special ids come from the
     tokenizer), initialised from ``seed``. ``lora`` (r, alpha, dropout, target_modules)
-    wraps it in peft adapters, so only those train; ``r: 0`` leaves it off."""
+    wraps it in peft adapters, so only those train; ``r: 0`` leaves it off.
+    ``gradient_checkpointing``: keep only each decoder layer's input through the forward
+    and recompute the rest in the backward (one more forward's time, a fraction of the
+    activations' memory: with LoRA too, the backward runs through every layer)."""
     if path is not None:
         model = load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation,
                                trust_remote_code=trust_remote_code)
@@ -175,6 +179,11 @@ def build_policy(
     else:
         raise ValueError("model: give either path (a local Hugging Face directory) or config")
     check_vocabulary(model, tokenizer, "model")
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
+        # non-reentrant: recomputes under FSDP2 and with frozen inputs (LoRA) alike
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora and lora.get("r"):
         from lightning_unified.models.lora import add_lora
 

@@ -107,6 +107,8 @@ class SampleStage(Stage):
         n = lengths.numel()
         pl_module.log("sampling/response_length", lengths.mean(), batch_size=n)
         pl_module.log("sampling/eos_fraction", ended.mean(), batch_size=n)
+        # generation's own seconds (in the producer's thread when sampled ahead)
+        pl_module.log("sampling/seconds", rows["seconds"], batch_size=1)
         pl_module.log("sampling/tokens_per_sec", lengths.sum() / rows["seconds"], batch_size=1)
 
     def apply(self, batch: dict, rows: dict) -> None:

@@ -56,7 +56,6 @@ class SamplingAhead:
         rows = host.rollouts.take((epoch, batch_idx))
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
-        host.log("sampling/seconds", rows["seconds"], batch_size=1)
         _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
         return rows
 
