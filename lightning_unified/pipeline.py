@@ -4,6 +4,8 @@ with any stage of the user's placed among them; and the callbacks that cross the
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 
 from lightning_unified import batch as fields
@@ -22,6 +24,9 @@ from lightning_unified.stages import (
     Stage,
     TeacherStage,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def method_stages(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Preference,
@@ -122,14 +127,15 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
 
 def check_lag(data_source: OffPolicy | OnPolicy, signal) -> None:
     """Rows sampled ``max_lag`` steps ago come from an older policy than the one trained:
-    refused where nothing would correct for it."""
+    refused where nothing could correct for it; said out loud where the run asks for no
+    correction (``importance.ratio=none``: the ablation that shows why it is needed)."""
     lag = data_source.sampling.max_lag if data_source.samples else 0
     if not lag:
         return
     if isinstance(signal, Sparse) and data_source.importance.ratio == "none":
-        raise ValueError(
-            f"data_source.sampling.max_lag={lag} trains on responses sampled {lag} steps ago; importance.ratio=none "
-            f"ignores that. Use truncated (the default), token, ppo_clip, sequence_clip or decoupled_ppo_clip")
+        log.warning("data_source.sampling.max_lag=%d trains on responses sampled %d steps ago and "
+                    "importance.ratio=none does not correct for it: the gradient is biased (an ablation; use "
+                    "truncated, the default, token, ppo_clip, sequence_clip or decoupled_ppo_clip)", lag, lag)
     if isinstance(signal, Dense) and signal.teacher_gives in ("token_logp", "spans"):
         raise ValueError(
             f"data_source.sampling.max_lag={lag} with signal.divergence={signal.divergence!r}: that divergence reads "

@@ -73,6 +73,13 @@ class RolloutEngine:
         the training model directly leave it to a forward of that model."""
         raise NotImplementedError(f"{type(self).__name__} does not score given responses")
 
+    def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                   temperature: float) -> Tensor | None:
+        """The engine's log-prob of each given response token at ``temperature`` [B, R] (0 on
+        padding), from the weights it holds now; None where it cannot say. How the lag's
+        share of the importance ratio is told apart from the engine's mismatch."""
+        return None
+
     def sleep(self) -> None:
         """Free the engine's memory until :meth:`wake` (a no-op where unsupported)."""
 

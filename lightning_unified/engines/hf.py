@@ -110,6 +110,20 @@ class HFEngine(RolloutEngine):
         self.model = None
 
     @torch.no_grad()
+    def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                   temperature: float) -> Tensor | None:
+        if not self.copy:
+            return None  # the training model itself: the trainer's own log-probs
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        start = prompt_ids.shape[1] - 1  # position p predicts token p + 1
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            use_cache=False).logits[:, start:start + response_ids.shape[1]]
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+        return torch.where(response_mask.bool(), logp, 0.0)
+
+    @torch.no_grad()
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
         if self.copy:

@@ -92,7 +92,8 @@ class Rollouts:
         the weights version the engine then holds."""
         if self.producer is None:
             raise RuntimeError("Rollouts.produce needs max_lag >= 1")
-        self.producer.wait()
+        if not self._started or optimizer_step - self._synced_step >= self.sync_every:
+            self.producer.wait()  # new weights only into an idle engine; else the job queues behind the others
         engine = self._ready(optimizer_step)
         version = self.weights_version(optimizer_step)
         self.producer.submit(key, lambda: job(engine, version))

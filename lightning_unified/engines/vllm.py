@@ -154,6 +154,14 @@ class VLLMEngine(RolloutEngine):
         return prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, top_k,
                                      "the rollout engine (signal.teacher=self, teacher.engine=vllm)")
 
+    def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                   temperature: float) -> Tensor | None:
+        if temperature != 1.0:
+            return None  # its prompt log-probs are the raw distribution's
+        scores = prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, 0,
+                                       "the rollout engine (the lag's diagnostics)")
+        return scores.token_logp.to(response_ids.device)
+
     def sleep(self) -> None:
         if self.use_sleep and self.llm is not None:
             self.llm.sleep(level=1)

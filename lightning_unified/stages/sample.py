@@ -146,6 +146,10 @@ class SampleStage(Stage):
         if self.ahead is not None:
             self.ahead.on_train_start(trainer, host)
 
+    def after_batch(self, trainer, host, outputs, batch: dict, batch_idx: int) -> None:
+        if self.ahead is not None and fields.is_sampled(batch):
+            self.ahead.log_lag_and_mismatch(host, outputs, batch)
+
     def state_dict(self) -> dict:
         return self.ahead.state_dict() if self.ahead is not None else {}
 

@@ -24,6 +24,7 @@ import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.lightning_private import training_lookahead
+from lightning_unified.losses.importance import mismatch_kl
 
 
 class SamplingAhead:
@@ -34,6 +35,7 @@ class SamplingAhead:
         self._rollouts = None  # the module's rollout owner, once training runs
         self._trainer: L.Trainer | None = None
         self._restored: dict | None = None  # a checkpoint's batches ahead, until training starts
+        self._scoring = None  # the producer's job scoring this batch with the engine's newest weights
 
     def on_train_start(self, trainer: L.Trainer, host) -> None:
         self._trainer, self._rollouts = trainer, host.rollouts
@@ -57,7 +59,43 @@ class SamplingAhead:
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
         _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
+        self._score_with_newest_weights(trainer, host, epoch, batch_idx, rows)
         return rows
+
+    def _score_with_newest_weights(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, rows: dict) -> None:
+        """A stale batch's tokens, scored by the engine once it holds this step's weights
+        (queued in the producer before the next batch's sampling): against the behaviour
+        log-probs that is the lag's share of the ratio (the same engine, older weights),
+        against the trainer's own the engine's mismatch (the same weights)."""
+        spec = self.stage.data_source.sampling
+        step = host.progress["optimizer_steps"]
+        truncated = spec.top_k or spec.top_p < 1.0
+        self._scoring = None
+        if rows["version"] >= step or (truncated and spec.behaviour == "sampled"):
+            return  # nothing stale; or a behaviour the engine's plain log-probs are not
+        ids, mask = rows[fields.PROMPT_IDS], rows[fields.PROMPT_MASK]
+        response, response_mask = rows[fields.RESPONSE_IDS], rows[fields.RESPONSE_MASK]
+
+        def job(engine, version: int):
+            return engine.token_logp(ids, mask, response, response_mask, spec.temperature)
+
+        self._scoring = ("score", epoch, batch_idx)
+        host.rollouts.produce(self._scoring, step, job)
+
+    def log_lag_and_mismatch(self, host, outputs, batch: dict) -> None:
+        """``importance/lag_kl`` and ``importance/mismatch_kl`` of a stale batch, from the
+        score :meth:`_score_with_newest_weights` asked for (one update per batch only: with
+        more, the loss's log-probs are no longer this step's weights')."""
+        if self._scoring is None:
+            return
+        engine_logp, self._scoring = host.rollouts.take(self._scoring), None
+        if (engine_logp is None or host.data_source.updates_per_batch != 1 or not isinstance(outputs, dict)
+                or "target_logp" not in outputs):
+            return
+        mask = fields.loss_mask(batch)
+        tokens = int(mask.sum())
+        host.log("importance/lag_kl", mismatch_kl(engine_logp, batch[fields.BEHAVIOUR_LOGP], mask), batch_size=tokens)
+        host.log("importance/mismatch_kl", mismatch_kl(outputs["target_logp"], engine_logp, mask), batch_size=tokens)
 
     def feed(self, trainer: L.Trainer, host, batch_idx: int) -> None:
         """At batch ``batch_idx``'s start (sampled or not: a mixed source's off-policy batch
