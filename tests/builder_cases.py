@@ -65,6 +65,33 @@ def closed_ppo(p: Problem, s: torch.Tensor, eps_low: float, eps_high: float) -> 
     return -torch.min(rho * p.advantages, rho.clamp(1 - eps_low, 1 + eps_high) * p.advantages)
 
 
+def closed_truncated_masked(p: Problem, s: torch.Tensor, truncate: float | None = None, mask_low: float | None = None,
+                            mask_high: float | None = None, sequence: bool = False) -> torch.Tensor:
+    """Truncated (TIS) and masked (MIS) importance sampling: the policy gradient weighted by
+    stopgrad(min(rho, c)), tokens whose rho lies outside the band dropped; without
+    truncation the ratio itself is differentiated (-rho A). ``sequence``: rho is each
+    response's geometric-mean ratio (a constant, as the importance stage hands it over)."""
+    logp = _logp_y(p, s)
+    rho = sequence_ratio(p) if sequence else (logp - p.behaviour_logp).exp()
+    kept = torch.ones_like(rho, dtype=torch.bool)
+    if mask_low is not None:
+        kept &= rho >= mask_low
+    if mask_high is not None:
+        kept &= rho <= mask_high
+    if truncate is None and not sequence:
+        return -torch.where(kept, rho, 0.0) * p.advantages
+    weight = torch.where(kept, rho.clamp(max=truncate) if truncate is not None else rho, 0.0).detach()
+    return -weight * (logp - logp.detach() + 1.0) * p.advantages  # the value -w A, the gradient -w A grad log pi
+
+
+def sequence_ratio(p: Problem) -> torch.Tensor:
+    """[B, T] each response's geometric-mean ratio pi / mu over its tokens, broadcast."""
+    with torch.no_grad():
+        logp = torch.log_softmax(p.student_logits(), -1).gather(-1, p.safe_targets()[..., None])[..., 0]
+        mean = ((logp - p.behaviour_logp) * p.mask).sum(-1) / p.mask.sum(-1)
+    return mean.exp()[:, None].expand_as(logp)
+
+
 def proximal_logp(p: Problem) -> torch.Tensor:
     """[B, T] log pi_prox: neither the behaviour's nor the current policy's (fixed offsets)."""
     offsets = torch.cos(torch.arange(p.behaviour_logp.numel(), dtype=p.behaviour_logp.dtype))
@@ -145,6 +172,33 @@ CASES = [
         partial(closed_decoupled, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
                           "proximal_logp": proximal_logp(p)},
+    ),
+    # the corrections of a lagged (or replayed) sample: TIS, MIS / IcePop, both, and both on
+    # each response's geometric-mean ratio
+    Case(
+        "truncated_tis",
+        partial(weights.importance_weighted_advantage, truncate=1.2),
+        partial(closed_truncated_masked, truncate=1.2),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
+    ),
+    Case(
+        "masked_mis",
+        partial(weights.importance_weighted_advantage, mask_low=0.8, mask_high=1.25),
+        partial(closed_truncated_masked, mask_low=0.8, mask_high=1.25),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
+    ),
+    Case(
+        "truncated_and_masked",
+        partial(weights.importance_weighted_advantage, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        partial(closed_truncated_masked, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
+    ),
+    Case(
+        "sequence_truncated_and_masked",
+        partial(weights.importance_weighted_advantage, truncate=1.1, mask_low=0.84, mask_high=1.25),
+        partial(closed_truncated_masked, truncate=1.1, mask_low=0.84, mask_high=1.25, sequence=True),
+        fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
+                          "log_ratio": sequence_ratio(p).log()},
     ),
     Case(
         "k3_reference",

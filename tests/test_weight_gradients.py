@@ -78,6 +78,22 @@ def test_the_decoupled_case_has_every_regime() -> None:
         assert 0 < regime.sum() < regime.numel()
 
 
+def test_the_truncated_and_masked_cases_have_every_regime() -> None:
+    """TIS and MIS mean something only if tokens (and whole responses, at the sequence
+    level) lie above the truncation, below and above the band, and inside it."""
+    from tests.builder_cases import sequence_ratio
+
+    p = make_problem(seed=1)
+    logp_y = torch.log_softmax(p.student_logits(), -1).gather(-1, p.safe_targets()[..., None])[..., 0]
+    valid = p.mask.bool()
+    rho = (logp_y - p.behaviour_logp).exp()[valid]
+    for regime in (rho > 1.2, rho < 0.8, rho > 1.25, (rho >= 0.8) & (rho <= 1.2)):
+        assert 0 < regime.sum() < regime.numel(), rho
+    rho = sequence_ratio(p)[:, 0]  # the sequence case's responses: truncated, cut, kept as they are
+    for regime in (rho > 1.1, rho < 0.84, (rho >= 0.84) & (rho <= 1.1)):
+        assert 0 < regime.sum() < regime.numel(), rho
+
+
 def test_sequence_level_ppo_matches_gspo_objective() -> None:
     """Sequence ratio s_i = exp(mean_t log rho), GSPO's clipped objective, seq-mean aggregation."""
     p = make_problem(seed=2)
