@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["trainer.val_check_interval=20", "trainer.log_every_n_steps=1", "save_policy=null",
+COMMON = ["trainer.val_check_interval=50", "trainer.log_every_n_steps=1", "save_policy=null",
           "module.samples_every_n_steps=null", "checkpoint_every_n_steps=1000"]
 STUDIES = {
     # the built-in RL task (GRPO from the task's starting checkpoint), the default truncated ratio
     "rl": {
         "metric": "val/exact_match",
-        "base": ["experiment=rl"],
+        # the first 300 of the sweep's 700 steps (0.14 to about 0.25 at lag 0)
+        "base": ["experiment=rl", "trainer.max_steps=300"],
         "settings": {
             "lag 0": ["data_source.sampling.max_lag=0"],
             "lag 1": ["data_source.sampling.max_lag=1"],
@@ -39,7 +40,8 @@ STUDIES = {
     # on-policy distillation on the built-in task (reverse KL to the task's teacher)
     "opd": {
         "metric": "val/exact_match",
-        "base": ["experiment=on_policy_distill"],
+        # the first 600 of the sweep's 2,500 steps
+        "base": ["experiment=on_policy_distill", "trainer.max_steps=600"],
         "settings": {
             "lag 0": ["data_source.sampling.max_lag=0"],
             "lag 2": ["data_source.sampling.max_lag=2"],

@@ -122,6 +122,7 @@ METHODS = {
     "on_policy_distill": ["experiment=on_policy_distill"],
     "gkd_on_policy_half": ["experiment=gkd", "data_source.probability=1.0"],
     "online_dpo": ["experiment=online_dpo"],
+    "self_distill": ["experiment=self_distill"],
 }
 
 
@@ -162,6 +163,22 @@ def test_what_a_lag_cannot_correct_is_refused_before_training(overrides: list[st
     with pytest.raises(Exception, match=message):
         train(compose_config([*overrides, *FAST_TASK]), tmp_path)
     assert not (tmp_path / "checkpoints").exists(), "refused before training"
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2_cpu"])
+@pytest.mark.parametrize("method", ["on_policy_distill", "online_dpo"])
+def test_two_processes_sample_ahead_each_with_its_own_producer(trainer: str, method: str, tmp_path: Path) -> None:
+    """The methods the distributed equivalence test does not compare at a lag (it compares
+    RL and GKD): two ranks, each sampling ahead with its own producer, at the same lag."""
+    from tests.test_runs import run_script
+
+    run_script(*METHODS[method], f"trainer={trainer}", "data_source.sampling.max_lag=1",
+               "data_source.sampling.num_generations=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
+               "trainer.log_every_n_steps=1", "save_policy=null", *FAST_TASK, "task.num_val=8",
+               "task.val_batch_size=8", f"hydra.run.dir={tmp_path}")
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [float(r["sampling/lag"]) for r in rows if r.get("sampling/lag")] == [0.0, 1.0, 1.0]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
 
 
 def test_a_lag_without_a_correction_runs_and_says_it_is_biased(caplog) -> None:

@@ -48,6 +48,7 @@ METHODS = {
     # the mixed source's seed 1 keeps the first batch's responses and samples the second: it
     # is handed to the producer during the first, off-policy, step
     "gkd_lag1": ["experiment=gkd", *GREEDY, "data_source.sampling.max_lag=1", "data_source.seed=1"],
+    "on_policy_distill_lag1": ["experiment=on_policy_distill", *GREEDY, "data_source.sampling.max_lag=1"],
 }
 FSDP2_ONLY = {"dpo", "self_distill"}
 # two steps of SGD without clipping on rows read in order; no samples written

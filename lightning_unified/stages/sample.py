@@ -146,6 +146,12 @@ class SampleStage(Stage):
         if self.ahead is not None:
             self.ahead.on_train_start(trainer, host)
 
+    def teardown(self, trainer, host, stage: str) -> None:
+        # batches handed over past the run's last step are not trained: drop what has not
+        # started (the checkpoints that keep them are written by now)
+        if self.ahead is not None and stage == "fit" and host.rollouts.producer is not None:
+            host.rollouts.producer.clear()
+
     def after_batch(self, trainer, host, outputs, batch: dict, batch_idx: int) -> None:
         if self.ahead is not None and fields.is_sampled(batch):
             self.ahead.log_lag_and_mismatch(host, outputs, batch)
