@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
+from lightning_unified.engines.weights import base_model, engine_weights
 
 
 class BehaviourLogProbs(LogitsProcessor):
@@ -81,8 +82,6 @@ class HFEngine(RolloutEngine):
 
     def start(self, policy: nn.Module) -> None:
         if self.copy:
-            from lightning_unified.engines.vllm_weights import base_model
-
             source = base_model(policy)
             config = source.config.__class__.from_dict(source.config.to_dict())
             parameter = next(source.parameters())
@@ -94,8 +93,6 @@ class HFEngine(RolloutEngine):
     def sync(self, policy: nn.Module) -> None:
         if not self.copy:
             return
-        from lightning_unified.engines.vllm_weights import engine_weights
-
         with engine_weights(policy) as weights, torch.no_grad():
             own = self.model.state_dict()
             given = dict(weights)

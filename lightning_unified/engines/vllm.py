@@ -25,7 +25,8 @@ from lightning_unified.engines.vllm_process import (
     start_engine,
 )
 from lightning_unified.engines.vllm_scoring import prompt_logprob_scores
-from lightning_unified.engines.vllm_weights import architecture, base_model, engine_weights, quiet_rotary_reload_notice
+from lightning_unified.engines.vllm_weights import quiet_rotary_reload_notice
+from lightning_unified.engines.weights import architecture, base_model, engine_weights
 
 
 def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
