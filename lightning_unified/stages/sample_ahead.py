@@ -16,7 +16,6 @@ step ``t`` while the trainer trains on batch ``t``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import lightning as L
@@ -59,6 +58,7 @@ class SamplingAhead:
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
         _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
+        _used_on_this_stream(rows)
         self._score_with_newest_weights(trainer, host, epoch, batch_idx, rows)
         return rows
 
@@ -77,7 +77,8 @@ class SamplingAhead:
         response, response_mask = rows[fields.RESPONSE_IDS], rows[fields.RESPONSE_MASK]
 
         def job(engine, version: int):
-            return engine.token_logp(ids, mask, response, response_mask, spec.temperature)
+            return _on_a_stream_of_its_own(host.device, lambda: engine.token_logp(
+                ids, mask, response, response_mask, spec.temperature))
 
         self._scoring = ("score", epoch, batch_idx)
         host.rollouts.produce(self._scoring, step, job)
@@ -119,12 +120,8 @@ class SamplingAhead:
         prompt_ids, prompt_mask = prompts[fields.PROMPT_IDS], prompts[fields.PROMPT_MASK]
 
         def job(engine, version: int) -> dict:
-            # on a GPU, a stream of its own: the training step's kernels do not wait behind sampling's
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                rows = self.stage.sample_with(engine, host, prompt_ids.to(device), prompt_mask.to(device), request)
-                if stream is not None:
-                    stream.synchronize()
+            rows = _on_a_stream_of_its_own(device, lambda: self.stage.sample_with(
+                engine, host, prompt_ids.to(device), prompt_mask.to(device), request))
             rows["version"] = version
             return rows
 
@@ -148,6 +145,28 @@ class SamplingAhead:
                              f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
                              f"{self.max_lag}")
         self._restored = state
+
+
+def _on_a_stream_of_its_own(device: torch.device, work):
+    """``work()`` in the producer's thread; on a GPU on a CUDA stream of its own, so the
+    training step's kernels do not queue behind it, and finished before its result is
+    handed over."""
+    if device.type != "cuda":
+        return work()
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        out = work()
+    stream.synchronize()
+    return out
+
+
+def _used_on_this_stream(rows: dict) -> None:
+    """Tensors made on the producer's stream and used on the training step's: the caching
+    allocator must not hand their memory back to the producer's stream before the step's
+    kernels are done with them."""
+    for value in rows.values():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            value.record_stream(torch.cuda.current_stream(value.device))
 
 
 def _to(value, device):
