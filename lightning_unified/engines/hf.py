@@ -21,6 +21,7 @@ from transformers import (
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
 from lightning_unified.engines.weights import base_model, engine_weights
+from lightning_unified.models.forward import response_hidden
 
 
 class BehaviourLogProbs(LogitsProcessor):
@@ -111,12 +112,8 @@ class HFEngine(RolloutEngine):
                    temperature: float) -> Tensor | None:
         if not self.copy:
             return None  # the training model itself: the trainer's own log-probs
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-        mask = torch.cat([prompt_mask, response_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        start = prompt_ids.shape[1] - 1  # position p predicts token p + 1
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            use_cache=False).logits[:, start:start + response_ids.shape[1]]
+        hidden = response_hidden(self.model, prompt_ids, prompt_mask, response_ids, response_mask)
+        logits = self.model.get_output_embeddings()(hidden)  # [B, R, V]: the copy's plain head
         logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
         return torch.where(response_mask.bool(), logp, 0.0)
 

@@ -59,16 +59,22 @@ class SampleStage(Stage):
     def is_on_policy(self, epoch: int, batch_idx: int) -> bool:
         return mixed_batch_is_on_policy(self.data_source.probability, self.data_source.seed, epoch, batch_idx)
 
-    def request(self, pl_module: L.LightningModule, trainer: L.Trainer, epoch: int, batch_idx: int
-                ) -> GenerationRequest:
-        """What the engine is asked for one batch on this rank."""
+    def request(self, pl_module: L.LightningModule, *, seed: int, synced: bool,
+                max_new_tokens: int | None = None) -> GenerationRequest:
+        """What the engine is asked for one batch (``max_new_tokens`` None: the run's)."""
         spec = self.data_source.sampling
         return GenerationRequest(
-            max_new_tokens=self._max_new_tokens(pl_module), stop_token_ids=tuple(pl_module.stop_token_ids),
-            pad_token_id=pl_module.tokenizer.pad_token_id, temperature=spec.temperature, top_k=spec.top_k,
-            top_p=spec.top_p, behaviour=spec.behaviour, synced=trainer.world_size > 1,
-            seed=sampling_seed(self.data_source.seed, epoch, batch_idx, trainer.global_rank),
+            max_new_tokens=max_new_tokens or self._max_new_tokens(pl_module),
+            stop_token_ids=tuple(pl_module.stop_token_ids), pad_token_id=pl_module.tokenizer.pad_token_id,
+            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, behaviour=spec.behaviour, seed=seed,
+            synced=synced,
         )
+
+    def batch_request(self, pl_module: L.LightningModule, trainer: L.Trainer, epoch: int,
+                      batch_idx: int) -> GenerationRequest:
+        """The request for one training batch on this rank, whenever it is sampled."""
+        return self.request(pl_module, seed=sampling_seed(self.data_source.seed, epoch, batch_idx,
+                                                          trainer.global_rank), synced=trainer.world_size > 1)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         on_policy = self.is_on_policy(trainer.current_epoch, batch_idx)
@@ -87,7 +93,7 @@ class SampleStage(Stage):
             rows = self.ahead.rows_for(trainer, pl_module, batch, batch_idx)
             self.ahead.feed(trainer, pl_module, batch_idx)  # then the batches ahead, from this step's weights
         else:
-            request = self.request(pl_module, trainer, trainer.current_epoch, batch_idx)
+            request = self.batch_request(pl_module, trainer, trainer.current_epoch, batch_idx)
             # the engine rests again after the block: its memory is the training step's until the next rollout
             with pl_module.rollouts.engine_for(step) as engine:
                 sync_seconds = pl_module.rollouts.take_sync_seconds()  # started and synced: what follows is generation
@@ -129,12 +135,7 @@ class SampleStage(Stage):
                     seed: int = 0) -> None:
         """Replace the batch's prompts by G copies each and add their sampled responses,
         from the module's rollout engine (synced with the policy first, when due)."""
-        spec = self.data_source.sampling
-        request = GenerationRequest(
-            max_new_tokens=max_new_tokens, stop_token_ids=tuple(pl_module.stop_token_ids),
-            pad_token_id=pl_module.tokenizer.pad_token_id, temperature=spec.temperature, top_k=spec.top_k,
-            top_p=spec.top_p, behaviour=spec.behaviour, seed=seed, synced=synced,
-        )
+        request = self.request(pl_module, seed=seed, synced=synced, max_new_tokens=max_new_tokens)
         step = pl_module.progress["optimizer_steps"]
         with pl_module.rollouts.engine_for(step) as engine:
             rows = self.sample_with(engine, pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], request)

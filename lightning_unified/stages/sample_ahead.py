@@ -115,7 +115,7 @@ class SamplingAhead:
             self._hand_over(trainer, host, epoch, later, upcoming[0], step)
 
     def _hand_over(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
-        request = self.stage.request(host, trainer, epoch, batch_idx)
+        request = self.stage.batch_request(host, trainer, epoch, batch_idx)
         device = host.device
         prompt_ids, prompt_mask = prompts[fields.PROMPT_IDS], prompts[fields.PROMPT_MASK]
 
