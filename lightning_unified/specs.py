@@ -190,7 +190,7 @@ class OnPolicy:
     sampling: Sampling = field(default_factory=Sampling)
     importance: Importance = field(default_factory=Importance)
     probability: float = 1.0
-    # draws the per-batch on/off-policy choice of a mixed source, with the global step
+    # draws the per-batch on/off-policy choice of a mixed source, with the epoch and the batch
     seed: int = 0
     # optimizer steps per sampled batch: the rollout is split into ``minibatches`` parts and
     # replayed ``updates_per_rollout`` times (PPO's epochs, GRPO's num_iterations, verl's

@@ -1,8 +1,9 @@
 """Rollout engines: where on-policy responses and greedy validation answers are generated.
 
 One small interface (:class:`~lightning_unified.engines.base.RolloutEngine`): start, generate
-from token ids, sync the policy's weights, sleep and wake. ``hf`` is the training model's
-own ``generate``; ``vllm`` is a vLLM engine colocated in the training process. A new engine
+from token ids, sync the policy's weights, score given tokens, sleep and wake. ``hf`` is the
+training model's own ``generate`` (or a copy of it, when sampling ahead); ``vllm`` is a vLLM
+engine colocated in the training process. A new engine
 (SGLang, a server) is one more class here and one more name in :data:`ENGINES`.
 """
 

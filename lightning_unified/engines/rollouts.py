@@ -48,7 +48,7 @@ class Rollouts:
                  max_lag: int = 0, producer_threads: int | None = None, **sampling):
         if sync_every < 1:
             raise ValueError(f"sampling.sync_every must be >= 1, got {sync_every}")
-        self.policy, self.sync_every, self.max_lag = policy, sync_every, max_lag
+        self.policy, self.sync_every = policy, sync_every
         self.engine: RolloutEngine = build_engine(name, options, own_weights=max_lag > 0, **sampling)
         self.producer = RolloutProducer(producer_threads) if max_lag > 0 else None
         self._started = False
@@ -85,16 +85,14 @@ class Rollouts:
             if self._depth == 0:
                 self._rest()
 
-    def produce(self, key, optimizer_step: float, job) -> int:
+    def produce(self, key, optimizer_step: float, job) -> None:
         """At a batch boundary: once the producer is idle, sync the engine for
         ``optimizer_step`` (here, in the caller's thread, while nothing else reads the
         policy's weights), then hand ``job(engine, version)`` to the producer's thread, with
         the weights version the engine then holds."""
         if self.producer is None:
             raise RuntimeError("Rollouts.produce needs max_lag >= 1")
-        if not self._started or optimizer_step - self._synced_step >= self.sync_every:
-            self.producer.wait()  # new weights only into an idle engine; else the job queues behind the others
-        engine = self._ready(optimizer_step)
+        engine = self._ready(optimizer_step)  # waits for the producer only when new weights are due
         version = self.weights_version(optimizer_step)
         self.producer.submit(key, lambda: job(engine, version))
 
@@ -109,6 +107,8 @@ class Rollouts:
             self.engine.wake()
             self._resting = False
         if not self._started or optimizer_step - self._synced_step >= self.sync_every:
+            if self.producer is not None:
+                self.producer.wait()  # new weights only into an idle engine: one version per batch
             started = time.perf_counter()
             if self._started:
                 self.engine.sync(self.policy)

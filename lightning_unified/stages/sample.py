@@ -15,7 +15,7 @@ from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.specs import OnPolicy
 from lightning_unified.stages.base import Stage
-from lightning_unified.stages.sample_ahead import SamplingAhead
+from lightning_unified.stages.sample_ahead import SamplingAhead, check_resumed_lag
 
 
 def mixed_batch_is_on_policy(probability: float, seed: int, epoch: int, batch_idx: int) -> bool:
@@ -131,6 +131,22 @@ class SampleStage(Stage):
             if name in batch:
                 batch[name] = [value for value in batch[name] for _ in range(group)]
 
+    @torch.no_grad()
+    def sample_with(self, engine, pl_module: L.LightningModule, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    request: GenerationRequest) -> dict:
+        """G responses to each prompt from ``engine``, with their behaviour log-probs, under
+        the trainer's precision: the fields :meth:`apply` puts into the batch, and the
+        seconds generation took."""
+        group = self.data_source.sampling.num_generations
+        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+        started = time.perf_counter()
+        with trainer_precision(pl_module):
+            rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
+        return {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
+                fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
+                fields.BEHAVIOUR_LOGP: rollout.logp, "seconds": time.perf_counter() - started}
+
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
                     seed: int = 0) -> None:
         """Replace the batch's prompts by G copies each and add their sampled responses,
@@ -163,23 +179,6 @@ class SampleStage(Stage):
     def load_state_dict(self, state: dict) -> None:
         if self.ahead is not None:
             self.ahead.load_state_dict(state)
-        elif state.get("ahead"):
-            raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
-                             f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}")
+        else:
+            check_resumed_lag(state, 0)
 
-
-    @torch.no_grad()
-    def sample_with(self, engine, pl_module: L.LightningModule, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                    request: GenerationRequest) -> dict:
-        """G responses to each prompt from ``engine``, with their behaviour log-probs, under
-        the trainer's precision: the fields :meth:`apply` puts into the batch, and the
-        seconds generation took."""
-        group = self.data_source.sampling.num_generations
-        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        started = time.perf_counter()
-        with trainer_precision(pl_module):
-            rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
-        return {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
-                fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
-                fields.BEHAVIOUR_LOGP: rollout.logp, "seconds": time.perf_counter() - started}

@@ -31,7 +31,8 @@ class SamplingAhead:
 
     def __init__(self, stage, max_lag: int):
         self.stage, self.max_lag = stage, max_lag
-        self._rollouts = None  # the module's rollout owner, once training runs
+        # the trainer and the module's rollout owner, from training's start: what a checkpoint reads
+        self._rollouts = None
         self._trainer: L.Trainer | None = None
         self._restored: dict | None = None  # a checkpoint's batches ahead, until training starts
         self._scoring = None  # the producer's job scoring this batch with the engine's newest weights
@@ -48,7 +49,6 @@ class SamplingAhead:
 
     def rows_for(self, trainer: L.Trainer, host, batch: dict, batch_idx: int) -> dict:
         """Batch ``batch_idx``'s sampled rows (waiting for the producer if it is not done)."""
-        self._trainer, self._rollouts = trainer, host.rollouts
         epoch = trainer.current_epoch
         if not host.rollouts.producer.holds((epoch, batch_idx)):
             # the epoch's first batch: nothing was sampled ahead, so it is sampled now
@@ -102,7 +102,6 @@ class SamplingAhead:
         """At batch ``batch_idx``'s start (sampled or not: a mixed source's off-policy batch
         too), hand the producer the batches up to ``max_lag`` ahead that it does not hold
         yet, to sample from the weights of this step."""
-        self._trainer, self._rollouts = trainer, host.rollouts
         lookahead = training_lookahead(trainer)
         epoch, step = trainer.current_epoch, host.progress["optimizer_steps"]
         for ahead in range(1, self.max_lag + 1):
@@ -140,11 +139,17 @@ class SamplingAhead:
         return {"max_lag": self.max_lag, "ahead": ahead, "kept": kept} if ahead else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("ahead") and state["max_lag"] != self.max_lag:
-            raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
-                             f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
-                             f"{self.max_lag}")
+        check_resumed_lag(state, self.max_lag)
         self._restored = state
+
+
+def check_resumed_lag(state: dict, max_lag: int) -> None:
+    """A checkpoint that keeps batches sampled ahead resumes only at the lag that sampled
+    them: the loader's saved place is after them."""
+    if state.get("ahead") and state["max_lag"] != max_lag:
+        raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
+                         f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
+                         f"{max_lag}")
 
 
 def _on_a_stream_of_its_own(device: torch.device, work):
