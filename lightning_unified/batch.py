@@ -35,6 +35,9 @@ BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distributi
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
 POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row
 SAMPLED = "sampled"  # bool: the sampler wrote this batch's responses (a mixed source keeps the data's in some batches)
+# multi-turn episodes (data_source.environment): rows of one episode are consecutive, G episodes per prompt
+EPISODE = "episode"  # list[int] of length B: each row's episode (several rows when a template rewrote history)
+ENVIRONMENT_REWARDS = "environment_rewards"  # [B] float, the row's episode's reward (the sum of its steps' rewards)
 
 # --- teacher stage (dense signal) ---------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several

@@ -100,7 +100,9 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
     if isinstance(signal, Dense) and signal.cache is not None and data_source.samples:
         raise ValueError("signal.cache holds the teacher's scores of the dataset's responses; sampled responses "
                          "need a live teacher (drop signal.cache, or use data_source=off_policy)")
-    if data_source.samples and isinstance(signal, Sparse | Preference) and not signal.rewards:
+    if data_source.samples and data_source.environment.enabled:
+        check_environment(data_source, signal, reference)
+    elif data_source.samples and isinstance(signal, Sparse | Preference) and not signal.rewards:
         what = ("RL, which needs rewards: without them every sampled token would be pushed up" if isinstance(signal, Sparse)
                 else "online DPO, which needs rewards to pick each prompt's chosen and rejected samples")
         raise ValueError(
@@ -123,6 +125,22 @@ def check_method(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pre
                              "data_source.sampling.num_generations to 2 or more")
     check_replay(data_source, signal)
     check_lag(data_source, signal)
+
+
+def check_environment(data_source: OnPolicy, signal, reference: Reference | None) -> None:
+    """An environment gives each episode its reward and decides its turns: refuse what
+    would score or compare episodes some other way."""
+    name = getattr(data_source.environment.cls, "__qualname__", repr(data_source.environment.cls))
+    if isinstance(signal, Preference):
+        raise ValueError(f"data_source.environment ({name}) with signal=preference: online DPO's pairs of multi-turn "
+                         f"episodes are not built; use signal=sparse (RL) or signal=dense (on-policy distillation)")
+    if isinstance(signal, Sparse) and signal.rewards:
+        raise ValueError(f"data_source.environment ({name}) gives each episode its reward (the sum of its steps' "
+                         f"rewards); signal.rewards would score the episodes again. Set signal.rewards=[] and reward "
+                         f"in the environment's step")
+    if reference is not None and reference.estimator == "k1":
+        raise ValueError("reference.estimator=k1 with data_source.environment: the k1 penalty in an episode's reward "
+                         "is not built; use reference=k3 (a loss term on the policy's tokens)")
 
 
 def check_lag(data_source: OffPolicy | OnPolicy, signal) -> None:

@@ -9,9 +9,11 @@ its weights from them (see :mod:`lightning_unified.pipeline` and
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lightning_unified.registry import ADVANTAGES, DIVERGENCES, RATIOS, WEIGHTINGS
 from lightning_unified.typecheck import check_fields
@@ -179,6 +181,59 @@ class OffPolicy:
     updates_per_batch = 1
 
 
+
+@dataclass
+class Environment:
+    """Multi-turn episodes against an environment (lightning_unified/environments): ``cls``
+    names the environment class (an import path such as ``mypkg.envs.MyEnv``, or the class or
+    any function returning an environment), made fresh for every episode with ``options`` as
+    keyword arguments. None: single-turn sampling."""
+
+    cls: Any = None
+    options: dict = field(default_factory=dict)
+    # policy turns per episode
+    max_turns: int = 4
+    # tokens per episode after its first prompt, the policy's and the environment's
+    max_tokens: int = 256
+    # seconds a tool may run before the policy hears that it timed out
+    tool_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data_source.environment")
+        if self.max_turns < 1:
+            raise ValueError(f"data_source.environment.max_turns must be >= 1, got {self.max_turns}")
+        if self.max_tokens < 1:
+            raise ValueError(f"data_source.environment.max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.tool_timeout > 0:
+            raise ValueError(f"data_source.environment.tool_timeout must be > 0, got {self.tool_timeout}")
+        if isinstance(self.cls, str):
+            self.cls = _import_path(self.cls, "data_source.environment.cls")
+        if self.cls is not None and not callable(self.cls):
+            raise ValueError(f"data_source.environment.cls must be a class or function that makes an environment, "
+                             f"got {self.cls!r}")
+        self.options = dict(self.options)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cls is not None
+
+    def factory(self) -> Callable:
+        """Makes one environment (picklable: spawned processes rebuild it)."""
+        return functools.partial(self.cls, **self.options)
+
+
+def _import_path(path: str, key: str):
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{key}={path!r} is not an import path (module.Name, e.g. mypkg.envs.MyEnv)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{key}={path!r}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?") from error
+    if not hasattr(module, name):
+        raise ValueError(f"{key}={path!r}: module {module_name!r} has no {name!r}")
+    return getattr(module, name)
+
 @dataclass
 class OnPolicy:
     """Responses are sampled from the policy being trained.
@@ -197,6 +252,8 @@ class OnPolicy:
     # ppo_epochs), so later updates see a policy that has moved from the sampler's
     updates_per_rollout: int = 1
     minibatches: int = 1
+    # multi-turn episodes against an environment (cls: None keeps single-turn sampling)
+    environment: Environment = field(default_factory=Environment)
 
     samples = True
 
@@ -208,6 +265,12 @@ class OnPolicy:
             raise ValueError(f"data_source.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
         if self.minibatches < 1:
             raise ValueError(f"data_source.minibatches must be >= 1, got {self.minibatches}")
+        if isinstance(self.environment, dict):  # from Python without Hydra
+            self.environment = Environment(**self.environment)
+        if self.environment.enabled and self.minibatches > 1:
+            raise ValueError("data_source.minibatches > 1 splits a rollout by its rows, but an episode may span "
+                             "several rows (a template that rewrites history splits it); use minibatches=1 with "
+                             "data_source.environment")
 
     @property
     def updates_per_batch(self) -> int:

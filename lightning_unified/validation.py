@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torchmetrics import MeanMetric
 
 from lightning_unified import batch as fields
 from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.environments.episodes import run_episodes
+from lightning_unified.environments.sampling import limits_of, reset_rows
 from lightning_unified.lightning_private import attached_trainer
 from lightning_unified.rewards.scoring import decode_prompts, score_each
 from lightning_unified.rewards.text import exact_match
@@ -43,9 +46,50 @@ def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) 
     return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
 
 
+def validation_environment(module):
+    """What validation's episodes talk to: the run's ``data_source.environment``, else the
+    datamodule's own ``environment`` (a task that is asked through one); None: one greedy
+    answer per prompt."""
+    data_source = getattr(module, "data_source", None)
+    if data_source is not None and data_source.samples and data_source.environment.enabled:
+        return data_source.environment
+    trainer = attached_trainer(module)
+    spec = getattr(getattr(trainer, "datamodule", None), "environment", None)
+    return spec if spec is not None and spec.enabled else None
+
+
+@torch.no_grad()
+def greedy_episodes(module, batch: dict, spec) -> dict:
+    """One greedy episode per held-out prompt: each one's last reply, and its reward, turns
+    and ``info`` (the environment's numbers) as scores."""
+    request = GenerationRequest(
+        max_new_tokens=module.max_new_tokens, stop_token_ids=tuple(module.stop_token_ids),
+        pad_token_id=module.tokenizer.pad_token_id, greedy=True,
+        synced=module.trainer.world_size > 1 if attached_trainer(module) is not None else False,
+    )
+    with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
+        episodes = run_episodes(engine, module.policy, module.tokenizer, reset_rows(batch, module.tokenizer),
+                                spec.factory(), request, limits_of(spec), batch[fields.PROMPT_IDS].device)
+    completions = [next((m["content"] for m in reversed(e.messages) if m["role"] == "assistant"), "")
+                   for e in episodes]
+    scores = {"reward": torch.tensor([e.reward for e in episodes]),
+              "turns": torch.tensor([float(e.counts["turns"]) for e in episodes])}
+    for name in sorted({k for e in episodes for k in e.info}):
+        scores[name] = torch.tensor([e.info.get(name, float("nan")) for e in episodes])
+    return {"completions": completions, "scores": scores}
+
+
 def score_batch(module, batch: dict) -> dict:
     """{completions, prompts, scores: {reward name: [B] tensor}} of one validation batch."""
     fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="validation_step")
+    spec = validation_environment(module)
+    if spec is not None:
+        result = greedy_episodes(module, batch, spec)
+        prompts = decode_prompts(module.tokenizer, batch)
+        references = batch.get(fields.REFERENCES, [None] * len(result["completions"]))
+        result["scores"].update(score_each(module.val_rewards, completions=result["completions"], prompts=prompts,
+                                           references=references))
+        return {**result, "prompts": prompts}
     completions = greedy_answers(module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK])
     prompts = decode_prompts(module.tokenizer, batch)
     scores = score_each(module.val_rewards, completions=completions, prompts=prompts,
@@ -58,6 +102,9 @@ def validate_batch(module, batch: dict) -> dict:
     scores added to the module's ``val_metrics`` and logged as ``val/<name>``."""
     result = score_batch(module, batch)
     for name, value in result["scores"].items():
+        if name not in module.val_metrics:  # an environment's own numbers, known once its episodes ran
+            module.val_metrics[name] = MeanMetric(nan_strategy="ignore").to(module.device)
         module.val_metrics[name].update(value.to(module.device))
-        module.log(f"val/{name}", module.val_metrics[name], prog_bar=True, batch_size=value.numel())
+        module.log(f"val/{name}", module.val_metrics[name], prog_bar=True, batch_size=value.numel(),
+                   metric_attribute=f"val_metrics.{name}")
     return result

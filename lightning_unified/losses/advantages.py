@@ -6,6 +6,7 @@ sampler lays them out. All functions are pure; ``rewards`` is [B] unless stated 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -75,6 +76,12 @@ def dr_grpo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
     """Dr. GRPO: A_i = r_i - mean_g, no std division (which up-weights too-easy and
     too-hard prompts). Pair it with the ``constant`` loss aggregation."""
     return _centred(_groups(rewards, group_size)).reshape(-1)
+
+
+def first_rows(episode: list[int], device=None) -> Tensor:
+    """[E] the first row of each episode, episodes numbered 0..E-1 on consecutive rows
+    (``episode`` [B], a host list: no device read)."""
+    return torch.tensor([i for i, e in enumerate(episode) if i == 0 or episode[i - 1] != e], device=device)
 
 
 def to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ the loss. Data rewarded as it is (reward-weighted SFT) keeps its reward as the w
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from lightning_unified import batch as fields
@@ -58,6 +59,14 @@ class AdvantagesStage(Stage):
             fields.require(batch, fields.REFERENCE_LOGP, who="the k1 reference penalty")
             rewards = estimators.kl_penalized_rewards(rewards, batch[fields.BEHAVIOUR_LOGP], batch[fields.REFERENCE_LOGP],
                                                       fields.loss_mask(batch), kl_coef=self.k1.kl_coef)
-        advantages = estimate_advantages(rewards, self.signal.advantage, batch.get(fields.GROUP_SIZE, 1),
-                                         self.signal.std_eps)
+        if fields.EPISODE in batch:
+            # G episodes per prompt, each on one or more rows (a template that rewrote history):
+            # the estimator compares episodes, and each row takes its episode's advantage
+            episode = torch.as_tensor(batch[fields.EPISODE], device=rewards.device)
+            first = estimators.first_rows(batch[fields.EPISODE], rewards.device)
+            advantages = estimate_advantages(rewards[first], self.signal.advantage, batch.get(fields.GROUP_SIZE, 1),
+                                             self.signal.std_eps)[episode]
+        else:
+            advantages = estimate_advantages(rewards, self.signal.advantage, batch.get(fields.GROUP_SIZE, 1),
+                                             self.signal.std_eps)
         batch[fields.ADVANTAGES] = estimators.to_tokens(advantages, fields.loss_mask(batch))

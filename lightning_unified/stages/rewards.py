@@ -39,6 +39,9 @@ class RewardsStage(Stage):
         n = response_ids.shape[0]
         if not sampled and fields.REWARDS in batch:
             rewards = batch[fields.REWARDS].float()  # the data's own reward column
+        elif sampled and fields.ENVIRONMENT_REWARDS in batch:
+            rewards = batch[fields.ENVIRONMENT_REWARDS]  # each row's episode's, from its environment
+            batch[fields.COMPLETIONS] = decode_responses(pl_module.tokenizer, batch)
         else:
             if not self.signal.rewards:
                 raise ValueError("signal.reward_data=true needs a 'reward' column in the data or an entry in "
@@ -54,6 +57,9 @@ class RewardsStage(Stage):
                 pl_module.log(f"reward/{name}", value, batch_size=n)
         batch[fields.REWARDS] = rewards.to(response_ids.device)
         group_size = batch.get(fields.GROUP_SIZE, 1)
-        for name, value in estimators.reward_metrics(batch[fields.REWARDS],
+        rewards = batch[fields.REWARDS]
+        if fields.EPISODE in batch:  # an episode's rows share its reward: count it once
+            rewards = rewards[estimators.first_rows(batch[fields.EPISODE], rewards.device)]
+        for name, value in estimators.reward_metrics(rewards,
                                                      group_size=group_size if group_size > 1 else None).items():
             pl_module.log(f"reward/{name}", value, batch_size=n, prog_bar=name == "reward_mean")

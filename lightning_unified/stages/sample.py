@@ -13,6 +13,7 @@ import torch
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.environments.sampling import sample_episodes
 from lightning_unified.specs import OnPolicy
 from lightning_unified.stages.base import Stage
 from lightning_unified.stages.sample_ahead import SamplingAhead, check_resumed_lag
@@ -50,7 +51,8 @@ class SampleStage(Stage):
         # the prompts (and their per-row lists) come back as G copies each
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK,
                 fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
-                fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS}
+                fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS,
+                *((fields.EPISODE, fields.ENVIRONMENT_REWARDS) if self.data_source.environment.enabled else ())}
 
     def _max_new_tokens(self, pl_module: L.LightningModule) -> int:
         """The sampling spec's, else the module's (which falls back to the datamodule's)."""
@@ -99,7 +101,7 @@ class SampleStage(Stage):
                 sync_seconds = pl_module.rollouts.take_sync_seconds()  # started and synced: what follows is generation
                 if sync_seconds is not None:
                     pl_module.log("sampling/sync_seconds", sync_seconds, batch_size=1)
-                rows = self.sample_with(engine, pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], request)
+                rows = self.sample_with(engine, pl_module, batch, request)
             # the weights that sampled: older than the policy's when the engine syncs every few steps
             rows["version"] = pl_module.rollouts.weights_version(step)
         self.apply(batch, rows)
@@ -116,36 +118,51 @@ class SampleStage(Stage):
         # generation's own seconds (in the producer's thread when sampled ahead)
         pl_module.log("sampling/seconds", rows["seconds"], batch_size=1)
         pl_module.log("sampling/tokens_per_sec", lengths.sum() / rows["seconds"], batch_size=1)
+        for name, value in rows.get("environment", {}).items():  # per-episode means of a multi-turn rollout
+            pl_module.log(f"environment/{name}", value, batch_size=len(set(batch[fields.EPISODE])))
 
     def apply(self, batch: dict, rows: dict) -> None:
-        """The sampled rows into the batch: the prompts as G copies each, their responses,
-        and every per-prompt list repeated alike."""
+        """The sampled rows into the batch: the prompts as G copies each (or, for episodes,
+        as each row's own), their responses, and every per-prompt list repeated alike."""
         group = self.data_source.sampling.num_generations
         for name in (fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
                      fields.BEHAVIOUR_LOGP):
             batch[name] = rows[name]
-        batch[fields.LOSS_MASK] = rows[fields.RESPONSE_MASK]  # one sampled turn: every token is the policy's
+        # one sampled turn: every token is the policy's; an episode's rows say which are
+        batch[fields.LOSS_MASK] = rows.get(fields.LOSS_MASK, rows[fields.RESPONSE_MASK])
         batch[fields.GROUP_SIZE] = group
         batch[fields.POLICY_VERSION] = [rows["version"]] * rows[fields.RESPONSE_IDS].shape[0]
+        # each row's prompt in the loader's batch: G consecutive rows per prompt, or an episode's rows
+        source = rows.get("prompt_index") or [i for i in range(rows["source_prompt_ids"].shape[0])
+                                               for _ in range(group)]
         for name in (fields.REFERENCES, fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS):  # per-prompt lists, now one entry per row
             if name in batch:
-                batch[name] = [value for value in batch[name] for _ in range(group)]
+                batch[name] = [batch[name][i] for i in source]
+        if fields.EPISODE in rows:
+            batch[fields.EPISODE] = rows[fields.EPISODE]
+            batch[fields.ENVIRONMENT_REWARDS] = rows[fields.ENVIRONMENT_REWARDS]
 
     @torch.no_grad()
-    def sample_with(self, engine, pl_module: L.LightningModule, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                    request: GenerationRequest) -> dict:
-        """G responses to each prompt from ``engine``, with their behaviour log-probs, under
-        the trainer's precision: the fields :meth:`apply` puts into the batch, and the
+    def sample_with(self, engine, pl_module: L.LightningModule, prompts: dict, request: GenerationRequest) -> dict:
+        """G responses to each prompt of ``prompts`` (a batch's prompt fields) from
+        ``engine``, or G episodes against the environment, with their behaviour log-probs,
+        under the trainer's precision: the fields :meth:`apply` puts into the batch, and the
         seconds generation took."""
         group = self.data_source.sampling.num_generations
-        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+        given_ids, given_mask = prompts[fields.PROMPT_IDS], prompts[fields.PROMPT_MASK]
         started = time.perf_counter()
-        with trainer_precision(pl_module):
-            rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
-        return {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
-                fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
-                fields.BEHAVIOUR_LOGP: rollout.logp, "seconds": time.perf_counter() - started}
+        if self.data_source.environment.enabled:
+            with trainer_precision(pl_module):
+                rows = sample_episodes(engine, pl_module, prompts, request, self.data_source.environment, group)
+        else:
+            prompt_ids = given_ids.repeat_interleave(group, dim=0)
+            prompt_mask = given_mask.repeat_interleave(group, dim=0)
+            with trainer_precision(pl_module):
+                rollout = engine.generate(pl_module.policy, prompt_ids, prompt_mask, request)
+            rows = {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
+                    fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
+                    fields.BEHAVIOUR_LOGP: rollout.logp}
+        return {**rows, "source_prompt_ids": given_ids, "seconds": time.perf_counter() - started}
 
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
                     seed: int = 0) -> None:
@@ -154,7 +171,7 @@ class SampleStage(Stage):
         request = self.request(pl_module, seed=seed, synced=synced, max_new_tokens=max_new_tokens)
         step = pl_module.progress["optimizer_steps"]
         with pl_module.rollouts.engine_for(step) as engine:
-            rows = self.sample_with(engine, pl_module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK], request)
+            rows = self.sample_with(engine, pl_module, batch, request)
         rows["version"] = pl_module.rollouts.weights_version(step)
         self.apply(batch, rows)
 

@@ -57,7 +57,7 @@ class SamplingAhead:
         rows = host.rollouts.take((epoch, batch_idx))
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
-        _check_same_prompts(rows, batch, self.stage.data_source.sampling.num_generations, batch_idx)
+        _check_same_prompts(rows, batch, batch_idx)
         _used_on_this_stream(rows)
         self._score_with_newest_weights(trainer, host, epoch, batch_idx, rows)
         return rows
@@ -116,11 +116,10 @@ class SamplingAhead:
     def _hand_over(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
         request = self.stage.batch_request(host, trainer, epoch, batch_idx)
         device = host.device
-        prompt_ids, prompt_mask = prompts[fields.PROMPT_IDS], prompts[fields.PROMPT_MASK]
+        prompts = {k: _to(v, device) for k, v in prompts.items()}
 
         def job(engine, version: int) -> dict:
-            rows = _on_a_stream_of_its_own(device, lambda: self.stage.sample_with(
-                engine, host, prompt_ids.to(device), prompt_mask.to(device), request))
+            rows = _on_a_stream_of_its_own(device, lambda: self.stage.sample_with(engine, host, prompts, request))
             rows["version"] = version
             return rows
 
@@ -178,12 +177,12 @@ def _to(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _check_same_prompts(rows: dict, batch: dict, group: int, batch_idx: int) -> None:
+def _check_same_prompts(rows: dict, batch: dict, batch_idx: int) -> None:
     """The rows were sampled from the prompts the loader gave early: the batch the fit loop
     hands the step must be the same (a hook that changes prompts after the loader would be
     ignored by the producer). Compared where it costs no device sync."""
     given = batch[fields.PROMPT_IDS]
-    sampled = rows[fields.PROMPT_IDS][::group]
+    sampled = rows["source_prompt_ids"]
     if sampled.shape != given.shape or (given.device.type == "cpu" and not torch.equal(sampled.cpu(), given)):
         raise RuntimeError(f"sampling.max_lag: batch {batch_idx}'s prompts differ from those sampled ahead for it "
                            f"(shapes {tuple(sampled.shape)} and {tuple(given.shape)}); a hook between the loader and "
