@@ -1,0 +1,441 @@
+"""Multi-turn episodes against environments, on the built-in tool task's tiny real models
+(``multiply_start`` and ``multiply_teacher``, shipped with the package): token exactness,
+the split of a template that rewrites history, the loss on the policy's tokens only, tools
+that fail, and bad input named."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_unified import batch as fields
+from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.engines.hf import HFEngine
+from lightning_unified.environments import Environment, EnvironmentOutputError, Reset, Step, parse_tool_calls
+from lightning_unified.environments.episodes import EpisodeLimits, render_ids, run_episodes
+from lightning_unified.environments.feedback import FeedbackEnvironment
+from lightning_unified.environments.tools import ToolCall, run_tool_call
+from lightning_unified.module import UnifiedModule
+from lightning_unified.specs import Environment as EnvironmentSpec
+from lightning_unified.specs import Importance, OnPolicy, Sampling, Sparse
+from lightning_unified.stages import Stage
+from lightning_unified.tasks.addition import checkpoint_path
+from lightning_unified.tasks.multiply import MultiplyDataModule, MultiplyEnvironment, multiply, tool_chat_tokenizer
+from tests.lightning_helpers import quiet_trainer
+from tests.test_runs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = EpisodeLimits(max_turns=3, max_tokens=64, tool_timeout=5.0)
+
+
+class RecordingEngine(HFEngine):
+    """The real hf engine, keeping what it generated for each row of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def generate(self, policy, prompt_ids, prompt_mask, request):
+        rollout = super().generate(policy, prompt_ids, prompt_mask, request)
+        self.calls.append([row[mask.bool()].tolist() for row, mask in zip(rollout.response_ids, rollout.response_mask)])
+        return rollout
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return AutoModelForCausalLM.from_pretrained(checkpoint_path("multiply_teacher")).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return MultiplyDataModule(num_train=16, num_val=8)
+
+
+def rows_of(data, n=8):
+    return [{"prompt": p["prompt"], "reference": p["reference"], "index": i} for i, p in enumerate(data.val_problems[:n])]
+
+
+def request(tokenizer, greedy=True, seed=0, max_new_tokens=16):
+    return GenerationRequest(max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+                             pad_token_id=tokenizer.pad_token_id, greedy=greedy, seed=seed)
+
+
+def run(engine, model, tokenizer, rows, factory, limits=LIMITS, greedy=True, group=1):
+    return run_episodes(engine, model, tokenizer, rows, factory, request(tokenizer, greedy), limits,
+                        torch.device("cpu"), group=group)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_a_trajectory_is_the_generated_tokens_and_the_templates_environment_turns(teacher, data, greedy) -> None:
+    """Row by row: the loss-mask tokens are exactly what the engine generated, turn after
+    turn; the rest are the template's rendering of each environment turn after the prefix;
+    behaviour log-probs cover exactly the policy's tokens. Greedy, the policy writes what
+    the tokenizer would write, and the whole row is the template's render of the final
+    conversation (this template only appends)."""
+    tokenizer, engine = data.tokenizer, RecordingEngine()
+    episodes = run(engine, teacher, tokenizer, rows_of(data), MultiplyEnvironment, greedy=greedy, group=2)
+    assert sum(e.counts["tool_calls"] for e in episodes) >= len(episodes) // 2  # the tool is used
+    active = list(range(len(episodes)))
+    generated = {i: [] for i in active}
+    for call in engine.calls:  # each call's rows are the episodes still running, in order
+        for i, ids in zip(active, call):
+            generated[i].append(ids)
+        active = [i for i in active if sum(len(g) for g in generated[i]) and not _ended_by(episodes[i], generated[i])]
+    for i, episode in enumerate(episodes):
+        row = episode.segments[0]
+        assert len(episode.segments) == 1
+        mask = torch.tensor(row.loss_mask)
+        policy_tokens = [t for t, m in zip(row.response, row.loss_mask) if m]
+        expected_policy = [t for turn in generated[i] for t in turn][:len(policy_tokens)]
+        assert policy_tokens == expected_policy
+        logp = torch.tensor(row.logp)
+        if not greedy:
+            assert (logp[mask.bool()] < 0).all() and (logp[~mask.bool()] == 0).all()
+        # the environment's tokens are the template's rendering after each reply, through the next generation prompt
+        conversation = [m for m in episode.messages]
+        assistant_at = [k for k, m in enumerate(conversation) if m["role"] == "assistant"]
+        expected_env = []
+        for turn, k in enumerate(assistant_at[:-1]):
+            nxt = assistant_at[turn + 1]
+            before = render_ids(tokenizer, conversation[:k + 1], episode.schemas, False)
+            after = render_ids(tokenizer, conversation[:nxt], episode.schemas, True)
+            expected_env += after[len(before):]
+        assert [t for t, m in zip(row.response, row.loss_mask) if not m] == expected_env
+        if greedy:
+            assert row.prompt + row.response == render_ids(tokenizer, episode.messages, episode.schemas, False)
+
+
+def _ended_by(episode, turns) -> bool:
+    return len(turns) >= episode.counts["turns"]
+
+
+def _rewrites_history(tokenizer):
+    """The tool task's template, except that an earlier assistant turn is rendered only
+    as far as its first 6 characters, as a template that drops past reasoning does."""
+    rewriting = copy.deepcopy(tokenizer)
+    rewriting.chat_template = (
+        "{%- if tools %}<system>tools:{% for tool in tools %} {{ tool.function.name }}{% endfor %}<end>{% endif %}"
+        "{%- for message in messages %}<{{ message.role }}>"
+        "{%- if message.role == 'assistant' and not loop.last %}{{ message.content[:6] }}"
+        "{%- else %}{{ message.content }}{% endif %}<end>{% endfor %}"
+        "{%- if add_generation_prompt %}<assistant>{% endif %}")
+    return rewriting
+
+
+def test_a_template_that_rewrites_history_splits_the_trajectory(teacher, data) -> None:
+    """The policy's tool call is shortened once the tool has answered: the conversation's
+    render no longer extends the row, so a second row starts from the template's render of
+    the whole conversation; both rows are the episode's and share its reward."""
+    tokenizer = _rewrites_history(data.tokenizer)
+    episodes = run(HFEngine(), teacher, tokenizer, rows_of(data, 4), MultiplyEnvironment)
+    from lightning_unified.environments.episodes import episode_rows
+
+    for episode in episodes:
+        assert episode.counts["splits"] == 1 and len(episode.segments) == 2
+        first, second = episode.segments
+        assert all(first.loss_mask) and first.response[-1] == tokenizer.eos_token_id  # ends after the policy's call
+        call_and_tool = episode.messages[:3]
+        assert second.prompt == render_ids(tokenizer, call_and_tool, episode.schemas, True)
+        assert tokenizer.decode(second.prompt).count("<tool_call>") == 0  # the call as rewritten: 6 characters
+        assert second.loss_mask[0] == 1  # the policy's next reply, from the rewritten history
+    rows = episode_rows(episodes, tokenizer.pad_token_id, torch.device("cpu"))
+    assert rows["episode"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(rows["episode_rewards"], torch.tensor([e.reward for e in episodes]))
+
+
+def test_advantages_are_taken_per_episode_when_one_spans_rows() -> None:
+    from lightning_unified.stages.advantages import AdvantagesStage
+
+    stage = AdvantagesStage(Sparse(advantage="grpo"))
+    mask = torch.ones(5, 3, dtype=torch.long)
+    batch = {fields.REWARDS: torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]), fields.EPISODE: [0, 0, 1, 2, 3],
+             fields.GROUP_SIZE: 2, fields.RESPONSE_MASK: mask, fields.LOSS_MASK: mask, fields.SAMPLED: True,
+             fields.BEHAVIOUR_LOGP: torch.zeros(5, 3)}
+    stage.run(None, None, batch, 0)
+    per_row = batch[fields.ADVANTAGES][:, 0]
+    # episodes 0 and 1 (rewards 1, 0) are one prompt's group; episodes 2 and 3 (0, 0) the other's
+    assert per_row[0] == per_row[1] > 0 and per_row[2] < 0 and per_row[3] == per_row[4] == 0
+
+
+def boom(a: int, b: int) -> int:
+    """A tool that fails.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    raise RuntimeError("the service is down")
+
+
+def _hang(a: int, b: int) -> int:
+    """A tool that never answers in time.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    time.sleep(3)
+    return a * b
+
+
+class FailingTool(MultiplyEnvironment):
+    """The task's environment, whose ``multiply`` raises or hangs."""
+
+    def __init__(self, failure):
+        self.failure = failure
+
+    def reset(self, row):
+        start = super().reset(row)
+        tool = functools.wraps(multiply)(functools.partial(self.failure))
+        return Reset(start.messages, tools=[tool])
+
+
+@pytest.mark.parametrize("failure", [boom, _hang], ids=["raises", "hangs"])
+def test_a_tool_that_raises_or_hangs_answers_the_policy_and_the_episode_goes_on(teacher, data, failure) -> None:
+    limits = EpisodeLimits(max_turns=3, max_tokens=100, tool_timeout=0.5)  # room for the error message
+    started = time.perf_counter()
+    episodes = run(HFEngine(), teacher, data.tokenizer, rows_of(data, 2), functools.partial(FailingTool, failure),
+                   limits=limits)
+    assert time.perf_counter() - started < 4  # the hung calls (3 s each) were not waited for
+    for episode in episodes:
+        tool_turns = [m for m in episode.messages if m["role"] == "tool"]
+        assert tool_turns and episode.counts["tool_errors"] == len(tool_turns)
+        expected = "raised RuntimeError: the service is down" if failure is boom else "took longer than 0.5 s"
+        assert expected in tool_turns[0]["content"] and tool_turns[0]["content"].startswith("error: ")
+        timeouts = sum("took longer than" in m["content"] for m in tool_turns)
+        assert episode.counts["tool_timeouts"] == timeouts and (timeouts >= 1) == (failure is _hang)
+        assert episode.counts["turns"] >= 2  # the policy read the error and went on
+
+
+def test_bad_tool_calls_come_back_to_the_policy_as_messages() -> None:
+    tools = {"multiply": multiply}
+    cases = {
+        '<tool_call>{"name": "divide", "arguments": {"a": 1, "b": 2}}</tool_call>': "unknown tool 'divide'",
+        '<tool_call>{"name": "multiply", "arguments": {"a": 1,, "b": 2}}</tool_call>': "not valid JSON",
+        '<tool_call>{"name": "multiply", "arguments": [1, 2]}</tool_call>': "must be a JSON object",
+        '<tool_call>{"name": "multiply", "arguments": "{\\"a\\": 1"}</tool_call>': "are not valid JSON",
+        '<tool_call>{"name": "multiply", "arguments": {"a": 1}}</tool_call>': "raised TypeError",
+        '<tool_call>["multiply"]</tool_call>': 'a tool call is a JSON object {"name"',
+        '<tool_call>{"name": "multiply", "arguments": {"a": 1, "b": 2}}': "not closed",
+    }
+    for text, expected in cases.items():
+        (call,) = parse_tool_calls(text)
+        result = run_tool_call(call, tools, timeout=1.0)
+        assert result.error and result.content.startswith("error: ") and expected in result.content, text
+    (call,) = parse_tool_calls('<tool_call>{"name": "multiply", "arguments": "{\\"a\\": 6, \\"b\\": 7}"}</tool_call>')
+    assert run_tool_call(call, tools, timeout=1.0).content == "42"
+    assert parse_tool_calls("56088") == []
+    assert run_tool_call(ToolCall("multiply", {"a": 3, "b": 4}), tools, timeout=1.0).content == "12"
+
+
+def test_an_unknown_tool_in_an_episode_is_told_to_the_policy(teacher, data) -> None:
+    """The environment offers ``times``; the policy calls ``multiply`` and hears the names."""
+
+    def times(a: int, b: int) -> int:
+        """Multiply.
+
+        Args:
+            a: The first factor.
+            b: The second factor.
+        """
+        return a * b
+
+    class Times(MultiplyEnvironment):
+        def reset(self, row):
+            return Reset(super().reset(row).messages, tools=[times])
+
+    (episode,) = run(HFEngine(), teacher, data.tokenizer, rows_of(data, 1), Times)
+    tool_turn = next(m for m in episode.messages if m["role"] == "tool")
+    assert tool_turn["content"] == "error: unknown tool 'multiply'; the tools are ['times']"
+
+
+class Wrong(Environment):
+    def __init__(self, mistake):
+        self.mistake = mistake
+
+    def reset(self, row):
+        if self.mistake == "reset_type":
+            return {"messages": []}
+        if self.mistake == "content_type":
+            return [{"role": "user", "content": 123}]
+        return Reset([{"role": "user", "content": row["prompt"][0]["content"]}], tools=[multiply])
+
+    def step(self, message):
+        return {"reward": 1.0} if self.mistake == "step_type" else Step(reward="1", done=True)
+
+
+@pytest.mark.parametrize("mistake, expected", [
+    ("reset_type", r"test_environments.Wrong.reset returned dict; expected .*Reset"),
+    ("content_type", r"Wrong.reset: message 0 \(user\) has content of type int"),
+    ("step_type", r"test_environments.Wrong.step returned dict; expected .*Step"),
+    ("reward_type", r"Wrong.step returned reward '1'; a reward is a finite float"),
+])
+def test_an_environment_returning_the_wrong_types_is_named(teacher, data, mistake, expected) -> None:
+    with pytest.raises(EnvironmentOutputError, match=expected):
+        run(HFEngine(), teacher, data.tokenizer, rows_of(data, 1), functools.partial(Wrong, mistake))
+
+
+def test_an_episode_over_its_token_budget_is_ended_and_counted(teacher, data) -> None:
+    """Room for the tool call (15 tokens) but not for the tool's answer after it."""
+    episodes = run(HFEngine(), teacher, data.tokenizer, rows_of(data, 4), MultiplyEnvironment,
+                   limits=EpisodeLimits(max_turns=3, max_tokens=20, tool_timeout=5.0))
+    for episode in episodes:
+        assert episode.counts["over_budget"] == 1 and episode.reward == 0.0
+        assert len(episode.segments[0].response) <= 20 and all(episode.segments[0].loss_mask)
+
+
+class ThreeTurns(Environment):
+    """Three policy turns: the first two hear "again", each reply's reward is its length."""
+
+    def reset(self, row):
+        self.turn = 0
+        return Reset(list(row["prompt"]))
+
+    def step(self, message):
+        self.turn += 1
+        return Step([{"role": "user", "content": "again"}] if self.turn < 3 else [],
+                    reward=len(message["content"]) / 10, done=self.turn == 3)
+
+
+class Recorder(Stage):
+    """Keeps the batch as the loss will read it."""
+
+    name = "recorder"
+
+    def reads(self):
+        return set()
+
+    def writes(self):
+        return set()
+
+    def run(self, trainer, pl_module, batch, batch_idx):
+        self.batch = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Gradients(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters()}
+
+
+def test_the_gradient_on_a_three_turn_trajectory_is_autograd_of_the_closed_form(tmp_path: Path) -> None:
+    """RL with the token ratio over episodes of three policy turns: the step's gradient is
+    autograd of -(1/N) sum over the policy's tokens of A * pi / mu; the environment's tokens
+    (the "again" turns) would change it."""
+    torch.manual_seed(0)
+    data = MultiplyDataModule(num_train=8, num_val=8, batch_size=2, shuffle=False)
+    start = checkpoint_path("multiply_start")
+    recorder, gradients = Recorder(), Gradients()
+    data_source = OnPolicy(sampling=Sampling(num_generations=4, max_new_tokens=6), importance=Importance(ratio="token"),
+                           environment=EnvironmentSpec(cls=ThreeTurns, max_turns=3, max_tokens=40))
+    module = UnifiedModule(AutoModelForCausalLM.from_pretrained(start), data.tokenizer, data_source,
+                           Sparse(advantage="grpo"), stages=[recorder],
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.0), samples_every_n_steps=None)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[gradients])
+    trainer.fit(module, datamodule=data)
+    batch = recorder.batch
+    assert batch[fields.EPISODE] == list(range(8))
+    env_tokens = batch[fields.RESPONSE_MASK] - batch[fields.LOSS_MASK]
+    assert (env_tokens.sum(-1) > 0).all()  # every row holds the environment's turns
+    assert batch[fields.ADVANTAGES].abs().sum() > 0
+
+    def objective(model, mask):
+        total, count = 0.0, mask.sum()
+        for row in range(batch[fields.PROMPT_IDS].shape[0]):
+            prompt = batch[fields.PROMPT_IDS][row][batch[fields.PROMPT_MASK][row].bool()]
+            n = int(batch[fields.RESPONSE_MASK][row].sum())
+            response = batch[fields.RESPONSE_IDS][row][:n]
+            ids = torch.cat([prompt, response])[None]
+            logits = model(ids).logits[0, prompt.numel() - 1:ids.shape[1] - 1].double()
+            logp = torch.log_softmax(logits, -1).gather(-1, response[:, None])[:, 0]
+            ratio = torch.exp(logp - batch[fields.BEHAVIOUR_LOGP][row][:n].double())
+            total = total + (mask[row][:n] * batch[fields.ADVANTAGES][row][:n].double() * ratio).sum()
+        return -total / count
+
+    def gradient(mask):
+        model = AutoModelForCausalLM.from_pretrained(start).double()
+        objective(model, mask).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    expected = gradient(batch[fields.LOSS_MASK].double())
+    for name, grad in gradients.grads.items():
+        torch.testing.assert_close(grad.double(), expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    everything = gradient(batch[fields.RESPONSE_MASK].double())
+    assert any((everything[n] - expected[n]).abs().max() > 1e-4 for n in expected)
+
+
+def test_a_users_environment_class_named_on_the_command_line_runs(tmp_path: Path) -> None:
+    (tmp_path / "my_env.py").write_text(textwrap.dedent('''
+        from lightning_unified.environments import Environment, Reset, Step
+
+        def multiply(a: int, b: int) -> int:
+            """Multiply two integers, as a user's own tool.
+
+            Args:
+                a: The first.
+                b: The second.
+            """
+            return a * b
+
+        class Counting(Environment):
+            def reset(self, row):
+                return Reset(row["prompt"], tools=[multiply])
+
+            def step(self, message):
+                return Step(reward=float(len(message["content"]) > 3), done=True, info={"words": 1.0})
+    '''))
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin:" + str(Path(sys.executable).parent)}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "task=multiply", "data_source=on_policy",
+                           "data_source.environment.cls=my_env.Counting", "model.path=" + checkpoint_path("multiply_start"),
+                           "task.num_train=8", "task.num_val=4", "task.batch_size=2",
+                           "data_source.sampling.num_generations=2", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+                           "validate_first=false", "save_policy=null", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read_metrics(out / "metrics.csv") if r.get("environment/turns")]
+    assert len(rows) == 2 and any(float(r["environment/words"]) == 1.0 for r in rows if r.get("environment/words"))
+    assert any(float(r["val/reward"]) >= 0 for r in read_metrics(out / "metrics.csv") if r.get("val/reward"))
+
+
+def test_environment_settings_that_cannot_work_are_named(tmp_path: Path) -> None:
+    from lightning_unified.pipeline import check_method
+    from lightning_unified.rewards import exact_match
+    from lightning_unified.specs import Preference, Reward
+
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        EnvironmentSpec(cls="no_such_module.Env")
+    with pytest.raises(ValueError, match="has no 'Nope'"):
+        EnvironmentSpec(cls="lightning_unified.tasks.multiply.Nope")
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        EnvironmentSpec(cls=MultiplyEnvironment, max_turns=0)
+    with_env = OnPolicy(environment=EnvironmentSpec(cls=MultiplyEnvironment))
+    with pytest.raises(ValueError, match="gives each episode its reward"):
+        check_method(with_env, Sparse(rewards=[Reward(functools.partial(exact_match))]))
+    with pytest.raises(ValueError, match="signal=preference"):
+        check_method(with_env, Preference(rewards=[Reward(functools.partial(exact_match))]))
+    with pytest.raises(ValueError, match="minibatches > 1"):
+        OnPolicy(minibatches=2, environment=EnvironmentSpec(cls=MultiplyEnvironment))
+
+
+def test_the_feedback_environment_asks_again_after_a_wrong_answer() -> None:
+    env = FeedbackEnvironment(attempts=3)
+    start = env.reset({"prompt": "What is 2+3?", "reference": "5", "index": 0})
+    assert start.messages == [{"role": "user", "content": "What is 2+3?"}]
+    wrong = env.step({"role": "assistant", "content": "6"})
+    assert not wrong.done and wrong.reward == 0 and wrong.messages[0]["role"] == "user"
+    right = env.step({"role": "assistant", "content": "It is 5."})
+    assert right.done and right.reward == 1.0
+    assert right.info == {"first_attempt": 0.0, "last_attempt": 1.0, "attempts": 2.0}
+    single = FeedbackEnvironment(attempts=1)
+    single.reset({"prompt": "What is 2+3?", "reference": "5", "index": 0})
+    assert single.step({"role": "assistant", "content": "6"}).done
