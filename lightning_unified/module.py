@@ -39,7 +39,7 @@ from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not
 from lightning_unified.progress import TrainingProgress, log_step
 from lightning_unified.replay import RolloutReplay
 from lightning_unified.schedule import configure_optimization
-from lightning_unified.specs import Dense, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
+from lightning_unified.specs import Dense, Environment, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
 from lightning_unified.stages import Stage
 from lightning_unified.stages.host import run_update_hooks
 from lightning_unified.validation import max_new_tokens, validate_batch, validation_rewards
@@ -81,6 +81,7 @@ class UnifiedModule(L.LightningModule):
         compile_loss: bool = False,
         max_new_tokens: int | None = None,
         val_rewards: dict[str, Callable] | None = None,
+        val_environment: Environment | dict | None = None,
         samples_every_n_steps: int | None = 50,
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
@@ -106,6 +107,8 @@ class UnifiedModule(L.LightningModule):
         self.packing = Packing(packing, max_tokens_per_row)
         self.chunk_size, self.compile_loss = chunk_size, compile_loss
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
+        # validation's episodes (None: the data source's environment, else the task's own)
+        self.val_environment = Environment(**val_environment) if isinstance(val_environment, dict) else val_environment
         self.keep_freed_host_memory = keep_freed_host_memory
         # what crosses the loop: the stages' end of batch, the sample log, the guards (bad settings fail here)
         self.loop_callbacks = loop_callbacks(samples_every_n_steps, non_finite=non_finite,

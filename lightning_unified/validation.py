@@ -47,9 +47,12 @@ def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) 
 
 
 def validation_environment(module):
-    """What validation's episodes talk to: the run's ``data_source.environment``, else the
-    datamodule's own ``environment`` (a task that is asked through one); None: one greedy
-    answer per prompt."""
+    """What validation's episodes talk to: ``module.val_environment`` when set, else the
+    run's ``data_source.environment``, else the datamodule's own ``environment`` (a task
+    that is asked through one); None: one greedy answer per prompt."""
+    own = getattr(module, "val_environment", None)
+    if own is not None and own.enabled:
+        return own
     data_source = getattr(module, "data_source", None)
     if data_source is not None and data_source.samples and data_source.environment.enabled:
         return data_source.environment

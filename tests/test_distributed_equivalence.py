@@ -49,6 +49,10 @@ METHODS = {
     # is handed to the producer during the first, off-policy, step
     "gkd_lag1": ["experiment=gkd", *GREEDY, "data_source.sampling.max_lag=1", "data_source.seed=1"],
     "on_policy_distill_lag1": ["experiment=on_policy_distill", *GREEDY, "data_source.sampling.max_lag=1"],
+    # multi-turn episodes against the tool task's environment: the policy calls the tool, reads
+    # it and answers; every rank runs the same number of turns (FSDP2's forwards need it)
+    "rl_environment": ["task=multiply", "data_source=on_policy", "signal=sparse", "signal.advantage=reinforce",
+                       "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1"],
 }
 FSDP2_ONLY = {"dpo", "self_distill"}
 # two steps of SGD without clipping on rows read in order; no samples written
@@ -83,6 +87,8 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
 def _start(method: str) -> str | None:
     from lightning_unified.tasks.addition import checkpoint_path
 
+    if method == "rl_environment":
+        return checkpoint_path("multiply_start")
     return checkpoint_path("rl_start") if method in ("rl", "dpo", "self_distill") else None
 
 

@@ -327,10 +327,11 @@ class Gradients(L.Callback):
         self.grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters()}
 
 
-def test_the_gradient_on_a_three_turn_trajectory_is_autograd_of_the_closed_form(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_the_gradient_on_a_three_turn_trajectory_is_autograd_of_the_closed_form(packing: bool, tmp_path: Path) -> None:
     """RL with the token ratio over episodes of three policy turns: the step's gradient is
-    autograd of -(1/N) sum over the policy's tokens of A * pi / mu; the environment's tokens
-    (the "again" turns) would change it."""
+    autograd of -(1/N) sum over the policy's tokens of A * pi / mu, padded or packed; the
+    environment's tokens (the "again" turns) would change it."""
     torch.manual_seed(0)
     data = MultiplyDataModule(num_train=8, num_val=8, batch_size=2, shuffle=False)
     start = checkpoint_path("multiply_start")
@@ -339,7 +340,8 @@ def test_the_gradient_on_a_three_turn_trajectory_is_autograd_of_the_closed_form(
                            environment=EnvironmentSpec(cls=ThreeTurns, max_turns=3, max_tokens=40))
     module = UnifiedModule(AutoModelForCausalLM.from_pretrained(start), data.tokenizer, data_source,
                            Sparse(advantage="grpo"), stages=[recorder],
-                           optimizer=functools.partial(torch.optim.SGD, lr=0.0), samples_every_n_steps=None)
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.0), samples_every_n_steps=None,
+                           packing=packing)
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[gradients])
     trainer.fit(module, datamodule=data)
     batch = recorder.batch
@@ -431,6 +433,7 @@ def test_the_feedback_environment_asks_again_after_a_wrong_answer() -> None:
     env = FeedbackEnvironment(attempts=3)
     start = env.reset({"prompt": "What is 2+3?", "reference": "5", "index": 0})
     assert start.messages == [{"role": "user", "content": "What is 2+3?"}]
+    assert start.info == {"first_attempt": 0.0, "last_attempt": 0.0, "attempts": 0.0}
     wrong = env.step({"role": "assistant", "content": "6"})
     assert not wrong.done and wrong.reward == 0 and wrong.messages[0]["role"] == "user"
     right = env.step({"role": "assistant", "content": "It is 5."})
@@ -439,3 +442,65 @@ def test_the_feedback_environment_asks_again_after_a_wrong_answer() -> None:
     single = FeedbackEnvironment(attempts=1)
     single.reset({"prompt": "What is 2+3?", "reference": "5", "index": 0})
     assert single.step({"role": "assistant", "content": "6"}).done
+
+
+def test_episodes_sampled_a_batch_ahead_train_with_their_lag(tmp_path: Path) -> None:
+    """The producer thread runs whole episodes (tools called in its thread) for the next
+    batch while this one trains; the second batch is one step stale and says so."""
+    data = MultiplyDataModule(num_train=8, num_val=4, batch_size=2, shuffle=False)
+    data_source = OnPolicy(sampling=Sampling(num_generations=2, max_lag=1),
+                           environment=EnvironmentSpec(cls=MultiplyEnvironment, max_turns=3, max_tokens=64))
+    module = UnifiedModule(checkpoint_path("multiply_start"), data.tokenizer, data_source, Sparse(advantage="grpo"),
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), samples_every_n_steps=None)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    rows = [r for r in read_metrics(Path(logger.log_dir) / "metrics.csv") if r.get("sampling/lag")]
+    assert [float(r["sampling/lag"]) for r in rows] == [0.0, 1.0]
+    assert all(float(r["environment/tool_calls"]) > 0 for r in rows)
+
+
+def test_ranks_whose_episodes_take_different_turns_do_not_hang(tmp_path: Path) -> None:
+    """Under FSDP2 every forward is collective: rank 0's episodes end at their first answer,
+    rank 1's are asked again and take more turns, and rank 0 keeps generating (discarded
+    rows) until rank 1 is done: the run finishes."""
+    (tmp_path / "uneven_env.py").write_text(textwrap.dedent('''
+        import os
+
+        from lightning_unified.environments import Environment, Reset, Step
+        from lightning_unified.tasks.multiply import multiply
+
+        class Uneven(Environment):
+            def __init__(self, log):
+                self.log = log
+
+            def reset(self, row):
+                # read in order on two ranks: even rows on rank 0, odd rows on rank 1
+                self.answers, self.seen, self.index = (1 if row["index"] % 2 == 0 else 2), 0, row["index"]
+                return Reset(row["prompt"], tools=[multiply])
+
+            def step(self, message):
+                self.seen += 1
+                done = self.seen >= self.answers
+                with open(self.log, "a") as f:
+                    f.write(f"{os.environ.get('LOCAL_RANK', '0')} {self.index} {self.seen} {int(done)}\\n")
+                return Step([] if done else [{"role": "user", "content": "123*456"}], reward=float(self.seen),
+                            done=done)
+    '''))
+    out, log = tmp_path / "run", tmp_path / "answers.txt"
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin:" + str(Path(sys.executable).parent)}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "task=multiply", "data_source=on_policy",
+                           "trainer=fsdp2_cpu", "data_source.environment.cls=uneven_env.Uneven",
+                           f"+data_source.environment.options.log={log}", "data_source.environment.max_turns=4",
+                           "data_source.environment.max_tokens=100",
+                           "model.path=" + checkpoint_path("multiply_teacher"), "task.num_train=8", "task.num_val=4",
+                           "task.val_batch_size=2", "task.batch_size=2", "task.shuffle=false",
+                           "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
+                           "trainer.max_steps=1", "trainer.log_every_n_steps=1", "validate_first=false",
+                           "save_policy=null", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [line.split() for line in log.read_text().splitlines()]
+    ended = {rank: {done for r, _, _, done in steps if r == rank} for rank in ("0", "1")}
+    # rank 0's episodes ended at their first answer; rank 1's were asked again and went on
+    assert ended == {"0": {"1"}, "1": {"0"} | ended["1"]} and "0" in ended["1"], steps

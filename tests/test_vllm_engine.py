@@ -365,3 +365,47 @@ def test_the_engine_samples_ahead_in_the_producers_thread_and_splits_the_lag_fro
         lag, mismatch, total = (float(r[f"importance/{k}"]) for k in ("lag_kl", "mismatch_kl", "stale_kl"))
         assert lag > 1e-5 and mismatch < lag / 100, (lag, mismatch)
         assert abs(lag - total) < 0.05 * total, "the lag is nearly all of the gap"
+
+
+def test_episodes_through_the_engine_are_the_hf_engines_and_token_exact() -> None:
+    """The tool task's teacher in multi-turn episodes through vLLM: greedily, the same
+    conversations and tokens as through hf, each row the template's render of its final
+    conversation; sampled, the behaviour log-probs on the policy's tokens are a forward's."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_unified.engines import HFEngine
+    from lightning_unified.environments.episodes import EpisodeLimits, episode_rows, render_ids, run_episodes
+    from lightning_unified.tasks.addition import checkpoint_path
+    from lightning_unified.tasks.multiply import MultiplyDataModule, MultiplyEnvironment
+
+    data = MultiplyDataModule(num_train=8, num_val=6)
+    tokenizer = data.tokenizer
+    rows = [{"prompt": p["prompt"], "reference": p["reference"], "index": i} for i, p in enumerate(data.val_problems)]
+    policy = AutoModelForCausalLM.from_pretrained(checkpoint_path("multiply_teacher")).eval()
+    limits = EpisodeLimits(max_turns=3, max_tokens=64, tool_timeout=5.0)
+
+    def episodes(engine, greedy):
+        ask = GenerationRequest(max_new_tokens=16, stop_token_ids=(tokenizer.eos_token_id,),
+                                pad_token_id=tokenizer.pad_token_id, greedy=greedy, temperature=1.0, seed=5)
+        return run_episodes(engine, policy, tokenizer, rows, MultiplyEnvironment, ask, limits, torch.device("cpu"),
+                            group=2 if not greedy else 1)
+
+    engine = VLLMEngine(temperature=1.0, kv_cache_gib=0.25)
+    engine.start(policy)
+    try:
+        through_vllm, sampled = episodes(engine, True), episodes(engine, False)
+    finally:
+        engine.close()
+    through_hf = episodes(HFEngine(), True)
+    assert sum(e.counts["tool_calls"] for e in through_vllm) == len(rows)
+    for ours, theirs in zip(through_vllm, through_hf):
+        assert ours.messages == theirs.messages and ours.segments == theirs.segments
+        row = ours.segments[0]
+        assert row.prompt + row.response == render_ids(tokenizer, ours.messages, ours.schemas, False)
+    batch = episode_rows(sampled, tokenizer.pad_token_id, torch.device("cpu"))
+    expected = forward_logp(policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                            batch["response_mask"], 1.0)
+    mask = batch["loss_mask"].bool()
+    gap = (batch["logp"][mask] - expected[mask]).abs().max().item()
+    assert gap < LOGP_TOLERANCE and (batch["logp"][~mask] == 0).all()
+    assert (batch["response_mask"] - batch["loss_mask"]).sum() > 0  # the tool's turns are in the rows, not the loss

@@ -24,20 +24,24 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass
 class Reset:
-    """The episode's start: its first messages (a system or user turn the policy answers)
-    and the tools it may call, as plain Python functions (their names, signatures and
-    docstrings become the schemas the chat template's ``tools=`` renders)."""
+    """The episode's start: its first messages (a system or user turn the policy answers),
+    the tools it may call, as plain Python functions (their names, signatures and
+    docstrings become the schemas the chat template's ``tools=`` renders), and the
+    episode's numbers before any step (``info``; an episode cut before its first answer
+    reports these)."""
 
     messages: list[dict]
     tools: list[Callable] = field(default_factory=list)
+    info: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Step:
     """The environment's answer to one policy turn: messages for the policy's next turn
     (empty when ``done``), the turn's reward (the episode's reward is the sum), whether the
-    episode is over, and numbers to log (``info``, averaged over episodes as
-    ``environment/<name>``, and ``val/<name>`` in validation)."""
+    episode is over, and numbers to log (``info``: each name's latest value at the
+    episode's end, averaged over episodes as ``environment/<name>``, and ``val/<name>`` in
+    validation)."""
 
     messages: list[dict] = field(default_factory=list)
     reward: float = 0.0
@@ -102,7 +106,14 @@ def checked_reset(env, row: dict) -> Reset:
     for tool in tools:
         if not callable(tool):
             raise EnvironmentOutputError(f"{where}: tool {tool!r} is not callable; give tools as Python functions")
-    return Reset(messages, tools)
+    return Reset(messages, tools, _checked_info(result.info, where))
+
+
+def _checked_info(info, where: str) -> dict[str, float]:
+    if not isinstance(info, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in info.items()):
+        raise EnvironmentOutputError(f"{where} returned info={info!r}; info maps names (str) to numbers")
+    return {k: float(v) for k, v in info.items()}
 
 
 def checked_step(env, message: dict) -> Step:
@@ -120,7 +131,4 @@ def checked_step(env, message: dict) -> Step:
     if not result.done and not messages:
         raise EnvironmentOutputError(f"{where} returned done=False with no messages: the policy would have nothing to "
                                f"answer. Return a message, or done=True")
-    if not isinstance(result.info, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in result.info.items()):
-        raise EnvironmentOutputError(f"{where} returned info={result.info!r}; info maps names (str) to numbers")
-    return Step(messages, float(result.reward), result.done, dict(result.info))
+    return Step(messages, float(result.reward), result.done, _checked_info(result.info, where))

@@ -94,7 +94,7 @@ class Episode:
         self.segments = [Segment(render_ids(tokenizer, self.messages, self.schemas, True))]
         self.reward, self.done, self.used = 0.0, False, 0
         self.counts = dict.fromkeys(COUNTS, 0)
-        self.info: dict[str, float] = {}
+        self.info: dict[str, float] = dict(start.info)  # each name's latest value
 
     @property
     def row(self) -> Segment:

@@ -5,7 +5,8 @@ number for an answer): each policy turn is an answer, scored by ``numeric_answer
 answer ends the episode with reward 1; a wrong one gets ``message`` back as a user turn
 until ``attempts`` answers have been given, and the episode's reward is the last answer's
 correctness. ``info`` reports ``first_attempt`` and ``last_attempt`` (1 when right) and
-``attempts``, so a run with one attempt and one with three can be compared on both.
+``attempts``, so a run with one attempt and one with three can be compared on both; an
+episode cut before an answer (a reply past its token limit) counts as wrong on both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class FeedbackEnvironment(Environment):
                              f"has none (a reference column is needed)")
         prompt = row["prompt"]
         self.reference, self.given, self.first = row["reference"], 0, None
-        return Reset(list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}])
+        messages = list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}]
+        # an episode cut before its first answer (a reply past max_new_tokens) answered nothing right
+        return Reset(messages, info={"first_attempt": 0.0, "last_attempt": 0.0, "attempts": 0.0})
 
     def step(self, message: dict) -> Step:
         right = float(numeric_answer([message["content"]], [self.reference])[0])
@@ -34,6 +37,6 @@ class FeedbackEnvironment(Environment):
         if self.first is None:
             self.first = right
         done = bool(right) or self.given >= self.attempts
-        info = {"first_attempt": self.first, "last_attempt": right, "attempts": float(self.given)} if done else {}
+        info = {"first_attempt": self.first, "last_attempt": right, "attempts": float(self.given)}
         messages = [] if done else [{"role": "user", "content": self.message}]
         return Step(messages, reward=right if done else 0.0, done=done, info=info)
