@@ -238,6 +238,28 @@ def test_bad_tool_calls_come_back_to_the_policy_as_messages() -> None:
     assert run_tool_call(ToolCall("multiply", {"a": 3, "b": 4}), tools, timeout=1.0).content == "12"
 
 
+def test_a_tokenizer_that_knows_its_format_is_parsed_with_it(teacher, data) -> None:
+    """With a ``response_template``, transformers' parser reads the calls (here a format of
+    its own, ``[CALL]...[/CALL]``), not the Hermes default; a bad call still comes back."""
+    tokenizer = copy.deepcopy(data.tokenizer)
+    tokenizer.response_template = {
+        "defaults": {"role": "assistant"}, "start_anchor": "<assistant>",
+        "fields": {"tool_calls": {"open": "[CALL]", "close": "[/CALL]", "repeats": True, "content": "json",
+                                  "transform": {"type": "function", "function": "{content}"}},
+                   "content": {"close": "<end>", "content": "text"}}}
+    prefix = tokenizer("<user>6*7<end><assistant>", add_special_tokens=False).input_ids
+    (call,) = parse_tool_calls("", tokenizer, raw='[CALL]{"name": "multiply", "arguments": {"a": 6, "b": 7}}[/CALL]<end>',
+                               prefix=prefix)
+    assert (call.name, call.arguments, call.error) == ("multiply", {"a": 6, "b": 7}, None)
+    hermes = '<tool_call>{"name": "multiply", "arguments": {"a": 6, "b": 7}}</tool_call>'
+    assert parse_tool_calls(hermes, tokenizer, raw=hermes + "<end>", prefix=prefix) == []
+    (bad,) = parse_tool_calls("", tokenizer, raw='[CALL]{"name": "multiply",, }[/CALL]<end>', prefix=prefix)
+    assert bad.error.startswith("the reply could not be parsed: json parser could not parse region as JSON")
+    # the tool task's teacher writes Hermes calls, so under this tokenizer its turns are answers
+    (episode,) = run(HFEngine(), teacher, tokenizer, rows_of(data, 1), MultiplyEnvironment)
+    assert episode.counts["tool_calls"] == 0 and episode.counts["ended_by_environment"] == 1
+
+
 def test_an_unknown_tool_in_an_episode_is_told_to_the_policy(teacher, data) -> None:
     """The environment offers ``times``; the policy calls ``multiply`` and hears the names."""
 
@@ -504,3 +526,58 @@ def test_ranks_whose_episodes_take_different_turns_do_not_hang(tmp_path: Path) -
     ended = {rank: {done for r, _, _, done in steps if r == rank} for rank in ("0", "1")}
     # rank 0's episodes ended at their first answer; rank 1's were asked again and went on
     assert ended == {"0": {"1"}, "1": {"0"} | ended["1"]} and "0" in ended["1"], steps
+
+
+@pytest.mark.parametrize("signal", [dict(divergence="sampled_reverse_kl"), dict(divergence="forward_kl", top_k=4)],
+                         ids=["sampled_token", "top_k"])
+def test_on_policy_distillation_scores_the_whole_trajectory_and_trains_the_policys_tokens(signal: dict,
+                                                                                          tmp_path: Path) -> None:
+    """The teacher reads every token of the episode (the tool's answer included) and its
+    scores at the policy's tokens are a plain forward's of the whole row; the objective is
+    the mean over the policy's tokens alone."""
+    from lightning_unified.specs import Dense
+
+    torch.manual_seed(0)
+    data = MultiplyDataModule(num_train=8, num_val=4, batch_size=2, shuffle=False)
+    recorder = Recorder()
+    source = OnPolicy(sampling=Sampling(num_generations=2), importance=Importance(ratio="none"),
+                      environment=EnvironmentSpec(cls=MultiplyEnvironment, max_turns=3, max_tokens=64))
+    module = UnifiedModule(checkpoint_path("multiply_start"), data.tokenizer, source,
+                           Dense(teacher=checkpoint_path("multiply_teacher"), **signal), stages=[recorder],
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.0), samples_every_n_steps=None)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    quiet_trainer(max_steps=1, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(module, datamodule=data)
+    batch = recorder.batch
+    mask = batch[fields.LOSS_MASK].bool()
+    assert (batch[fields.RESPONSE_MASK].bool() & ~mask).any()  # the tool's turns are in the rows
+    student = AutoModelForCausalLM.from_pretrained(checkpoint_path("multiply_start")).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(checkpoint_path("multiply_teacher")).eval()
+
+    def logp(model):
+        ids = torch.cat([batch[fields.PROMPT_IDS], batch[fields.RESPONSE_IDS]], 1)
+        attention = torch.cat([batch[fields.PROMPT_MASK], batch[fields.RESPONSE_MASK]], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention,
+                           position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).logits
+        return torch.log_softmax(logits[:, batch[fields.PROMPT_IDS].shape[1] - 1:-1].double(), -1)
+
+    teacher_logp, student_logp = logp(teacher), logp(student)
+    targets = batch[fields.RESPONSE_IDS][..., None]
+    if signal["divergence"] == "sampled_reverse_kl":
+        scored = batch[fields.TEACHER_TOKEN_LOGP]
+        torch.testing.assert_close(scored[mask].double(), teacher_logp.gather(-1, targets)[..., 0][mask], atol=1e-4,
+                                   rtol=0)
+        expected = (student_logp.gather(-1, targets) - teacher_logp.gather(-1, targets))[..., 0][mask].mean()
+        everything = (student_logp.gather(-1, targets) - teacher_logp.gather(-1, targets))[..., 0][
+            batch[fields.RESPONSE_MASK].bool()].mean()
+    else:
+        torch.testing.assert_close(batch[fields.TEACHER_TOPK_LOGP][mask].double(),
+                                   teacher_logp.topk(4, -1).values[mask], atol=1e-4, rtol=0)
+        expected = everything = None
+    logged = next(float(r["train/objective"]) for r in read_metrics(Path(logger.log_dir) / "metrics.csv")
+                  if r.get("train/objective"))
+    if expected is not None:
+        assert logged == pytest.approx(expected.item(), rel=1e-3, abs=1e-5)
+        assert abs(everything.item() - expected.item()) > 1e-3  # the tool's tokens would change it
+    else:
+        assert logged > 0  # a forward KL from the teacher's top-k

@@ -357,3 +357,44 @@ def test_a_vllm_teacher_beside_a_vllm_sampler_is_the_hf_teachers_run() -> None:
     assert moved > 1e-3, "the steps moved the policy"
     for (name, a), b in zip(through_hf.policy.named_parameters(), through_vllm.policy.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs between hf and vllm teachers")
+
+
+@pytest.fixture(scope="module")
+def tool_teacher_server(tmp_path_factory):
+    """The tool task's teacher behind a real server."""
+    running = TeacherServer(checkpoint_path("multiply_teacher"), tmp_path_factory.mktemp("tool_server") / "server.log")
+    yield running.start()
+    running.stop()
+
+
+def _distill_episodes(signal: Dense) -> UnifiedModule:
+    """Two steps of on-policy distillation over the tool task's episodes (the policy calls
+    multiply, reads it, answers), from its start policy, with the same samples each time."""
+    from lightning_unified.specs import Environment
+    from lightning_unified.tasks.multiply import MultiplyDataModule, MultiplyEnvironment
+
+    L.seed_everything(0)
+    data = MultiplyDataModule(num_train=8, num_val=4, batch_size=2, shuffle=False)
+    source = OnPolicy(sampling=Sampling(num_generations=2), importance=Importance(ratio="none"),
+                      environment=Environment(cls=MultiplyEnvironment, max_turns=3, max_tokens=64))
+    module = UnifiedModule(checkpoint_path("multiply_start"), data.tokenizer, source, signal,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5), samples_every_n_steps=None)
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=data)
+    return module
+
+
+@pytest.mark.parametrize("signal", [dict(divergence="sampled_reverse_kl"), dict(divergence="forward_kl", top_k=TOP_K)],
+                         ids=["sampled_token", "top_k"])
+@pytest.mark.parametrize("engine", ["server", "vllm"])
+def test_a_served_or_vllm_teacher_over_multi_turn_episodes_is_the_hf_teachers_run(tool_teacher_server, signal: dict,
+                                                                                   engine: str) -> None:
+    """The teacher scores whole trajectories (the tool's turns as context) token ids in,
+    log-probs out: through the server or an in-process vLLM engine, the same update as
+    the teacher in the training process."""
+    teacher = checkpoint_path("multiply_teacher")
+    through_hf = _distill_episodes(Dense(teacher=teacher, **signal))
+    other = (Dense(engine="server", url=tool_teacher_server.url, **signal) if engine == "server"
+             else Dense(teacher=teacher, engine="vllm", **signal))
+    through_other = _distill_episodes(other)
+    start = load_causal_lm(checkpoint_path("multiply_start"))
+    assert_same_run(through_hf, through_other, start, moved=1e-3, other=engine)

@@ -182,12 +182,14 @@ def _after_reply(episode: Episode, reply: list[int], tokenizer, stops: tuple[int
     """The environment's answer to the policy's reply, appended; or the episode's end."""
     ended = bool(reply) and reply[-1] in stops
     text = tokenizer.decode(reply[:-1] if ended else reply, skip_special_tokens=False)
+    before = episode.row.context()[:-len(reply)] if reply else episode.row.context()
     if not ended:
         episode.end("over_budget" if episode.used >= limits.max_tokens else "reply_cut")
         return
     message = {"role": "assistant", "content": text}
     # an environment without tools hears every turn, whatever it looks like
-    calls = parse_tool_calls(text, tokenizer) if episode.tools else []
+    calls = parse_tool_calls(text, tokenizer, raw=tokenizer.decode(reply, skip_special_tokens=False), prefix=before,
+                             schemas=episode.schemas) if episode.tools else []
     if calls:
         answer = []
         for call in calls:

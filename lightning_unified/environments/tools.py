@@ -4,9 +4,9 @@ renders, the calls parsed from its text, and the calls run with a time limit.
 A tool's schema comes from its name, type hints and Google-style docstring
 (``transformers.utils.get_json_schema``, what ``apply_chat_template(tools=[fn])`` uses).
 
-Which text is a tool call: where the tokenizer carries a ``response_schema`` (transformers
-then knows its template's own format and parses with ``tokenizer.parse_response``), that;
-otherwise the Hermes format that Qwen2.5, Qwen3, Hermes and SmolLM3 templates ask for, one
+Which text is a tool call: where the tokenizer carries a ``response_template`` (transformers
+then knows its template's own format and parses with ``tokenizer.parse_response``, given the
+prompt before the reply and the tools' schemas), that; otherwise the Hermes format that Qwen2.5, Qwen3, Hermes and SmolLM3 templates ask for, one
 JSON object per call between ``<tool_call>`` and ``</tool_call>``::
 
     <tool_call>{"name": "multiply", "arguments": {"a": 123, "b": 456}}</tool_call>
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from transformers.utils import get_json_schema
 
 HERMES = "hermes"
-RESPONSE_SCHEMA = "response_schema"
+RESPONSE_TEMPLATE = "response_template"
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
 
 
@@ -63,14 +63,25 @@ class ToolCall:
 
 
 def tool_call_format(tokenizer) -> str:
-    """``response_schema`` where the tokenizer has one, else ``hermes``."""
-    return RESPONSE_SCHEMA if getattr(tokenizer, "response_schema", None) else HERMES
+    """``response_template`` where the tokenizer has one, else ``hermes``."""
+    return RESPONSE_TEMPLATE if getattr(tokenizer, "response_template", None) else HERMES
 
 
-def parse_tool_calls(text: str, tokenizer=None) -> list[ToolCall]:
-    """The tool calls in one policy turn's ``text`` (empty: the turn is an answer)."""
-    if tokenizer is not None and tool_call_format(tokenizer) == RESPONSE_SCHEMA:
-        return _from_response_schema(text, tokenizer)
+def describe_tool_call_format(tokenizer) -> str:
+    """Which text the policy's tool calls are read from, for the run's log."""
+    if tool_call_format(tokenizer) == RESPONSE_TEMPLATE:
+        return "the tokenizer's response_template (transformers' parse_response)"
+    return ("Hermes JSON between <tool_call> and </tool_call> (the tokenizer has no response_template; "
+            "lightning_unified/environments/tools.py)")
+
+
+def parse_tool_calls(text: str, tokenizer=None, *, raw: str | None = None, prefix: list[int] | None = None,
+                     schemas: list[dict] | None = None) -> list[ToolCall]:
+    """The tool calls in one policy turn's ``text`` (empty: the turn is an answer). With a
+    tokenizer's ``response_template``, the reply as generated (``raw``, its stop token
+    included) is parsed after ``prefix``, the token ids before it."""
+    if tokenizer is not None and tool_call_format(tokenizer) == RESPONSE_TEMPLATE:
+        return _from_response_template(text if raw is None else raw, tokenizer, prefix or [], schemas)
     calls = []
     for body, closing in _HERMES_CALL.findall(text):
         if not closing:
@@ -102,11 +113,11 @@ def _call(name: str, arguments) -> ToolCall:
     return ToolCall(name, arguments)
 
 
-def _from_response_schema(text: str, tokenizer) -> list[ToolCall]:
+def _from_response_template(raw: str, tokenizer, prefix: list[int], schemas: list[dict] | None) -> list[ToolCall]:
     try:
-        message = tokenizer.parse_response(text)
+        message = tokenizer.parse_response(raw, prefix=prefix, **({"tools": schemas} if schemas else {}))
     except Exception as error:  # the template's parser refuses the text: the policy hears why
-        return [ToolCall(None, None, f"the reply could not be parsed: {error}")]
+        return [ToolCall(None, None, f"the reply could not be parsed: {str(error).splitlines()[0]}")]
     calls = []
     for call in message.get("tool_calls") or []:
         function = call.get("function", call) if isinstance(call, dict) else None

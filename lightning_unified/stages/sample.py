@@ -8,12 +8,14 @@ import random
 import time
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.environments.sampling import sample_episodes
+from lightning_unified.environments.tools import describe_tool_call_format
 from lightning_unified.specs import OnPolicy
 from lightning_unified.stages.base import Stage
 from lightning_unified.stages.sample_ahead import SamplingAhead, check_resumed_lag
@@ -174,6 +176,13 @@ class SampleStage(Stage):
             rows = self.sample_with(engine, pl_module, batch, request)
         rows["version"] = pl_module.rollouts.weights_version(step)
         self.apply(batch, rows)
+
+    def setup(self, trainer, host, stage: str) -> None:
+        spec = self.data_source.environment
+        if stage == "fit" and spec.enabled:
+            rank_zero_info(f"episodes against {getattr(spec.cls, '__qualname__', spec.cls)}: up to {spec.max_turns} "
+                           f"policy turns and {spec.max_tokens} tokens each; tool calls read as "
+                           f"{describe_tool_call_format(host.tokenizer)}")
 
     # --- sampling ahead (max_lag >= 1) ---------------------------------------------------
     def on_train_start(self, trainer, host) -> None:
