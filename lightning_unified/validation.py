@@ -88,6 +88,10 @@ def score_batch(module, batch: dict) -> dict:
     spec = validation_environment(module)
     if spec is not None:
         result = greedy_episodes(module, batch, spec)
+        clash = sorted(set(result["scores"]) & set(module.val_rewards))
+        if clash:
+            raise ValueError(f"validation reward(s) {clash} have the names of the episodes' own numbers (reward, turns "
+                             f"and the environment's info: {sorted(result['scores'])}); rename them in val_rewards")
         prompts = decode_prompts(module.tokenizer, batch)
         references = batch.get(fields.REFERENCES, [None] * len(result["completions"]))
         result["scores"].update(score_each(module.val_rewards, completions=result["completions"], prompts=prompts,

@@ -293,6 +293,8 @@ class Wrong(Environment):
         return Reset([{"role": "user", "content": row["prompt"][0]["content"]}], tools=[multiply])
 
     def step(self, message):
+        if self.mistake == "info_name":
+            return Step(reward=1.0, done=True, info={"turns": 2})
         return {"reward": 1.0} if self.mistake == "step_type" else Step(reward="1", done=True)
 
 
@@ -301,6 +303,7 @@ class Wrong(Environment):
     ("content_type", r"Wrong.reset: message 0 \(user\) has content of type int"),
     ("step_type", r"test_environments.Wrong.step returned dict; expected .*Step"),
     ("reward_type", r"Wrong.step returned reward '1'; a reward is a finite float"),
+    ("info_name", r"Wrong.step returned info named \['turns'\], which the episode logs itself"),
 ])
 def test_an_environment_returning_the_wrong_types_is_named(teacher, data, mistake, expected) -> None:
     with pytest.raises(EnvironmentOutputError, match=expected):

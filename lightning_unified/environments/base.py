@@ -20,6 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant", "tool")
+# what the episode runner counts for every episode, logged beside the episode's reward as
+# environment/<name> and val/<name>: an environment's own info takes other names
+EPISODE_COUNTS = ("turns", "tool_calls", "tool_errors", "tool_timeouts", "ended_by_environment", "max_turns_reached",
+                  "reply_cut", "over_budget", "splits", "response_tokens", "environment_tokens")
 
 
 @dataclass
@@ -113,6 +117,10 @@ def _checked_info(info, where: str) -> dict[str, float]:
     if not isinstance(info, Mapping) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in info.items()):
         raise EnvironmentOutputError(f"{where} returned info={info!r}; info maps names (str) to numbers")
+    taken = sorted(set(info) & {"reward", *EPISODE_COUNTS})
+    if taken:
+        raise EnvironmentOutputError(f"{where} returned info named {taken}, which the episode logs itself (reward and "
+                                     f"{list(EPISODE_COUNTS)}); give them other names")
     return {k: float(v) for k, v in info.items()}
 
 

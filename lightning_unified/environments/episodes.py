@@ -34,11 +34,10 @@ import torch
 from torch import Tensor
 
 from lightning_unified.engines.base import GenerationRequest
-from lightning_unified.environments.base import Reset, checked_reset, checked_step
+from lightning_unified.environments.base import EPISODE_COUNTS, Reset, checked_reset, checked_step
 from lightning_unified.environments.tools import parse_tool_calls, run_tool_call, tool_schemas
 
-COUNTS = ("turns", "tool_calls", "tool_errors", "tool_timeouts", "ended_by_environment", "max_turns_reached",
-          "reply_cut", "over_budget", "splits", "response_tokens", "environment_tokens")
+COUNTS = EPISODE_COUNTS
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import random
 import time
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
