@@ -53,6 +53,11 @@ METHODS = {
     # it and answers; every rank runs the same number of turns (FSDP2's forwards need it)
     "rl_environment": ["task=multiply", "data_source=on_policy", "signal=sparse", "signal.advantage=reinforce",
                        "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1"],
+    # the same, sampled a batch ahead: each rank's producer runs whole episodes from its own copy
+    # of the weights, with no collective in its thread beside the training step's
+    "rl_environment_lag1": ["task=multiply", "data_source=on_policy", "signal=sparse", "signal.advantage=reinforce",
+                            "data_source.sampling.num_generations=2", "data_source.sampling.top_k=1",
+                            "data_source.sampling.max_lag=1"],
 }
 FSDP2_ONLY = {"dpo", "self_distill"}
 # two steps of SGD without clipping on rows read in order; no samples written
@@ -87,7 +92,7 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
 def _start(method: str) -> str | None:
     from lightning_unified.tasks.addition import checkpoint_path
 
-    if method == "rl_environment":
+    if method.startswith("rl_environment"):
         return checkpoint_path("multiply_start")
     return checkpoint_path("rl_start") if method in ("rl", "dpo", "self_distill") else None
 

@@ -130,17 +130,21 @@ def run_episodes(engine, policy, tokenizer, rows: list[dict], factory: Callable,
                  limits: EpisodeLimits, device, group: int = 1) -> list[Episode]:
     """``group`` episodes per row of ``rows`` (each a fresh environment from ``factory``),
     run turn by turn through ``engine`` until every one has ended. ``request`` holds the
-    per-turn ``max_new_tokens``, the sampling settings and the seed; ``request.synced``:
-    every rank runs the same number of turns."""
+    per-turn ``max_new_tokens``, the sampling settings and the seed; ``request.synced``
+    with an engine that runs the training model: every rank runs the same number of turns."""
     episodes = []
     for index, row in enumerate(rows):
         for _ in range(group):
             env = factory()
             episodes.append(Episode(env, checked_reset(env, row), index, tokenizer))
     stops = request.stop_token_ids
+    # the training model's own generate under a sharded strategy: every rank runs every turn.
+    # An engine with weights of its own (vLLM, hf's copy when sampling ahead) runs no
+    # collectives, and must not: it may be in the producer's thread beside the training step's
+    lockstep = request.synced and engine.shares_weights and torch.distributed.is_initialized()
     for turn in range(limits.max_turns):
         active = [e for e in episodes if not e.done]
-        if request.synced and torch.distributed.is_initialized():
+        if lockstep:
             if not _any_rank(bool(active), device):
                 break
         elif not active:
