@@ -584,3 +584,23 @@ def test_on_policy_distillation_scores_the_whole_trajectory_and_trains_the_polic
         assert abs(everything.item() - expected.item()) > 1e-3  # the tool's tokens would change it
     else:
         assert logged > 0  # a forward KL from the teacher's top-k
+
+
+def test_a_mixed_source_trains_on_demonstrations_and_on_episodes(tmp_path: Path) -> None:
+    """GKD's mixture on the tool task: some batches are the written conversations (the tool's
+    turns out of the loss), the others the policy's episodes, each distilled from the teacher."""
+    from lightning_unified.specs import Dense
+
+    data = MultiplyDataModule(num_train=16, num_val=4, batch_size=2, shuffle=False)
+    source = OnPolicy(sampling=Sampling(num_generations=2), probability=0.5, seed=3,
+                      environment=EnvironmentSpec(cls=MultiplyEnvironment, max_turns=3, max_tokens=64))
+    module = UnifiedModule(checkpoint_path("multiply_start"), data.tokenizer, source,
+                           Dense(teacher=checkpoint_path("multiply_teacher"), divergence="jsd"),
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), samples_every_n_steps=None)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    quiet_trainer(max_steps=4, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(module, datamodule=data)
+    rows = [r for r in read_metrics(Path(logger.log_dir) / "metrics.csv") if r.get("sampling/on_policy")]
+    kinds = {float(r["sampling/on_policy"]) for r in rows}
+    assert kinds == {0.0, 1.0}, rows
+    assert all(bool(r.get("environment/turns")) == (float(r["sampling/on_policy"]) == 1.0) for r in rows)
+    assert all(float(r["train/objective"]) > 0 for r in rows if r.get("train/objective"))

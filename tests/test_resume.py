@@ -42,6 +42,8 @@ def overrides(experiment: str) -> list[str]:
         experiment, engine = "rl", ["data_source.sampling.engine=vllm", "data_source.sampling.vllm.kv_cache_gib=0.25"]
     if experiment == "rl_lag2":  # two batches sampled ahead: the checkpoint keeps them and their rows
         experiment, engine = "rl", ["data_source.sampling.max_lag=2"]
+    if experiment == "rl_environment":  # multi-turn episodes on the tool task, validated in greedy episodes
+        experiment, engine = "rl", ["task=multiply"]
     sampled = ["data_source.sampling.num_generations=2"] if experiment in ("rl", "on_policy_distill", "gkd") else []
     return [*engine, f"experiment={experiment}", f"trainer.max_steps={STEPS}", "checkpoint_every_n_steps=2",
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null", *sampled,
@@ -76,7 +78,7 @@ def kill_after_step_2(overrides: list[str], run_dir: Path) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd", "rl_lag2",
+@pytest.mark.parametrize("experiment", ["sft", "distill", "rl", "on_policy_distill", "gkd", "rl_lag2", "rl_environment",
                                         pytest.param("rl_vllm", marks=pytest.mark.skipif(
                                             importlib.util.find_spec("vllm") is None, reason="the vllm extra"))])
 def test_killed_and_resumed_equals_uninterrupted(experiment: str, tmp_path: Path) -> None:

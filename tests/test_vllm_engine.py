@@ -111,6 +111,12 @@ def test_a_weight_sync_does_not_warn_about_the_rotary_cache(engine_and_policy) -
     layerwise = logging.getLogger(RELOAD_LOGGER)
     lines = Lines()
     layerwise.addHandler(lines)  # behind the logger's filters, as vLLM's own handler is
+    # whatever ran before in this process (a test's log capture, a library's logging setup)
+    # may have raised the logger's level or disabled it: the warnings must reach it here
+    state = (layerwise.disabled, layerwise.level, logging.root.manager.disable)
+    layerwise.disabled = False
+    layerwise.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
     try:
         notices = [f for f in layerwise.filters if isinstance(f, RotaryReloadNotice)]
         assert notices, "the engine's start installed the filter"
@@ -124,6 +130,9 @@ def test_a_weight_sync_does_not_warn_about_the_rotary_cache(engine_and_policy) -
         assert "RotaryEmbedding: Failed to load weights" in lines.lines
     finally:
         layerwise.removeHandler(lines)
+        layerwise.disabled, _, _ = state
+        layerwise.setLevel(state[1])
+        logging.disable(state[2])
         quiet_rotary_reload_notice()
 
     def record(layer: str) -> logging.LogRecord:
