@@ -192,6 +192,7 @@ class FailingTool(MultiplyEnvironment):
     """The task's environment, whose ``multiply`` raises or hangs."""
 
     def __init__(self, failure):
+        super().__init__()
         self.failure = failure
 
     def reset(self, row):

@@ -31,6 +31,7 @@ from lightning_unified.data.collate import ListDataset, TokenCollator, training_
 from lightning_unified.data.conversations import render_conversation
 from lightning_unified.data.identity import check_same_data, data_identity
 from lightning_unified.environments.base import Environment, Reset, Step
+from lightning_unified.environments.episodes import render_ids
 from lightning_unified.environments.tools import tool_schemas
 from lightning_unified.rewards.text import exact_match
 from lightning_unified.specs import Environment as EnvironmentSpec
@@ -78,14 +79,17 @@ def tool_call_text(a: int, b: int) -> str:
 
 
 class MultiplyEnvironment(Environment):
-    """Offers ``multiply``; the first turn without a tool call is the answer: reward 1 when
-    it is the product, else 0, and the episode ends."""
+    """Offers ``multiply`` (``offer_tool=False``: nothing); the first turn without a tool
+    call is the answer: reward 1 when it is the product, else 0, and the episode ends."""
+
+    def __init__(self, offer_tool: bool = True):
+        self.offer_tool = offer_tool
 
     def reset(self, row: dict) -> Reset:
         prompt = row["prompt"]
         messages = list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}]
         self.reference = row["reference"]
-        return Reset(messages, tools=[multiply])
+        return Reset(messages, tools=[multiply] if self.offer_tool else [])
 
     def step(self, message: dict) -> Step:
         return Step(reward=float(message["content"].strip() == self.reference), done=True)
@@ -105,9 +109,12 @@ def make_problems(num_train: int, num_val: int, seed: int) -> tuple[list[dict], 
     return problems[num_val:], problems[:num_val]
 
 
-def demonstration(problem: dict) -> list[dict]:
-    """The written conversation that uses the tool once and answers with its result."""
+def demonstration(problem: dict, use_tool: bool = True) -> list[dict]:
+    """The written conversation that uses the tool once and answers with its result (or,
+    without the tool, answers at once)."""
     a, b = problem["a"], problem["b"]
+    if not use_tool:
+        return [*problem["prompt"], {"role": "assistant", "content": str(a * b)}]
     return [*problem["prompt"], {"role": "assistant", "content": tool_call_text(a, b)},
             {"role": "tool", "name": "multiply", "content": str(a * b)},
             {"role": "assistant", "content": str(a * b)}]
@@ -116,15 +123,19 @@ def demonstration(problem: dict) -> list[dict]:
 class MultiplyDataModule(L.LightningDataModule):
     """``num_train`` demonstrations (the prompts on-policy runs sample from too) and
     ``num_val`` held-out problems. ``environment``: what validation (and on-policy
-    sampling, through ``data_source.environment``) talks to."""
+    sampling, through ``data_source.environment``) talks to. ``use_tool=False``: the same
+    task with no tool, in the demonstrations or the environment (what a model does alone)."""
 
     def __init__(self, num_train: int = 400, num_val: int = 200, batch_size: int = 16, val_batch_size: int = 200,
-                 seed: int = 0, shuffle: bool = True, num_workers: int = 0, max_turns: int = 3, max_tokens: int = 64):
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 0, max_turns: int = 3, max_tokens: int = 64,
+                 use_tool: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = tool_chat_tokenizer()
         self.train_problems, self.val_problems = make_problems(num_train, num_val, seed)
-        self.environment = EnvironmentSpec(cls=MultiplyEnvironment, max_turns=max_turns, max_tokens=max_tokens)
+        self.environment = EnvironmentSpec(cls=MultiplyEnvironment, options={"offer_tool": use_tool},
+                                           max_turns=max_turns, max_tokens=max_tokens)
+        self.schemas = tool_schemas([multiply]) if use_tool else []
         self._examples = None
 
     @property
@@ -155,12 +166,11 @@ class MultiplyDataModule(L.LightningDataModule):
         """Each demonstration as token ids: the prompt (with the tool's schema rendered), then
         both assistant turns (loss mask 1) and the tool's answer between them (loss mask 0)."""
         if self._examples is None:
-            schemas = tool_schemas([multiply])
             end = self.tokenizer.convert_tokens_to_ids(END)
             self._examples = []
             for i, problem in enumerate(self.train_problems):
-                trajectory = render_conversation(self.tokenizer, demonstration(problem), stop_id=end, tools=schemas,
-                                                 where=f"tool task demonstration {i}")
+                trajectory = render_conversation(self.tokenizer, demonstration(problem, self.hparams.use_tool),
+                                                 stop_id=end, tools=self.schemas, where=f"tool task demonstration {i}")
                 self._examples.append({"prompt_ids": trajectory.prompt_ids, "response_ids": trajectory.response_ids,
                                        "loss_mask": trajectory.loss_mask, "prompt": problem["prompt"],
                                        "reference": problem["reference"]})
@@ -175,10 +185,7 @@ class MultiplyDataModule(L.LightningDataModule):
                                   collate_fn=TokenCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> StatefulDataLoader:
-        schemas = tool_schemas([multiply])
-        from lightning_unified.environments.episodes import render_ids
-
-        examples = [{"prompt_ids": render_ids(self.tokenizer, p["prompt"], schemas, True), "prompt": p["prompt"],
+        examples = [{"prompt_ids": render_ids(self.tokenizer, p["prompt"], self.schemas, True), "prompt": p["prompt"],
                      "reference": p["reference"]} for p in self.val_problems]
         return StatefulDataLoader(ListDataset(examples), batch_size=self.hparams.val_batch_size,
                                   num_workers=self.hparams.num_workers,
