@@ -605,3 +605,27 @@ def test_a_mixed_source_trains_on_demonstrations_and_on_episodes(tmp_path: Path)
     assert kinds == {0.0, 1.0}, rows
     assert all(bool(r.get("environment/turns")) == (float(r["sampling/on_policy"]) == 1.0) for r in rows)
     assert all(float(r["train/objective"]) > 0 for r in rows if r.get("train/objective"))
+
+
+def test_a_tool_whose_schema_cannot_be_written_is_named() -> None:
+    from lightning_unified.environments.tools import ToolSchemaError, tool_schemas
+
+    def undocumented(a: int) -> int:
+        return a
+
+    def duplicate(a: int, b: int) -> int:
+        """Multiply, again.
+
+        Args:
+            a: The first factor.
+            b: The second factor.
+        """
+        return a * b
+
+    duplicate.__name__ = "multiply"
+    with pytest.raises(ToolSchemaError, match="tool 'undocumented'.*docstring with an Args: section"):
+        tool_schemas([undocumented])
+    with pytest.raises(ToolSchemaError, match="two tools are named 'multiply'"):
+        tool_schemas([multiply, duplicate])
+    (schema,) = tool_schemas([multiply])
+    assert schema["function"]["name"] == "multiply" and set(schema["function"]["parameters"]["properties"]) == {"a", "b"}
