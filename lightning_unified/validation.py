@@ -33,14 +33,19 @@ def validation_rewards(own: dict[str, Callable] | None, datamodule) -> dict[str,
     return dict(getattr(datamodule, "val_rewards", None) or {"exact_match": exact_match})
 
 
-@torch.no_grad()
-def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-    """``module``'s greedy answers to the prompts, decoded, from its rollout engine."""
-    request = GenerationRequest(
+def greedy_request(module) -> GenerationRequest:
+    """Validation's request: greedy, the module's longest answer, every rank in step."""
+    return GenerationRequest(
         max_new_tokens=module.max_new_tokens, stop_token_ids=tuple(module.stop_token_ids),
         pad_token_id=module.tokenizer.pad_token_id, greedy=True,
         synced=module.trainer.world_size > 1 if attached_trainer(module) is not None else False,
     )
+
+
+@torch.no_grad()
+def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
+    """``module``'s greedy answers to the prompts, decoded, from its rollout engine."""
+    request = greedy_request(module)
     with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
         rollout = engine.generate(module.policy, prompt_ids, prompt_mask, request)
     return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
@@ -65,11 +70,7 @@ def validation_environment(module):
 def greedy_episodes(module, batch: dict, spec) -> dict:
     """One greedy episode per held-out prompt: each one's last reply, and its reward, turns
     and ``info`` (the environment's numbers) as scores."""
-    request = GenerationRequest(
-        max_new_tokens=module.max_new_tokens, stop_token_ids=tuple(module.stop_token_ids),
-        pad_token_id=module.tokenizer.pad_token_id, greedy=True,
-        synced=module.trainer.world_size > 1 if attached_trainer(module) is not None else False,
-    )
+    request = greedy_request(module)
     with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
         episodes = run_episodes(engine, module.policy, module.tokenizer, reset_rows(batch, module.tokenizer),
                                 spec.factory(), request, limits_of(spec), batch[fields.PROMPT_IDS].device)

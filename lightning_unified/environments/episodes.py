@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_unified.data.collate import pad
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.environments.base import EPISODE_COUNTS, Reset, checked_reset, checked_step
 from lightning_unified.environments.tools import parse_tool_calls, run_tool_call, tool_schemas
@@ -109,12 +110,7 @@ def turn_seed(seed: int, turn: int) -> int:
 
 
 def _left_padded(contexts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(contexts), width), dtype=torch.long)
-    for i, context in enumerate(contexts):
-        ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
-        mask[i, width - len(context):] = 1
+    ids, mask = pad(contexts, pad_id, "left")
     return ids.to(device), mask.to(device)
 
 
@@ -241,17 +237,11 @@ def episode_rows(episodes: list[Episode], pad_id: int, device) -> dict:
     with each row's episode and prompt, and each episode's reward, counts and info."""
     segments = [(e_index, episode, s) for e_index, episode in enumerate(episodes) for s in episode.segments]
     prompt_ids, prompt_mask = _left_padded([s.prompt for _, _, s in segments], pad_id, device)
-    width = max(1, max(len(s.response) for _, _, s in segments))
-    response = torch.full((len(segments), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(segments), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(segments), width), dtype=torch.long)
-    logp = torch.zeros((len(segments), width))
+    response, response_mask = pad([s.response for _, _, s in segments], pad_id, "right")
+    loss_mask, _ = pad([s.loss_mask for _, _, s in segments], 0, "right")
+    logp = torch.zeros(response.shape)
     for i, (_, _, s) in enumerate(segments):
-        n = len(s.response)
-        response[i, :n] = torch.tensor(s.response, dtype=torch.long)
-        response_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.long)
-        logp[i, :n] = torch.tensor(s.logp)
+        logp[i, :len(s.logp)] = torch.tensor(s.logp)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response.to(device),
             "response_mask": response_mask.to(device), "loss_mask": loss_mask.to(device), "logp": logp.to(device),
             "episode": [e for e, _, _ in segments], "prompt_index": [ep.prompt_index for _, ep, _ in segments],
