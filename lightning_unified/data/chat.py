@@ -1,7 +1,9 @@
 """Prompts through the tokenizer's chat template, and the token that ends a turn.
 
 A chat prompt (a list of ``{role, content}`` messages) is rendered with the template's
-generation prompt, so the model answers as the assistant. A response ends with the
+generation prompt, so the model answers as the assistant. A chat prompt that ends with an
+assistant message is a prefill: the template renders that message open (no end of turn) and
+the model continues it, as TRL does for such prompts. A response ends with the
 template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...) or, without a template,
 with EOS: trained on that, the model learns to stop, and sampling stops there too.
 """
@@ -17,9 +19,16 @@ def is_chat(prompt) -> bool:
     return isinstance(prompt, (list, tuple))
 
 
+def is_prefill(prompt) -> bool:
+    """A chat prompt whose last message is the assistant's: the reply continues it."""
+    return is_chat(prompt) and bool(prompt) and prompt[-1].get("role") == "assistant"
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt: a plain string as it is, a list of messages through the
-    chat template with the generation prompt."""
+    chat template with the generation prompt, or, when the last message is the assistant's,
+    with that message left open for the model to continue (a prefill such as
+    ``"49 + 97 = "``)."""
     if not is_chat(prompt):
         return tokenizer(prompt, add_special_tokens=False).input_ids
     if not getattr(tokenizer, "chat_template", None):
@@ -27,7 +36,10 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict
             f"a prompt is a list of chat messages but the tokenizer {tokenizer.name_or_path!r} has no chat "
             f"template; give plain-string prompts or a tokenizer with a template"
         )
-    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    if is_prefill(prompt):
+        text = tokenizer.apply_chat_template(list(prompt), continue_final_message=True, tokenize=False)
+    else:
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
     # the template writes the special tokens (BOS, role markers) itself
     return tokenizer(text, add_special_tokens=False).input_ids
 
