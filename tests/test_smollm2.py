@@ -24,9 +24,9 @@ import prepare_smollm2  # noqa: E402
 
 
 def write_questions(directory: Path, num_train: int = 16, num_val: int = 8, operations: str = "+-*",
-                    teacher_prompts: bool = False) -> None:
+                    teacher_prompts: bool = False, restate: bool = False) -> None:
     rows = prepare_smollm2.questions(seed=0, count=num_train + num_val, digits=1, operations=operations,
-                                     teacher_prompts=teacher_prompts)
+                                     teacher_prompts=teacher_prompts, restate=restate)
     for name, part in (("val", rows[:num_val]), ("train", rows[num_val:])):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
@@ -37,6 +37,13 @@ def test_questions_in_the_addition_teachers_format() -> None:
         a, b = row["prompt"][0]["content"].removeprefix("What is ").split("?")[0].split("+")
         # the teacher's answer is three digits: its leading zero is in the prompt when the sum has two
         assert row["teacher_prompt"] + row["reference"] == f"{int(a):02d}+{int(b):02d}={int(a) + int(b):03d}"
+    # --restate: the same questions, each prompt ending with the assistant's reply begun
+    restated = prepare_smollm2.questions(seed=0, count=200, digits=2, operations="+", teacher_prompts=True,
+                                         restate=True)
+    for row, plain in zip(restated, rows):
+        assert row["prompt"][:1] == plain["prompt"] and row["reference"] == plain["reference"]
+        a, b = plain["teacher_prompt"][:5].split("+")
+        assert row["prompt"][1] == {"role": "assistant", "content": f"{int(a)} + {int(b)} = "}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_smollm2.py"), "unused", "--teacher-prompts"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "--teacher-prompts writes the built-in addition teacher's format" in done.stderr
@@ -55,9 +62,10 @@ def test_generated_questions_are_distinct_and_correct() -> None:
 def test_smollm2_presets_run_on_a_tiny_chat_model(preset: str, tmp_path: Path) -> None:
     # two heads of width 32: smollm2_grpo samples through vLLM, whose CPU attention takes head sizes of 32 and up
     model = save_chat_model(tmp_path / "model", num_attention_heads=2, num_key_value_heads=2)
-    # the addition teacher's preset reads each question in that teacher's format too
+    # the addition teacher's preset reads each question in that teacher's format too, and its
+    # prompts end with the sum written out (prepare_smollm2.py --restate)
     across = preset == "smollm2_opd_addition_teacher"
-    write_questions(tmp_path, operations="+" if across else "+-*", teacher_prompts=across)
+    write_questions(tmp_path, operations="+" if across else "+-*", teacher_prompts=across, restate=across)
     cfg = compose_config([f"experiment={preset}", f"model.path={model}", f"task.train={tmp_path / 'train.jsonl'}",
                           f"task.val={tmp_path / 'val.jsonl'}", "trainer.max_steps=2", "trainer.val_check_interval=2",
                           "trainer.log_every_n_steps=1", "task.batch_size=4", "save_policy=null",
