@@ -237,7 +237,6 @@ def test_a_column_mapped_to_null_is_left_out(chat_model: str, tmp_path: Path) ->
         load(tmp_path, chat_model, chat_rows(), columns={"prompt": None})
 
 
-
 def test_a_prompt_ending_with_an_assistant_message_is_continued(chat_model: str, tmp_path: Path) -> None:
     """A prefill: the assistant's last message stays open (no end of turn after it, no second
     assistant header), and the reply continues it, as TRL renders such a prompt."""
@@ -248,11 +247,14 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued(chat_model: str,
     data = load(tmp_path, chat_model, prefilled, columns={"prompt": "question", "response": None})
     tokenizer = data.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(data.train_examples) == len(plain) == len(QUESTIONS)
     for (a, b), example, without in zip(QUESTIONS, data.train_examples, plain):
         ids, start = example["prompt_ids"], without["prompt_ids"]
         assert ids[: len(start)] == start, "the question and the assistant's header, as without the prefill"
         assert tokenizer.decode(ids[len(start):]) == f"{a} + {b} = "
         assert end_of_turn not in ids[len(start):]
+
+
 # --- every reader keeps the file's strings ------------------------------------------------------
 def test_a_gzipped_jsonl_is_read_and_its_bad_lines_named(tmp_path: Path) -> None:
     import gzip
