@@ -4,7 +4,7 @@
 (:class:`OffPolicy`, :class:`OnPolicy`) combined with a ``signal`` spec (:class:`Sparse`,
 :class:`Dense`, :class:`Preference`), optionally with a :class:`Reference` KL penalty. The math underneath
 lives in :mod:`lightning_unified.losses`: :mod:`~lightning_unified.losses.objective` is the
-one place where gradients flow, :mod:`~lightning_unified.losses.weights` holds the weight
+one place where gradients flow, :mod:`~lightning_unified.losses.weight_builders` holds the weight
 builders. Models are in :mod:`lightning_unified.models`, data in
 :mod:`lightning_unified.data`, rewards in :mod:`lightning_unified.rewards`, tasks in
 :mod:`lightning_unified.tasks`, rollout engines (hf, vllm) in :mod:`lightning_unified.engines`.

@@ -77,6 +77,9 @@ PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over
 LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed sequence-level log pi_theta / mu (GSPO, importance.level=sequence)
 PROXIMAL_LOGP = "proximal_logp"  # [B, R] float, log pi_prox(y_t): the trainer's policy at the batch's start (decoupled PPO), on the loss tokens
 
+# --- after the stages (lightning_unified/step.py, prepare_batch) --------------------------
+WEIGHT_BUILDERS = "weight_builders"  # WeightBuilders: the builders the loss applies to this batch (builder_choice.py)
+
 # The fields a weight builder may take from the batch, each [B, R, ...] like the response.
 PER_TOKEN_FIELDS = (
     BEHAVIOUR_LOGP,
@@ -99,7 +102,7 @@ PER_TOKEN_FIELDS = (
 )
 
 # Fields that hold one value for the whole batch rather than one per row.
-BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED, VOCABULARY_MATCH)
+BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED, VOCABULARY_MATCH, WEIGHT_BUILDERS)
 
 
 def require(batch: dict, *names: str, who: str) -> None:
@@ -128,19 +131,14 @@ def is_sampled(batch: dict) -> bool:
     return BEHAVIOUR_LOGP in batch if sampled is None else bool(sampled)
 
 
-def select_rows(batch: dict, start: int, stop: int) -> dict:
-    """The rows ``start:stop`` of every per-row field: a mini-batch of a rollout. Tensors and
-    lists are sliced (tensor slices are views, no copy); objects with a ``rows`` method (the
-    teacher's :class:`~lightning_unified.losses.objective.TeacherLogits`) slice themselves."""
-    out = {}
-    for name, value in batch.items():
-        if name in BATCH_WIDE_FIELDS or value is None:
-            out[name] = value
-        elif hasattr(value, "rows"):
-            out[name] = value.rows(start, stop)
-        elif isinstance(value, (list, tuple)) or hasattr(value, "shape"):
-            out[name] = value[start:stop]
-        else:
-            raise TypeError(f"batch field {name!r} ({type(value).__name__}) cannot be split into mini-batches; "
-                            f"give it one value per row, or list it in BATCH_WIDE_FIELDS")
-    return out
+def require_each(batch: dict, needs) -> None:
+    """Each ``(field, who)`` of ``needs`` is in the batch: :func:`require` for a list of
+    fields that different settings need."""
+    for name, who in needs:
+        require(batch, name, who=who)
+
+
+def per_token_fields(batch: dict) -> dict:
+    """The per-token fields a weight builder may take; the loss hands each builder those its
+    signature names (see :class:`lightning_unified.losses.weight_builders.WeightSum`)."""
+    return {name: batch[name] for name in PER_TOKEN_FIELDS if name in batch}

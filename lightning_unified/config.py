@@ -70,7 +70,7 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
     reference = instantiate(cfg.reference) if cfg.get("reference") else None
     # the method and the stages in their order, checked before any data or model loads
     stages = instantiate(cfg.module.get("stages") or [], _convert_="all")
-    build_batch_pipeline(data_source, signal, reference, stages)
+    build_batch_pipeline(data_source, signal, reference, stages, cfg.module.get("temperature"))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.task)
     if resume_state is not None and hasattr(datamodule, "load_state_dict"):
@@ -148,21 +148,12 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
     if getattr(signal, "rewards", None) and (source.samples or getattr(signal, "reward_data", False)):
         parts.append("rewards " + " + ".join(f"{r.weight:g} x {reward_name(r)}" for r in signal.rewards))
     if hasattr(signal, "divergence"):
-        if signal.cache is not None:
-            teacher = f"teacher cache {signal.cache}"
-        elif signal.routed:
-            teacher = "teachers " + ", ".join(f"{name}={t.describe()}" for name, t in signal.teachers.items())
-        elif signal.teachers:
-            teacher = f"teacher {next(iter(signal.teachers.values())).describe()}"
-        else:
-            teacher = f"teacher {signal.teacher}"
-            if signal.is_self and signal.engine == "vllm":
-                teacher += " (scored by the rollout engine)"
+        teacher = f"teacher{'s' if signal.routed else ''} {signal.teacher.describe()}"
         top_k = f" top-{signal.top_k}" if signal.top_k else ""
         parts.append(f"{signal.divergence}{top_k} to {teacher}")
     reference = run.module.reference
     if reference is not None:
-        where = reference.as_served().describe() if reference.path or reference.served else "the starting policy"
+        where = reference.describe()
         parts.append(f"{reference.estimator} KL x {reference.kl_coef:g} to reference {where}")
     batch = cfg.task.get("batch_size")
     if source.samples:

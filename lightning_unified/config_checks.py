@@ -5,7 +5,8 @@ The types come from the signatures the values are handed to (the Trainer's, the
 module's, the task's, the optimizer's, the scheduler's, the model builder's), the ranges
 from the tables below; the run's own keys (``seed``, ``resume``, ...) have a table of their
 own. The ``data_source``, ``signal`` and ``reference`` dataclasses check their own fields
-the same way (:func:`check_fields`), where Python users construct them too.
+the same way (:func:`check_fields`), where Python users construct them too. A check that
+relates two settings is a rule (:mod:`lightning_unified.rules`), not one of these.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_unified.losses.aggregation import AGGREGATIONS
+from lightning_unified.rules import enforce
 from lightning_unified.typecheck import ConfigError, is_number, is_whole, check_value
 
 
@@ -172,11 +174,7 @@ def check_config(cfg: DictConfig) -> None:
     except Exception as error:  # an interpolation to a missing key, a resolver's failure
         raise ConfigError(f"the config does not resolve: {error}") from error
     _ranges(values, "", RUN)
-    source = values.get("data_source")
-    if isinstance(source, Mapping) and str(source.get("_target_", "")).endswith("OffPolicy") and "sampling" in source:
-        raise ConfigError("data_source=off_policy trains on the dataset's responses and samples nothing, so "
-                          "data_source.sampling (max_lag among them) has nothing to act on: use data_source=on_policy "
-                          "or data_source=mixed")
+    enforce("config", values)  # the rules read before anything is built (lightning_unified.rules)
     check_section(values.get("trainer"), "trainer", TRAINER)
     check_section(values.get("module"), "module", MODULE)
     check_section(values.get("task"), "task", TASK)

@@ -7,7 +7,7 @@ import atexit
 
 import torch.distributed as dist
 
-from lightning_unified.engines.rollouts import close_all as close_all_engines
+from lightning_unified.rollouts import close_all as close_all_engines
 
 _REGISTERED = False
 

@@ -1,10 +1,10 @@
-"""UnifiedModule: the policy forward, the weights from the batch's fields, the one loss.
+"""UnifiedModule: one LightningModule for every method.
 
-SFT, distillation, RL and on-policy distillation are the same ``training_step``; what
-differs is the batch its stages (:mod:`lightning_unified.stages`, chosen by
-:mod:`lightning_unified.pipeline`) hand it, and the weight builder
-:mod:`lightning_unified.weighting` picks from its fields. What a stage may read of this
-module is :class:`lightning_unified.stages.host.PolicyHost`.
+A training step is :mod:`lightning_unified.step`, top to bottom; each Lightning hook here
+calls one of its functions. What differs between methods is which stages run
+(:mod:`lightning_unified.pipeline`) and which weight builders the loss gets
+(:mod:`lightning_unified.builder_choice`). What a stage may read of this module is
+:class:`lightning_unified.stages.host.PolicyHost`.
 """
 
 from __future__ import annotations
@@ -20,30 +20,26 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_unified import batch as fields
+from lightning_unified import step
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
-from lightning_unified.engines.rollouts import Rollouts
+from lightning_unified.rollouts import Rollouts
 from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
-from lightning_unified.lightning_private import attached_trainer, writes_logs_now
-from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_reduce_sum, count_tensor, normaliser,
-                                                  normaliser_tensor, token_terms)
-from lightning_unified.losses.weights import WeightSum
+from lightning_unified.lightning_private import attached_trainer
+from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
-from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
-from lightning_unified.progress import TrainingProgress, log_step
-from lightning_unified.replay import RolloutReplay
+from lightning_unified.progress import TrainingProgress
+from lightning_unified.rollout_updates import RolloutUpdates
+from lightning_unified.rules import enforce
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, Environment, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
 from lightning_unified.stages import Stage
-from lightning_unified.stages.host import run_update_hooks
 from lightning_unified.validation import max_new_tokens, validate_batch, validation_rewards
-from lightning_unified.weighting import builder_fields, select_weight_fn
 
 
 class UnifiedModule(L.LightningModule):
@@ -93,7 +89,7 @@ class UnifiedModule(L.LightningModule):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         # the batch stages in their order, checked before the policy loads
-        self.pipeline = build_batch_pipeline(data_source, signal, reference, stages)
+        self.pipeline = build_batch_pipeline(data_source, signal, reference, stages, temperature)
         self.policy, self.tokenizer = trainable_policy(policy, tokenizer)
         # EOS and the chat template's end-of-turn token end a response
         self.stop_token_ids = stop_token_ids(self.tokenizer)
@@ -114,9 +110,10 @@ class UnifiedModule(L.LightningModule):
         self.loop_callbacks = loop_callbacks(samples_every_n_steps, non_finite=non_finite,
                                              max_non_finite_steps=max_non_finite_steps)
         # the one owner of the engine that samples responses and answers validation prompts
-        self.rollouts = Rollouts.for_sampling(self.policy, data_source.sampling if data_source.samples else None)
+        self.rollouts = Rollouts.for_data_source(self.policy, data_source)
         self._validation = contextlib.ExitStack()
-        self.replay = RolloutReplay.for_data_source(data_source)
+        # the optimizer steps each batch makes (PPO's epochs x mini-batches)
+        self.updates = RolloutUpdates.for_data_source(data_source)
         self.val_metrics = nn.ModuleDict()
         # several teachers: each one's objective is logged as train/objective/<name>
         self.teacher_names = list(signal.teachers) if isinstance(signal, Dense) and signal.routed else []
@@ -132,7 +129,7 @@ class UnifiedModule(L.LightningModule):
         destroy_process_group_at_exit()
         evaluate_without_inference_mode(self.trainer)
         if stage == "fit":
-            self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
+            enforce("trainer", self.trainer, self.data_source)  # the rules that read the trainer
             if self.trainer.strategy.root_device.type == "cpu":
                 # on a CPU every step's tensors are malloc'd: keep what the last step freed
                 # (fast), or give it back at once (small)
@@ -152,10 +149,6 @@ class UnifiedModule(L.LightningModule):
         holds; the batch's own work is :attr:`pipeline`'s."""
         return not_yet_held(self.loop_callbacks, attached_trainer(self))
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        """The stages, in their order, add their fields to the batch."""
-        self.pipeline.run(self.trainer, self, batch, batch_idx)
-
     @property
     def max_new_tokens(self) -> int:
         """The longest greedy answer (and sampled response, unless sampling sets its own)."""
@@ -166,76 +159,19 @@ class UnifiedModule(L.LightningModule):
         """{name: reward fn} scoring greedy validation answers."""
         return validation_rewards(self._val_rewards, getattr(attached_trainer(self), "datamodule", None))
 
-    # --- training: the one place where gradients flow ------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> dict:
-        fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK,
-                       who="training_step")
-        full_batch = batch
-        batch = self.replay.select(full_batch)
-        # stages that must see the policy as it is at this very update (a sequence-level
-        # ratio, a preference margin) refresh their fields here, once per optimizer step
-        self.pipeline.on_update(self.trainer, self, batch)
-        run_update_hooks(self.trainer, self, batch)
-        mask = fields.loss_mask(batch)  # the tokens in the loss; every forward attends to RESPONSE_MASK's
-        # Each micro-batch contributes its SUM of per-token terms over the whole step's
-        # normaliser (every micro-batch, every rank): any split gives the whole batch's
-        # gradient. With one micro-batch a step the normaliser scales the loss here; with
-        # several it is known after the last, and on_before_optimizer_step applies it.
-        importance = self.data_source.importance if self.data_source.samples else None
-        weight_fn = WeightSum(select_weight_fn(batch, self.signal, importance, self.reference))
-        hidden = response_hidden(self.policy, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK],
-                                 batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK], self.packing)
-        out = self.policy.get_output_embeddings()(hidden, loss_inputs={
-            "targets": batch[fields.RESPONSE_IDS],
-            "token_scale": token_terms(mask, self.aggregation, constant=self.constant_normaliser),
-            "weight_fn": weight_fn, "fields": builder_fields(batch), "teacher": batch.get(fields.TEACHER),
-            "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
-        })
-        group_size = batch.get(fields.GROUP_SIZE, 1)
-        counts = count_tensor(mask, group_size)
-        self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective,
-                           group_size=group_size, counts=counts)
-        if self._normalises_loss:
-            # on the device, never read here; the factor reaches every gradient through the
-            # backward pass the loss makes anyway, not through a pass over them afterwards.
-            # DDP and FSDP average gradients over ranks, so it carries the world size
-            norm = normaliser_tensor(self.aggregation, all_reduce_sum(counts), count_empty=self.count_empty)
-            loss = out.loss * (self.trainer.world_size / norm).to(out.loss.dtype)
-        else:  # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
-            loss = out.loss * self.trainer.accumulate_grad_batches
-        return {"loss": loss, "target_logp": self.replay.rollout_logp(full_batch, out.target_logp.detach())}
-
-    @property
-    def _normalises_loss(self) -> bool:
-        """One training_step per optimizer step: its loss carries the step's normaliser."""
-        return self.trainer.accumulate_grad_batches == 1
+    # --- training: one step, lightning_unified/step.py ----------------------------------
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        step.prepare_batch(self, batch, batch_idx)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Each training batch makes ``replay.updates`` optimizer steps, each on the next
-        mini-batch of the rollout (one: Lightning's own). ``trainer.global_step`` and the
-        schedule count batches (rollouts); ``train/optimizer_steps`` counts steps."""
-        self.replay.step(optimizer, optimizer_closure)
-        self.progress["optimizer_steps"] += self.replay.updates
-        if self.replay.updates > 1:
-            self.log("train/optimizer_steps", self.progress["optimizer_steps"], batch_size=1)
+        step.make_updates(self, optimizer, optimizer_closure)
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        """The one place where gradients flow (:func:`lightning_unified.step.update_loss`)."""
+        return step.update_loss(self, batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """With several micro-batches a step, divide the summed gradient by the whole step's
-        normaliser (with one, the loss carried it: see training_step); log the step's loss
-        and objective with the same normaliser (one all-reduce of the step's sums, besides
-        the counts' all-reduce training_step makes with one micro-batch). DDP and FSDP
-        average gradients over ranks, so the factor carries the world size; gradient
-        clipping runs after this hook, on the normalised gradient."""
-        total = self.step_sums.total()  # the step's one read back to the host
-        if total is None:
-            return
-        norm = normaliser(self.aggregation, total.counts, count_empty=self.count_empty)
-        if not self._normalises_loss:
-            # one multi-tensor kernel for all gradients, not a launch per parameter
-            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, self.trainer.world_size / norm)
-        log_step(self, total, norm, writes_logs_now(self.trainer))
+        step.normalise_update(self)
 
     def on_fit_start(self) -> None:
         # a trainer.validate() before fit leaves the metrics' state as inference tensors,
@@ -272,6 +208,7 @@ class UnifiedModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
         checkpoint["stages"] = self.pipeline.state_dict()
+        checkpoint["rollouts"] = self.rollouts.state_dict()  # the batches sampled ahead
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint from another model or another method, naming the difference."""
@@ -280,6 +217,7 @@ class UnifiedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         self.pipeline.load_state_dict(checkpoint.get("stages", {}))
+        self.rollouts.load_state_dict(checkpoint.get("rollouts", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 

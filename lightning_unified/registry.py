@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_unified.losses import advantages as estimators
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import all_reduce_sum
 
 # what a divergence needs from the teacher
@@ -171,18 +171,18 @@ def register_weighting(name: str):
 
 # --- the built-in ones ------------------------------------------------------------------------
 
-register_divergence("forward_kl", needs="distribution", from_top_k=weights.forward_kl_topk)(weights.forward_kl)
-register_divergence("reverse_kl", needs="distribution")(weights.reverse_kl)
-register_divergence("jsd", needs="distribution", settings=("beta",))(weights.jsd)
+register_divergence("forward_kl", needs="distribution", from_top_k=weight_builders.forward_kl_topk)(weight_builders.forward_kl)
+register_divergence("reverse_kl", needs="distribution")(weight_builders.reverse_kl)
+register_divergence("jsd", needs="distribution", settings=("beta",))(weight_builders.jsd)
 register_divergence("sampled_reverse_kl", needs="token_logp",
-                    across=weights.span_sampled_reverse_kl)(weights.sampled_reverse_kl)
+                    across=weight_builders.span_sampled_reverse_kl)(weight_builders.sampled_reverse_kl)
 # across tokenizers only: distributions over two vocabularies (losses/uld.py)
-register_divergence("uld", needs="distribution", only_across=True)(weights.uld)
+register_divergence("uld", needs="distribution", only_across=True)(weight_builders.uld)
 register_divergence("uld_hybrid", needs="distribution", only_across=True, settings=("beta",),
-                    batch_settings=("vocabulary_match",))(weights.uld_hybrid)
+                    batch_settings=("vocabulary_match",))(weight_builders.uld_hybrid)
 
-register_weighting("indicator")(weights.indicator)
-register_weighting("dft")(weights.dft)
+register_weighting("indicator")(weight_builders.indicator)
+register_weighting("dft")(weight_builders.dft)
 
 
 @register_advantage("reinforce", grouped=False)
@@ -223,22 +223,22 @@ def _band(importance) -> dict:
 
 @register_ratio("none")
 def _no_ratio(importance):
-    return weights.advantage_indicator, {}
+    return weight_builders.advantage_indicator, {}
 
 
 @register_ratio("token")
 def _token_ratio(importance):
-    return weights.importance_weighted_advantage, _band(importance)
+    return weight_builders.importance_weighted_advantage, _band(importance)
 
 
 @register_ratio("truncated")
 def _truncated_ratio(importance):
-    return weights.importance_weighted_advantage, {"truncate": importance.truncate, **_band(importance)}
+    return weight_builders.importance_weighted_advantage, {"truncate": importance.truncate, **_band(importance)}
 
 
 @register_ratio("ppo_clip")
 def _ppo_clip(importance):
-    return weights.ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high, **_band(importance)}
+    return weight_builders.ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high, **_band(importance)}
 
 
 @register_ratio("sequence_clip", sequence=True)
@@ -251,5 +251,5 @@ def _sequence_clip(importance):
 def _decoupled_ppo_clip(importance):
     # AReaL's decoupled PPO: the clip against the trainer's policy at the batch's start, the
     # sampler's staleness and mismatch in a truncated (TIS), optionally masked (MIS) weight
-    return weights.decoupled_ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high,
+    return weight_builders.decoupled_ppo_clip, {"eps_low": importance.eps_low, "eps_high": importance.eps_high,
                                         "truncate": importance.truncate, **_band(importance)}

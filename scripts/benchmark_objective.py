@@ -60,12 +60,12 @@ def _plain_step(signal, hidden, head, targets, teacher_hidden, teacher_head):
 
 
 def _chunked_step(signal, hidden, head, targets, teacher_hidden, teacher_head, chunk_size, compile):
-    from lightning_unified.losses import weights
+    from lightning_unified.losses import weight_builders
     from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 
     scale = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
-    builder = {"sft": weights.indicator, "forward_kl": weights.forward_kl, "reverse_kl": weights.reverse_kl,
-               "jsd": partial(weights.jsd, beta=JSD_BETA)}[signal]
+    builder = {"sft": weight_builders.indicator, "forward_kl": weight_builders.forward_kl, "reverse_kl": weight_builders.reverse_kl,
+               "jsd": partial(weight_builders.jsd, beta=JSD_BETA)}[signal]
     teacher = None if signal == "sft" else TeacherLogits(hidden=teacher_hidden, head_weight=teacher_head)
     out = chunked_weighted_nll(hidden, head, targets, scale, builder, teacher=teacher, chunk_size=chunk_size,
                                compile=compile)

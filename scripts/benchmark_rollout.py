@@ -37,7 +37,7 @@ def sampling_cell(args, engine: str) -> dict:
 
     from lightning_unified.data.chat import stop_token_ids
     from lightning_unified.engines import GenerationRequest
-    from lightning_unified.engines.rollouts import Rollouts
+    from lightning_unified.rollouts import Rollouts
     from lightning_unified.models.loading import load_causal_lm
     from lightning_unified.tasks.files import FilesDataModule
 

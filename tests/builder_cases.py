@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_unified.losses.objective import TeacherLogits
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from tests.conftest import Problem
 
 TOPK = 4
@@ -139,36 +139,36 @@ class Case:
 
 
 CASES = [
-    Case("sft", weights.indicator, lambda p, s: -_logp_y(p, s)),
+    Case("sft", weight_builders.indicator, lambda p, s: -_logp_y(p, s)),
     Case(
         "advantage",
-        weights.advantage_indicator,
+        weight_builders.advantage_indicator,
         lambda p, s: -p.advantages * _logp_y(p, s),
         fields=lambda p: {"advantages": p.advantages},
     ),
-    Case("dft", weights.dft, lambda p, s: -_logp_y(p, s).exp()),
+    Case("dft", weight_builders.dft, lambda p, s: -_logp_y(p, s).exp()),
     Case(
         "importance_ratio",
-        weights.importance_weighted_advantage,
+        weight_builders.importance_weighted_advantage,
         lambda p, s: -(_logp_y(p, s) - p.behaviour_logp).exp() * p.advantages,
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
     ),
     Case(
         "ppo_clip",
-        partial(weights.ppo_clip, eps_low=0.2, eps_high=0.28),
+        partial(weight_builders.ppo_clip, eps_low=0.2, eps_high=0.28),
         partial(closed_ppo, eps_low=0.2, eps_high=0.28),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
     ),
     Case(
         "decoupled_ppo_clip",
-        partial(weights.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2),
+        partial(weight_builders.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2),
         partial(closed_decoupled, eps_low=0.2, eps_high=0.28, truncate=1.2),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
                           "proximal_logp": proximal_logp(p)},
     ),
     Case(
         "decoupled_ppo_clip_masked",
-        partial(weights.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        partial(weight_builders.decoupled_ppo_clip, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
         partial(closed_decoupled, eps_low=0.2, eps_high=0.28, truncate=1.2, mask_low=0.8, mask_high=1.25),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
                           "proximal_logp": proximal_logp(p)},
@@ -177,80 +177,80 @@ CASES = [
     # each response's geometric-mean ratio
     Case(
         "truncated_tis",
-        partial(weights.importance_weighted_advantage, truncate=1.2),
+        partial(weight_builders.importance_weighted_advantage, truncate=1.2),
         partial(closed_truncated_masked, truncate=1.2),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
     ),
     Case(
         "masked_mis",
-        partial(weights.importance_weighted_advantage, mask_low=0.8, mask_high=1.25),
+        partial(weight_builders.importance_weighted_advantage, mask_low=0.8, mask_high=1.25),
         partial(closed_truncated_masked, mask_low=0.8, mask_high=1.25),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
     ),
     Case(
         "truncated_and_masked",
-        partial(weights.importance_weighted_advantage, truncate=1.2, mask_low=0.8, mask_high=1.25),
+        partial(weight_builders.importance_weighted_advantage, truncate=1.2, mask_low=0.8, mask_high=1.25),
         partial(closed_truncated_masked, truncate=1.2, mask_low=0.8, mask_high=1.25),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp},
     ),
     Case(
         "sequence_truncated_and_masked",
-        partial(weights.importance_weighted_advantage, truncate=1.1, mask_low=0.84, mask_high=1.25),
+        partial(weight_builders.importance_weighted_advantage, truncate=1.1, mask_low=0.84, mask_high=1.25),
         partial(closed_truncated_masked, truncate=1.1, mask_low=0.84, mask_high=1.25, sequence=True),
         fields=lambda p: {"advantages": p.advantages, "behaviour_logp": p.behaviour_logp,
                           "log_ratio": sequence_ratio(p).log()},
     ),
     Case(
         "k3_reference",
-        partial(weights.k3_reference_penalty, kl_coef=0.5),
+        partial(weight_builders.k3_reference_penalty, kl_coef=0.5),
         partial(closed_k3, kl_coef=0.5),
         fields=lambda p: {"reference_logp": p.reference_logp},
     ),
     Case(
         "forward_kl",
-        weights.forward_kl,
+        weight_builders.forward_kl,
         lambda p, s: _kl(_teacher_logp(p, 1.0), s),
         teacher=teacher_from_hidden,
     ),
     Case(
         "forward_kl_teacher_logits",
-        weights.forward_kl,
+        weight_builders.forward_kl,
         lambda p, s: _kl(_teacher_logp(p, 1.0), s),
         teacher=teacher_from_logits,
     ),
     Case(
         "forward_kl_temperatures",
-        weights.forward_kl,
+        weight_builders.forward_kl,
         lambda p, s: _kl(_teacher_logp(p, 2.0), s),
         teacher=partial(teacher_from_hidden, temperature=2.0),
         temperature=1.5,
     ),
-    Case("forward_kl_topk_bucket", weights.forward_kl_topk, closed_topk_bucket, fields=topk_fields),
+    Case("forward_kl_topk_bucket", weight_builders.forward_kl_topk, closed_topk_bucket, fields=topk_fields),
     Case(
         "forward_kl_topk_renormalize",
-        partial(weights.forward_kl_topk, tail="renormalize"),
+        partial(weight_builders.forward_kl_topk, tail="renormalize"),
         closed_topk_renormalize,
         fields=topk_fields,
     ),
-    Case("reverse_kl", weights.reverse_kl, lambda p, s: _kl(s, _teacher_logp(p, 1.0)), teacher=teacher_from_hidden),
+    Case("reverse_kl", weight_builders.reverse_kl, lambda p, s: _kl(s, _teacher_logp(p, 1.0)), teacher=teacher_from_hidden),
     Case(
         "reverse_kl_temperatures",
-        weights.reverse_kl,
+        weight_builders.reverse_kl,
         lambda p, s: _kl(s, _teacher_logp(p, 0.7)),
         teacher=partial(teacher_from_hidden, temperature=0.7),
         temperature=1.3,
     ),
-    Case("jsd_0.3", partial(weights.jsd, beta=0.3), partial(closed_jsd, beta=0.3), teacher=teacher_from_hidden),
+    Case("jsd_0.3", partial(weight_builders.jsd, beta=0.3), partial(closed_jsd, beta=0.3), teacher=teacher_from_hidden),
     Case(
         "jsd_0.7_temperatures",
-        partial(weights.jsd, beta=0.7),
+        partial(weight_builders.jsd, beta=0.7),
         partial(closed_jsd, beta=0.7, temperature=2.0),
         teacher=partial(teacher_from_hidden, temperature=2.0),
         temperature=0.8,
     ),
     Case(
         "advantage_plus_k3",
-        weights.WeightSum((weights.advantage_indicator, partial(weights.k3_reference_penalty, kl_coef=0.1))),
+        weight_builders.WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1))),
         lambda p, s: -p.advantages * _logp_y(p, s) + closed_k3(p, s, 0.1),
         fields=lambda p: {"advantages": p.advantages, "reference_logp": p.reference_logp},
     ),

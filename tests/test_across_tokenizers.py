@@ -17,7 +17,7 @@ import torch
 
 from lightning_unified import batch as F
 from lightning_unified.data.alignment import AlignmentError, align
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.spans import span_prefix_fields
 from lightning_unified.models.loading import build_policy, load_causal_lm
 from lightning_unified.module import UnifiedModule
@@ -192,9 +192,9 @@ def test_uld_and_the_hybrid_are_trls_gold_loss(divergence: str, beta: float) -> 
                   teacher_span_topk_ids=t_top_ids[0], teacher_span_topk_logp=t_top_logp[0])
     detached = s_logp_all.detach()
     if hybrid:
-        built = weights.uld_hybrid(detached, torch.tensor(s_ids), **fields, vocabulary_match=match, beta=beta)
+        built = weight_builders.uld_hybrid(detached, torch.tensor(s_ids), **fields, vocabulary_match=match, beta=beta)
     else:
-        built = weights.uld(detached, torch.tensor(s_ids), **fields)
+        built = weight_builders.uld(detached, torch.tensor(s_ids), **fields)
     # the objective reported is TRL's loss times its normaliser, the spans
     torch.testing.assert_close(built.objective.sum(), reference.detach() * spans, rtol=1e-9, atol=1e-12)
     # the gradient of the weighted log-likelihood with these weights is TRL's, through the logits

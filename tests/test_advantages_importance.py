@@ -100,13 +100,13 @@ def test_reward_metrics() -> None:
 
 
 def test_ratios_never_overflow_and_equal_rewards_give_zero_advantages() -> None:
-    from lightning_unified.losses import weights
+    from lightning_unified.losses import weight_builders
     from lightning_unified.losses.importance import MAX_LOG_RATIO, ratio_diagnostics
 
     logp = torch.log_softmax(torch.randn(3, 5), -1)
     targets = torch.tensor([0, 1, 2])
     behaviour = torch.tensor([-200.0, -1.0, -300.0])  # a stale sampler: log rho of about 200
-    for builder in (weights.importance_weighted_advantage, weights.ppo_clip):
+    for builder in (weight_builders.importance_weighted_advantage, weight_builders.ppo_clip):
         out = builder(logp, targets, advantages=torch.tensor([-1.0, 1.0, -2.0]), behaviour_logp=behaviour)
         assert torch.isfinite(out.coef).all() and torch.isfinite(out.objective).all(), builder.__name__
     stats = ratio_diagnostics(torch.tensor([[250.0, 0.0]]), torch.ones(1, 2))
@@ -118,7 +118,7 @@ def test_ratios_never_overflow_and_equal_rewards_give_zero_advantages() -> None:
 
 # --- masked importance sampling (IcePop): a band on the ratio -------------------------------
 def test_the_mask_band_drops_exactly_the_tokens_outside_it() -> None:
-    from lightning_unified.losses.weights import importance_weighted_advantage, ppo_clip
+    from lightning_unified.losses.weight_builders import importance_weighted_advantage, ppo_clip
 
     gen = torch.Generator().manual_seed(0)
     student_logp = torch.log_softmax(torch.randn(6, 5, generator=gen, dtype=torch.float64), -1)  # [c, V]
@@ -161,22 +161,22 @@ def test_a_masked_band_needs_a_ratio_and_an_order() -> None:
 def test_sequence_clip_without_its_sequence_ratio_is_refused() -> None:
     from lightning_unified import batch as F
     from lightning_unified.specs import Importance, Reward, Sparse
-    from lightning_unified.weighting import sparse_weight_fn
+    from lightning_unified.builder_choice import weight_builders_for
 
     batch = {F.ADVANTAGES: torch.zeros(2, 3), F.BEHAVIOUR_LOGP: torch.zeros(2, 3)}
-    with pytest.raises(KeyError, match="log_ratio"):
-        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="sequence_clip"))
-    with pytest.raises(KeyError, match="log_ratio"):
-        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="truncated", level="sequence"))
+    for importance in (Importance(ratio="sequence_clip"), Importance(ratio="truncated", level="sequence")):
+        with pytest.raises(KeyError, match="log_ratio"):  # as every update checks its rows
+            F.require_each(batch, weight_builders_for(batch, Sparse(rewards=[Reward(len)]), importance).needs)
 
 
 def test_decoupled_ppo_needs_its_proximal_log_probs_and_token_level_ratios() -> None:
     from lightning_unified import batch as F
     from lightning_unified.specs import Importance, Reward, Sparse
-    from lightning_unified.weighting import sparse_weight_fn
+    from lightning_unified.builder_choice import weight_builders_for
 
     with pytest.raises(ValueError, match="decoupled_ppo_clip weighs each token .* importance.level=sequence is not"):
         Importance(ratio="decoupled_ppo_clip", level="sequence")
     batch = {F.ADVANTAGES: torch.zeros(2, 3), F.BEHAVIOUR_LOGP: torch.zeros(2, 3), F.SAMPLED: True}
     with pytest.raises(KeyError, match="proximal_logp"):
-        sparse_weight_fn(batch, Sparse(rewards=[Reward(len)]), Importance(ratio="decoupled_ppo_clip"))
+        F.require_each(batch, weight_builders_for(batch, Sparse(rewards=[Reward(len)]),
+                                                  Importance(ratio="decoupled_ppo_clip")).needs)

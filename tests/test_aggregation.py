@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import (AGGREGATIONS, LossCounts, count_tensor, loss_counts, normaliser,
                                                   normaliser_tensor, token_scale)
 from lightning_unified.losses.objective import chunked_weighted_nll
@@ -17,7 +17,7 @@ def _loss(p, rows, mode, counts):
     mask = p.mask[rows]
     scale = token_scale(mask, mode, global_counts=counts, constant=50.0)
     return chunked_weighted_nll(
-        p.hidden[rows], p.head, p.targets[rows], scale, weights.advantage_indicator,
+        p.hidden[rows], p.head, p.targets[rows], scale, weight_builders.advantage_indicator,
         fields={"advantages": p.advantages[rows]}, chunk_size=3,
     ).loss
 
@@ -43,7 +43,7 @@ def test_one_and_four_micro_batches_give_the_same_gradient(mode: str) -> None:
 def test_token_mean_is_cross_entropy_mean() -> None:
     p = make_problem(seed=21)
     scale = token_scale(p.mask, "token_mean")
-    out = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, weights.indicator)
+    out = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, weight_builders.indicator)
     ce = F.cross_entropy(p.student_logits().reshape(-1, p.vocab), p.targets.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, ce)
 

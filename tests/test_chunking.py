@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll, target_logprobs
 from tests.plain_loss import weighted_nll_from_logits
@@ -48,7 +48,7 @@ def test_head_bias_gets_its_gradient() -> None:
     p = make_problem(seed=5)
     bias = torch.randn(p.vocab, dtype=torch.float64, requires_grad=True)
     scale = token_scale(p.mask, "token_mean")
-    out = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, weights.indicator, head_bias=bias, chunk_size=3)
+    out = chunked_weighted_nll(p.hidden, p.head, p.targets, scale, weight_builders.indicator, head_bias=bias, chunk_size=3)
     got = torch.autograd.grad(out.loss, (p.hidden, p.head, bias))
     logits = p.student_logits() + bias
     ce = F.cross_entropy(logits.reshape(-1, p.vocab), p.targets.reshape(-1), ignore_index=-100)
@@ -71,7 +71,7 @@ def test_frozen_head_gets_no_gradient_and_bf16_runs() -> None:
     hidden = p.hidden.detach().to(torch.bfloat16).requires_grad_()
     head = p.head.detach().to(torch.bfloat16)
     scale = token_scale(p.mask, "token_mean")
-    out = chunked_weighted_nll(hidden, head, p.targets, scale, weights.indicator, chunk_size=4)
+    out = chunked_weighted_nll(hidden, head, p.targets, scale, weight_builders.indicator, chunk_size=4)
     out.loss.backward()
     assert head.grad is None and hidden.grad.dtype == torch.bfloat16
     ce = F.cross_entropy(p.student_logits().reshape(-1, p.vocab), p.targets.reshape(-1), ignore_index=-100)

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import chunked_weighted_nll
 from tests.builder_cases import CASE_IDS, CASES, Case
@@ -52,7 +52,7 @@ def test_compiled_bf16_head_with_bias_equals_eager() -> None:
     scale = torch.full((23,), 1 / 23)
     results = []
     for compile in (False, True):
-        out = chunked_weighted_nll(hidden, head, targets, scale, weights.dft, head_bias=bias, chunk_size=8,
+        out = chunked_weighted_nll(hidden, head, targets, scale, weight_builders.dft, head_bias=bias, chunk_size=8,
                                    compile=compile)
         results.append((out.loss, out.objective, out.target_logp, *torch.autograd.grad(out.loss, (hidden, head, bias))))
     for got, want in zip(*reversed(results)):
@@ -95,7 +95,7 @@ def test_under_bf16_autocast_matches_a_plain_autocast_loop(compile: bool) -> Non
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = torch.nn.functional.cross_entropy((hidden @ head.T).float(), targets)
         want = torch.autograd.grad(plain, (hidden, head))
-        out = chunked_weighted_nll(hidden, head, targets, torch.full((40,), 1 / 40), weights.indicator,
+        out = chunked_weighted_nll(hidden, head, targets, torch.full((40,), 1 / 40), weight_builders.indicator,
                                    chunk_size=16, compile=compile)
         got = torch.autograd.grad(out.loss, (hidden, head))
     torch.testing.assert_close(out.objective, plain.detach(), rtol=1e-3, atol=1e-3)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import AGGREGATIONS, all_reduce_counts, loss_counts, token_scale
 from lightning_unified.losses.objective import chunked_weighted_nll
 from tests.conftest import make_problem
@@ -20,7 +20,7 @@ ROWS = {0: slice(0, 3), 1: slice(3, 8)}  # uneven shares: 3 and 5 sequences
 def _loss(p, rows, mode, counts):
     scale = token_scale(p.mask[rows], mode, global_counts=counts, constant=40.0)
     return chunked_weighted_nll(
-        p.hidden[rows], p.head, p.targets[rows], scale, weights.advantage_indicator,
+        p.hidden[rows], p.head, p.targets[rows], scale, weight_builders.advantage_indicator,
         fields={"advantages": p.advantages[rows]}, chunk_size=4,
     ).loss
 

@@ -7,14 +7,14 @@ from functools import partial
 import pytest
 import torch
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 from lightning_unified.losses.token_weights import TokenWeights
 from tests.conftest import make_problem
 
 
-def _run(p, weight_fn=weights.indicator, **kw):
+def _run(p, weight_fn=weight_builders.indicator, **kw):
     kw.setdefault("targets", p.targets)
     kw.setdefault("scale", token_scale(p.mask, "token_mean"))
     return chunked_weighted_nll(p.hidden, p.head, kw.pop("targets"), kw.pop("scale"), weight_fn, **kw)
@@ -37,11 +37,11 @@ def test_ignore_index_inside_the_loss_is_refused() -> None:
 def test_shape_mismatches_are_named() -> None:
     p = make_problem()
     with pytest.raises(ValueError, match=r"fields\['advantages'\]"):
-        _run(p, weights.advantage_indicator, fields={"advantages": p.advantages[:, :2]})
+        _run(p, weight_builders.advantage_indicator, fields={"advantages": p.advantages[:, :2]})
     with pytest.raises(ValueError, match="head_weight must be"):
-        chunked_weighted_nll(p.hidden, p.head.T, p.targets, p.mask, weights.indicator)
+        chunked_weighted_nll(p.hidden, p.head.T, p.targets, p.mask, weight_builders.indicator)
     with pytest.raises(ValueError, match="teacher hidden"):
-        _run(p, weights.forward_kl, teacher=TeacherLogits(hidden=p.teacher_hidden[:2], head_weight=p.teacher_head))
+        _run(p, weight_builders.forward_kl, teacher=TeacherLogits(hidden=p.teacher_hidden[:2], head_weight=p.teacher_head))
 
 
 def test_settings_are_checked() -> None:
@@ -53,10 +53,10 @@ def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="either logits, or hidden"):
         TeacherLogits()
     with pytest.raises(ValueError, match="beta must lie in"):
-        _run(p, partial(weights.jsd, beta=1.5), teacher=TeacherLogits(hidden=p.teacher_hidden, head_weight=p.teacher_head))
+        _run(p, partial(weight_builders.jsd, beta=1.5), teacher=TeacherLogits(hidden=p.teacher_hidden, head_weight=p.teacher_head))
     with pytest.raises(ValueError, match="tail must be"):
         topk_logp, topk_ids = torch.log_softmax(p.teacher_logits(), -1).topk(3)
-        _run(p, partial(weights.forward_kl_topk, tail="drop"), fields={"teacher_topk_ids": topk_ids, "teacher_topk_logp": topk_logp})
+        _run(p, partial(weight_builders.forward_kl_topk, tail="drop"), fields={"teacher_topk_ids": topk_ids, "teacher_topk_logp": topk_logp})
 
 
 def test_a_weight_with_a_gradient_is_refused() -> None:
@@ -66,6 +66,6 @@ def test_a_weight_with_a_gradient_is_refused() -> None:
 
 def test_weight_sum_names_missing_fields() -> None:
     p = make_problem()
-    both = weights.WeightSum((weights.advantage_indicator, partial(weights.k3_reference_penalty, kl_coef=0.1)))
+    both = weight_builders.WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1)))
     with pytest.raises(KeyError, match="k3_reference_penalty needs fields \\['reference_logp'\\]"):
         _run(p, both, fields={"advantages": p.advantages})

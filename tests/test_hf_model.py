@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import chunked_weighted_nll
 
@@ -44,7 +44,7 @@ def test_sft_weights_reproduce_the_models_own_loss_and_gradients(tiny_llama_dir)
     hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]  # position t predicts t + 1
     targets = labels[:, 1:]
     scale = token_scale((targets != -100).double(), "token_mean")  # float64 normaliser
-    out = chunked_weighted_nll(hidden, model.lm_head.weight, targets, scale, weights.indicator, chunk_size=7)
+    out = chunked_weighted_nll(hidden, model.lm_head.weight, targets, scale, weight_builders.indicator, chunk_size=7)
     got = torch.autograd.grad(out.loss, list(model.parameters()))
 
     torch.testing.assert_close(out.loss, reference)

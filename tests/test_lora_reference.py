@@ -16,7 +16,7 @@ from lightning_unified import batch as F
 from lightning_unified.stages.reference import ReferenceStage
 from lightning_unified.config import train
 from lightning_unified.losses import advantages as adv
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.objective import chunked_weighted_nll
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
@@ -138,7 +138,7 @@ def test_k1_penalty_in_the_reward_has_the_gradient_of_the_kl() -> None:
     torch.testing.assert_close(penalised, -coef * (logp - ref_logp).detach().sum(-1))
     seq_prob = logp.sum(-1).exp().detach()
     out = chunked_weighted_nll(hidden, table, sequences, seq_prob[:, None].expand(-1, 2).contiguous(),
-                               weights.advantage_indicator, fields={"advantages": adv.to_tokens(penalised, mask)})
+                               weight_builders.advantage_indicator, fields={"advantages": adv.to_tokens(penalised, mask)})
     (got,) = torch.autograd.grad(out.loss, table)
     kl = (logp.sum(-1).exp() * (logp.sum(-1) - ref_logp.sum(-1))).sum()
     (want,) = torch.autograd.grad(coef * kl, table)

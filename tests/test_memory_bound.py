@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 from tests.plain_loss import weighted_nll_from_logits
@@ -48,11 +48,11 @@ def _inputs(seed: int = 0):
 
 
 BUILDERS = {
-    "sft": (weights.indicator, False, False),
-    "forward_kl": (weights.forward_kl, True, False),
-    "reverse_kl": (weights.reverse_kl, True, False),
-    "jsd": (partial(weights.jsd, beta=0.5), True, False),
-    "forward_kl_topk": (weights.forward_kl_topk, False, True),
+    "sft": (weight_builders.indicator, False, False),
+    "forward_kl": (weight_builders.forward_kl, True, False),
+    "reverse_kl": (weight_builders.reverse_kl, True, False),
+    "jsd": (partial(weight_builders.jsd, beta=0.5), True, False),
+    "forward_kl_topk": (weight_builders.forward_kl_topk, False, True),
 }
 
 
@@ -76,7 +76,7 @@ def test_probe_sees_full_logits() -> None:
     scale = token_scale(torch.ones(targets.shape), "token_mean")
     with LargestTensor() as probe:
         logits = hidden @ head.T
-        out = weighted_nll_from_logits(logits, targets, scale, weights.indicator, chunk_size=CHUNK)
+        out = weighted_nll_from_logits(logits, targets, scale, weight_builders.indicator, chunk_size=CHUNK)
         out.loss.backward()
     assert probe.largest >= TOKENS * VOCAB
 
@@ -102,7 +102,7 @@ def test_default_chunk_keeps_logits_near_the_size_of_the_hidden_states() -> None
     targets = targets % wide_vocab
     scale = token_scale(torch.ones(targets.shape), "token_mean")
     with LargestTensor() as probe:
-        chunked_weighted_nll(hidden, head, targets, scale, weights.indicator).loss.backward()
+        chunked_weighted_nll(hidden, head, targets, scale, weight_builders.indicator).loss.backward()
     assert probe.largest <= auto_chunk_size(TOKENS, wide_vocab, WIDTH) * wide_vocab < TOKENS * wide_vocab
 
 
@@ -134,10 +134,10 @@ def test_no_grad_skips_the_gradient_matmuls() -> None:
     scale = token_scale(torch.ones(targets.shape), "token_mean")
     chunks = TOKENS // CHUNK
     with MatmulCount() as counted:
-        with_grad = chunked_weighted_nll(hidden, head, targets, scale, weights.indicator, chunk_size=CHUNK)
+        with_grad = chunked_weighted_nll(hidden, head, targets, scale, weight_builders.indicator, chunk_size=CHUNK)
     assert counted.calls == 3 * chunks
     with MatmulCount() as counted, torch.no_grad():
-        without = chunked_weighted_nll(hidden, head, targets, scale, weights.indicator, chunk_size=CHUNK)
+        without = chunked_weighted_nll(hidden, head, targets, scale, weight_builders.indicator, chunk_size=CHUNK)
     assert counted.calls == chunks
     torch.testing.assert_close(without.loss, with_grad.loss.detach())
     assert not without.loss.requires_grad

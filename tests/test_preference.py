@@ -12,7 +12,7 @@ import torch.nn.functional as tF
 
 from lightning_unified import batch as F
 from lightning_unified.data.files import DataError
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import OffPolicy, OnPolicy, Preference, Reward, Sampling
@@ -58,7 +58,7 @@ def test_weights_reproduce_the_gradient_of_each_loss(loss: str) -> None:
 
     terms = preference_terms(logp.detach(), mask, preference, 3, ref, loss=loss, beta=beta, gamma=gamma)
     student_logp = torch.log_softmax(logits, -1)
-    built = weights.preference(student_logp.detach().reshape(-1, vocab), targets.reshape(-1),
+    built = weight_builders.preference(student_logp.detach().reshape(-1, vocab), targets.reshape(-1),
                                terms.weight.reshape(-1), terms.loss.reshape(-1))
     surrogate = -(built.coef * student_logp.reshape(-1, vocab).gather(-1, targets.reshape(-1, 1))[:, 0]).sum()
     (grad_weighted,) = torch.autograd.grad(surrogate, logits)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_unified import batch as F
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.token_weights import TokenWeights
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
@@ -25,12 +25,12 @@ from tests.lightning_helpers import TINY, quiet_trainer, save_tiny_teacher, tiny
 
 def doubled_forward_kl(student_logp, targets, teacher_logp) -> TokenWeights:
     """2 KL(teacher || student): twice forward KL's weights and objective."""
-    half = weights.forward_kl(student_logp, targets, teacher_logp)
+    half = weight_builders.forward_kl(student_logp, targets, teacher_logp)
     return TokenWeights(dense=2 * half.dense, objective=2 * half.objective, dense_total=2 * half.dense_total)
 
 
 def halved_sampled_reverse_kl(student_logp, targets, teacher_token_logp) -> TokenWeights:
-    half = weights.sampled_reverse_kl(student_logp, targets, teacher_token_logp)
+    half = weight_builders.sampled_reverse_kl(student_logp, targets, teacher_token_logp)
     return TokenWeights(coef=half.coef / 2, objective=half.objective / 2)
 
 
@@ -41,7 +41,7 @@ def best_of_group(rewards, *, group_size: int, eps: float):
 
 
 def untruncated(importance):
-    return weights.importance_weighted_advantage, {}
+    return weight_builders.importance_weighted_advantage, {}
 
 
 @pytest.fixture(autouse=True, scope="module")

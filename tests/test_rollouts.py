@@ -5,7 +5,7 @@ batch), knows which weights it holds, and closes it; the stages and validation a
 from __future__ import annotations
 
 from lightning_unified.engines.hf import HFEngine
-from lightning_unified.engines.rollouts import Rollouts
+from lightning_unified.rollouts import Rollouts
 from lightning_unified.specs import OnPolicy, Reward, Sampling, Sparse
 from lightning_unified.tasks.addition import digit_match
 from tests.lightning_helpers import quiet_trainer, tiny_datamodule, tiny_module

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_unified.losses import weights
+from lightning_unified.losses import weight_builders
 from lightning_unified.losses.objective import chunked_weighted_nll
 from lightning_unified.losses.spans import span_ids, span_log_ratio
 
@@ -30,7 +30,7 @@ def test_the_span_level_gradient_is_autograd_of_its_closed_form() -> None:
     with torch.no_grad():  # the policy as it is at this update
         student_logp = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets[..., None])[..., 0]
     ratio, share = span_log_ratio(student_logp, teacher_span_logp, span_id)
-    out = chunked_weighted_nll(hidden, head, targets, mask, weights.span_sampled_reverse_kl,
+    out = chunked_weighted_nll(hidden, head, targets, mask, weight_builders.span_sampled_reverse_kl,
                                fields={"span_log_ratio": ratio, "span_share": share}, chunk_size=4)
     got = torch.autograd.grad(out.loss, (hidden, head))
 
@@ -58,9 +58,9 @@ def test_one_token_per_span_is_the_token_level_estimator() -> None:
         student_logp = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets[..., None])[..., 0]
     span_id = torch.arange(6).expand(2, 6)  # each token its own span: identical tokenizers
     ratio, share = span_log_ratio(student_logp, teacher_token_logp, span_id)
-    spans = chunked_weighted_nll(hidden, head, targets, mask, weights.span_sampled_reverse_kl,
+    spans = chunked_weighted_nll(hidden, head, targets, mask, weight_builders.span_sampled_reverse_kl,
                                  fields={"span_log_ratio": ratio, "span_share": share})
-    tokens = chunked_weighted_nll(hidden, head, targets, mask, weights.sampled_reverse_kl,
+    tokens = chunked_weighted_nll(hidden, head, targets, mask, weight_builders.sampled_reverse_kl,
                                   fields={"teacher_token_logp": teacher_token_logp})
     for a, b in zip(torch.autograd.grad(spans.loss, (hidden, head)), torch.autograd.grad(tokens.loss, (hidden, head))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

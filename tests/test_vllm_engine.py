@@ -14,8 +14,8 @@ import torch
 from lightning_unified import batch as F
 from lightning_unified.engines import GenerationRequest
 from lightning_unified.engines.vllm import VLLMEngine
-from lightning_unified.engines.vllm_weights import RELOAD_LOGGER, RotaryReloadNotice, quiet_rotary_reload_notice
-from lightning_unified.engines.weights import engine_weights
+from lightning_unified.engines.vllm_reload_notice import RELOAD_LOGGER, RotaryReloadNotice, quiet_rotary_reload_notice
+from lightning_unified.engines.parameter_copy import engine_weights
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
 from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse

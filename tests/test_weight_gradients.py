@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_unified.losses import advantages as adv
-from lightning_unified.losses import importance, weights
+from lightning_unified.losses import importance, weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import chunked_weighted_nll, target_logprobs
 from tests.builder_cases import CASE_IDS, CASES, Case
@@ -108,7 +108,7 @@ def test_sequence_level_ppo_matches_gspo_objective() -> None:
         p.head,
         p.targets,
         scale,
-        weights.ppo_clip,
+        weight_builders.ppo_clip,
         fields={"advantages": p.advantages, "behaviour_logp": p.behaviour_logp, "log_ratio": log_s},
         chunk_size=4,
     )
@@ -139,7 +139,7 @@ def test_sampled_reverse_kl_is_unbiased_for_the_reverse_kl_gradient() -> None:
         p.head,
         every_token,
         prob / p.mask.sum(),
-        weights.sampled_reverse_kl,
+        weight_builders.sampled_reverse_kl,
         fields={"teacher_token_logp": teacher_logp.detach()},
         chunk_size=7,
     )
@@ -175,7 +175,7 @@ def test_reverse_kl_returns_give_the_sequence_kl_gradient() -> None:
         student_table,
         sequences,
         seq_prob[:, None].expand(-1, 2).contiguous(),
-        weights.advantage_indicator,
+        weight_builders.advantage_indicator,
         fields={"advantages": returns},
         chunk_size=5,
     )
@@ -187,7 +187,7 @@ def test_reverse_kl_returns_give_the_sequence_kl_gradient() -> None:
     per_token = teacher_logp.detach() - student_logp.detach()
     biased = chunked_weighted_nll(
         hidden, student_table, sequences, seq_prob[:, None].expand(-1, 2).contiguous(),
-        weights.advantage_indicator, fields={"advantages": per_token},
+        weight_builders.advantage_indicator, fields={"advantages": per_token},
     )
     (biased_grad,) = torch.autograd.grad(biased.loss, student_table)
     assert (biased_grad - want).abs().max() > 1e-3

@@ -1,4 +1,5 @@
-"""The stages' end-of-batch work, called from the loop's callbacks rather than the module."""
+"""The stages' end-of-batch work, called from the loop's callbacks rather than the module;
+and the rollouts a failed run drops."""
 
 from __future__ import annotations
 
@@ -19,3 +20,15 @@ class StagesAfterBatch(L.Callback):
         pipeline = getattr(pl_module, "pipeline", None)
         if pipeline is not None:
             pipeline.after_batch(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class CancelRolloutsOnFailure(L.Callback):
+    """A run that fails drops the batches its producer has not sampled yet and stops the one
+    it is sampling: nobody will train on them, and the process should not wait for them to
+    exit. (Lightning calls ``on_exception`` on callbacks only, not on the module.)"""
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        rollouts = getattr(pl_module, "rollouts", None)
+        if rollouts is not None:
+            rollouts.cancel()

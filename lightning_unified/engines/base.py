@@ -6,7 +6,8 @@ them tensors, the policy, and the settings of one request (:class:`GenerationReq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,10 @@ class GenerationRequest:
     seed: int = 0
     # every rank runs the same number of forwards (sharded strategies hang otherwise)
     synced: bool = False
+    # a threading.Event: set, the generation may end early (its producer is being stopped);
+    # the rows it returns are then dropped. Not compared: two requests differing only in it
+    # ask for the same tokens
+    cancelled: Any = field(default=None, compare=False)
 
 
 @dataclass

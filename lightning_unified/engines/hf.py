@@ -14,13 +14,15 @@ from transformers import (
     AutoModelForCausalLM,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
-from lightning_unified.engines.weights import base_model, engine_weights
+from lightning_unified.engines.parameter_copy import base_model, engine_weights
 from lightning_unified.models.forward import response_hidden
 
 
@@ -64,6 +66,16 @@ class PrivateDraw(LogitsProcessor):
             self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
+class StopWhenCancelled(StoppingCriteria):
+    """Ends every row once ``event`` is set: the producer that asked is being stopped."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine(RolloutEngine):
@@ -138,6 +150,8 @@ class HFEngine(RolloutEngine):
                 processors.append(recorder)  # after truncation: what was actually sampled from
             # the draw itself, from the request's seed: generate then picks the drawn token greedily
             processors.append(PrivateDraw(request.seed))
+        # a producer being stopped ends the generation at the next token (its rows are dropped)
+        stopping = StoppingCriteriaList([StopWhenCancelled(request.cancelled)]) if request.cancelled is not None else None
         was_training = policy.training
         policy.eval()
         try:
@@ -148,7 +162,7 @@ class HFEngine(RolloutEngine):
                 max_new_tokens=request.max_new_tokens, pad_token_id=request.pad_token_id,
                 eos_token_id=list(request.stop_token_ids), use_cache=True,
                 # sharded strategies hang unless every rank runs the same number of forwards
-                synced_gpus=request.synced,
+                synced_gpus=request.synced, stopping_criteria=stopping,
             )
         finally:
             policy.train(was_training)

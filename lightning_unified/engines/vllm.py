@@ -25,23 +25,22 @@ from lightning_unified.engines.vllm_process import (
     start_engine,
 )
 from lightning_unified.engines.vllm_scoring import prompt_logprob_scores
-from lightning_unified.engines.vllm_weights import quiet_rotary_reload_notice
-from lightning_unified.engines.weights import architecture, base_model, engine_weights
+from lightning_unified.engines.vllm_reload_notice import quiet_rotary_reload_notice
+from lightning_unified.engines.parameter_copy import architecture, base_model, engine_weights
 
 
 def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
     """vLLM's log-prob mode giving the behaviour policy ``behaviour`` names: it reports the
-    raw distribution or the processed one (after temperature and top-k / top-p)."""
+    raw distribution or the processed one (after temperature and top-k / top-p). The one it
+    cannot give (tempered, untruncated, at a temperature other than 1 under top-k / top-p) is
+    refused by the rule ``vllm-reports-raw-or-sampled`` when the sampling settings are built."""
     truncated = bool(top_k) or top_p < 1.0
     if behaviour == "sampled" or not truncated:
         return "processed_logprobs"
     if temperature == 1.0:
         return "raw_logprobs"  # tempered at 1 and before truncation: the raw distribution
-    raise ValueError(
-        "sampling.engine=vllm reports the log-probs of the raw distribution or of the one it sampled from (after "
-        "temperature, top_k and top_p); sampling.behaviour=tempered with top_k/top_p at a temperature other than 1 "
-        "asks for neither. Set sampling.behaviour=sampled"
-    )
+    raise ValueError("vLLM has no log-prob mode for the tempered distribution before truncation at a temperature "
+                     "other than 1 (rule vllm-reports-raw-or-sampled: set sampling.behaviour=sampled)")
 
 
 class VLLMEngine(RolloutEngine):

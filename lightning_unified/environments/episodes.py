@@ -139,6 +139,8 @@ def run_episodes(engine, policy, tokenizer, rows: list[dict], factory: Callable,
     # collectives, and must not: it may be in the producer's thread beside the training step's
     lockstep = request.synced and engine.shares_weights and torch.distributed.is_initialized()
     for turn in range(limits.max_turns):
+        if not lockstep and request.cancelled is not None and request.cancelled.is_set():
+            break  # its producer is being stopped: these rows will not be trained on
         active = [e for e in episodes if not e.done]
         if lockstep:
             if not _any_rank(bool(active), device):

@@ -97,7 +97,7 @@ def kl_penalized_rewards(
     ``logp`` and ``reference_logp`` [B, T] are the sampled tokens' log-probs (detached).
     Summed over the sequence, k1 is an unbiased estimate of the sequence's KL to the
     reference. (The k3 estimator as a loss term is
-    :func:`lightning_unified.losses.weights.k3_reference_penalty`.)
+    :func:`lightning_unified.losses.weight_builders.k3_reference_penalty`.)
     """
     k1 = ((logp - reference_logp) * mask).sum(-1)
     return rewards - kl_coef * k1

@@ -8,7 +8,7 @@ or in the backward pass. Vocabularies of 150k tokens are normal. The vocabulary-
 one chunk is :func:`lightning_unified.losses.chunk_math.chunk_math`, eager or compiled. The
 tests check it against plain autograd over full logits (``tests/plain_loss.py``).
 
-A weight builder (see :mod:`lightning_unified.losses.weights`) is called once per chunk as
+A weight builder (see :mod:`lightning_unified.losses.weight_builders`) is called once per chunk as
 ``weight_fn(student_logp [c, V], targets [c], **fields)``, where ``fields`` are the per-token
 tensors given to the loss sliced to the chunk, plus ``teacher_logp`` [c, V] when a
 :class:`TeacherLogits` is given. ``student_logp`` is detached: builders only read it.

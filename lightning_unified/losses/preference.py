@@ -8,7 +8,7 @@ SimPO) of token log-probs, less the reference's where there is one. So
 
 which is the one equation with weight ``+g`` (or ``+g / length``) on every chosen token and
 ``-g`` on every rejected one. These functions compute g and f from detached log-probs; the
-loss applies them through :func:`lightning_unified.losses.weights.preference`.
+loss applies them through :func:`lightning_unified.losses.weight_builders.preference`.
 
 Rows come in groups of ``group_size`` consecutive rows sharing a prompt; ``preference``
 [B] marks one chosen row (+1) and one rejected row (-1) per group, or no row (an unusable

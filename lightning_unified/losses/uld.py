@@ -1,6 +1,6 @@
 """Universal Logit Distillation (Boizard et al., 2024) and a GOLD-style hybrid: divergences
 between distributions over two different vocabularies, each term with its derivative in
-closed form (the weight builders in :mod:`lightning_unified.losses.weights` turn those into
+closed form (the weight builders in :mod:`lightning_unified.losses.weight_builders` turn those into
 weights). Pure functions on tensors.
 
 Both compare, at each span (:mod:`lightning_unified.data.alignment`), the probabilities of

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from lightning_unified import batch as fields
 from lightning_unified.stages.base import Stage
+from lightning_unified.stages.host import run_update_hooks
 
 
 class PipelineError(ValueError):
@@ -89,12 +91,18 @@ class BatchPipeline:
             getattr(stage, hook)(*args)
 
     def run(self, trainer, host, batch: dict, batch_idx: int) -> None:
+        """Every stage's fields, in order; then what the loss reads is there (a loader of
+        one's own that gives other fields is named here, before any forward)."""
         for stage in self.stages:
             stage.run(trainer, host, batch, batch_idx)
+        fields.require(batch, *sorted(self.loss_reads), who="training_step")
 
     def on_update(self, trainer, host, batch: dict) -> None:
+        """Before every optimizer step, on its rows: each stage's per-update fields, then
+        the trainer's callbacks' (:class:`~lightning_unified.stages.host.UpdateHook`)."""
         for stage in self.stages:
             stage.on_update(trainer, host, batch)
+        run_update_hooks(trainer, host, batch)
 
     def after_batch(self, trainer, host, outputs, batch: dict, batch_idx: int) -> None:
         for stage in self.stages:

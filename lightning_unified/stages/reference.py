@@ -52,7 +52,7 @@ class ReferenceStage(Stage):
         if self.reference.tokenizer == "auto" and self.bridge is None:
             self.bridge = TokenizerBridge(
                 pl_module.tokenizer, load_tokenizer(self.reference.path,
-                                                    trust_remote_code=bool(self.reference.options.get("trust_remote_code"))),
+                                                    trust_remote_code=self.reference.model.trust_remote_code),
                 unencodable_logp=self.reference.unencodable_logp, who="reference.tokenizer=auto")
         if self.reference.served:
             if stage == "fit" and self.served is None:
@@ -68,7 +68,7 @@ class ReferenceStage(Stage):
         if stage != "fit" and not sharding:
             return
         if self.reference.path is not None:
-            model = load_causal_lm(self.reference.path, **self.reference.options)
+            model = load_causal_lm(self.reference.path, **self.reference.model.options)
             if self.bridge is None:
                 check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
                                   f"reference {self.reference.path}")
@@ -84,14 +84,9 @@ class ReferenceStage(Stage):
         self.model = model.eval().requires_grad_(False)
 
     def _start_served(self, pl_module: L.LightningModule) -> None:
-        if pl_module.temperature != 1.0:
-            # a served model reports log-probs of its raw logits: the policy's, divided by the
-            # loss temperature, would be compared with another distribution than the reference's
-            raise ValueError(f"reference.engine={self.reference.engine} returns the reference's log-probs at "
-                             f"temperature 1, but the loss's log-probs are at temperature {pl_module.temperature} "
-                             f"(module.temperature, or data_source.sampling.temperature when that is null): sample "
-                             f"at temperature 1, set module.temperature=1, or use reference.engine=hf")
-        served = build_teacher(self.reference.as_served(), owner="reference", role="reference")
+        # (a served model reports log-probs at temperature 1, as the loss's must be: the
+        # rule served-reference-at-temperature-1 held when the module was built)
+        served = build_teacher(self.reference.where, owner="reference", role="reference")
         if self.bridge is not None:  # checked against the reference's own tokenizer
             served.start(pl_module.policy, self.bridge.teacher, own_tokenizer=True)
         else:

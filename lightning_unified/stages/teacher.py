@@ -59,8 +59,9 @@ class TeacherStage(Stage):
         self.models: dict[str, torch.nn.Module] = {}
         self.served: dict = {}
         self.cache: TeacherCache | None = None
-        self.snapshot = (WeightSnapshot(signal.self_teacher, signal.self_teacher_decay, signal.self_teacher_every)
-                         if signal.is_self and signal.self_teacher != "live" else None)
+        self_teacher = signal.teacher if signal.is_self else None
+        self.snapshot = (WeightSnapshot(self_teacher.weights, self_teacher.decay, self_teacher.every)
+                         if self_teacher is not None and self_teacher.weights != "live" else None)
         # a teacher with its own tokenizer (signal.teacher_tokenizer=auto)
         self.spans: SpanTeacher | None = None
 
@@ -85,7 +86,7 @@ class TeacherStage(Stage):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.signal.cache is not None:
+        if self.signal.cached:
             self._open_cache(trainer, pl_module)
             return
         self._check_data_names(trainer)
@@ -103,9 +104,9 @@ class TeacherStage(Stage):
                 served.start(pl_module.policy, tokenizer, own_tokenizer=self.signal.across_tokenizers)
                 self.served[name] = served
             elif not spec.served and name not in self.models:
-                teacher = load_causal_lm(spec.path, **spec.options)
+                teacher = load_causal_lm(spec.model.path, **spec.model.options)
                 if not self.signal.across_tokenizers:
-                    check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, spec.path, label)
+                    check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, spec.model.path, label)
                 # kept out of the module so it is never trained, checkpointed or wrapped by DDP
                 self.models[name] = teacher.eval().requires_grad_(False)
 
@@ -132,13 +133,14 @@ class TeacherStage(Stage):
         """The offline teacher, checked against this run's tokenizer, data and settings."""
         if self.cache is not None:
             return
-        cache = TeacherCache(self.signal.cache)
+        made_by = self.signal.teacher.made_by  # the teacher the run names beside its cache
+        cache = TeacherCache(self.signal.teacher.directory)
         examples_of = getattr(trainer.datamodule, "training_examples", None) if trainer.datamodule else None
         if examples_of is None:
             log.warning("signal.cache: the data module has no training_examples(); the cache is checked example by "
                         "example (response lengths) but not as a whole dataset")
         cache.check(tokenizer=pl_module.tokenizer, examples=examples_of() if examples_of else None,
-                    teacher=None if self.signal.teacher is None else teacher_id(self.signal.teacher), top_k=self.signal.top_k,
+                    teacher=None if made_by is None else teacher_id(made_by), top_k=self.signal.top_k,
                     temperature=self.signal.temperature)
         self.cache = cache
 
@@ -150,7 +152,7 @@ class TeacherStage(Stage):
         if self.snapshot is None:
             return
         if pl_module.policy_is_sharded():
-            raise NotImplementedError(f"signal.self_teacher={self.signal.self_teacher} keeps a copy of the policy's "
+            raise NotImplementedError(f"signal.self_teacher={self.signal.teacher.weights} keeps a copy of the policy's "
                                       f"weights, which is not built for a sharded (FSDP2) policy yet; use ddp, or "
                                       f"signal.self_teacher=live")
         self.snapshot.take(pl_module.policy)  # the starting policy, or the checkpoint's snapshot
@@ -166,7 +168,7 @@ class TeacherStage(Stage):
     def load_state_dict(self, state_dict: dict) -> None:
         if self.snapshot is not None:
             if "snapshot" not in state_dict:
-                raise ValueError(f"signal.self_teacher={self.signal.self_teacher}: the checkpoint holds no self-teacher "
+                raise ValueError(f"signal.self_teacher={self.signal.teacher.weights}: the checkpoint holds no self-teacher "
                                  f"weights (it was written with signal.self_teacher=live)")
             self.snapshot.load_state_dict(state_dict["snapshot"])
 
@@ -190,7 +192,7 @@ class TeacherStage(Stage):
             prompt_ids, prompt_mask = context_prompts(pl_module.tokenizer, batch, signal.teacher_context)
             prompt_ids, prompt_mask = prompt_ids.to(pl_module.device), prompt_mask.to(pl_module.device)
         tensors = (prompt_ids, prompt_mask, batch[fields.RESPONSE_IDS], batch[fields.RESPONSE_MASK])
-        if signal.is_self and signal.engine == "vllm":
+        if signal.is_self and signal.teacher.served:
             # the policy's own rollout engine, synced as sampling syncs it, scores the context prompt
             with pl_module.rollouts.engine_for(pl_module.progress["optimizer_steps"]) as engine:
                 batch.update(self._served_fields(pl_module, engine.score(*tensors, signal.top_k)))

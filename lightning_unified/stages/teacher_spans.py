@@ -20,7 +20,7 @@ from lightning_unified.losses.spans import span_log_ratio, span_prefix_fields
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.models.loss_head import response_logprobs
-from lightning_unified.specs import Dense, Teacher
+from lightning_unified.specs import Dense, TeacherEntry
 from lightning_unified.teachers.tokenizers import TokenizerBridge, vocabulary_match
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,12 @@ class SpanTeacher:
     """One teacher with its own tokenizer (``spec``): the bridge to the student's tokens
     and, for ``uld_hybrid``, the tokens both vocabularies share."""
 
-    def __init__(self, signal: Dense, student_tokenizer, spec: Teacher):
+    def __init__(self, signal: Dense, student_tokenizer, spec: TeacherEntry):
         self.signal = signal
-        teacher_tokenizer = load_tokenizer(spec.path, trust_remote_code=bool(spec.options.get("trust_remote_code")))
+        # a served teacher's tokenizer is read from its local directory (teacher.path)
+        model = getattr(spec, "model", None)
+        path = model.path if model is not None else spec.tokenizer
+        teacher_tokenizer = load_tokenizer(path, trust_remote_code=bool(model is not None and model.trust_remote_code))
         self.bridge = TokenizerBridge(student_tokenizer, teacher_tokenizer, unencodable_logp=signal.unencodable_logp,
                                       context=signal.teacher_context)
         self.match = None

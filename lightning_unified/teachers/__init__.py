@@ -11,8 +11,9 @@ from lightning_unified.teachers.scores import TeacherScores
 
 
 def build_teacher(teacher, owner: str = "teacher", role: str = "teacher"):
-    """The served model ``teacher`` (a :class:`~lightning_unified.specs.Teacher`)
-    describes, not yet started; None for ``engine=hf``. ``owner`` names its settings in
+    """The served model ``teacher`` (a :class:`~lightning_unified.specs.ServerTeacher` or
+    :class:`~lightning_unified.specs.VLLMTeacher`) describes, not yet started; None for a
+    model in process. ``owner`` names its settings in
     errors (``teacher``, ``signal.teachers.NAME`` or ``reference``); ``role`` is what it is
     to the run (a ``teacher``, or the KL penalty's ``reference``, which reads only each
     token's log-prob)."""
@@ -23,7 +24,7 @@ def build_teacher(teacher, owner: str = "teacher", role: str = "teacher"):
     if teacher.engine == "vllm":
         from lightning_unified.teachers.vllm import InProcessTeacher
 
-        return InProcessTeacher(teacher.path, **teacher.vllm, owner=owner, role=role)
+        return InProcessTeacher(teacher.model.path, **teacher.vllm, owner=owner, role=role)
     return None
 
 

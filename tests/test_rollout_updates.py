@@ -114,14 +114,14 @@ def test_minibatches_split_whole_prompts_and_cover_the_batch() -> None:
                     updates_per_rollout=2, minibatches=2)
     module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     rows_seen = []
-    original = module.replay.select
+    original = module.updates.select
 
     def spy_rows(batch):
         out = original(batch)
-        rows_seen.append((module.replay.index, out[F.RESPONSE_IDS].shape[0], out[F.ADVANTAGES].shape[0]))
+        rows_seen.append((module.updates.update, out[F.RESPONSE_IDS].shape[0], out[F.ADVANTAGES].shape[0]))
         return out
 
-    module.replay.select = spy_rows
+    module.updates.select = spy_rows
     spy = StepSpy()
     quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[spy]).fit(module, datamodule=tiny_datamodule(batch_size=4))
     # 4 prompts x 3 samples = 12 rows; each mini-batch is 2 whole prompts = 6 rows
@@ -137,14 +137,14 @@ def test_sequence_clip_ratio_is_refreshed_before_every_update() -> None:
                     updates_per_rollout=2)
     module = tiny_module(spec, Sparse(rewards=[Reward(digit_match)]))
     ratios = []
-    original = module.replay.select
+    original = module.updates.select
 
     def spy_rows(batch):
         out = original(batch)
         ratios.append(out)  # the importance callback writes log_ratio into this dict
         return out
 
-    module.replay.select = spy_rows
+    module.updates.select = spy_rows
     quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=tiny_datamodule(batch_size=4))
     first, second = (r[F.LOG_RATIO] for r in ratios)
     mask = ratios[0][F.RESPONSE_MASK].bool()

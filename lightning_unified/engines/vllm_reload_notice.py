@@ -1,5 +1,5 @@
 """The one reload notice vLLM logs at every weight sync for a layer that holds no weights
-(the weights themselves: :mod:`lightning_unified.engines.weights`)."""
+(the weights themselves: :mod:`lightning_unified.engines.parameter_copy`)."""
 
 from __future__ import annotations
 

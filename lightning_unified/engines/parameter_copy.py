@@ -1,4 +1,4 @@
-"""The policy's weights as an engine with weights of its own loads them (vLLM, or the
+"""The policy's parameters copied to an engine that holds weights of its own (vLLM, or the
 ``hf`` engine's copy when it samples ahead): under their Hugging Face checkpoint names,
 LoRA adapters merged in, FSDP2 shards gathered."""
 

@@ -1,7 +1,7 @@
-"""Sampling ahead of the trainer (``data_source.sampling.max_lag = k >= 1``): at the start of
-batch ``t`` the sample stage takes batch ``t``'s rows, sampled earlier, and hands batch
-``t + k``'s prompts to the rollout owner's producer, which samples them from the weights of
-step ``t`` while the trainer trains on batch ``t``.
+"""The batches sampled ahead of the trainer (``data_source.sampling.max_lag = k >= 1``), the
+owner's queue: at the start of batch ``t`` the owner takes batch ``t``'s rows, sampled
+earlier, and hands batch ``t + k``'s prompts to the producer, which samples them from the
+weights of step ``t`` while the trainer trains on batch ``t``.
 
 - Each batch's rows carry the weights version that sampled them: ``t - k`` (the epoch's
   first ``k`` batches: the epoch's first step, sampled when it starts).
@@ -9,7 +9,7 @@ step ``t`` while the trainer trains on batch ``t``.
   never sampled from two versions, and with a fixed lag the same seed gives the same rows.
 - Prompts of later batches come from the training loader's own iterator, pulled early
   (:func:`~lightning_unified.lightning_private.training_lookahead`); the fit loop later gets
-  the very batches, so every stage after this one sees the batch it always did.
+  the very batches, so every stage after sampling sees the batch it always did.
 - A checkpoint keeps the batches pulled early and their sampled rows: the loader's saved
   place is after them, and their weights exist nowhere else.
 """
@@ -18,56 +18,54 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
 import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.lightning_private import training_lookahead
 from lightning_unified.losses.importance import mismatch_kl
+from lightning_unified.rollouts.requests import mixed_batch_is_on_policy
 
 
-class SamplingAhead:
-    """The sample stage's work when it samples ``max_lag`` batches ahead."""
+class BatchesAhead:
+    """The owner's (``owner``, a :class:`~lightning_unified.rollouts.owner.Rollouts`) batches
+    sampled ``max_lag`` ahead."""
 
-    def __init__(self, stage, max_lag: int):
-        self.stage, self.max_lag = stage, max_lag
-        # the trainer and the module's rollout owner, from training's start: what a checkpoint reads
-        self._rollouts = None
-        self._trainer: L.Trainer | None = None
+    def __init__(self, owner, max_lag: int):
+        self.owner, self.max_lag = owner, max_lag
+        self._trainer = None  # from training's start: what a checkpoint reads
         self._restored: dict | None = None  # a checkpoint's batches ahead, until training starts
         self._scoring = None  # the producer's job scoring this batch with the engine's newest weights
 
-    def on_train_start(self, trainer: L.Trainer, host) -> None:
-        self._trainer, self._rollouts = trainer, host.rollouts
+    def on_train_start(self, trainer, host) -> None:
+        self._trainer = trainer
         restored, self._restored = self._restored, None
         if not restored or not restored.get("ahead"):
             return
         # before the fit loop's first fetch: the loader resumes after the batches pulled early
         training_lookahead(trainer, kept=restored["kept"])
         for key, rows in restored["ahead"].items():
-            host.rollouts.producer.put(tuple(key), {k: _to(v, host.device) for k, v in rows.items()})
+            self.owner.producer.put(tuple(key), {k: _to(v, host.device) for k, v in rows.items()})
 
-    def rows_for(self, trainer: L.Trainer, host, batch: dict, batch_idx: int) -> dict:
+    def rows_for(self, trainer, host, batch: dict, batch_idx: int) -> dict:
         """Batch ``batch_idx``'s sampled rows (waiting for the producer if it is not done)."""
         epoch = trainer.current_epoch
-        if not host.rollouts.producer.holds((epoch, batch_idx)):
+        if not self.owner.producer.holds((epoch, batch_idx)):
             # the epoch's first batch: nothing was sampled ahead, so it is sampled now
             self._hand_over(trainer, host, epoch, batch_idx, batch, host.progress["optimizer_steps"])
         started = time.perf_counter()
-        rows = host.rollouts.take((epoch, batch_idx))
+        rows = self.owner.take((epoch, batch_idx))
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
         _check_same_prompts(rows, batch, batch_idx)
-        _used_on_this_stream(rows)
-        self._score_with_newest_weights(trainer, host, epoch, batch_idx, rows)
+        self._score_with_newest_weights(host, epoch, batch_idx, rows)
         return rows
 
-    def _score_with_newest_weights(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, rows: dict) -> None:
+    def _score_with_newest_weights(self, host, epoch: int, batch_idx: int, rows: dict) -> None:
         """A stale batch's tokens, scored by the engine once it holds this step's weights
         (queued in the producer before the next batch's sampling): against the behaviour
         log-probs that is the lag's share of the ratio (the same engine, older weights),
         against the trainer's own the engine's mismatch (the same weights)."""
-        spec = self.stage.data_source.sampling
+        spec = self.owner.data_source.sampling
         step = host.progress["optimizer_steps"]
         truncated = spec.top_k or spec.top_p < 1.0
         self._scoring = None
@@ -77,19 +75,18 @@ class SamplingAhead:
         response, response_mask = rows[fields.RESPONSE_IDS], rows[fields.RESPONSE_MASK]
 
         def job(engine, version: int):
-            return _on_a_stream_of_its_own(host.device, lambda: engine.token_logp(
-                ids, mask, response, response_mask, spec.temperature))
+            return engine.token_logp(ids, mask, response, response_mask, spec.temperature)
 
         self._scoring = ("score", epoch, batch_idx)
-        host.rollouts.produce(self._scoring, step, job)
+        self.owner.produce(self._scoring, step, job)
 
     def log_lag_and_mismatch(self, host, outputs, batch: dict) -> None:
         """``importance/lag_kl`` and ``importance/mismatch_kl`` of a stale batch, from the
         score :meth:`_score_with_newest_weights` asked for (one update per batch only: with
         more, the loss's log-probs are no longer this step's weights')."""
-        if self._scoring is None:
+        if self._scoring is None or not fields.is_sampled(batch):
             return
-        engine_logp, self._scoring = host.rollouts.take(self._scoring), None
+        engine_logp, self._scoring = self.owner.take(self._scoring), None
         if (engine_logp is None or host.data_source.updates_per_batch != 1 or not isinstance(outputs, dict)
                 or "target_logp" not in outputs):
             return
@@ -98,79 +95,58 @@ class SamplingAhead:
         host.log("importance/lag_kl", mismatch_kl(engine_logp, batch[fields.BEHAVIOUR_LOGP], mask), batch_size=tokens)
         host.log("importance/mismatch_kl", mismatch_kl(outputs["target_logp"], engine_logp, mask), batch_size=tokens)
 
-    def feed(self, trainer: L.Trainer, host, batch_idx: int) -> None:
+    def feed(self, trainer, host, batch_idx: int) -> None:
         """At batch ``batch_idx``'s start (sampled or not: a mixed source's off-policy batch
         too), hand the producer the batches up to ``max_lag`` ahead that it does not hold
         yet, to sample from the weights of this step."""
         lookahead = training_lookahead(trainer)
         epoch, step = trainer.current_epoch, host.progress["optimizer_steps"]
+        source = self.owner.data_source
         for ahead in range(1, self.max_lag + 1):
             later = batch_idx + ahead
-            if host.rollouts.producer.holds((epoch, later)) or not self.stage.is_on_policy(epoch, later):
+            if (self.owner.producer.holds((epoch, later))
+                    or not mixed_batch_is_on_policy(source.probability, source.seed, epoch, later)):
                 continue
             upcoming = lookahead.peek(ahead)
             if upcoming is None:  # the epoch ends first
                 break
             self._hand_over(trainer, host, epoch, later, upcoming[0], step)
 
-    def _hand_over(self, trainer: L.Trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
-        request = self.stage.batch_request(host, trainer, epoch, batch_idx)
-        device = host.device
-        prompts = {k: _to(v, device) for k, v in prompts.items()}
+    def _hand_over(self, trainer, host, epoch: int, batch_idx: int, prompts: dict, step: int) -> None:
+        request = self.owner.request(trainer, host, epoch, batch_idx)
+        prompts = {k: _to(v, host.device) for k, v in prompts.items()}
 
         def job(engine, version: int) -> dict:
-            rows = _on_a_stream_of_its_own(device, lambda: self.stage.sample_with(engine, host, prompts, request))
+            rows = self.owner.sample(engine, host, prompts, request)
             rows["version"] = version
             return rows
 
-        host.rollouts.produce((epoch, batch_idx), step, job)
+        self.owner.produce((epoch, batch_idx), step, job)
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The rows sampled ahead (waiting for the producer's running jobs) and the batches
         the loader gave early, on the CPU."""
-        if self._rollouts is None or self._rollouts.producer is None:
+        if self.owner.producer is None:
             return {}
         ahead = {key: {k: _to(v, "cpu") for k, v in rows.items()}
-                 for key, rows in self._rollouts.producer.results().items()}
+                 for key, rows in self.owner.producer.results().items() if key[0] != "score"}
         lookahead = training_lookahead(self._trainer) if ahead else None
         kept = list(lookahead.kept) if lookahead is not None else []
         return {"max_lag": self.max_lag, "ahead": ahead, "kept": kept} if ahead else {}
 
     def load_state_dict(self, state: dict) -> None:
-        check_resumed_lag(state, self.max_lag)
+        self.check_resumed_lag(state, self.max_lag)
         self._restored = state
 
-
-def check_resumed_lag(state: dict, max_lag: int) -> None:
-    """A checkpoint that keeps batches sampled ahead resumes only at the lag that sampled
-    them: the loader's saved place is after them."""
-    if state.get("ahead") and state["max_lag"] != max_lag:
-        raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
-                         f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
-                         f"{max_lag}")
-
-
-def _on_a_stream_of_its_own(device: torch.device, work):
-    """``work()`` in the producer's thread; on a GPU on a CUDA stream of its own, so the
-    training step's kernels do not queue behind it, and finished before its result is
-    handed over."""
-    if device.type != "cuda":
-        return work()
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        out = work()
-    stream.synchronize()
-    return out
-
-
-def _used_on_this_stream(rows: dict) -> None:
-    """Tensors made on the producer's stream and used on the training step's: the caching
-    allocator must not hand their memory back to the producer's stream before the step's
-    kernels are done with them."""
-    for value in rows.values():
-        if isinstance(value, torch.Tensor) and value.is_cuda:
-            value.record_stream(torch.cuda.current_stream(value.device))
+    @staticmethod
+    def check_resumed_lag(state: dict, max_lag: int) -> None:
+        """A checkpoint that keeps batches sampled ahead resumes only at the lag that sampled
+        them: the loader's saved place is after them."""
+        if state.get("ahead") and state["max_lag"] != max_lag:
+            raise ValueError(f"the checkpoint was sampled {state['max_lag']} batches ahead of the trainer and keeps "
+                             f"those batches; resume it with data_source.sampling.max_lag={state['max_lag']}, not "
+                             f"{max_lag}")
 
 
 def _to(value, device):

@@ -1,0 +1,120 @@
+"""One training step of every method, top to bottom: the file to open first.
+
+=====  ==============  ==============================================================  =========================
+step   what            how                                                             Lightning hook
+=====  ==============  ==============================================================  =========================
+1      sample          responses from the rollout engine, with behaviour log-probs     on_train_batch_start
+2      reference       log pi_ref of each response token (KL penalty, DPO's margin)    on_train_batch_start
+3      teacher         the teacher's distribution, top-k or token log-probs            on_train_batch_start
+4      rewards         reward functions (or the environment's rewards)                 on_train_batch_start
+5      advantages      rewards to advantages (group baselines, the k1 penalty)         on_train_batch_start
+6      preference      a pair's sequence-level weights                                 on_train_batch_start
+7      importance      proximal log-probs (decoupled PPO)                              on_train_batch_start
+8      updates         for each epoch, for each mini-batch: one optimizer step         optimizer_step
+9      loss            per-update fields, the policy's forward, the weights, the loss  training_step
+10     normalise       the whole step's normaliser, the step's logs                    on_before_optimizer_step
+11     after           diagnostics, state that follows the policy                      on_train_batch_end
+=====  ==============  ==============================================================  =========================
+
+Steps 1-7 are the method's stages (:mod:`lightning_unified.stages`), the ones its data
+source and signal need, in this order (:func:`lightning_unified.pipeline.method_stages`);
+each adds named fields to the batch (:mod:`lightning_unified.batch`), and a user's own stage
+joins them by name. Step 9 is the one place where gradients flow: whatever the method, its
+loss is ``-sum stopgrad(w) * log pi_theta / normaliser``, and only the weight builders
+(:mod:`lightning_unified.builder_choice`) differ. RL reads: sample, reference, rewards,
+advantages, importance, then the updates; SFT: no stage at all, one update.
+
+:class:`~lightning_unified.module.UnifiedModule` calls each function below from the hook
+the table names; they read the module only through what it holds (``host``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_unified import batch as fields
+from lightning_unified.builder_choice import weight_builders_for
+from lightning_unified.lightning_private import writes_logs_now
+from lightning_unified.losses.aggregation import all_reduce_sum, count_tensor, normaliser, normaliser_tensor, token_terms
+from lightning_unified.models.forward import response_hidden
+from lightning_unified.progress import log_step
+
+
+def prepare_batch(host, batch: dict, batch_idx: int) -> None:
+    """Steps 1-7: the method's stages, in their order, add their fields to the batch; then
+    the weight builders its fields call for are chosen, once for all its updates."""
+    host.pipeline.run(host.trainer, host, batch, batch_idx)
+    importance = host.data_source.importance if host.data_source.samples else None
+    batch[fields.WEIGHT_BUILDERS] = weight_builders_for(batch, host.signal, importance, host.reference)
+
+
+def make_updates(host, optimizer, closure) -> None:
+    """Step 8: the batch's optimizer steps. Each runs ``closure`` (Lightning's: step 9 on the
+    update's rows, the backward, step 10) and steps the optimizer; with one update per batch
+    this is Lightning's own step. ``trainer.global_step`` and the schedule count batches,
+    ``train/optimizer_steps`` counts these."""
+    for _ in host.updates.each():
+        optimizer.step(closure=closure)
+    host.progress["optimizer_steps"] += host.updates.count
+    if host.updates.count > 1:
+        host.log("train/optimizer_steps", host.progress["optimizer_steps"], batch_size=1)
+
+
+def update_loss(host, batch: dict) -> dict:
+    """Step 9: one update's loss, on the rows it trains on.
+
+    Each micro-batch contributes its SUM of per-token terms over the whole step's normaliser
+    (every micro-batch, every rank): any split gives the whole batch's gradient. With one
+    micro-batch a step the normaliser scales the loss here; with several it is known after
+    the last, and step 10 applies it."""
+    rows = host.updates.select(batch)
+    # fields that must see the policy as it is at this very update (a sequence-level
+    # ratio, a preference margin, the spans' weights), once per optimizer step
+    host.pipeline.on_update(host.trainer, host, rows)
+    hidden = response_hidden(host.policy, rows[fields.PROMPT_IDS], rows[fields.PROMPT_MASK], rows[fields.RESPONSE_IDS],
+                             rows[fields.RESPONSE_MASK], host.packing)
+    builders = rows[fields.WEIGHT_BUILDERS]
+    fields.require_each(rows, builders.needs)
+    mask = fields.loss_mask(rows)  # the tokens in the loss; every forward attends to the response mask's
+    out = host.policy.get_output_embeddings()(hidden, loss_inputs={
+        "targets": rows[fields.RESPONSE_IDS], "weight_fn": builders.weight_fn, "fields": fields.per_token_fields(rows),
+        "token_scale": token_terms(mask, host.aggregation, constant=host.constant_normaliser),
+        "teacher": rows.get(fields.TEACHER), "temperature": host.temperature, "chunk_size": host.chunk_size,
+        "compile": host.compile_loss,
+    })
+    # the loss's log-probs of every row, for the diagnostics after the batch's last update
+    target_logp = host.updates.rollout_logp(batch, out.target_logp.detach())
+    group_size = rows.get(fields.GROUP_SIZE, 1)
+    counts = count_tensor(mask, group_size)
+    host.step_sums.add(out.loss, out.objective, mask, rows.get(fields.TEACHER_INDEX), out.token_objective,
+                       group_size=group_size, counts=counts)
+    trainer = host.trainer
+    if trainer.accumulate_grad_batches == 1:
+        # on the device, never read here; the factor reaches every gradient through the
+        # backward pass the loss makes anyway, not through a pass over them afterwards.
+        # DDP and FSDP average gradients over ranks, so it carries the world size
+        norm = normaliser_tensor(host.aggregation, all_reduce_sum(counts), count_empty=host.count_empty)
+        loss = out.loss * (trainer.world_size / norm).to(out.loss.dtype)
+    else:  # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
+        loss = out.loss * trainer.accumulate_grad_batches
+    return {"loss": loss, "target_logp": target_logp}
+
+
+def normalise_update(host) -> None:
+    """Step 10, before the optimizer steps: with several micro-batches a step, divide the
+    summed gradient by the whole step's normaliser (with one, the loss carried it); log the
+    step's loss and objective with the same normaliser (one all-reduce of the step's sums,
+    besides the counts' all-reduce step 9 makes with one micro-batch). DDP and FSDP average
+    gradients over ranks, so the factor carries the world size; gradient clipping runs
+    after this, on the normalised gradient."""
+    total = host.step_sums.total()  # the step's one read back to the host
+    if total is None:
+        return
+    norm = normaliser(host.aggregation, total.counts, count_empty=host.count_empty)
+    trainer = host.trainer
+    if trainer.accumulate_grad_batches != 1:
+        # one multi-tensor kernel for all gradients, not a launch per parameter
+        grads = [p.grad for p in host.policy.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, trainer.world_size / norm)
+    log_step(host, total, norm, writes_logs_now(trainer))
