@@ -2,7 +2,8 @@
 default the training model's own (no second copy of the weights and nothing to sync); with
 ``copy=True`` a plain model of its own, synced like any engine, so that it can sample in a
 thread beside the training step (``sampling.max_lag``) from weights the trainer is no
-longer changing."""
+longer changing. Either way it samples from the request's settings alone: the checkpoint's
+own ``generation_config`` (:mod:`~lightning_unified.engines.plain_generation`) never runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
+    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -20,6 +22,7 @@ from transformers import (
 )
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
+from lightning_unified.engines.plain_generation import checkpoint_settings_off, say_ignored_once
 from lightning_unified.engines.weights import base_model, engine_weights
 from lightning_unified.models.forward import response_hidden
 
@@ -120,6 +123,7 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
+        say_ignored_once(policy, request.stop_token_ids)
         if self.copy:
             # the plain copy runs no collectives: each rank generates on its own
             policy, request = self.model, dataclasses.replace(request, synced=False)
@@ -138,18 +142,21 @@ class HFEngine(RolloutEngine):
                 processors.append(recorder)  # after truncation: what was actually sampled from
             # the draw itself, from the request's seed: generate then picks the drawn token greedily
             processors.append(PrivateDraw(request.seed))
+        # the request's settings, in a config of their own: the processors above replace
+        # generate's own warpers and sampling, and nothing of the checkpoint's is added
+        settings = GenerationConfig(do_sample=False, max_new_tokens=request.max_new_tokens,
+                                    pad_token_id=request.pad_token_id, eos_token_id=list(request.stop_token_ids),
+                                    use_cache=True)
         was_training = policy.training
         policy.eval()
         try:
-            sequences = policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
-                # the processors above replace generate's own warpers and sampling
-                temperature=None, top_k=None, top_p=None, logits_processor=processors,
-                max_new_tokens=request.max_new_tokens, pad_token_id=request.pad_token_id,
-                eos_token_id=list(request.stop_token_ids), use_cache=True,
-                # sharded strategies hang unless every rank runs the same number of forwards
-                synced_gpus=request.synced,
-            )
+            with checkpoint_settings_off(policy):
+                sequences = policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=settings,
+                    logits_processor=processors,
+                    # sharded strategies hang unless every rank runs the same number of forwards
+                    synced_gpus=request.synced,
+                )
         finally:
             policy.train(was_training)
         response_ids = sequences[:, prompt_ids.shape[1]:]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine
+from lightning_unified.engines.plain_generation import say_ignored_once
 from lightning_unified.engines.vllm_process import (
     INSTALL_HINT,
     engine_kwargs,
@@ -95,7 +96,9 @@ class VLLMEngine(RolloutEngine):
                     model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                     max_model_len=self.max_model_len, enforce_eager=self.enforce_eager, seed=0,
                     logprobs_mode=self.logprobs_mode, max_logprobs=self.max_logprobs, tensor_parallel_size=1,
-                    **kwargs))
+                    # no sampling defaults from the checkpoint (vLLM's own are neutral): every
+                    # request below states its settings (engines/plain_generation.py)
+                    generation_config="vllm", **kwargs))
         except Exception as error:
             raise RuntimeError(self._start_failure(config, error)) from error
         self.sync(policy)
@@ -129,6 +132,7 @@ class VLLMEngine(RolloutEngine):
                  request: GenerationRequest) -> Rollout:
         from vllm import SamplingParams
 
+        say_ignored_once(policy, request.stop_token_ids)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         longest = max(len(r) for r in rows) + request.max_new_tokens
         if self.max_model_len is not None and longest > self.max_model_len:
@@ -140,6 +144,9 @@ class VLLMEngine(RolloutEngine):
             n=1, max_tokens=request.max_new_tokens, stop_token_ids=list(request.stop_token_ids), detokenize=False,
             temperature=0.0 if request.greedy else request.temperature, top_k=request.top_k or -1,
             top_p=request.top_p, logprobs=None if request.greedy else 0,
+            # the run's stop tokens alone: vLLM adds the eos ids of the model's config (its
+            # generation config) to every request's stops unless told to ignore them
+            ignore_eos=True,
             # one stream per row, from the request's seed: the same rows sample the same
             # tokens whatever else shares the engine's batch
             seed=None if request.greedy else _row_seed(request.seed, row),
