@@ -1,5 +1,6 @@
 """The ``hf`` rollout engine samples from the run's settings alone, whatever the checkpoint's
-``generation_config`` says."""
+``generation_config`` says, and its copy of the weights at a lag is built without a second
+initialisation and scores a stale batch without [B, R, V] logits."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_unified import batch as fields
+from lightning_unified.engines.hf import HFEngine
 from lightning_unified.models.loading import build_policy
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.module import UnifiedModule
@@ -98,3 +104,107 @@ def test_greedy_validation_is_the_plain_models_argmax(tmp_path: Path) -> None:
     module.policy.eval()
     expected = plain_argmax(module.policy, ids, mask, 8, module.stop_token_ids)
     assert answers == module.tokenizer.batch_decode(expected, skip_special_tokens=True)
+
+
+# --- the copy sampling at a lag ---------------------------------------------------------
+
+RANDOM_FILLS = {"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
+                "geometric_", "trunc_normal_"}
+
+
+class OpsOnMemory(TorchDispatchMode):
+    """The random fills run on real (not meta) tensors, and the bytes of real tensors made
+    by factory ops (``empty``), while the mode is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fills: list[str] = []
+        self.allocated = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        first = args[0] if args else None
+        if name in RANDOM_FILLS and isinstance(first, torch.Tensor) and first.device.type != "meta":
+            self.fills.append(name)
+        if name.startswith("empty") and isinstance(out, torch.Tensor) and out.device.type != "meta":
+            self.allocated += out.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_copy_is_built_on_the_meta_device_and_equals_the_policy(tied: bool) -> None:
+    """Building the copy runs no random initialisation (nor draws from torch's RNG), gives
+    its parameters memory once, and after the sync its logits are the policy's (the
+    rotary frequencies, which no state dict carries, included)."""
+    data = tiny_datamodule()
+    policy = build_policy(data.tokenizer, config={**TINY, "tie_word_embeddings": tied}, seed=0).eval()
+    weights = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in policy.parameters()}
+    buffers = sum(b.untyped_storage().nbytes() for b in policy.buffers())
+    engine = HFEngine(copy=True)
+    rng = torch.random.get_rng_state()
+    with OpsOnMemory() as seen:
+        engine.start(policy)
+    assert seen.fills == [], "the copy's parameters were initialised before the sync overwrote them"
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert seen.allocated <= sum(weights.values()) + buffers, "the copy's parameters were given memory twice"
+    own = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    assert len(own) == len(weights), "tied weights share one tensor in the copy too"
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        ids, mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
+        torch.testing.assert_close(engine.model(input_ids=ids, attention_mask=mask).logits,
+                                   policy(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def peak_cpu_bytes(work) -> int:
+    """The peak of torch's CPU allocations while ``work()`` runs, above what was allocated
+    before it: every allocation and free the allocator reports to the profiler, in order
+    (temporaries inside a kernel, such as logsumexp's, included)."""
+    from torch._C._profiler import _EventType
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    sizes, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+    assert sizes, "the profiler reported no allocation"
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_copys_lag_scoring_never_holds_batch_by_vocabulary_logits() -> None:
+    """``token_logp`` (``importance/lag_kl`` and ``mismatch_kl`` at a lag) at a 131k
+    vocabulary: the scoring's peak memory stays under a quarter of one [B, R, V] float32
+    tensor (the head runs chunk by chunk, as the trainer's), and its log-probs are the
+    trainer's own."""
+    vocab, rows, prompt, response = 131_072, 16, 4, 128
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(LlamaConfig(**{**TINY, "max_position_embeddings": 256}, vocab_size=vocab)).eval()
+    engine = HFEngine(copy=True)
+    engine.start(policy)
+    prompt_ids = torch.randint(0, vocab, (rows, prompt))
+    response_ids = torch.randint(0, vocab, (rows, response))
+    prompt_mask = torch.ones_like(prompt_ids)
+    response_mask = torch.ones_like(response_ids)
+    response_mask[0, 100:] = 0
+    scored = {}
+
+    def work():
+        scored["logp"] = engine.token_logp(prompt_ids, prompt_mask, response_ids, response_mask, 0.8)
+
+    peak = peak_cpu_bytes(work)
+    logits_bytes = rows * response * vocab * 4  # one [B, R, V] float32 tensor: 1 GiB
+    assert peak < logits_bytes / 4, f"scoring peaked at {peak / 2**20:.0f} MiB"
+    from lightning_unified.models.loss_head import install_loss_head
+
+    install_loss_head(policy)
+    expected = response_logprobs(policy, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.8)
+    torch.testing.assert_close(scored["logp"], expected, rtol=0, atol=1e-5)
+    assert (scored["logp"][0, 100:] == 0).all()

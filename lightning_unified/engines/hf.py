@@ -24,6 +24,7 @@ from transformers import (
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
 from lightning_unified.engines.plain_generation import checkpoint_settings_off, say_ignored_once
 from lightning_unified.engines.weights import base_model, engine_weights
+from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.models.forward import response_hidden
 
 
@@ -72,7 +73,9 @@ class PrivateDraw(LogitsProcessor):
 class HFEngine(RolloutEngine):
     """``copy``: generate from a plain model of its own (built from the policy's config,
     loaded with its weights at every sync: LoRA merged, FSDP2 shards gathered) instead of
-    the training model."""
+    the training model. The copy is whole and unsharded on every rank, beside the policy
+    on its device: under FSDP2 each rank holds the full weights once more (a sharded copy
+    would run collectives from the producer's thread, beside the training step's)."""
 
     copy = False
     model: nn.Module | None = None
@@ -86,12 +89,7 @@ class HFEngine(RolloutEngine):
 
     def start(self, policy: nn.Module) -> None:
         if self.copy:
-            source = base_model(policy)
-            config = source.config.__class__.from_dict(source.config.to_dict())
-            parameter = next(source.parameters())
-            self.model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
-            self.model.to(parameter.device if parameter.device.type != "meta" else "cpu").eval()
-            self.model.requires_grad_(False)
+            self.model = empty_copy(policy)
             self.sync(policy)
 
     def sync(self, policy: nn.Module) -> None:
@@ -116,8 +114,10 @@ class HFEngine(RolloutEngine):
         if not self.copy:
             return None  # the training model itself: the trainer's own log-probs
         hidden = response_hidden(self.model, prompt_ids, prompt_mask, response_ids, response_mask)
-        logits = self.model.get_output_embeddings()(hidden)  # [B, R, V]: the copy's plain head
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+        # the trainer's chunked pass over the head: a stale batch's [B, R, V] logits
+        # (40 GB in float32 at 64 rows x 1,024 tokens x 152k) are never held at once
+        head = self.model.get_output_embeddings()
+        logp = target_logprobs(hidden, head.weight, response_ids, head_bias=head.bias, temperature=temperature)
         return torch.where(response_mask.bool(), logp, 0.0)
 
     @torch.no_grad()
@@ -163,3 +163,43 @@ class HFEngine(RolloutEngine):
         mask = mask_after_stop(response_ids, request.stop_token_ids)
         logp = None if recorder is None else torch.where(mask.bool(), recorder.finish(sequences), 0.0)
         return Rollout(torch.where(mask.bool(), response_ids, request.pad_token_id), mask, logp)
+
+
+def empty_copy(policy: nn.Module) -> nn.Module:
+    """A plain model of the policy's architecture and dtype on the policy's device, its
+    parameters allocated but not initialised: built on the meta device and then given
+    memory, so no random initialisation runs (the sync overwrites every weight) and
+    nothing is allocated twice (first on the CPU, then on the GPU). The sync fills the weights; the
+    buffers no state dict carries (the rotary embedding's frequencies) are the policy's."""
+    source = base_model(policy)
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    parameter = next(source.parameters())
+    device = parameter.device if parameter.device.type != "meta" else torch.device("cpu")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+    _give_memory(model, device)
+    given = dict(source.named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in given:
+                raise RuntimeError(f"sampling.engine=hf with max_lag: the policy has no buffer {name!r} that its "
+                                   f"config's model has")
+            buffer.copy_(given[name])
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _give_memory(model: nn.Module, device: torch.device) -> None:
+    """Uninitialised memory on ``device`` for every meta tensor of ``model``, once per tensor:
+    ``Module.to_empty`` gives a tied weight (the embedding and the head) one tensor per
+    module that holds it, twice the memory until it is tied again."""
+    made: dict[int, tuple[Tensor, Tensor]] = {}  # id of the meta tensor: (it, its replacement)
+    for module in model.modules():
+        for slots, as_parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in list(slots.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    empty = torch.empty_like(tensor, device=device)
+                    made[id(tensor)] = (tensor, nn.Parameter(empty, requires_grad=False) if as_parameter else empty)
+                slots[name] = made[id(tensor)][1]
