@@ -52,6 +52,10 @@ class RolloutEngine:
 
     #: True when the engine reads the training model's weights directly (nothing to sync)
     shares_weights = False
+    #: the dtype the trainer computes in (bf16 under ``bf16-mixed``), set by the module before
+    #: the engine starts: an engine with weights of its own runs in it, not in the float32 of
+    #: the master weights it is synced from (None: the policy's parameters' dtype)
+    compute_dtype: torch.dtype | None = None
 
     def start(self, policy: nn.Module) -> None:
         raise NotImplementedError

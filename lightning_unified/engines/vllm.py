@@ -47,7 +47,8 @@ def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) 
 class VLLMEngine(RolloutEngine):
     """``kv_cache_gib`` is the KV cache's size (null: 1 GiB on a CPU, and on a GPU the share
     ``gpu_memory_utilization`` of its memory that the engine may take beside training);
-    ``dtype`` null follows the policy's parameters; ``max_model_len`` null takes the policy's
+    ``dtype`` null is the trainer's compute dtype (bf16 under ``bf16-mixed``; the policy's
+    parameters' without a trainer); ``max_model_len`` null takes the policy's
     ``max_position_embeddings``; ``enforce_eager`` skips CUDA graphs and compilation (a
     faster start, slower decoding); ``sleep`` frees the engine's GPU memory during the
     training step (vLLM's sleep mode; GPUs only); ``max_logprobs`` is the largest top-k it
@@ -87,7 +88,8 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = self.max_model_len or getattr(config, "max_position_embeddings", None)
         self._config_dir = tempfile.TemporaryDirectory(prefix="lightning_unified_vllm_")
         config.save_pretrained(self._config_dir.name)
-        dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+        # the trainer's compute dtype (bf16 under bf16-mixed), not the float32 master weights'
+        dtype = self.dtype or str(self.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
         try:
             with keeping_process_state(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
