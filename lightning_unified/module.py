@@ -299,6 +299,10 @@ class UnifiedModule(L.LightningModule):
         under ``bf16-mixed``; others leave it alone."""
         if self.device_mesh is not None and not self.policy_is_sharded():
             shard_policy(self.policy, self.device_mesh["data_parallel"], precision=self.trainer.precision)
+            if self.device.type == "cuda" and self.data_source.samples and self.data_source.sampling.engine == "hf":
+                rank_zero_warn("data_source.sampling.engine=hf under FSDP2 generates with the sharded policy: every "
+                               "token all-gathers every layer on every rank. data_source.sampling.engine=vllm samples "
+                               "from a whole bf16 copy in each rank's engine instead (experiment=gpu_grpo)")
 
     def policy_is_sharded(self) -> bool:
         return is_sharded(self.policy)
