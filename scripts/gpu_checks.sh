@@ -29,7 +29,7 @@ python -c "import torch, lightning, transformers; print('torch', torch.__version
 failed=0
 for check in ${CHECKS//,/ }; do
   # seconds each may take on an H100 (vLLM: two engine starts with CUDA graph capture)
-  case $check in vllm) limit=200 ;; fsdp2) limit=70 ;; packing) limit=60 ;; step) limit=130 ;; *) limit=60 ;; esac
+  case $check in vllm) limit=230 ;; fsdp2) limit=60 ;; packing) limit=50 ;; step) limit=120 ;; *) limit=60 ;; esac
   timeout "$limit" python "$HERE/gpu_checks.py" --check "$check" $SMOKE >"$OUT/$check.log" 2>&1
   code=$?
   line=$(grep '^CHECK ' "$OUT/$check.log" | tail -1)
