@@ -15,7 +15,7 @@ from functools import partial
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +34,7 @@ from lightning_unified.models.forward import response_hidden
 from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.packing import Packing, uses_varlen_attention
+from lightning_unified.models.precision import compute_dtype, half_precision_master
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
 from lightning_unified.progress import TrainingProgress, log_step
@@ -131,6 +132,9 @@ class UnifiedModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
         evaluate_without_inference_mode(self.trainer)
+        # an engine with weights of its own samples in the step's compute dtype (bf16 under
+        # bf16-mixed), not in the float32 of the master weights it is synced from
+        self.rollouts.engine.compute_dtype = compute_dtype(self.trainer.precision)
         if stage == "fit":
             self.replay.check_accumulation(self.trainer.accumulate_grad_batches)
             if self.trainer.strategy.root_device.type == "cpu":
@@ -285,12 +289,20 @@ class UnifiedModule(L.LightningModule):
 
     # --- optimisation and sharding --------------------------------------------------------
     def configure_optimizers(self):
+        lost = half_precision_master(self.policy, self.trainer.precision)
+        if lost:  # a named choice (model.dtype=bfloat16, bf16-true), said with its cost
+            rank_zero_warn(lost)
         return configure_optimization(self.policy, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy (FSDP2) shard the policy; others leave it alone."""
+        """Under ModelParallelStrategy (FSDP2) shard the policy, with FSDP2's mixed precision
+        under ``bf16-mixed``; others leave it alone."""
         if self.device_mesh is not None and not self.policy_is_sharded():
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+            shard_policy(self.policy, self.device_mesh["data_parallel"], precision=self.trainer.precision)
+            if self.device.type == "cuda" and self.data_source.samples and self.data_source.sampling.engine == "hf":
+                rank_zero_warn("data_source.sampling.engine=hf under FSDP2 generates with the sharded policy: every "
+                               "token all-gathers every layer on every rank. data_source.sampling.engine=vllm samples "
+                               "from a whole bf16 copy in each rank's engine instead (experiment=gpu_grpo)")
 
     def policy_is_sharded(self) -> bool:
         return is_sharded(self.policy)

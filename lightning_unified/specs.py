@@ -76,7 +76,7 @@ class Sampling:
     # engine in each training process, synced with the policy's weights)
     engine: str = "hf"
     # the vllm engine's settings: kv_cache_gib, gpu_memory_utilization, dtype, max_model_len,
-    # enforce_eager, sleep (see lightning_unified.engines.vllm.VLLMEngine)
+    # enforce_eager, sleep, sleep_level (see lightning_unified.engines.vllm.VLLMEngine)
     vllm: dict = field(default_factory=dict)
     # sync the engine's weights every this many optimizer steps; > 1 samples from stale
     # weights on purpose (the importance ratio corrects for it)
@@ -115,6 +115,11 @@ class Sampling:
         if self.max_lag and self.sync_every > 1:
             raise ValueError(f"sampling.max_lag={self.max_lag} already samples from weights {self.max_lag} steps old; "
                              f"sampling.sync_every={self.sync_every} would make them older still. Set one of them")
+        if self.vllm.get("sleep") and self.vllm.get("sleep_level", 2) == 2 and self.sync_every > 1:
+            raise ValueError(f"sampling.vllm.sleep_level=2 discards the engine's weights while it sleeps, so each wake "
+                             f"loads the policy's current ones; sampling.sync_every={self.sync_every} keeps older weights "
+                             f"on purpose. Set sampling.vllm.sleep_level=1 (the weights wait on the CPU) or "
+                             f"sampling.sync_every=1")
         if self.max_lag and self.vllm.get("sleep"):
             raise ValueError(f"sampling.max_lag={self.max_lag} samples during the training step, so the engine "
                              f"cannot sleep then: set sampling.vllm.sleep=false")
