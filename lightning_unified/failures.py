@@ -102,7 +102,8 @@ class FailedRows:
         if failed > self.max_fraction * self.window:
             first = self.first.get(kind, "on another rank: see its log")
             raise TooManyFailedRows(
-                f"{failed} of the last {len(self.recent[kind])} {kind} rows failed ({METRICS[kind]}), more than "
+                f"{failed} of the last {len(self.recent[kind])} {kind} rows failed ({METRICS[kind]}; "
+                f"{self.totals[kind]} since the start), more than "
                 f"module.max_failure_fraction={self.max_fraction:g} of module.failure_window={self.window} rows: "
                 f"this is no longer a flaky row but a broken {_culprit(kind)}. The first failure: {first}")
 
@@ -112,6 +113,7 @@ class FailedRows:
     def load_state_dict(self, state: dict) -> None:
         for kind, rows in state.get("recent", {}).items():
             if kind in self.recent:
+                self.recent[kind].clear()
                 self.recent[kind].extend(rows)
         self.totals.update({k: v for k, v in state.get("totals", {}).items() if k in self.totals})
 
@@ -134,7 +136,9 @@ def mark_failed(batch: dict, rows) -> None:
     where it is missing) is set on them."""
     response = batch[fields.RESPONSE_IDS]
     failed = batch.get(fields.FAILED)
-    failed = torch.zeros(response.shape[0], dtype=torch.bool, device=response.device) if failed is None else failed.clone()
+    if failed is None:
+        failed = torch.zeros(response.shape[0], dtype=torch.bool, device=response.device)
+    failed = failed.clone()
     rows = list(rows)
     if rows:
         failed[torch.tensor(rows, device=failed.device)] = True

@@ -149,7 +149,7 @@ class UnifiedModule(L.LightningModule):
                 rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
         for name in self.val_rewards:
             if name not in self.val_metrics:
-                self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # a row no reward could score is NaN
+                self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:

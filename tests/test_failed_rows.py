@@ -138,10 +138,10 @@ def test_a_reward_that_raises_on_some_rows_leaves_them_out_and_counts_them(tmp_p
 def test_past_max_failure_fraction_the_run_stops_naming_the_cause(tmp_path: Path) -> None:
     data = tiny_datamodule(batch_size=4)
     module = reward_run([], max_failure_fraction=0.05, failure_window=20)
-    with pytest.raises(TooManyFailedRows, match=r"of the last \d+ rewards rows failed \(rewards/failures\), more than "
-                                                r"module.max_failure_fraction=0.05 of module.failure_window=20 rows: "
-                                                r".*reward function.*The first failure: reward digits_without_sevens "
-                                                r"on row \d+: ValueError: the grader cannot read a 7"):
+    with pytest.raises(TooManyFailedRows, match=r"of the last \d+ rewards rows failed \(rewards/failures; \d+ since "
+                                                r"the start\), more than module.max_failure_fraction=0.05 of "
+                                                r"module.failure_window=20 rows: .*reward function.*The first "
+                                                r"failure: reward digits_without_sevens on row \d+: ValueError: the grader cannot read a 7"):
         quiet_trainer(max_steps=3, limit_val_batches=0).fit(module, datamodule=data)
 
 

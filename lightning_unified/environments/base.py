@@ -118,9 +118,9 @@ def checked_reset(env, row: dict) -> Reset:
         why = check_picklable(tool)
         if why is not None:  # tools run in a process of their own, which a timeout can stop
             raise EnvironmentOutputError(
-                f"{where}: tool {getattr(tool, '__name__', tool)!r} cannot be sent to the process tools run in ({why}); "
-                f"a tool is a function defined at the top of a module, a functools.partial of one, or a method of an "
-                f"object that pickles (leave a client or a lock out of its __getstate__)")
+                f"{where}: tool {getattr(tool, '__name__', tool)!r} cannot be sent to the process tools run in "
+                f"({why}); a tool is a function defined at the top of a module, a functools.partial of one, or a "
+                f"method of an object that pickles (leave a client or a lock out of its __getstate__)")
     return Reset(messages, tools, _checked_info(result.info, where))
 
 

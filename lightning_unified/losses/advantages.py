@@ -36,7 +36,8 @@ def _centred(groups: Tensor, valid: Tensor) -> Tensor:
     n = valid.sum(-1, keepdim=True).to(groups.dtype)
     centred = (kept - kept.sum(-1, keepdim=True) / n.clamp_min(1.0)).masked_fill(~valid, 0.0)
     big = torch.finfo(groups.dtype).max
-    same = groups.masked_fill(~valid, -big).amax(-1, keepdim=True) <= groups.masked_fill(~valid, big).amin(-1, keepdim=True)
+    highest = groups.masked_fill(~valid, -big).amax(-1, keepdim=True)
+    same = highest <= groups.masked_fill(~valid, big).amin(-1, keepdim=True)
     return centred.masked_fill(same, 0.0)
 
 
@@ -54,7 +55,8 @@ def masked_std(values: Tensor, valid: Tensor | None = None) -> Tensor:
     return _std(_centred(groups, ok), ok).reshape(())
 
 
-def reinforce_advantages(rewards: Tensor, baseline: Tensor | float | None = None, valid: Tensor | None = None) -> Tensor:
+def reinforce_advantages(rewards: Tensor, baseline: Tensor | float | None = None,
+                         valid: Tensor | None = None) -> Tensor:
     """REINFORCE with a baseline: A_i = r_i - b, by default the mean of the valid rows
     (``valid`` [B] bool; a failed row's advantage is 0). Across ranks, pass the global
     batch's mean, so every process layout gives the same advantages."""
