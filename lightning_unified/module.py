@@ -24,6 +24,7 @@ from lightning_unified import batch as fields
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.engines.rollouts import Rollouts
+from lightning_unified.failures import FailedRows
 from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
 from lightning_unified.lightning_private import attached_trainer, writes_logs_now
 from lightning_unified.losses.aggregation import (AGGREGATIONS, StepSums, all_reduce_sum, count_tensor, normaliser,
@@ -57,7 +58,10 @@ class UnifiedModule(L.LightningModule):
     every rank (None: the signal's own). ``temperature`` divides the policy's logits in the
     loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default to the
     datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
-    ``stop`` or None. ``stages``: stages of your own, each placed before or after a named one
+    ``stop`` or None. ``max_failure_fraction``: the run stops once more than this share of
+    ``failure_window`` rows of one kind failed (an environment, a reward function or a
+    teacher that could not handle them; :mod:`lightning_unified.failures`); fewer are left
+    out of the loss and counted. ``stages``: stages of your own, each placed before or after a named one
     (:class:`~lightning_unified.stages.Stage`). Every argument is documented where a run
     sets it: ``conf/train.yaml``'s ``module`` section.
     """
@@ -86,6 +90,8 @@ class UnifiedModule(L.LightningModule):
         samples_every_n_steps: int | None = 50,
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
+        max_failure_fraction: float = 0.1,
+        failure_window: int = 1000,
         keep_freed_host_memory: bool = True,
         stages: list[Stage] | None = None,
     ):
@@ -122,6 +128,8 @@ class UnifiedModule(L.LightningModule):
         # several teachers: each one's objective is logged as train/objective/<name>
         self.teacher_names = list(signal.teachers) if isinstance(signal, Dense) and signal.routed else []
         self.step_sums = StepSums(groups=len(self.teacher_names))  # this optimizer step's loss and counts so far
+        # rows an environment, a reward function or a teacher could not handle: counted, and the run's limit
+        self.failures = FailedRows(max_failure_fraction, failure_window)
         self.clock = TrainingProgress()
 
     @property
@@ -145,7 +153,7 @@ class UnifiedModule(L.LightningModule):
                 rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
         for name in self.val_rewards:
             if name not in self.val_metrics:
-                self.val_metrics[name] = MeanMetric()
+                self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:
@@ -196,7 +204,7 @@ class UnifiedModule(L.LightningModule):
             "temperature": self.temperature, "chunk_size": self.chunk_size, "compile": self.compile_loss,
         })
         group_size = batch.get(fields.GROUP_SIZE, 1)
-        counts = count_tensor(mask, group_size)
+        counts = count_tensor(mask, group_size, batch.get(fields.FAILED))
         self.step_sums.add(out.loss, out.objective, mask, batch.get(fields.TEACHER_INDEX), out.token_objective,
                            group_size=group_size, counts=counts)
         if self._normalises_loss:
@@ -276,6 +284,7 @@ class UnifiedModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
         checkpoint["stages"] = self.pipeline.state_dict()
+        checkpoint["failed_rows"] = self.failures.state_dict()
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint from another model or another method, naming the difference."""
@@ -284,6 +293,7 @@ class UnifiedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         self.pipeline.load_state_dict(checkpoint.get("stages", {}))
+        self.failures.load_state_dict(checkpoint.get("failed_rows", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 

@@ -16,6 +16,7 @@ from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.environments.sampling import sample_episodes
 from lightning_unified.environments.tools import describe_tool_call_format
+from lightning_unified.failures import report
 from lightning_unified.specs import OnPolicy
 from lightning_unified.stages.base import Stage
 from lightning_unified.stages.sample_ahead import SamplingAhead, check_resumed_lag
@@ -54,7 +55,8 @@ class SampleStage(Stage):
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK,
                 fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
                 fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS,
-                *((fields.EPISODE, fields.ENVIRONMENT_REWARDS) if self.data_source.environment.enabled else ())}
+                *((fields.EPISODE, fields.ENVIRONMENT_REWARDS, fields.FAILED) if self.data_source.environment.enabled
+                  else ())}
 
     def _max_new_tokens(self, pl_module: L.LightningModule) -> int:
         """The sampling spec's, else the module's (which falls back to the datamodule's)."""
@@ -122,6 +124,8 @@ class SampleStage(Stage):
         pl_module.log("sampling/tokens_per_sec", lengths.sum() / rows["seconds"], batch_size=1)
         for name, value in rows.get("environment", {}).items():  # per-episode means of a multi-turn rollout
             pl_module.log(f"environment/{name}", value, batch_size=len(set(batch[fields.EPISODE])))
+        if "failures" in rows:  # episodes whose environment raised: counted here, in the trainer's thread
+            report(pl_module, "environment", rows["episodes"], rows["failures"])
 
     def apply(self, batch: dict, rows: dict) -> None:
         """The sampled rows into the batch: the prompts as G copies each (or, for episodes,
@@ -143,6 +147,7 @@ class SampleStage(Stage):
         if fields.EPISODE in rows:
             batch[fields.EPISODE] = rows[fields.EPISODE]
             batch[fields.ENVIRONMENT_REWARDS] = rows[fields.ENVIRONMENT_REWARDS]
+            batch[fields.FAILED] = rows[fields.FAILED]
 
     @torch.no_grad()
     def sample_with(self, engine, pl_module: L.LightningModule, prompts: dict, request: GenerationRequest) -> dict:

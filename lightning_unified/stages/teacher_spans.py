@@ -42,9 +42,11 @@ class SpanTeacher:
                      "vocabulary; the matched part's weight is %.4f", int((self.match.teacher_to_student >= 0).sum()),
                      self.match.teacher_to_student.numel(), self.match.matched_weight)
 
-    def fields(self, pl_module: L.LightningModule, batch: dict, teacher: torch.nn.Module | None, served) -> dict:
+    def fields(self, pl_module: L.LightningModule, batch: dict, teacher: torch.nn.Module | None,
+               served) -> tuple[dict, list]:
         """The span fields: the teacher (a model in this process, or ``served``) reads its own
-        prompt and its own tokens of each reply."""
+        prompt and its own tokens of each reply; and the sampled rows it cannot encode (no
+        span: their fields hold no weight, and the stage marks them failed)."""
         signal, bridge = self.signal, self.bridge
         rows = bridge.rows(batch, pl_module.device)
         tensors = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
@@ -72,7 +74,7 @@ class SpanTeacher:
                                            topk_logp.to(pl_module.device), width, self.match)
             if self.match is not None:
                 out[fields.VOCABULARY_MATCH] = self.match
-        return out
+        return out, rows.failed
 
     def before_update(self, pl_module: L.LightningModule, batch: dict) -> None:
         """The spans' weights from the policy's log-probs as they are now."""
