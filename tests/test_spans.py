@@ -1,9 +1,11 @@
 """The sampled reverse KL span by span (distillation across tokenizers): the chunked loss's
 gradient equals, in float64, autograd of the span-level closed form written with explicit
-loops over each span's tokens; with one token per span it is the token-level estimator."""
+loops over each span's tokens; with one token per span it is the token-level estimator.
+The bridge's span fields, built for the whole batch at once, are the loop over each span."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_unified.losses import weights
@@ -65,3 +67,39 @@ def test_one_token_per_span_is_the_token_level_estimator() -> None:
     for a, b in zip(torch.autograd.grad(spans.loss, (hidden, head)), torch.autograd.grad(tokens.loss, (hidden, head))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(spans.objective, tokens.objective)
+
+
+# --- the bridge's span fields, against a loop over each span -----------------------------
+
+
+def test_the_bridges_span_fields_are_the_loop_over_each_span() -> None:
+    """Spans of several student tokens and of several teacher tokens, two rows of different
+    lengths: each span's teacher log-prob, its end, and on its last student token the
+    teacher's top-k at its last token plus the log-prob of its earlier tokens."""
+    from lightning_unified.data.alignment import Alignment
+    from lightning_unified.teachers.tokenizers import TeacherRows, TokenizerBridge
+    from tests.lightning_helpers import chat_tokenizer, pairs_tokenizer
+
+    alignments = [Alignment("", [], [(0, 1, 0, 3), (1, 3, 3, 4), (3, 4, 4, 6)]),
+                  Alignment("", [], [(0, 2, 0, 1), (2, 3, 1, 4)])]
+    width, teacher_width, k = 5, 6, 3
+    gen = torch.Generator().manual_seed(0)
+    rows = TeacherRows(*(torch.zeros(2, 1, dtype=torch.long) for _ in range(4)), alignments,
+                       torch.zeros(2, teacher_width, dtype=torch.bool))
+    teacher_logp = -torch.rand(2, teacher_width, generator=gen, dtype=torch.float64) * 3
+    teacher_logp[1, 4:] = 0.0  # padding
+    topk_ids = torch.randint(0, 100, (2, teacher_width, k), generator=gen)
+    topk_logp = -torch.rand(2, teacher_width, k, generator=gen) * 5
+    bridge = TokenizerBridge(chat_tokenizer(), pairs_tokenizer())
+    span = bridge.span_fields(rows, teacher_logp, width)
+    topk = bridge.span_topk_fields(rows, teacher_logp, topk_ids, topk_logp, width, None)
+    for b, alignment in enumerate(alignments):
+        for j, (s0, s1, t0, t1) in enumerate(alignment.spans):
+            assert span["span_id"][b, s0:s1].tolist() == [j] * (s1 - s0)
+            assert span["span_end"][b, s0:s1].tolist() == [0.0] * (s1 - s0 - 1) + [1.0]
+            assert span["teacher_span_logp"][b, j].item() == pytest.approx(teacher_logp[b, t0:t1].sum().item())
+            earlier = teacher_logp[b, t0:t1 - 1].sum().float()
+            torch.testing.assert_close(topk["teacher_span_topk_logp"][b, s1 - 1], topk_logp[b, t1 - 1] + earlier)
+            assert topk["teacher_span_topk_ids"][b, s1 - 1].tolist() == [-1] * k  # no vocabulary match given
+    assert span["span_id"][1, 3:].tolist() == [-1, -1] and span["span_end"][1, 3:].tolist() == [0.0, 0.0]
+    assert (topk["teacher_span_topk_logp"][[0, 1], [1, 0]] == -1.0e4).all(), "no entry before a span's end"

@@ -11,14 +11,24 @@ from torch import Tensor
 from lightning_unified.losses.uld import span_terms
 
 
-def span_ids(spans: list[tuple[int, int, int, int]], length: int) -> list[int]:
+def span_ids(spans: list[tuple[int, int, int, int]], length: int, teacher: bool = False) -> list[int]:
     """Each of a row's ``length`` student tokens' span (its index in ``spans``), -1 on tokens
-    no span holds (padding)."""
+    no span holds (padding); ``teacher``: each of the teacher's tokens' instead."""
     ids = [-1] * length
-    for j, (s0, s1, _, _) in enumerate(spans):
-        for t in range(s0, s1):
-            ids[t] = j
+    for j, span in enumerate(spans):
+        start, stop = span[2:] if teacher else span[:2]
+        ids[start:stop] = [j] * (stop - start)
     return ids
+
+
+def span_ends(alignments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row, student end, teacher first, teacher last) [n] long over every span of the rows'
+    ``alignments`` (each with ``.spans``), in order: the span's row, its last student
+    token, and its first and last teacher tokens."""
+    rows = [(b, s1 - 1, t0, t1 - 1) for b, a in enumerate(alignments) for _, s1, t0, t1 in a.spans]
+    if not rows:
+        return tuple(torch.zeros(0, dtype=torch.long) for _ in range(4))
+    return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*rows))
 
 
 def span_sums(values: Tensor, span_id: Tensor, spans: int | None = None) -> Tensor:
