@@ -83,7 +83,8 @@ def span_prefix_fields(token_logp: Tensor, end_logp: Tensor | TeacherLogits, spa
         if isinstance(end_logp, TeacherLogits) and end_logp.logits is None:
             vocab, hidden = end_logp.head_weight.shape
         else:  # log-probs that exist already: chunks bound only the terms' own temporaries
-            vocab, hidden = end_logp.shape[-1] if isinstance(end_logp, Tensor) else end_logp.logits.shape[-1], 1
+            given = end_logp if isinstance(end_logp, Tensor) else end_logp.logits
+            vocab, hidden = given.shape[-1], 1
         chunk_size = auto_chunk_size(ends.numel(), vocab, hidden, end_prefix.device)
     teacher_ids, teacher_logp = teacher_ids.flatten(0, 1), teacher_logp.flatten(0, 1)  # [B * R, K]
     carried_at_end = end_prefix.new_empty(ends.numel())  # [n]: G at each span end
