@@ -17,6 +17,7 @@ from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.losses.objective import target_logprobs, topk_logprobs
 from lightning_unified.losses.spans import span_log_ratio, span_prefix_fields
+from lightning_unified.losses.teacher_logits import TeacherLogits
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.models.loss_head import response_logprobs
@@ -102,13 +103,12 @@ class SpanTeacher:
             # under FSDP2 the head is a shard outside its forward: gathered whole (every rank does)
             weight, bias = (t.full_tensor() if isinstance(t, DTensor) else t for t in output_head(policy))
             logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
-                                   temperature=pl_module.temperature)
+                                   temperature=pl_module.temperature, chunk_size=pl_module.chunk_size)
             logp = torch.where(batch[fields.RESPONSE_MASK].bool(), logp, 0.0)  # [B, R]
-            logits = hidden[ends].float() @ weight.float().T  # [n, V]: only at the span ends
-            if bias is not None:
-                logits = logits + bias.float()
+            # the policy's distribution at the span ends, made a chunk of ends at a time, in float32
+            at_ends = TeacherLogits(hidden=hidden[ends].float(), head_weight=weight.float(),
+                                    head_bias=None if bias is None else bias.float(), temperature=pl_module.temperature)
             prefix, prefix_grad = span_prefix_fields(
-                logp, torch.log_softmax(logits / pl_module.temperature, -1), batch[fields.SPAN_ID], ends,
-                batch[fields.TEACHER_SPAN_TOPK_IDS][ends], batch[fields.TEACHER_SPAN_TOPK_LOGP][ends], self.match,
-                self.signal.beta)
+                logp, at_ends, batch[fields.SPAN_ID], ends, batch[fields.TEACHER_SPAN_TOPK_IDS],
+                batch[fields.TEACHER_SPAN_TOPK_LOGP], self.match, self.signal.beta, chunk_size=pl_module.chunk_size)
         return {fields.SPAN_PREFIX_LOGP: prefix, fields.SPAN_PREFIX_GRAD: prefix_grad}

@@ -32,7 +32,7 @@ from lightning_unified.data.alignment import Alignment, AlignmentError, align_re
 from lightning_unified.data.chat import contextual_prompt, end_of_turn_id, is_chat, prompt_token_ids, stop_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.failures import RowFailure, row_failure
-from lightning_unified.losses.spans import span_ids, span_sums
+from lightning_unified.losses.spans import span_ends, span_ids, span_sums
 from lightning_unified.losses.uld import VocabularyMatch
 
 
@@ -169,13 +169,12 @@ class TokenizerBridge:
         spans = max((len(a.spans) for a in rows.alignments), default=0)
         span_id = torch.tensor([span_ids(a.spans, student_width) for a in rows.alignments],
                                dtype=torch.long).reshape(-1, student_width)
-        span_end = torch.zeros(len(rows.alignments), student_width)
         # each teacher token's span: the span sums are one scatter
-        teacher_span = torch.full(tuple(teacher_logp.shape), -1, dtype=torch.long)
-        for b, alignment in enumerate(rows.alignments):
-            for j, (_, s1, t0, t1) in enumerate(alignment.spans):
-                span_end[b, s1 - 1] = 1.0
-                teacher_span[b, t0:t1] = j
+        teacher_span = torch.tensor([span_ids(a.spans, teacher_logp.shape[1], teacher=True) for a in rows.alignments],
+                                    dtype=torch.long).reshape(teacher_logp.shape)
+        row, end, _, _ = span_ends(rows.alignments)
+        span_end = torch.zeros(len(rows.alignments), student_width)
+        span_end[row, end] = 1.0
         sums = span_sums(teacher_logp.float(), teacher_span.to(device), max(spans, 1))
         return {fields.SPAN_ID: span_id.to(device), fields.SPAN_END: span_end.to(device), fields.TEACHER_SPAN_LOGP: sums}
 
@@ -195,11 +194,11 @@ class TokenizerBridge:
         out_ids = torch.full((batch, student_width, k), -1, dtype=torch.long, device=device)
         mapped = (match.teacher_to_student.to(device)[topk_ids] if match is not None
                   else torch.full_like(topk_ids, -1))
-        prefix = teacher_logp.float().cumsum(-1)  # [B, R_t]: log-prob of the teacher's tokens up to each
-        for b, alignment in enumerate(rows.alignments):
-            for s0, s1, t0, t1 in alignment.spans:
-                before = prefix[b, t1 - 2] - (prefix[b, t0 - 1] if t0 > 0 else 0.0) if t1 - 1 > t0 else 0.0
-                out_logp[b, s1 - 1] = topk_logp[b, t1 - 1].float() + before
-                out_ids[b, s1 - 1] = mapped[b, t1 - 1]
+        row, end, first, last = (t.to(device) for t in span_ends(rows.alignments))  # [n] each
+        # log-prob of the teacher's tokens before each: the sum over a span's earlier tokens is a difference
+        before_each = torch.nn.functional.pad(teacher_logp.float().cumsum(-1), (1, 0)).to(device)  # [B, R_t + 1]
+        before = torch.where(last > first, before_each[row, last] - before_each[row, first], 0.0)  # [n]
+        out_logp[row, end] = topk_logp[row, last].float() + before[:, None]
+        out_ids[row, end] = mapped[row, last]
         return {fields.TEACHER_SPAN_TOPK_IDS: out_ids,
                 fields.TEACHER_SPAN_TOPK_LOGP: out_logp.clamp_min(NO_ENTRY_LOGP)}
