@@ -14,7 +14,8 @@ What reads which: every forward (the policy's, a teacher's, the reference's, a r
 margin's), packing's layout, a served teacher's rows, the offline cache's rows and the
 decoded completions read ``response_mask``; the loss's token scale and normaliser, the
 step's token counts, advantages on tokens, importance ratios and their diagnostics, the
-KL-to-reference metric and a preference pair's summed log-probs read ``loss_mask``.
+KL-to-reference metric and a preference pair's summed log-probs read ``loss_mask``, through
+:func:`loss_mask`, which is 0 on a row marked ``failed``.
 """
 
 # --- from the DataLoader -------------------------------------------------------------
@@ -38,6 +39,9 @@ SAMPLED = "sampled"  # bool: the sampler wrote this batch's responses (a mixed s
 # multi-turn episodes (data_source.environment): rows of one episode are consecutive, G episodes per prompt
 EPISODE = "episode"  # list[int] of length B: each row's episode (several rows when a template rewrote history)
 ENVIRONMENT_REWARDS = "environment_rewards"  # [B] float, the row's episode's reward (the sum of its steps' rewards)
+
+# --- any stage where a row can fail (sample's episodes, rewards, teacher and reference across tokenizers)
+FAILED = "failed"  # [B] bool: the row failed (its environment raised, a reward function or a teacher could not handle it): no gradient, counted (lightning_unified/failures.py)
 
 # --- teacher stage (dense signal) ---------------------------------------------------
 TEACHER = "teacher"  # TeacherLogits: hidden [B, R, H_t] + the teacher's head, never [B, R, V]; RoutedTeacherLogits with several
@@ -119,9 +123,12 @@ def require(batch: dict, *names: str, who: str) -> None:
 def loss_mask(batch: dict):
     """[B, R] the tokens the loss trains on. The collator and the sampler always add
     ``loss_mask``; a batch built by hand without one is single-turn, where every response
-    token is in the loss."""
+    token is in the loss. A row marked ``failed`` has none: no weight reaches it and no
+    normaliser counts its tokens (the one place that keeps failed rows out of the step)."""
     mask = batch.get(LOSS_MASK)
-    return batch[RESPONSE_MASK] if mask is None else mask
+    mask = batch[RESPONSE_MASK] if mask is None else mask
+    failed = batch.get(FAILED)
+    return mask if failed is None else mask.masked_fill(failed[:, None], 0)
 
 
 def is_sampled(batch: dict) -> bool:

@@ -25,10 +25,28 @@ from lightning_unified.specs import Preference
 from lightning_unified.tasks.addition import checkpoint_path
 
 log = logging.getLogger(__name__)
+# what a distributed checkpoint's directory keeps beside its shards (Lightning's name)
+DISTRIBUTED_METADATA = "meta.pt"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # ${lu.checkpoint:teacher} is the path of a checkpoint shipped with the package
 OmegaConf.register_new_resolver("lu.checkpoint", checkpoint_path, replace=True)
+
+
+def world_size(devices, num_nodes) -> int:
+    """Ranks of a run on ``num_nodes`` machines of ``devices`` processes each; ``auto`` or -1:
+    every GPU this machine has (the trainer=fsdp2_gpu shard group spans them all)."""
+    if devices in ("auto", -1, "-1"):
+        devices = max(1, torch.cuda.device_count())
+    elif isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str):
+        devices = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    return int(devices) * int(num_nodes)
+
+
+# ${lu.world_size:${trainer.devices},${trainer.num_nodes}}: the FSDP2 presets' data_parallel_size
+OmegaConf.register_new_resolver("lu.world_size", world_size, replace=True)
 
 
 class _DropNoise(logging.Filter):
@@ -90,7 +108,7 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         reference=reference,
     )
-    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=last_checkpoint_mode(cfg),
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
     # metrics.csv always; a configured logger (TensorBoard) writes beside it
     loggers = [AppendingCSVLogger(save_dir=output_dir, name="", version="")]
@@ -102,6 +120,18 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
         default_root_dir=output_dir,
     )
     return Run(module, datamodule, trainer, output_dir)
+
+
+def last_checkpoint_mode(cfg: DictConfig) -> bool | str:
+    """How ``checkpoints/last.ckpt`` is kept. A single-file checkpoint is written to a
+    temporary file and moved into place, so a kill never leaves half of one. A distributed
+    checkpoint is a directory written shard by shard in place: rewriting last.ckpt would let
+    a kill mix two steps' shards, so last.ckpt is a link to the step's own directory instead,
+    moved once that directory is whole."""
+    strategy = cfg.trainer.get("strategy")
+    distributed = (isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
+                   and strategy.get("save_distributed_checkpoint", True))
+    return "link" if distributed else True
 
 
 def check_data_has_responses(datamodule, data_source, signal) -> None:
@@ -177,13 +207,14 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     directory's ``checkpoints/last.ckpt``; None for a fresh run."""
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
-        if not path.is_file():
+        if not path.is_file() and not path.is_dir():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
         return path
     if not cfg.get("resume"):
         return None
     last = output_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    # a file, or under trainer.strategy.save_distributed_checkpoint=true a directory of shards
+    if not last.is_file() and not last.is_dir():
         raise FileNotFoundError(
             f"resume=true, but {last} does not exist: run the same command with hydra.run.dir=<the run's "
             f"directory> to resume it (checkpoints are written every checkpoint_every_n_steps steps), or drop "
@@ -209,7 +240,16 @@ def check_run_directory(cfg: DictConfig, output_dir: Path) -> None:
 
 def read_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint's contents (tensors and plain values only), or an error naming
-    the file when it cannot be read (a run killed while writing it, another kind of file)."""
+    the file when it cannot be read (a run killed while writing it, another kind of file).
+    A distributed checkpoint (a directory of shards) gives what its ``meta.pt`` holds: all
+    but the weights and the optimizer's state, which each rank loads from its shards."""
+    if path.is_dir():
+        meta = path / DISTRIBUTED_METADATA
+        if not meta.is_file():
+            raise ValueError(f"{path} is a directory without {DISTRIBUTED_METADATA}, so not a complete distributed "
+                             f"checkpoint (a run killed while writing it?): continue from another one with "
+                             f"ckpt_path=..., or start afresh in a new directory")
+        path = meta
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -92,6 +92,8 @@ MODULE = {
     "samples_every_n_steps": at_least(1),
     "non_finite": one_of("skip", "stop"),
     "max_non_finite_steps": at_least(1),
+    "max_failure_fraction": ((lambda v: is_number(v) and 0 <= v <= 1), "a fraction in [0, 1]"),
+    "failure_window": at_least(1),
 }
 
 TASK = {

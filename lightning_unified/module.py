@@ -15,7 +15,7 @@ from functools import partial
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_unified import step
 from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
+from lightning_unified.failures import FailedRows
 from lightning_unified.rollouts import Rollouts
 from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
 from lightning_unified.lightning_private import attached_trainer
@@ -31,6 +32,7 @@ from lightning_unified.models.checkpoint import fingerprint, read_run_state, sav
 from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.lora import is_lora
 from lightning_unified.models.packing import Packing, uses_varlen_attention
+from lightning_unified.models.precision import compute_dtype, half_precision_master
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
 from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
 from lightning_unified.progress import TrainingProgress
@@ -52,7 +54,10 @@ class UnifiedModule(L.LightningModule):
     every rank (None: the signal's own). ``temperature`` divides the policy's logits in the
     loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default to the
     datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
-    ``stop`` or None. ``stages``: stages of your own, each placed before or after a named one
+    ``stop`` or None. ``max_failure_fraction``: the run stops once more than this share of
+    ``failure_window`` rows of one kind failed (an environment, a reward function or a
+    teacher that could not handle them; :mod:`lightning_unified.failures`); fewer are left
+    out of the loss and counted. ``stages``: stages of your own, each placed before or after a named one
     (:class:`~lightning_unified.stages.Stage`). Every argument is documented where a run
     sets it: ``conf/train.yaml``'s ``module`` section.
     """
@@ -81,6 +86,8 @@ class UnifiedModule(L.LightningModule):
         samples_every_n_steps: int | None = 50,
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
+        max_failure_fraction: float = 0.1,
+        failure_window: int = 1000,
         keep_freed_host_memory: bool = True,
         stages: list[Stage] | None = None,
     ):
@@ -118,6 +125,8 @@ class UnifiedModule(L.LightningModule):
         # several teachers: each one's objective is logged as train/objective/<name>
         self.teacher_names = list(signal.teachers) if isinstance(signal, Dense) and signal.routed else []
         self.step_sums = StepSums(groups=len(self.teacher_names))  # this optimizer step's loss and counts so far
+        # rows an environment, a reward function or a teacher could not handle: counted, and the run's limit
+        self.failures = FailedRows(max_failure_fraction, failure_window)
         self.clock = TrainingProgress()
 
     @property
@@ -128,6 +137,9 @@ class UnifiedModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
         evaluate_without_inference_mode(self.trainer)
+        # an engine with weights of its own samples in the step's compute dtype (bf16 under
+        # bf16-mixed), not in the float32 of the master weights it is synced from
+        self.rollouts.engine.compute_dtype = compute_dtype(self.trainer.precision)
         if stage == "fit":
             enforce("trainer", self.trainer, self.data_source)  # the rules that read the trainer
             if self.trainer.strategy.root_device.type == "cpu":
@@ -138,7 +150,7 @@ class UnifiedModule(L.LightningModule):
                 rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
         for name in self.val_rewards:
             if name not in self.val_metrics:
-                self.val_metrics[name] = MeanMetric()
+                self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:
@@ -209,6 +221,7 @@ class UnifiedModule(L.LightningModule):
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
         checkpoint["stages"] = self.pipeline.state_dict()
         checkpoint["rollouts"] = self.rollouts.state_dict()  # the batches sampled ahead
+        checkpoint["failed_rows"] = self.failures.state_dict()
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint from another model or another method, naming the difference."""
@@ -218,17 +231,26 @@ class UnifiedModule(L.LightningModule):
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         self.pipeline.load_state_dict(checkpoint.get("stages", {}))
         self.rollouts.load_state_dict(checkpoint.get("rollouts", {}))
+        self.failures.load_state_dict(checkpoint.get("failed_rows", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint
 
     # --- optimisation and sharding --------------------------------------------------------
     def configure_optimizers(self):
+        lost = half_precision_master(self.policy, self.trainer.precision)
+        if lost:  # a named choice (model.dtype=bfloat16, bf16-true), said with its cost
+            rank_zero_warn(lost)
         return configure_optimization(self.policy, self.optimizer_factory, self.scheduler_factory, self.trainer)
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy (FSDP2) shard the policy; others leave it alone."""
+        """Under ModelParallelStrategy (FSDP2) shard the policy, with FSDP2's mixed precision
+        under ``bf16-mixed``; others leave it alone."""
         if self.device_mesh is not None and not self.policy_is_sharded():
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+            shard_policy(self.policy, self.device_mesh["data_parallel"], precision=self.trainer.precision)
+            if self.device.type == "cuda" and self.data_source.samples and self.data_source.sampling.engine == "hf":
+                rank_zero_warn("data_source.sampling.engine=hf under FSDP2 generates with the sharded policy: every "
+                               "token all-gathers every layer on every rank. data_source.sampling.engine=vllm samples "
+                               "from a whole bf16 copy in each rank's engine instead (experiment=gpu_grpo)")
 
     def policy_is_sharded(self) -> bool:
         return is_sharded(self.policy)

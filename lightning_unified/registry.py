@@ -21,6 +21,7 @@ function, never from a list of names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,11 +60,16 @@ class Divergence:
 @dataclass(frozen=True)
 class AdvantageEstimator:
     """``fn(rewards [B], *, group_size, eps) -> [B]`` advantages over the global batch
-    (every rank's rows); ``grouped``: it compares a prompt's samples, so it needs 2 or more."""
+    (every rank's rows); ``grouped``: it compares a prompt's samples, so it needs 2 or more.
+    ``takes_valid``: ``fn`` also takes ``valid`` ([B] bool, the rows that did not fail) and
+    leaves the others out of every statistic (their advantage 0); one that does not is
+    given only whole groups without a failed row
+    (:func:`~lightning_unified.stages.advantages.estimate_advantages`)."""
 
     name: str
     fn: Callable
     grouped: bool = True
+    takes_valid: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,10 +145,11 @@ def register_divergence(name: str, *, needs: str, settings: tuple[str, ...] = ()
 
 
 def register_advantage(name: str, *, grouped: bool = True):
-    """Register the decorated ``fn(rewards, *, group_size, eps)`` as ``signal.advantage=name``."""
+    """Register the decorated ``fn(rewards, *, group_size, eps)`` as ``signal.advantage=name``
+    (with a ``valid`` argument too, when it can leave failed rows out of its statistics)."""
 
     def add(fn: Callable) -> Callable:
-        ADVANTAGES.add(AdvantageEstimator(name, fn, grouped))
+        ADVANTAGES.add(AdvantageEstimator(name, fn, grouped, _takes(fn, "valid")))
         return fn
 
     return add
@@ -185,36 +192,51 @@ register_weighting("indicator")(weight_builders.indicator)
 register_weighting("dft")(weight_builders.dft)
 
 
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no inspectable signature: it takes what it was registered with
+        return False
+
+
+def _global_valid(rewards: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(the rewards with failed rows at 0 as float64, the valid rows as float64), for sums over ranks."""
+    ok = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    return rewards.double().masked_fill(~ok, 0.0), ok.double()
+
+
 @register_advantage("reinforce", grouped=False)
-def _reinforce(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
-    # the mean over the whole global batch, not this rank's share of it
-    total = all_reduce_sum(torch.stack([rewards.sum().double(), rewards.new_tensor(rewards.numel()).double()]))
-    return estimators.reinforce_advantages(rewards, baseline=(total[0] / total[1]).to(rewards.dtype))
+def _reinforce(rewards: Tensor, *, group_size: int, eps: float, valid: Tensor | None = None) -> Tensor:
+    # the mean over the whole global batch's valid rows, not this rank's share of it
+    r, ok = _global_valid(rewards, valid)
+    total = all_reduce_sum(torch.stack([r.sum(), ok.sum()]))
+    return estimators.reinforce_advantages(rewards, baseline=(total[0] / total[1].clamp_min(1.0)).to(rewards.dtype),
+                                           valid=valid)
 
 
 @register_advantage("rloo")
-def _rloo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
-    return estimators.rloo_advantages(rewards, group_size=group_size)
+def _rloo(rewards: Tensor, *, group_size: int, eps: float, valid: Tensor | None = None) -> Tensor:
+    return estimators.rloo_advantages(rewards, group_size=group_size, valid=valid)
 
 
 @register_advantage("grpo")
-def _grpo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
-    return estimators.grpo_advantages(rewards, group_size=group_size, eps=eps)
+def _grpo(rewards: Tensor, *, group_size: int, eps: float, valid: Tensor | None = None) -> Tensor:
+    return estimators.grpo_advantages(rewards, group_size=group_size, eps=eps, valid=valid)
 
 
 @register_advantage("grpo_batch_std")
-def _grpo_batch_std(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
-    # the standard deviation of the whole global batch's rewards, not this rank's share
-    r = rewards.double()
-    n, total, squares = all_reduce_sum(torch.stack([r.new_tensor(r.numel()), r.sum(), r.square().sum()]))
-    std = ((squares - total * total / n).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt()
+def _grpo_batch_std(rewards: Tensor, *, group_size: int, eps: float, valid: Tensor | None = None) -> Tensor:
+    # the standard deviation of the whole global batch's valid rewards, not this rank's share
+    r, ok = _global_valid(rewards, valid)
+    n, total, squares = all_reduce_sum(torch.stack([ok.sum(), r.sum(), r.square().sum()]))
+    std = ((squares - total * total / n.clamp_min(1.0)).clamp_min(0.0) / (n - 1).clamp_min(1.0)).sqrt()
     return estimators.grpo_batch_std_advantages(rewards, group_size=group_size, batch_std=std.to(rewards.dtype),
-                                                eps=eps)
+                                                eps=eps, valid=valid)
 
 
 @register_advantage("dr_grpo")
-def _dr_grpo(rewards: Tensor, *, group_size: int, eps: float) -> Tensor:
-    return estimators.dr_grpo_advantages(rewards, group_size=group_size)
+def _dr_grpo(rewards: Tensor, *, group_size: int, eps: float, valid: Tensor | None = None) -> Tensor:
+    return estimators.dr_grpo_advantages(rewards, group_size=group_size, valid=valid)
 
 
 def _band(importance) -> dict:

@@ -85,7 +85,7 @@ def update_loss(host, batch: dict) -> dict:
     # the loss's log-probs of every row, for the diagnostics after the batch's last update
     target_logp = host.updates.rollout_logp(batch, out.target_logp.detach())
     group_size = rows.get(fields.GROUP_SIZE, 1)
-    counts = count_tensor(mask, group_size)
+    counts = count_tensor(mask, group_size, rows.get(fields.FAILED))
     host.step_sums.add(out.loss, out.objective, mask, rows.get(fields.TEACHER_INDEX), out.token_objective,
                        group_size=group_size, counts=counts)
     trainer = host.trainer

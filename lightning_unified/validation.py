@@ -3,6 +3,7 @@ each answer scored by every validation reward."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,8 @@ from lightning_unified.environments.sampling import limits_of, reset_rows
 from lightning_unified.lightning_private import attached_trainer
 from lightning_unified.rewards.scoring import decode_prompts, score_each
 from lightning_unified.rewards.text import exact_match
+
+log = logging.getLogger(__name__)
 
 
 def max_new_tokens(own: int | None, datamodule) -> int:
@@ -76,10 +79,15 @@ def greedy_episodes(module, batch: dict, spec) -> dict:
                                 spec.factory(), request, limits_of(spec), batch[fields.PROMPT_IDS].device)
     completions = [next((m["content"] for m in reversed(e.messages) if m["role"] == "assistant"), "")
                    for e in episodes]
-    scores = {"reward": torch.tensor([e.reward for e in episodes]),
-              "turns": torch.tensor([float(e.counts["turns"]) for e in episodes])}
+    failed = [e for e in episodes if e.failed is not None]
+    if failed:  # an episode whose environment raised has no score: NaN, which the means leave out
+        log.error("validation: %d of %d episodes failed (their environment raised), left out of val/*; the first: "
+                  "%s\n%s", len(failed), len(episodes), failed[0].failed.what, failed[0].failed.details)
+    nan = float("nan")
+    scores = {"reward": torch.tensor([nan if e.failed else e.reward for e in episodes]),
+              "turns": torch.tensor([nan if e.failed else float(e.counts["turns"]) for e in episodes])}
     for name in sorted({k for e in episodes for k in e.info}):
-        scores[name] = torch.tensor([e.info.get(name, float("nan")) for e in episodes])
+        scores[name] = torch.tensor([nan if e.failed else e.info.get(name, nan) for e in episodes])
     return {"completions": completions, "scores": scores}
 
 

@@ -373,7 +373,8 @@ def run_cell(args, variant: str, method: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_checks.py builds its cells from it too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--device", default="cpu")
@@ -411,6 +412,11 @@ def main() -> None:
                              "machine, the noise floor under the ratios")
     parser.add_argument("--variant", choices=["plain", "project", "interleaved", "control"], help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_unified import batch as F
 from lightning_unified.data.alignment import AlignmentError, align
@@ -49,12 +51,12 @@ class FirstStep(L.Callback):
             self.grads = {n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters()}
 
 
-def first_step(signal: Dense, data_source=None, reference: Reference | None = None) -> FirstStep:
+def first_step(signal: Dense, data_source=None, reference: Reference | None = None, **module_options) -> FirstStep:
     L.seed_everything(0)
     data = tiny_datamodule(batch_size=4)
     module = UnifiedModule(build_policy(data.tokenizer, config=TINY, seed=0), data.tokenizer,
                            data_source or OffPolicy(), signal, reference=reference, max_new_tokens=4,
-                           optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.1), **module_options)
     spy = FirstStep()
     quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[spy]).fit(module, datamodule=data)
     return spy
@@ -187,7 +189,7 @@ def test_uld_and_the_hybrid_are_trls_gold_loss(divergence: str, beta: float) -> 
         t_top_ids[0, s1 - 1] = match.teacher_to_student[ids] if match is not None else -1
     ends = span_end[0]
     prefix, prefix_grad = span_prefix_fields(s_token.detach()[None], s_logp_all.detach()[ends], span_id, span_end,
-                                             t_top_ids[0, ends], t_top_logp[0, ends], match, beta)
+                                             t_top_ids, t_top_logp, match, beta)
     fields = dict(span_end=span_end[0].double(), span_prefix_logp=prefix[0], span_prefix_grad=prefix_grad[0],
                   teacher_span_topk_ids=t_top_ids[0], teacher_span_topk_logp=t_top_logp[0])
     detached = s_logp_all.detach()
@@ -242,6 +244,48 @@ def test_a_uld_runs_gradient_is_trls_gold_loss_on_the_same_batch(pairs_teacher, 
     for name, param in policy.named_parameters():
         torch.testing.assert_close(step.grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert max(g.abs().max() for g in step.grads.values()) > 1e-5
+
+
+class ShapeLog(TorchDispatchMode):
+    """The shape of every tensor each operation makes while it is on (views of its inputs,
+    which hold no memory of their own, left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_the_uld_prefix_terms_never_hold_every_span_ends_distribution(pairs_teacher, monkeypatch) -> None:
+    """With ``chunk_size=2`` every vocabulary-sized tensor of the prefix terms has at most two
+    rows, while the batch has many more span ends (the terms before an update used to make
+    the policy's [span ends, V] log-probs, sort them and keep several such tensors)."""
+    from lightning_unified.stages.teacher_spans import SpanTeacher
+
+    seen = {}
+    prefix_fields = SpanTeacher._prefix_fields
+
+    def logged(self, pl_module, batch, inputs):
+        with ShapeLog() as log:
+            out = prefix_fields(self, pl_module, batch, inputs)
+        seen.setdefault("log", (log.shapes, int(batch[F.SPAN_END].sum()), pl_module.policy.lm_head.weight.shape[0],
+                                batch[F.TEACHER_SPAN_TOPK_IDS].shape[-1]))
+        return out
+
+    monkeypatch.setattr(SpanTeacher, "_prefix_fields", logged)
+    step = first_step(Dense(teacher=pairs_teacher, divergence="uld", teacher_tokenizer="auto"), chunk_size=2)
+    assert torch.isfinite(step.loss)
+    shapes, ends, vocab, k = seen["log"]
+    assert ends > 4
+    wide = [shape for shape in shapes if len(shape) == 2 and shape[-1] in (vocab, k)]
+    assert max(shape[0] for shape in wide) <= 2, f"{ends} span ends, vocabulary {vocab}: {sorted(set(wide))}"
+    assert any(shape[0] == 2 for shape in wide), "the terms ran in chunks of two span ends"
 
 
 # --- the teacher's own prompt format ---------------------------------------------------

@@ -91,6 +91,28 @@ def test_diagnostics() -> None:
     assert d["max_ratio"].item() == pytest.approx(2.0)
 
 
+def test_k3_estimates_are_never_negative_when_the_policies_nearly_agree() -> None:
+    """The k3 estimator r - 1 - log r is >= 0; with log-ratios of 1e-7 to 1e-4 (an engine
+    that agrees with the trainer, a reference one step behind) float32's exp(x) - 1 rounds
+    below x, and the estimate came out negative (-2.5e-9 here). It is x^2 / 2 to first order."""
+    from lightning_unified.losses import weight_builders
+
+    generator = torch.Generator().manual_seed(0)
+    sampler = -3 * torch.rand(4, 64, generator=generator)
+    for scale in (1e-7, 1e-6, 1e-5, 1e-4):
+        log_r = scale * torch.randn(4, 64, generator=generator)
+        kl = importance.mismatch_kl(sampler + log_r, sampler, torch.ones(4, 64))
+        assert 0 <= kl.item() <= (log_r.double() ** 2).mean().item(), (scale, kl.item())
+        student = torch.log_softmax(torch.randn(4, 64, 8, generator=generator), -1)
+        targets = torch.randint(0, 8, (4, 64), generator=generator)
+        chosen = student.gather(-1, targets[..., None])[..., 0]
+        reference = chosen + log_r
+        penalty = weight_builders.k3_reference_penalty(student, targets, reference, kl_coef=1.0)
+        assert (penalty.objective >= 0).all(), scale
+        exact = (reference.double() - chosen.double()).exp() - 1  # r - 1 in float64
+        torch.testing.assert_close(penalty.coef.double(), exact, rtol=1e-4, atol=1e-12)
+
+
 def test_reward_metrics() -> None:
     r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
     m = adv.reward_metrics(r, group_size=2)

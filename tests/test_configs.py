@@ -13,8 +13,9 @@ from tests.lightning_helpers import FAST_TASK, compose_config
 
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # the SmolLM2 presets need scripts/prepare_smollm2.py's model and data: tests/test_smollm2.py
-# runs them on a tiny chat model and generated data of the same shape instead
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if not e.startswith("smollm2_")]
+# runs them on a tiny chat model and generated data of the same shape instead; the GPU presets
+# (your model and data, a GPU trainer) run in tests/test_gpu_presets.py with the CPU's parts
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if not e.startswith(("smollm2_", "gpu_"))]
 CPU_TRAINERS = ["cpu", "ddp", "ddp_spawn", "fsdp2_cpu"]
 GPU_TRAINERS = sorted({p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")} - set(CPU_TRAINERS))
 

@@ -10,6 +10,7 @@ import functools
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def _hang(a: int, b: int) -> int:
         a: The first factor.
         b: The second factor.
     """
-    time.sleep(3)
+    time.sleep(60)
     return a * b
 
 
@@ -204,10 +205,11 @@ class FailingTool(MultiplyEnvironment):
 @pytest.mark.parametrize("failure", [boom, _hang], ids=["raises", "hangs"])
 def test_a_tool_that_raises_or_hangs_answers_the_policy_and_the_episode_goes_on(teacher, data, failure) -> None:
     limits = EpisodeLimits(max_turns=3, max_tokens=100, tool_timeout=0.5)  # room for the error message
+    run_tool_call(ToolCall("multiply", {"a": 1, "b": 2}), {"multiply": multiply}, 60.0)  # the tools' process is up
     started = time.perf_counter()
     episodes = run(HFEngine(), teacher, data.tokenizer, rows_of(data, 2), functools.partial(FailingTool, failure),
                    limits=limits)
-    assert time.perf_counter() - started < 4  # the hung calls (3 s each) were not waited for
+    assert time.perf_counter() - started < 30  # the hung calls (60 s each) were stopped, not waited for
     for episode in episodes:
         tool_turns = [m for m in episode.messages if m["role"] == "tool"]
         assert tool_turns and episode.counts["tool_errors"] == len(tool_turns)
@@ -216,6 +218,92 @@ def test_a_tool_that_raises_or_hangs_answers_the_policy_and_the_episode_goes_on(
         timeouts = sum("took longer than" in m["content"] for m in tool_turns)
         assert episode.counts["tool_timeouts"] == timeouts and (timeouts >= 1) == (failure is _hang)
         assert episode.counts["turns"] >= 2  # the policy read the error and went on
+
+
+def spin(a: int, b: int) -> int:
+    """A tool that never returns and keeps its core busy.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    while True:
+        a += b
+
+
+def _tool_processes() -> set[int]:
+    """This process's live descendants, less multiprocessing's own servers (the forkserver
+    that forks the tools' processes, and its resource tracker, which stay), and its live
+    Process objects: every process a tool could have left behind."""
+    import multiprocessing
+
+    psutil = pytest.importorskip("psutil")
+    infrastructure = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+    children = {p.pid for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE and not any(s in " ".join(p.cmdline()) for s in infrastructure)}
+    return children | {p.pid for p in multiprocessing.active_children()}
+
+
+def test_four_hung_tools_leave_no_thread_or_process_behind() -> None:
+    """Each spinning tool is stopped at its timeout, with its process: afterwards the process
+    has the threads and children it had before (a thread that ran the tool would spin on,
+    taking the trainer's Python time)."""
+    from lightning_unified.environments.tool_worker import close_tool_processes
+
+    assert run_tool_call(ToolCall("multiply", {"a": 6, "b": 7}), {"multiply": multiply}, timeout=60.0).content == "42"
+    close_tool_processes()  # the warm-up started the forkserver: from here, nothing of the tools may stay
+    threads, children = set(threading.enumerate()), _tool_processes()
+    assert not children
+    for _ in range(4):
+        result = run_tool_call(ToolCall("spin", {"a": 1, "b": 2}), {"spin": spin}, timeout=0.5)
+        assert result.timed_out and result.error and result.content == "error: tool 'spin' took longer than 0.5 s"
+    assert set(threading.enumerate()) == threads
+    assert _tool_processes() == children
+
+
+class Counter:
+    """A tool's object with state: a method changes it, as an environment's method would."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def add(self, a: int, b: int) -> int:
+        """Add, counting the calls.
+
+        Args:
+            a: The first number.
+            b: The second number.
+        """
+        self.calls += 1
+        return a + b
+
+
+def test_a_method_tool_keeps_its_objects_state_across_calls_in_its_process() -> None:
+    counter = Counter()
+    for expected in (1, 2):
+        assert run_tool_call(ToolCall("add", {"a": 1, "b": 2}), {"add": counter.add}, timeout=60.0).content == "3"
+        assert counter.calls == expected
+
+
+class LocalTool(MultiplyEnvironment):
+    def reset(self, row):
+        def local(a: int, b: int) -> int:
+            """Multiply, from inside a function.
+
+            Args:
+                a: The first factor.
+                b: The second factor.
+            """
+            return a * b
+
+        return Reset(super().reset(row).messages, tools=[local])
+
+
+def test_a_tool_that_cannot_reach_the_tools_process_is_named(teacher, data) -> None:
+    with pytest.raises(EnvironmentOutputError, match=r"LocalTool.reset: tool 'local' cannot be sent to the process "
+                                                     r"tools run in \(.*local.*\); a tool is a function defined at "
+                                                     r"the top of a module"):
+        run(HFEngine(), teacher, data.tokenizer, rows_of(data, 1), LocalTool)
 
 
 def test_bad_tool_calls_come_back_to_the_policy_as_messages() -> None:
@@ -261,22 +349,23 @@ def test_a_tokenizer_that_knows_its_format_is_parsed_with_it(teacher, data) -> N
     assert episode.counts["tool_calls"] == 0 and episode.counts["ended_by_environment"] == 1
 
 
+def times(a: int, b: int) -> int:
+    """Multiply.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    return a * b
+
+
+class Times(MultiplyEnvironment):
+    def reset(self, row):
+        return Reset(super().reset(row).messages, tools=[times])
+
+
 def test_an_unknown_tool_in_an_episode_is_told_to_the_policy(teacher, data) -> None:
     """The environment offers ``times``; the policy calls ``multiply`` and hears the names."""
-
-    def times(a: int, b: int) -> int:
-        """Multiply.
-
-        Args:
-            a: The first factor.
-            b: The second factor.
-        """
-        return a * b
-
-    class Times(MultiplyEnvironment):
-        def reset(self, row):
-            return Reset(super().reset(row).messages, tools=[times])
-
     (episode,) = run(HFEngine(), teacher, data.tokenizer, rows_of(data, 1), Times)
     tool_turn = next(m for m in episode.messages if m["role"] == "tool")
     assert tool_turn["content"] == "error: unknown tool 'multiply'; the tools are ['times']"

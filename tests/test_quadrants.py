@@ -30,6 +30,7 @@ BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.EXAMPLE_INDEX, F
         F.LOSS_MASK, F.WEIGHT_BUILDERS}
 SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE, F.POLICY_VERSION, F.SAMPLED}
 REWARDS = [Reward(exact_match), Reward(digit_match, weight=0.5)]
+# rewards add each row's score, and which rows no reward function could score (failed)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,12 @@ def quadrants(teacher: str) -> dict[str, tuple]:
     return {
         "sft": (OffPolicy(), Sparse(), BASE),
         "dft": (OffPolicy(), Sparse(weighting="dft"), BASE),
-        "reward_weighted_sft": (OffPolicy(), Sparse(rewards=REWARDS, reward_data=True), BASE | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS}),
+        "reward_weighted_sft": (OffPolicy(), Sparse(rewards=REWARDS, reward_data=True), BASE | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS, F.FAILED}),
         "distill": (OffPolicy(), Dense(teacher=teacher), BASE | {F.TEACHER}),
         "distill_topk": (OffPolicy(), Dense(teacher=teacher, top_k=4), BASE | {F.TEACHER_TOPK_IDS, F.TEACHER_TOPK_LOGP}),
-        "rl": (on_policy(), Sparse(rewards=REWARDS), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS}),
-        "rl_ppo": (on_policy("ppo_clip"), Sparse(rewards=REWARDS, advantage="rloo"), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS}),
-        "rl_gspo": (on_policy("sequence_clip"), Sparse(rewards=REWARDS), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS, F.LOG_RATIO}),
+        "rl": (on_policy(), Sparse(rewards=REWARDS), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS, F.FAILED}),
+        "rl_ppo": (on_policy("ppo_clip"), Sparse(rewards=REWARDS, advantage="rloo"), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS, F.FAILED}),
+        "rl_gspo": (on_policy("sequence_clip"), Sparse(rewards=REWARDS), BASE | SAMPLED | {F.REWARDS, F.ADVANTAGES, F.COMPLETIONS, F.FAILED, F.LOG_RATIO}),
         "on_policy_distill": (on_policy(), Dense(teacher=teacher, divergence="reverse_kl"), BASE | SAMPLED | {F.TEACHER}),
         "on_policy_sampled_kl": (on_policy(), Dense(teacher=teacher, divergence="sampled_reverse_kl"),
                                  BASE | SAMPLED | {F.TEACHER_TOKEN_LOGP}),

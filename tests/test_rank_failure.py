@@ -1,5 +1,6 @@
-"""An exception on one rank (a reward function raising, say) stops every rank with that
-error within a minute, instead of hanging in a collective: two real CPU processes."""
+"""An exception on one rank (a bug in a stage of the user's, say) stops every rank with that
+error within a minute, instead of hanging in a collective: two real CPU processes. (A reward
+function that raises is not a crash: its rows fail and the run goes on, tests/test_failed_rows.py.)"""
 
 from __future__ import annotations
 
@@ -9,25 +10,29 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from lightning_unified.stages import Stage
 from tests.lightning_helpers import FAST_TASK
 from tests.test_runs import ROOT
 
 
-def fails_on_rank_one(completions, **_):
-    """A reward that works on rank 0 and raises on rank 1 at its second call."""
-    fails_on_rank_one.calls = getattr(fails_on_rank_one, "calls", 0) + 1
-    if dist.is_initialized() and dist.get_rank() == 1 and fails_on_rank_one.calls >= 2:
-        raise RuntimeError("the reward service is down")
-    return torch.zeros(len(completions))
+class FailsOnRankOne(Stage):
+    """A stage of the user's that works on rank 0 and raises on rank 1 at its second batch."""
+
+    name = "fails_on_rank_one"
+    calls = 0
+
+    def run(self, trainer, host, batch, batch_idx) -> None:
+        FailsOnRankOne.calls += 1
+        if dist.is_initialized() and dist.get_rank() == 1 and FailsOnRankOne.calls >= 2:
+            raise RuntimeError("the reward service is down")
 
 
 def test_one_failing_rank_stops_both(tmp_path: Path) -> None:
-    reward = "signal.rewards=[{_target_:lightning_unified.specs.Reward,fn:{_target_:tests.test_rank_failure.fails_on_rank_one,_partial_:true}}]"
+    stage = "module.stages=[{_target_:tests.test_rank_failure.FailsOnRankOne}]"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=rl", "trainer=ddp", "trainer.max_steps=20",
-           "data_source.sampling.num_generations=2", reward, "trainer.val_check_interval=20", *FAST_TASK,
+           "data_source.sampling.num_generations=2", stage, "trainer.val_check_interval=20", *FAST_TASK,
            f"hydra.run.dir={tmp_path}"]
     start = time.time()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
@@ -35,7 +40,7 @@ def test_one_failing_rank_stops_both(tmp_path: Path) -> None:
     elapsed = time.time() - start
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "the reward service is down" in output and "reward fails_on_rank_one raised RuntimeError" in output
+    assert "RuntimeError: the reward service is down" in output
     # rank 0 stops either through the watcher or because gloo saw rank 1's connection close;
     # the test below pins the watcher itself, where nothing else would stop the other rank
     assert "stopping because another rank failed: rank 1" in output or "Connection closed by peer" in output

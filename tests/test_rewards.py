@@ -75,17 +75,35 @@ def test_reward_model_path_is_checked(tmp_path: Path) -> None:
         RewardModel(str(tmp_path))(completions=["x"])
 
 
-def test_failing_reward_functions_are_named() -> None:
-    def raises(completions, **_):
-        raise KeyError("boom")
+def test_a_reward_that_raises_on_some_rows_fails_only_those_rows() -> None:
+    """The batch call raises; called again row by row, the function scores the rows it can
+    and only the others fail, each named with its row; a NaN is a failed row too. A wrong
+    shape is the function's own error, raised at once."""
+    calls = []
+
+    def fails_on_sevens(completions, **_):
+        calls.append(len(completions))
+        if any("7" in c for c in completions):
+            raise KeyError("no score for a 7")
+        return torch.tensor([float(len(c)) for c in completions])
 
     def gives_nan(completions, **_):
-        return torch.tensor([1.0, float("nan")])
+        return torch.tensor([1.0, float("nan"), 1.0])
 
-    with pytest.raises(RuntimeError, match="reward raises raised KeyError"):
-        compute_rewards([Reward(raises)], completions=["a", "b"])
-    with pytest.raises(ValueError, match=r"reward gives_nan returned non-finite values \[nan\] for completions \[1\]"):
-        compute_rewards([Reward(gives_nan)], completions=["a", "b"])
+    scores = compute_rewards([Reward(fails_on_sevens), Reward(gives_nan, weight=0.5)], completions=["12", "3", "47"])
+    assert calls == [3, 1, 1, 1], "the batch, then each row"
+    assert [f.row for f in scores.failed] == [1, 2]
+    assert "reward gives_nan on row 1: returned nan" in scores.failed[0].what
+    assert "reward fails_on_sevens on row 2: KeyError: 'no score for a 7'" in scores.failed[1].what
+    assert "raise KeyError" in scores.failed[1].details  # the traceback, for the log
+    assert scores.total.tolist() == [2.0 + 0.5, 0.0, 0.0]
+    assert scores.parts["fails_on_sevens"].item() == 1.5 and scores.parts["gives_nan"].item() == 1.0
+
+    def wrong_shape(completions, **_):
+        return torch.zeros(len(completions), 2)
+
+    with pytest.raises(ValueError, match=r"reward wrong_shape returned shape \(3, 2\); it must return one float"):
+        compute_rewards([Reward(wrong_shape)], completions=["a", "b", "c"])
 
 
 def test_a_bare_reward_function_counts_with_weight_one(tmp_path: Path) -> None:
@@ -139,7 +157,7 @@ def test_math_verify_from_the_command_line_config() -> None:
     cfg = compose_config(["experiment=rl", "signal.rewards=[{_target_: lightning_unified.rewards.math_verify, "
                           "_partial_: true}]"])
     signal = instantiate(cfg.signal, _convert_="all")
-    rewards, parts = compute_rewards(signal.rewards, completions=["052", "52.0", "53"], references=["052"] * 3,
+    rewards, parts, _ = compute_rewards(signal.rewards, completions=["052", "52.0", "53"], references=["052"] * 3,
                                      completion_ids=torch.ones(3, 2, dtype=torch.long),
                                      completion_mask=torch.ones(3, 2, dtype=torch.long))
     assert rewards.tolist() == [1.0, 1.0, 0.0] and list(parts) == ["math_verify"]

@@ -1,6 +1,7 @@
 """The rollout engine's one owner: it starts the engine on first use, syncs it on schedule,
 puts it to sleep after every rollout and after validation (not after each validation
-batch), knows which weights it holds, and closes it; the stages and validation all ask it."""
+batch), wakes its weights before a sync and the rest after it, knows which weights it
+holds, and closes it; the stages and validation all ask it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class RecordingEngine(HFEngine):
     def sleep(self) -> None:
         self.calls.append("sleep")
 
+    def wake_weights(self) -> None:
+        self.calls.append("wake_weights")
+
     def wake(self) -> None:
         self.calls.append("wake")
 
@@ -54,7 +58,8 @@ def test_the_owner_starts_syncs_rests_and_closes_on_schedule() -> None:
     with rollouts.engine_for(2):
         assert rollouts.weights_version(2) == 2
     rollouts.close()
-    assert engine.calls == ["start", "sleep", "wake", "sleep", "wake", "sync", "sleep", "close"]
+    assert engine.calls == ["start", "sleep", "wake_weights", "wake", "sleep", "wake_weights", "sync", "wake", "sleep",
+                            "close"]
 
 
 def test_sampling_and_validation_go_through_the_owner() -> None:
@@ -64,8 +69,8 @@ def test_sampling_and_validation_go_through_the_owner() -> None:
     data = tiny_datamodule(batch_size=4)  # 8 held-out prompts: validation is 1 batch of 8
     data.hparams.val_batch_size = 4  # 2 validation batches
     quiet_trainer(max_steps=2, val_check_interval=2, num_sanity_val_steps=0).fit(module, datamodule=data)
-    # each training batch: woken (synced after an update) for its one rollout, then asleep;
-    # validation: awake for both its batches, asleep after the epoch
+    # each training batch: woken (its weights, synced after an update, then the rest) for its
+    # one rollout, then asleep; validation: awake for both its batches, asleep after the epoch
     assert engine.calls == ["start", "generate", "sleep",
-                            "wake", "sync", "generate", "sleep",
-                            "wake", "sync", "generate", "generate", "sleep"]
+                            "wake_weights", "sync", "wake", "generate", "sleep",
+                            "wake_weights", "sync", "wake", "generate", "generate", "sleep"]

@@ -55,6 +55,7 @@ def config_rule() -> None:
 BROKEN = {
     "lag-or-sync-every": lambda: Sampling(max_lag=1, sync_every=2),
     "lag-keeps-the-engine-awake": lambda: Sampling(max_lag=1, vllm={"sleep": True}),
+    "sleep-level-2-syncs-every-wake": lambda: Sampling(engine="vllm", vllm={"sleep": True}, sync_every=2),
     "vllm-reports-raw-or-sampled": lambda: Sampling(engine="vllm", top_k=5, temperature=0.7),
     "proximal-ratio-per-token": lambda: Importance(ratio="decoupled_ppo_clip", level="sequence"),
     "mask-needs-a-ratio": lambda: Importance(ratio="none", mask_high=2.0),

@@ -4,6 +4,7 @@ a run samples and validates through it."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 
@@ -93,6 +94,30 @@ def test_a_rows_samples_depend_on_the_seed_only(engine_and_policy) -> None:
     other = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=12))
     assert torch.equal(first.response_ids, again.response_ids)
     assert not torch.equal(first.response_ids, other.response_ids)
+
+
+def test_the_engine_stops_at_the_runs_stop_tokens_alone() -> None:
+    """A checkpoint whose config names more eos ids than the run stops at (Llama 3's config
+    names three): vLLM would add them to every request's stops on its own. The engine's
+    greedy answers are still the ``hf`` engine's, and a sampled row ends early only at
+    one of the run's stop tokens."""
+    tokenizer, prompt_ids, prompt_mask = prompts()
+    policy = build_policy(tokenizer, config=ENGINE_TINY, seed=0)
+    theirs = hf_greedy(policy, tokenizer, prompt_ids, prompt_mask)
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    common = collections.Counter(t for t in theirs.flatten().tolist() if t not in stops).most_common(1)[0][0]
+    policy.config.eos_token_id = [tokenizer.eos_token_id, common]  # a token the policy answers with often
+    engine = VLLMEngine(temperature=0.8, kv_cache_gib=0.25)
+    engine.start(policy)
+    try:
+        greedy = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, greedy=True))
+        sampled = [engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, seed=seed)) for seed in range(4)]
+    finally:
+        engine.close()
+    assert torch.equal(greedy.response_ids[:, :theirs.shape[1]], theirs)
+    for rollout in sampled:
+        for ids, length in zip(rollout.response_ids, rollout.response_mask.sum(-1).tolist()):
+            assert length == 6 or ids[length - 1] == tokenizer.eos_token_id, ids
 
 
 class Lines(logging.Handler):

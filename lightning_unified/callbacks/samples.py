@@ -58,6 +58,8 @@ class SampleLog(L.Callback):
             return
         self._last_step = step
         scores = {"reward": batch[fields.REWARDS].tolist()} if fields.REWARDS in batch else {}
+        if fields.FAILED in batch:  # 1: the row failed (its reward is no score), out of the loss
+            scores["failed"] = batch[fields.FAILED].tolist()
         self._write(trainer, "train", decode_prompts(pl_module.tokenizer, batch), batch[fields.COMPLETIONS],
                     batch.get(fields.REFERENCES), scores)
 

@@ -51,12 +51,17 @@ class RolloutEngine:
 
     ``start`` is called once, on the first request; ``sync`` whenever the policy has been
     updated since the engine last saw it (engines that read the training model directly
-    need nothing). ``sleep`` and ``wake`` free and restore the engine's memory around the
-    training step, where the device supports it.
+    need nothing). ``sleep`` frees the engine's memory around the training step, where the
+    device supports it; ``wake_weights``, a sync if due (always, where sleeping forgot the
+    weights), then ``wake`` restore it.
     """
 
     #: True when the engine reads the training model's weights directly (nothing to sync)
     shares_weights = False
+    #: the dtype the trainer computes in (bf16 under ``bf16-mixed``), set by the module before
+    #: the engine starts: an engine with weights of its own runs in it, not in the float32 of
+    #: the master weights it is synced from (None: the policy's parameters' dtype)
+    compute_dtype: torch.dtype | None = None
 
     def start(self, policy: nn.Module) -> None:
         raise NotImplementedError
@@ -85,11 +90,20 @@ class RolloutEngine:
         share of the importance ratio is told apart from the engine's mismatch."""
         return None
 
+    #: True when :meth:`sleep` discards the weights (vLLM's level 2): the owner loads the
+    #: policy's weights again at every wake
+    forgets_weights_asleep = False
+
     def sleep(self) -> None:
-        """Free the engine's memory until :meth:`wake` (a no-op where unsupported)."""
+        """Free the engine's memory until :meth:`wake_weights` and :meth:`wake` (a no-op where
+        unsupported)."""
+
+    def wake_weights(self) -> None:
+        """Give the weights their memory back, first: a sync then fills it before :meth:`wake`
+        gives back the rest (the KV cache)."""
 
     def wake(self) -> None:
-        """Undo :meth:`sleep`."""
+        """Undo the rest of :meth:`sleep`."""
 
     def close(self) -> None:
         """Release everything the engine holds."""

@@ -2,7 +2,8 @@
 default the training model's own (no second copy of the weights and nothing to sync); with
 ``copy=True`` a plain model of its own, synced like any engine, so that it can sample in a
 thread beside the training step (``sampling.max_lag``) from weights the trainer is no
-longer changing."""
+longer changing. Either way it samples from the request's settings alone: the checkpoint's
+own ``generation_config`` (:mod:`~lightning_unified.engines.plain_generation`) never runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
+    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
@@ -23,6 +25,8 @@ from transformers import (
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
 from lightning_unified.engines.parameter_copy import base_model, engine_weights
+from lightning_unified.engines.plain_generation import checkpoint_settings_off, say_ignored_once
+from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.models.forward import response_hidden
 
 
@@ -81,7 +85,9 @@ class StopWhenCancelled(StoppingCriteria):
 class HFEngine(RolloutEngine):
     """``copy``: generate from a plain model of its own (built from the policy's config,
     loaded with its weights at every sync: LoRA merged, FSDP2 shards gathered) instead of
-    the training model."""
+    the training model. The copy is whole and unsharded on every rank, beside the policy
+    on its device: under FSDP2 each rank holds the full weights once more (a sharded copy
+    would run collectives from the producer's thread, beside the training step's)."""
 
     copy = False
     model: nn.Module | None = None
@@ -95,12 +101,7 @@ class HFEngine(RolloutEngine):
 
     def start(self, policy: nn.Module) -> None:
         if self.copy:
-            source = base_model(policy)
-            config = source.config.__class__.from_dict(source.config.to_dict())
-            parameter = next(source.parameters())
-            self.model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
-            self.model.to(parameter.device if parameter.device.type != "meta" else "cpu").eval()
-            self.model.requires_grad_(False)
+            self.model = empty_copy(policy)
             self.sync(policy)
 
     def sync(self, policy: nn.Module) -> None:
@@ -125,13 +126,16 @@ class HFEngine(RolloutEngine):
         if not self.copy:
             return None  # the training model itself: the trainer's own log-probs
         hidden = response_hidden(self.model, prompt_ids, prompt_mask, response_ids, response_mask)
-        logits = self.model.get_output_embeddings()(hidden)  # [B, R, V]: the copy's plain head
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+        # the trainer's chunked pass over the head: a stale batch's [B, R, V] logits
+        # (40 GB in float32 at 64 rows x 1,024 tokens x 152k) are never held at once
+        head = self.model.get_output_embeddings()
+        logp = target_logprobs(hidden, head.weight, response_ids, head_bias=head.bias, temperature=temperature)
         return torch.where(response_mask.bool(), logp, 0.0)
 
     @torch.no_grad()
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
+        say_ignored_once(policy, request.stop_token_ids)
         if self.copy:
             # the plain copy runs no collectives: each rank generates on its own
             policy, request = self.model, dataclasses.replace(request, synced=False)
@@ -150,23 +154,66 @@ class HFEngine(RolloutEngine):
                 processors.append(recorder)  # after truncation: what was actually sampled from
             # the draw itself, from the request's seed: generate then picks the drawn token greedily
             processors.append(PrivateDraw(request.seed))
+        # the request's settings, in a config of their own: the processors above replace
+        # generate's own warpers and sampling, and nothing of the checkpoint's is added
+        settings = GenerationConfig(do_sample=False, max_new_tokens=request.max_new_tokens,
+                                    pad_token_id=request.pad_token_id, eos_token_id=list(request.stop_token_ids),
+                                    use_cache=True)
         # a producer being stopped ends the generation at the next token (its rows are dropped)
         stopping = StoppingCriteriaList([StopWhenCancelled(request.cancelled)]) if request.cancelled is not None else None
         was_training = policy.training
         policy.eval()
         try:
-            sequences = policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
-                # the processors above replace generate's own warpers and sampling
-                temperature=None, top_k=None, top_p=None, logits_processor=processors,
-                max_new_tokens=request.max_new_tokens, pad_token_id=request.pad_token_id,
-                eos_token_id=list(request.stop_token_ids), use_cache=True,
-                # sharded strategies hang unless every rank runs the same number of forwards
-                synced_gpus=request.synced, stopping_criteria=stopping,
-            )
+            with checkpoint_settings_off(policy):
+                sequences = policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=settings,
+                    logits_processor=processors, stopping_criteria=stopping,
+                    # sharded strategies hang unless every rank runs the same number of forwards
+                    synced_gpus=request.synced,
+                )
         finally:
             policy.train(was_training)
         response_ids = sequences[:, prompt_ids.shape[1]:]
         mask = mask_after_stop(response_ids, request.stop_token_ids)
         logp = None if recorder is None else torch.where(mask.bool(), recorder.finish(sequences), 0.0)
         return Rollout(torch.where(mask.bool(), response_ids, request.pad_token_id), mask, logp)
+
+
+def empty_copy(policy: nn.Module) -> nn.Module:
+    """A plain model of the policy's architecture and dtype on the policy's device, its
+    parameters allocated but not initialised: built on the meta device and then given
+    memory, so no random initialisation runs (the sync overwrites every weight) and
+    nothing is allocated twice (first on the CPU, then on the GPU). The sync fills the weights; the
+    buffers no state dict carries (the rotary embedding's frequencies) are the policy's."""
+    source = base_model(policy)
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    parameter = next(source.parameters())
+    device = parameter.device if parameter.device.type != "meta" else torch.device("cpu")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+    _give_memory(model, device)
+    given = dict(source.named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in given:
+                raise RuntimeError(f"sampling.engine=hf with max_lag: the policy has no buffer {name!r} that its "
+                                   f"config's model has")
+            buffer.copy_(given[name])
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _give_memory(model: nn.Module, device: torch.device) -> None:
+    """Uninitialised memory on ``device`` for every meta tensor of ``model``, once per tensor:
+    ``Module.to_empty`` gives a tied weight (the embedding and the head) one tensor per
+    module that holds it, twice the memory until it is tied again."""
+    made: dict[int, tuple[Tensor, Tensor]] = {}  # id of the meta tensor: (it, its replacement)
+    for module in model.modules():
+        for slots, as_parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in list(slots.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    empty = torch.empty_like(tensor, device=device)
+                    made[id(tensor)] = (tensor, nn.Parameter(empty, requires_grad=False) if as_parameter else empty)
+                slots[name] = made[id(tensor)][1]

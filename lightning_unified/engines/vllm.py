@@ -16,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine
+from lightning_unified.engines.plain_generation import say_ignored_once
 from lightning_unified.engines.vllm_process import (
+    ENGINE_CALLS,
     INSTALL_HINT,
     engine_kwargs,
     import_vllm,
@@ -46,16 +48,22 @@ def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) 
 class VLLMEngine(RolloutEngine):
     """``kv_cache_gib`` is the KV cache's size (null: 1 GiB on a CPU, and on a GPU the share
     ``gpu_memory_utilization`` of its memory that the engine may take beside training);
-    ``dtype`` null follows the policy's parameters; ``max_model_len`` null takes the policy's
+    ``dtype`` null is the trainer's compute dtype (bf16 under ``bf16-mixed``; the policy's
+    parameters' without a trainer); ``max_model_len`` null takes the policy's
     ``max_position_embeddings``; ``enforce_eager`` skips CUDA graphs and compilation (a
-    faster start, slower decoding); ``sleep`` frees the engine's GPU memory during the
-    training step (vLLM's sleep mode; GPUs only); ``max_logprobs`` is the largest top-k it
-    may be asked to score (self-distillation scored by the rollout engine)."""
+    faster start, slower decoding; null: eager on a CPU, CUDA graphs on a GPU); ``sleep``
+    frees the engine's GPU memory during the training step (vLLM's sleep mode; GPUs only) at
+    ``sleep_level`` 2, weights and KV cache discarded (the next sync overwrites the weights
+    anyway: vLLM's level for weight updates), or 1, weights copied to the CPU and back (for
+    weights that must outlive the sleep, ``sampling.sync_every`` > 1); ``max_logprobs`` is the
+    largest top-k it may be asked to score (self-distillation scored by the rollout engine).
+    Every call into the engine holds the process's one vLLM lock
+    (:data:`~lightning_unified.engines.vllm_process.ENGINE_CALLS`)."""
 
     def __init__(self, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, behaviour: str = "tempered",
                  kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.3, dtype: str | None = None,
-                 max_model_len: int | None = None, enforce_eager: bool = True, sleep: bool = False,
-                 max_logprobs: int = 20):
+                 max_model_len: int | None = None, enforce_eager: bool | None = None, sleep: bool = False,
+                 sleep_level: int = 2, max_logprobs: int = 20):
         if importlib.util.find_spec("vllm") is None:  # at construction: before any model work
             raise ImportError(f"sampling.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}")
         self.logprobs_mode = logprobs_mode(temperature, top_k, top_p, behaviour)
@@ -67,11 +75,16 @@ class VLLMEngine(RolloutEngine):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.dtype = dtype
         self.max_model_len = max_model_len
-        self.enforce_eager = enforce_eager
+        # CUDA graphs on a GPU (decoding's many small launches replayed as one); a CPU compiles
+        # slowly for little gain
+        self.enforce_eager = (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager
         if sleep and not torch.cuda.is_available():
             raise ValueError("sampling.vllm.sleep=true frees the engine's GPU memory during training (vLLM's sleep "
                              "mode); without a CUDA GPU there is none to free: set it to false")
         self.use_sleep = sleep
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sampling.vllm.sleep_level must be 1 or 2, got {sleep_level}")
+        self.sleep_level = sleep_level
         if max_logprobs < 0:
             raise ValueError(f"sampling.vllm.max_logprobs must be >= 0, got {max_logprobs}")
         self.max_logprobs = max_logprobs
@@ -86,15 +99,22 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = self.max_model_len or getattr(config, "max_position_embeddings", None)
         self._config_dir = tempfile.TemporaryDirectory(prefix="lightning_unified_vllm_")
         config.save_pretrained(self._config_dir.name)
-        dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+        # the trainer's compute dtype (bf16 under bf16-mixed), not the float32 master weights'
+        dtype = self.dtype or str(self.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
+        with ENGINE_CALLS:
+            self._start(vllm, policy, config, dtype, kwargs)
+
+    def _start(self, vllm, policy: nn.Module, config, dtype: str, kwargs: dict) -> None:
         try:
             with keeping_process_state(), torch.inference_mode():  # the same kind of tensors whether validation or training starts it
                 self.llm = start_engine(lambda: vllm.LLM(
                     model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                     max_model_len=self.max_model_len, enforce_eager=self.enforce_eager, seed=0,
                     logprobs_mode=self.logprobs_mode, max_logprobs=self.max_logprobs, tensor_parallel_size=1,
-                    **kwargs))
+                    # no sampling defaults from the checkpoint (vLLM's own are neutral): every
+                    # request below states its settings (engines/plain_generation.py)
+                    generation_config="vllm", **kwargs))
         except Exception as error:
             raise RuntimeError(self._start_failure(config, error)) from error
         self.sync(policy)
@@ -121,13 +141,14 @@ class VLLMEngine(RolloutEngine):
         # the engine's tensors are inference tensors (it may have started under Lightning's
         # inference-mode validation), which only inference mode may update in place
         quiet_rotary_reload_notice()
-        with engine_weights(policy) as weights, torch.inference_mode():
+        with ENGINE_CALLS, engine_weights(policy) as weights, torch.inference_mode():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
         from vllm import SamplingParams
 
+        say_ignored_once(policy, request.stop_token_ids)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         longest = max(len(r) for r in rows) + request.max_new_tokens
         if self.max_model_len is not None and longest > self.max_model_len:
@@ -139,11 +160,15 @@ class VLLMEngine(RolloutEngine):
             n=1, max_tokens=request.max_new_tokens, stop_token_ids=list(request.stop_token_ids), detokenize=False,
             temperature=0.0 if request.greedy else request.temperature, top_k=request.top_k or -1,
             top_p=request.top_p, logprobs=None if request.greedy else 0,
+            # the run's stop tokens alone: vLLM adds the eos ids of the model's config (its
+            # generation config) to every request's stops unless told to ignore them
+            ignore_eos=True,
             # one stream per row, from the request's seed: the same rows sample the same
             # tokens whatever else shares the engine's batch
             seed=None if request.greedy else _row_seed(request.seed, row),
         ) for row in range(len(rows))]
-        outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        with ENGINE_CALLS:
+            outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         return _rollout(outputs, request, device=prompt_ids.device, with_logp=not request.greedy)
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
@@ -162,13 +187,30 @@ class VLLMEngine(RolloutEngine):
                                        "the rollout engine (the lag's diagnostics)")
         return scores.token_logp.to(response_ids.device)
 
+    @property
+    def forgets_weights_asleep(self) -> bool:
+        return self.use_sleep and self.sleep_level == 2
+
     def sleep(self) -> None:
         if self.use_sleep and self.llm is not None:
-            self.llm.sleep(level=1)
+            with ENGINE_CALLS:
+                self.llm.sleep(level=self.sleep_level)
+
+    def wake_weights(self) -> None:
+        # the weights' memory back first, so a sync fills it before the KV cache takes the rest
+        # (vLLM's order for weight updates): the sync's gathered tensors and the KV cache are
+        # never resident together
+        if self.use_sleep and self.llm is not None:
+            # the training step's freed activations sit in torch's cache, which the engine's own
+            # allocator cannot take: hand them back to the device first (as verl does)
+            torch.cuda.empty_cache()
+            with ENGINE_CALLS:
+                self.llm.wake_up(tags=["weights"])
 
     def wake(self) -> None:
         if self.use_sleep and self.llm is not None:
-            self.llm.wake_up()
+            with ENGINE_CALLS:
+                self.llm.wake_up(tags=["kv_cache"])
 
     def close(self) -> None:
         shut_down(self.llm)

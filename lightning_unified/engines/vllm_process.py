@@ -1,12 +1,13 @@
 """An in-process vLLM engine beside the trainer: the import guard, the engine's memory and
-place in the trainer's process group, the process state its start must leave alone, and a
+place in the trainer's process group, the process state its start must leave alone, a
 registry of the engines alive in the process, so that shutting one down leaves the others
-(the sampler's, a teacher's) working."""
+(the sampler's, a teacher's) working, and the one lock every call into them holds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -72,6 +73,17 @@ def keeping_process_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+# vLLM keeps the forward context of the batch it runs (its attention metadata) in a module
+# global. Two in-process engines run from two threads (the rollout engine in the producer
+# thread with sampling.max_lag >= 1, a vLLM teacher or reference in the trainer's) overwrite
+# each other's: measured on the CPU build, one call fails ("Forward context is not set") or
+# both return other log-probs, off by up to 37 nats. So every call into an in-process engine
+# (start, generate, score, sync, sleep, wake, shutdown) holds this one lock: the two engines
+# take turns, while the training step itself still overlaps sampling. Re-entrant: a start
+# syncs and generates inside it.
+ENGINE_CALLS = threading.RLock()
+
+
 # the in-process engines alive in this process (the sampler's, a teacher's), by their
 # clients' ids, and how many are being built right now
 _LIVE_ENGINES: set[int] = set()
@@ -86,7 +98,8 @@ def start_engine(make: Callable[[], object]):
     tear down the distributed state that engine has just set up."""
     _STARTING[0] += 1
     try:
-        llm = make()
+        with ENGINE_CALLS:
+            llm = make()
     finally:
         _STARTING[0] -= 1
     client = llm.llm_engine.engine_core
@@ -103,9 +116,10 @@ def _others_alive() -> bool:
 
 
 def _shut_down_core(engine_core, key: int) -> None:
-    _LIVE_ENGINES.discard(key)
-    with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
-        engine_core.shutdown()
+    with ENGINE_CALLS:  # also when the collector runs it, in whichever thread that is
+        _LIVE_ENGINES.discard(key)
+        with _sharing_process_state() if _others_alive() else contextlib.nullcontext():
+            engine_core.shutdown()
 
 
 @contextlib.contextmanager

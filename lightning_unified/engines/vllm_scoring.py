@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_unified.engines.vllm_process import ENGINE_CALLS
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
 
 
@@ -20,7 +21,7 @@ def prompt_logprob_scores(llm, prompt_ids: Tensor, prompt_mask: Tensor, response
 
     rows, prompt_lengths = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
-    with torch.inference_mode():
+    with ENGINE_CALLS, torch.inference_mode():  # one in-process engine at a time (vllm_process)
         outputs = llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
     positions = [[{token: entry.logprob for token, entry in step.items()} for step in out.prompt_logprobs[start:]]
                  for out, start in zip(outputs, prompt_lengths)]

@@ -11,6 +11,8 @@ out; the runner owns the tokens.
 
 What comes back from a user's environment is checked at once, and a wrong type is a
 :class:`EnvironmentOutputError` naming the class and the method, never a crash further down.
+An environment whose ``reset`` or ``step`` raises anything else fails that episode only
+(:mod:`lightning_unified.environments.episodes`): its service may be flaky, its code is not wrong.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from lightning_unified.environments.tool_worker import check_picklable
 
 ROLES = ("system", "user", "assistant", "tool")
 # what the episode runner counts for every episode, logged beside the episode's reward as
@@ -70,7 +74,8 @@ class EnvironmentOutputError(TypeError):
     """An environment returned something the episode cannot use; says which class and method."""
 
 
-def _where(env, method: str) -> str:
+def method_name(env, method: str) -> str:
+    """``module.Class.method`` of ``env``, for errors."""
     return f"{type(env).__module__}.{type(env).__qualname__}.{method}"
 
 
@@ -95,7 +100,7 @@ def check_messages(messages, where: str) -> list[dict]:
 
 def checked_reset(env, row: dict) -> Reset:
     """``env.reset(row)``, its result checked (a bare list of messages is a reset without tools)."""
-    where = _where(env, "reset")
+    where = method_name(env, "reset")
     result = env.reset(row)
     if isinstance(result, (list, tuple)):
         result = Reset(list(result))
@@ -110,6 +115,12 @@ def checked_reset(env, row: dict) -> Reset:
     for tool in tools:
         if not callable(tool):
             raise EnvironmentOutputError(f"{where}: tool {tool!r} is not callable; give tools as Python functions")
+        why = check_picklable(tool)
+        if why is not None:  # tools run in a process of their own, which a timeout can stop
+            raise EnvironmentOutputError(
+                f"{where}: tool {getattr(tool, '__name__', tool)!r} cannot be sent to the process tools run in "
+                f"({why}); a tool is a function defined at the top of a module, a functools.partial of one, or a "
+                f"method of an object that pickles (leave a client or a lock out of its __getstate__)")
     return Reset(messages, tools, _checked_info(result.info, where))
 
 
@@ -117,16 +128,16 @@ def _checked_info(info, where: str) -> dict[str, float]:
     if not isinstance(info, Mapping) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in info.items()):
         raise EnvironmentOutputError(f"{where} returned info={info!r}; info maps names (str) to numbers")
-    taken = sorted(set(info) & {"reward", *EPISODE_COUNTS})
+    taken = sorted(set(info) & {"reward", "failures", *EPISODE_COUNTS})
     if taken:
-        raise EnvironmentOutputError(f"{where} returned info named {taken}, which the episode logs itself (reward and "
-                                     f"{list(EPISODE_COUNTS)}); give them other names")
+        raise EnvironmentOutputError(f"{where} returned info named {taken}, which the episode logs itself (reward, "
+                                     f"failures and {list(EPISODE_COUNTS)}); give them other names")
     return {k: float(v) for k, v in info.items()}
 
 
 def checked_step(env, message: dict) -> Step:
     """``env.step(message)``, its result checked."""
-    where = _where(env, "step")
+    where = method_name(env, "step")
     result = env.step(message)
     if not isinstance(result, Step):
         raise EnvironmentOutputError(f"{where} returned {type(result).__name__}; expected "

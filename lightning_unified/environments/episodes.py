@@ -20,7 +20,11 @@ same episode and share its reward; advantages are taken per episode.
 An episode ends when the environment says done, after ``max_turns`` policy turns, when a
 reply does not end with a stop token (cut by the per-turn ``max_new_tokens``), or when the
 next turn would exceed the episode's ``max_tokens`` (every token after the first prompt,
-the policy's and the environment's): each is counted. Nothing here knows Lightning.
+the policy's and the environment's): each is counted. An environment whose ``reset`` or
+``step`` raises fails its episode (``Episode.failed``; its rows are left out of the loss and
+counted, :mod:`lightning_unified.failures`), and the others go on; a wrong type returned
+(:class:`~lightning_unified.environments.base.EnvironmentOutputError`) is the code's error,
+raised at once, as is an environment that cannot be made. Nothing here knows Lightning.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from torch import Tensor
 
 from lightning_unified.data.collate import pad
 from lightning_unified.engines.base import GenerationRequest
-from lightning_unified.environments.base import EPISODE_COUNTS, Reset, checked_reset, checked_step
+from lightning_unified.environments.base import (EPISODE_COUNTS, EnvironmentOutputError, Reset, checked_reset,
+                                                 checked_step, method_name)
 from lightning_unified.environments.tools import parse_tool_calls, run_tool_call, tool_schemas
+from lightning_unified.failures import RowFailure, row_failure
 
 COUNTS = EPISODE_COUNTS
 
@@ -86,8 +92,9 @@ def environment_tokens(tokenizer, conversation: list[dict], new_messages: list[d
 class Episode:
     """One conversation between the policy and one environment."""
 
-    def __init__(self, env, start: Reset, prompt_index: int, tokenizer):
-        self.env, self.prompt_index = env, prompt_index
+    def __init__(self, env, start: Reset, prompt_index: int, tokenizer, index: int = 0):
+        # the episode's place in its batch, and its prompt's
+        self.env, self.index, self.prompt_index = env, index, prompt_index
         self.messages = list(start.messages)
         self.tools = {getattr(t, "__name__", repr(t)): t for t in start.tools}
         self.schemas = tool_schemas(start.tools)
@@ -95,6 +102,8 @@ class Episode:
         self.reward, self.done, self.used = 0.0, False, 0
         self.counts = dict.fromkeys(COUNTS, 0)
         self.info: dict[str, float] = dict(start.info)  # each name's latest value
+        self.failed: RowFailure | None = None  # the environment raised: the episode is left out of the loss
+        self.label = f"prompt {prompt_index}"  # the episode's prompt, in its failure's message
 
     @property
     def row(self) -> Segment:
@@ -103,6 +112,31 @@ class Episode:
     def end(self, why: str) -> None:
         self.done = True
         self.counts[why] += 1
+
+    def fail(self, method: str, error: Exception) -> None:
+        """The environment's ``method`` raised ``error``: the episode ends, failed, with no reward."""
+        self.done, self.reward = True, 0.0
+        self.failed = row_failure(self.index, f"{method_name(self.env, method)} on {self.label}", error)
+
+
+def start_episode(env, row: dict, prompt_index: int, tokenizer, index: int) -> Episode:
+    """``env``'s episode on ``row``; failed at once when its ``reset`` raises (its row is then
+    the data's prompt as a user turn, so that it can still stand in a rank's generation)."""
+    label = f"the data's example {row.get('index')}: {str(row.get('prompt'))[:80]!r}"
+    try:
+        start = checked_reset(env, row)
+    except EnvironmentOutputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the episode fails, the batch goes on
+        prompt = row["prompt"]
+        messages = list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": str(prompt)}]
+        episode = Episode(env, Reset(messages), prompt_index, tokenizer, index)
+        episode.label = label
+        episode.fail("reset", error)
+        return episode
+    episode = Episode(env, start, prompt_index, tokenizer, index)
+    episode.label = label
+    return episode
 
 
 def turn_seed(seed: int, turn: int) -> int:
@@ -131,8 +165,7 @@ def run_episodes(engine, policy, tokenizer, rows: list[dict], factory: Callable,
     episodes = []
     for index, row in enumerate(rows):
         for _ in range(group):
-            env = factory()
-            episodes.append(Episode(env, checked_reset(env, row), index, tokenizer))
+            episodes.append(start_episode(factory(), row, index, tokenizer, len(episodes)))
     stops = request.stop_token_ids
     # the training model's own generate under a sharded strategy: every rank runs every turn.
     # An engine with weights of its own (vLLM, hf's copy when sampling ahead) runs no
@@ -200,7 +233,14 @@ def _after_reply(episode: Episode, reply: list[int], tokenizer, stops: tuple[int
             episode.counts["tool_timeouts"] += result.timed_out
             answer.append({"role": "tool", "name": call.name or "unknown", "content": result.content})
     else:
-        step = checked_step(episode.env, message)
+        try:
+            step = checked_step(episode.env, message)
+        except EnvironmentOutputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the episode fails, the batch goes on
+            episode.messages.append(message)
+            episode.fail("step", error)
+            return
         episode.reward += step.reward
         for name, value in step.info.items():
             episode.info[name] = value
@@ -247,11 +287,15 @@ def episode_rows(episodes: list[Episode], pad_id: int, device) -> dict:
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response.to(device),
             "response_mask": response_mask.to(device), "loss_mask": loss_mask.to(device), "logp": logp.to(device),
             "episode": [e for e, _, _ in segments], "prompt_index": [ep.prompt_index for _, ep, _ in segments],
-            "episode_rewards": torch.tensor([ep.reward for ep in episodes], dtype=torch.float32, device=device)}
+            "episode_rewards": torch.tensor([ep.reward for ep in episodes], dtype=torch.float32, device=device),
+            "failed": torch.tensor([ep.failed is not None for _, ep, _ in segments], dtype=torch.bool, device=device),
+            "failures": [tuple(ep.failed) for ep in episodes if ep.failed is not None]}
 
 
 def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
-    """Per-episode means of the counts and of every ``info`` the environments gave."""
+    """Per-episode means of the counts and of every ``info`` the environments gave, over
+    the episodes that did not fail (those are counted in ``environment/failures``)."""
+    episodes = [e for e in episodes if e.failed is None]
     n = max(1, len(episodes))
     out = {name: sum(e.counts[name] for e in episodes) / n for name in COUNTS}
     out["reward"] = sum(e.reward for e in episodes) / n

@@ -32,7 +32,8 @@ def limits_of(spec) -> EpisodeLimits:
 def sample_episodes(engine, pl_module, prompts: dict, request: GenerationRequest, spec, group: int) -> dict:
     """``group`` episodes per prompt against ``spec``'s environment (a
     :class:`~lightning_unified.specs.Environment`): the sampled rows' fields, each row's
-    episode and prompt, every row's episode reward, and the episodes' metrics."""
+    episode and prompt, every row's episode reward, the rows of failed episodes and their
+    failures, and the episodes' metrics."""
     device = prompts[fields.PROMPT_IDS].device
     episodes = run_episodes(engine, pl_module.policy, pl_module.tokenizer, reset_rows(prompts, pl_module.tokenizer),
                             spec.factory(), request, limits_of(spec), device, group=group)
@@ -42,4 +43,6 @@ def sample_episodes(engine, pl_module, prompts: dict, request: GenerationRequest
             fields.LOSS_MASK: out["loss_mask"], fields.BEHAVIOUR_LOGP: out["logp"],
             fields.EPISODE: out["episode"], "prompt_index": out["prompt_index"],
             fields.ENVIRONMENT_REWARDS: out["episode_rewards"][torch.tensor(out["episode"], device=device)],
+            # the episodes whose environment raised (plain tuples: a checkpoint may keep rows sampled ahead)
+            fields.FAILED: out["failed"], "failures": out["failures"], "episodes": len(episodes),
             "environment": episode_metrics(episodes)}

@@ -13,19 +13,21 @@ JSON object per call between ``<tool_call>`` and ``</tool_call>``::
 
 Whatever goes wrong with a call (an unknown tool, arguments that are not JSON or do not fit
 the function, a tool that raises or runs past its time limit) comes back to the policy as
-the tool's message, starting ``error:``, and is counted: the episode goes on. No tool
-here runs the policy's text as code.
+the tool's message, starting ``error:``, and is counted: the episode goes on. Calls run in
+a worker process, which a timeout ends (:mod:`~lightning_unified.environments.tool_worker`).
+No tool here runs the policy's text as code.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers.utils import get_json_schema
+
+from lightning_unified.environments.tool_worker import call_tool
 
 HERMES = "hermes"
 RESPONSE_TEMPLATE = "response_template"
@@ -136,28 +138,18 @@ class ToolResult:
 
 
 def run_tool_call(call: ToolCall, tools: dict[str, Callable], timeout: float) -> ToolResult:
-    """``call`` run against ``tools`` (name to function) within ``timeout`` seconds. A tool
-    still running then is left to finish in its own daemon thread (Python cannot stop a
-    thread); its result is dropped and the policy hears that it timed out."""
+    """``call`` run against ``tools`` (name to function) within ``timeout`` seconds, in a
+    worker process (:mod:`~lightning_unified.environments.tool_worker`): a tool still
+    running then is stopped with its process, and the policy hears that it timed out."""
     if call.error is not None:
         return ToolResult(f"error: {call.error}", error=True)
     if call.name not in tools:
         return ToolResult(f"error: unknown tool {call.name!r}; the tools are {sorted(tools)}", error=True)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = tools[call.name](**call.arguments)
-        except BaseException as error:  # noqa: BLE001 - every failure goes back to the policy
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, name=f"tool-{call.name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    outcome = call_tool(tools[call.name], call.arguments, timeout)
+    if outcome.timed_out:
         return ToolResult(f"error: tool {call.name!r} took longer than {timeout:g} s", error=True, timed_out=True)
-    if "error" in outcome:
-        error = outcome["error"]
-        return ToolResult(f"error: {call.name} raised {type(error).__name__}: {error}"[:500], error=True)
-    value = outcome.get("value")
-    return ToolResult(value if isinstance(value, str) else json.dumps(value, default=str))
+    if outcome.raised is not None:
+        return ToolResult(f"error: {call.name} raised {outcome.raised}"[:500], error=True)
+    if outcome.error is not None:
+        return ToolResult(f"error: tool {call.name!r} could not run: {outcome.error}"[:500], error=True)
+    return ToolResult(outcome.content)

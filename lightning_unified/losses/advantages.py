@@ -19,63 +19,104 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
-def _centred(groups: Tensor) -> Tensor:
-    """r - mean per group, [P, G]; exactly 0 for a group whose rewards are all equal (a
-    rounded mean would leave ~1e-8, which GRPO's std division would blow up)."""
-    centred = groups - groups.mean(-1, keepdim=True)
-    same = (groups == groups[:, :1]).all(-1, keepdim=True)
+def _valid(valid: Tensor | None, groups: Tensor) -> Tensor:
+    """[P, G] bool: the rows that count, ``valid`` [B] laid out as ``groups`` (every row when None)."""
+    if valid is None:
+        return torch.ones_like(groups, dtype=torch.bool)
+    if valid.shape != (groups.numel(),):
+        raise ValueError(f"valid must be [B] like the rewards ({groups.numel()}), got shape {tuple(valid.shape)}")
+    return valid.reshape(groups.shape).bool()
+
+
+def _centred(groups: Tensor, valid: Tensor) -> Tensor:
+    """r - mean of each group's valid rows, [P, G], 0 on the others; exactly 0 for a group
+    whose valid rewards are all equal (a rounded mean would leave ~1e-8, which GRPO's std
+    division would blow up), and so for a group of one valid row."""
+    kept = groups.masked_fill(~valid, 0.0)
+    n = valid.sum(-1, keepdim=True).to(groups.dtype)
+    centred = (kept - kept.sum(-1, keepdim=True) / n.clamp_min(1.0)).masked_fill(~valid, 0.0)
+    big = torch.finfo(groups.dtype).max
+    highest = groups.masked_fill(~valid, -big).amax(-1, keepdim=True)
+    same = highest <= groups.masked_fill(~valid, big).amin(-1, keepdim=True)
     return centred.masked_fill(same, 0.0)
 
 
-def reinforce_advantages(rewards: Tensor, baseline: Tensor | float | None = None) -> Tensor:
-    """REINFORCE with a baseline: A_i = r_i - b, by default the batch mean. Across ranks,
-    pass the global batch's mean, so every process layout gives the same advantages."""
+def _std(centred: Tensor, valid: Tensor) -> Tensor:
+    """The unbiased standard deviation of each group's valid rows, [P, 1] (0 with one row),
+    from their centred rewards."""
+    n = valid.sum(-1, keepdim=True).to(centred.dtype)
+    return (centred.square().sum(-1, keepdim=True) / (n - 1.0).clamp_min(1.0)).sqrt()
+
+
+def masked_std(values: Tensor, valid: Tensor | None = None) -> Tensor:
+    """The unbiased standard deviation of ``values`` [B] where ``valid`` [B] (all, when None); 0 with one."""
+    groups = values.reshape(1, -1)
+    ok = _valid(valid, groups)
+    return _std(_centred(groups, ok), ok).reshape(())
+
+
+def reinforce_advantages(rewards: Tensor, baseline: Tensor | float | None = None,
+                         valid: Tensor | None = None) -> Tensor:
+    """REINFORCE with a baseline: A_i = r_i - b, by default the mean of the valid rows
+    (``valid`` [B] bool; a failed row's advantage is 0). Across ranks, pass the global
+    batch's mean, so every process layout gives the same advantages."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
-    return rewards - (rewards.mean() if baseline is None else baseline)
+    ok = _valid(valid, rewards.reshape(1, -1)).reshape(-1)
+    if baseline is None:
+        baseline = rewards.masked_fill(~ok, 0.0).sum() / ok.sum().clamp_min(1)
+    return (rewards - baseline).masked_fill(~ok, 0.0)
 
 
-def rloo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
-    """RLOO: A_i = r_i - mean of the other G - 1 rewards of the same prompt.
+def rloo_advantages(rewards: Tensor, *, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """RLOO: A_i = r_i - mean of the other valid rewards of the same prompt.
 
     The baseline excludes the sample itself, so it stays unbiased with small groups.
+    ``valid`` [B] bool: rows that count; a failed row enters no baseline and gets 0, so a
+    group with a failed row gets the advantages of the group without it.
     """
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
     groups = _groups(rewards, group_size)  # [P, G]
-    # r_i - mean of the others = G / (G - 1) * (r_i - mean of all)
-    return (_centred(groups) * (group_size / (group_size - 1))).reshape(-1)
+    ok = _valid(valid, groups)
+    n = ok.sum(-1, keepdim=True).to(groups.dtype)
+    # r_i - mean of the n - 1 others = n / (n - 1) * (r_i - mean of all n); 0 for a lone row
+    return (_centred(groups, ok) * (n / (n - 1.0).clamp_min(1.0))).reshape(-1)
 
 
-def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6) -> Tensor:
-    """GRPO: A_i = (r_i - mean_g) / (std_g + eps), per prompt group (unbiased std, as in GRPO).
+def grpo_advantages(rewards: Tensor, *, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
+    """GRPO: A_i = (r_i - mean_g) / (std_g + eps), per prompt group (unbiased std, as in GRPO),
+    over each group's valid rows (``valid`` [B] bool; a failed row gets 0).
 
     A group whose rewards are all equal gets zero advantage: it carries no signal.
     """
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
     groups = _groups(rewards, group_size)
-    return (_centred(groups) / (groups.std(-1, keepdim=True) + eps)).reshape(-1)
+    ok = _valid(valid, groups)
+    centred = _centred(groups, ok)
+    return (centred / (_std(centred, ok) + eps)).reshape(-1)
 
 
 def grpo_batch_std_advantages(rewards: Tensor, *, group_size: int, batch_std: Tensor | float | None = None,
-                              eps: float = 1e-6) -> Tensor:
+                              eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
     """Group mean, batch standard deviation: A_i = (r_i - mean_g) / (std_batch + eps), where
-    std_batch is the unbiased std of every reward of the batch (TRL's ``scale_rewards="batch"``).
+    std_batch is the unbiased std of every valid reward of the batch (TRL's ``scale_rewards="batch"``).
     A prompt answered equally well everywhere still gets zero advantage, while the step's
     scale no longer depends on how spread each group happens to be. Across ranks, pass the
     global batch's std."""
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
     groups = _groups(rewards, group_size)
-    std = rewards.std() if batch_std is None else batch_std
-    return (_centred(groups) / (std + eps)).reshape(-1)
+    std = masked_std(rewards, valid) if batch_std is None else batch_std
+    return (_centred(groups, _valid(valid, groups)) / (std + eps)).reshape(-1)
 
 
-def dr_grpo_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
-    """Dr. GRPO: A_i = r_i - mean_g, no std division (which up-weights too-easy and
-    too-hard prompts). Pair it with the ``constant`` loss aggregation."""
-    return _centred(_groups(rewards, group_size)).reshape(-1)
+def dr_grpo_advantages(rewards: Tensor, *, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """Dr. GRPO: A_i = r_i - mean_g over the group's valid rows, no std division (which
+    up-weights too-easy and too-hard prompts). Pair it with the ``constant`` loss aggregation."""
+    groups = _groups(rewards, group_size)
+    return _centred(groups, _valid(valid, groups)).reshape(-1)
 
 
 def first_rows(episode: list[int], device=None) -> Tensor:
@@ -116,13 +157,17 @@ def reverse_kl_returns(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor)
     return rewards.flip(-1).cumsum(-1).flip(-1) * mask
 
 
-def reward_metrics(rewards: Tensor, *, group_size: int | None = None) -> dict[str, Tensor]:
+def reward_metrics(rewards: Tensor, *, group_size: int | None = None, valid: Tensor | None = None) -> dict[str, Tensor]:
     """The real objective of a sparse on-policy run, as detached scalars: mean and std of the
-    reward and, per prompt group, the share of groups whose rewards all agree (they give
-    GRPO no gradient; DAPO resamples them)."""
+    reward of the valid rows (``valid`` [B] bool; all when None) and, per prompt group, the
+    share of groups whose valid rewards all agree (they give GRPO no gradient; DAPO resamples them)."""
     rewards = rewards.detach().float()
-    out = {"reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())}
+    flat = rewards.reshape(1, -1)
+    ok = _valid(valid, flat)
+    mean = flat.masked_fill(~ok, 0.0).sum() / ok.sum().clamp_min(1)
+    out = {"reward_mean": mean, "reward_std": _std(_centred(flat, ok), ok).reshape(())}
     if group_size is not None:
         groups = _groups(rewards, group_size)
-        out["zero_signal_fraction"] = (groups == groups[:, :1]).all(-1).float().mean()
+        zero = _centred(groups, _valid(valid, groups)) == 0
+        out["zero_signal_fraction"] = zero.all(-1).float().mean()
     return out

@@ -57,14 +57,17 @@ def loss_counts(mask: Tensor, group_size: int = 1) -> LossCounts:
     return LossCounts(*count_tensor(mask, group_size).tolist())
 
 
-def count_tensor(mask: Tensor, group_size: int = 1) -> Tensor:
+def count_tensor(mask: Tensor, group_size: int = 1, failed: Tensor | None = None) -> Tensor:
     """[4] float64 on ``mask``'s device: the tokens and the sequences of ``mask`` [B, T] that
-    enter the loss, its rows, and its groups of ``group_size`` rows; never read back to the host."""
+    enter the loss, its rows, and its groups of ``group_size`` rows; never read back to the host.
+    ``failed`` [B] bool: rows left out of the step, which the row count (``count_empty``) skips."""
     if group_size < 1 or mask.shape[0] % group_size:
         raise ValueError(f"{mask.shape[0]} rows do not split into groups of {group_size}")
     mask = mask.bool()
     rows, groups = (torch.full((1,), float(n), dtype=torch.float64, device=mask.device)  # a fill, not a copy
                     for n in (mask.shape[0], mask.shape[0] // group_size))
+    if failed is not None:
+        rows = rows - failed.sum().to(torch.float64)
     return torch.cat([torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64), rows, groups])
 
 

@@ -118,17 +118,21 @@ def preference_terms(
     )
 
 
-def pairs_from_rewards(rewards: Tensor, group_size: int) -> Tensor:
+def pairs_from_rewards(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """[B] preference marks from each group's rewards: +1 on its best sample, -1 on its
     worst (the first of any tie), 0 elsewhere; a group whose rewards are all equal is
-    unusable and gets only zeros."""
+    unusable and gets only zeros. ``valid`` [B] bool: the samples that may be paired (a
+    failed one never is)."""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}; preference pairs "
                          f"from rewards need data_source.sampling.num_generations >= 2")
     groups = rewards.reshape(-1, group_size)
+    ok = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.reshape(groups.shape).bool()
     marks = torch.zeros_like(groups)
-    best, worst = groups.argmax(-1), groups.argmin(-1)
-    usable = groups.max(-1).values > groups.min(-1).values
+    big = torch.finfo(groups.dtype).max
+    highest, lowest = groups.masked_fill(~ok, -big), groups.masked_fill(~ok, big)
+    best, worst = highest.argmax(-1), lowest.argmin(-1)
+    usable = highest.max(-1).values > lowest.min(-1).values
     rows = torch.arange(groups.shape[0], device=rewards.device)[usable]
     marks[rows, best[usable]] = 1.0
     marks[rows, worst[usable]] = -1.0

@@ -208,8 +208,8 @@ def k3_reference_penalty(
     :func:`lightning_unified.losses.advantages.kl_penalized_rewards`.)
     """
     log_r = reference_logp.to(student_logp.dtype) - _gather(student_logp, targets)
-    r = log_r.exp()
-    return TokenWeights(coef=kl_coef * (r - 1.0), objective=kl_coef * (r - log_r - 1.0))
+    r_minus_1 = torch.expm1(log_r)  # exp(x) - 1 loses x near 0: the objective would go negative
+    return TokenWeights(coef=kl_coef * r_minus_1, objective=kl_coef * (r_minus_1 - log_r))
 
 
 def sampled_reverse_kl(student_logp: Tensor, targets: Tensor, teacher_token_logp: Tensor) -> TokenWeights:

@@ -20,6 +20,7 @@ from transformers import (
 
 
 from lightning_unified.models.loss_head import install_loss_head
+from lightning_unified.models.precision import MASTER_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)} (or null for the checkpoint's), got {dtype!r}")
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -151,11 +152,15 @@ def build_policy(
 ) -> PreTrainedModel | nn.Module:
     """The policy to train: from ``path`` when given, else a fresh model built from
     ``config`` (``model_type`` plus its fields; vocabulary and special ids come from the
-    tokenizer), initialised from ``seed``. ``lora`` (r, alpha, dropout, target_modules)
+    tokenizer), initialised from ``seed``. ``dtype`` is its weights' (and so the optimizer
+    state's) dtype; None is float32 whatever the checkpoint's, the trainer's precision
+    (``bf16-mixed``) making the compute bf16: bf16 weights lose updates below about 1/256 of a
+    weight (:mod:`lightning_unified.models.precision`). ``lora`` (r, alpha, dropout, target_modules)
     wraps it in peft adapters, so only those train; ``r: 0`` leaves it off.
     ``gradient_checkpointing``: keep only each decoder layer's input through the forward
     and recompute the rest in the backward (one more forward's time, a fraction of the
     activations' memory: with LoRA too, the backward runs through every layer)."""
+    dtype = dtype or MASTER_DTYPE  # master weights: never the checkpoint's bf16 by default
     if path is not None:
         model = load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation,
                                trust_remote_code=trust_remote_code)
@@ -279,11 +284,12 @@ def check_vocabulary_of(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, o
 
 
 def trainable_policy(policy, tokenizer):
-    """(policy, tokenizer) ready to train: loaded when given as paths, their vocabularies
+    """(policy, tokenizer) ready to train: loaded when given as paths (the policy in float32), their vocabularies
     checked against each other, the policy in train mode with the loss head installed (the
     loss runs inside the head's forward, which FSDP2 needs)."""
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    model = load_causal_lm(policy) if isinstance(policy, str) else policy
+    # a path loads as float32 master weights, as build_policy's default
+    model = load_causal_lm(policy, dtype=MASTER_DTYPE) if isinstance(policy, str) else policy
     if not isinstance(model, nn.Module):
         raise TypeError(f"policy must be a Hugging Face causal LM or a path to one, got {type(policy).__name__}")
     check_vocabulary(model, tokenizer, "policy")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_unified.models.forward import decoder
+from lightning_unified.models.precision import fsdp_mixed_precision
 
 
 def is_sharded(policy: nn.Module) -> bool:
@@ -16,25 +17,32 @@ def is_sharded(policy: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in policy.parameters())
 
 
-def shard_policy(policy: nn.Module, mesh) -> None:
+def shard_policy(policy: nn.Module, mesh, precision: str | None = None) -> None:
     """Shard each decoder layer, the embeddings and the loss head as their own units
-    (embeddings and head as one unit when they share their weight), then the root."""
+    (embeddings and head as one unit when they share their weight), then the root. Under
+    the trainer's ``precision`` ``bf16-mixed`` each unit gathers its float32 shards as bf16
+    and reduces gradients in float32 (:func:`~lightning_unified.models.precision.fsdp_mixed_precision`)."""
     from torch.distributed.fsdp import fully_shard
 
+    layers, head_policy = fsdp_mixed_precision(precision)
     # the blocks Hugging Face never splits across devices (decoder layers) are the units
     blocks = set(getattr(policy, "_no_split_modules", None) or [])
     body = decoder(policy)
     for module in body.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
+            fully_shard(module, mesh=mesh, **_mp(layers))
     head = policy.get_output_embeddings()
     if head.weight is policy.get_input_embeddings().weight:
         # tied embeddings (SmolLM2, Gemma): one parameter, so one unit for both modules
-        fully_shard([body, head], mesh=mesh)
+        fully_shard([body, head], mesh=mesh, **_mp(head_policy))
     else:
-        fully_shard(body, mesh=mesh)
-        fully_shard(head, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+        fully_shard(body, mesh=mesh, **_mp(layers))
+        fully_shard(head, mesh=mesh, **_mp(head_policy))
+    fully_shard(policy, mesh=mesh, **_mp(layers))
+
+
+def _mp(policy) -> dict:
+    return {} if policy is None else {"mp_policy": policy}
 
 
 def initialise_root(policy: nn.Module, device: torch.device) -> None:

@@ -121,10 +121,11 @@ class Rollouts:
     def _ready(self, optimizer_step: float) -> RolloutEngine:
         if self.engine.shares_weights:
             return self.engine
-        if self._resting:
-            self.engine.wake()
-            self._resting = False
-        if not self._started or optimizer_step - self._synced_step >= self.sync_every:
+        woke, self._resting = self._resting, False
+        if woke:  # the weights' memory first; the KV cache once a sync has filled it
+            self.engine.wake_weights()
+        forgot = woke and self.engine.forgets_weights_asleep  # vLLM's sleep level 2
+        if not self._started or forgot or optimizer_step - self._synced_step >= self.sync_every:
             if self.producer is not None:
                 self.producer.wait()  # new weights only into an idle engine: one version per batch
             started = time.perf_counter()
@@ -139,6 +140,8 @@ class Rollouts:
                 # the producer's jobs read these weights from another stream: after the copies
                 self.producer.order.bind(_device_of(self.policy))
                 self._sync_event = self.producer.order.mark()
+        if woke:
+            self.engine.wake()
         return self.engine
 
     def _rest(self) -> None:

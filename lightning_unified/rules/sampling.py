@@ -25,6 +25,17 @@ def lag_keeps_the_engine_awake(sampling) -> str | None:
     return None
 
 
+@rule("sleep-level-2-syncs-every-wake", "sampling", "data_source.sampling.vllm.sleep_level",
+      "data_source.sampling.sync_every")
+def sleep_level_2_syncs_every_wake(sampling) -> str | None:
+    """Sleep level 2 discards the engine's weights, so every wake loads the policy's current ones."""
+    if sampling.vllm.get("sleep") and sampling.vllm.get("sleep_level", 2) == 2 and sampling.sync_every > 1:
+        return (f"sampling.vllm.sleep_level=2 discards the engine's weights while it sleeps, so each wake loads the "
+                f"policy's current ones; sampling.sync_every={sampling.sync_every} keeps older weights on purpose. Set "
+                f"sampling.vllm.sleep_level=1 (the weights wait on the CPU) or sampling.sync_every=1")
+    return None
+
+
 @rule("vllm-reports-raw-or-sampled", "sampling", "data_source.sampling.engine", "data_source.sampling.behaviour",
       "data_source.sampling.temperature", "data_source.sampling.top_k", "data_source.sampling.top_p")
 def vllm_reports_raw_or_sampled(sampling) -> str | None:

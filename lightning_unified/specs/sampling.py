@@ -35,7 +35,7 @@ class Sampling:
     # engine in each training process, synced with the policy's weights)
     engine: str = "hf"
     # the vllm engine's settings: kv_cache_gib, gpu_memory_utilization, dtype, max_model_len,
-    # enforce_eager, sleep (see lightning_unified.engines.vllm.VLLMEngine)
+    # enforce_eager, sleep, sleep_level (see lightning_unified.engines.vllm.VLLMEngine)
     vllm: dict = field(default_factory=dict)
     # sync the engine's weights every this many optimizer steps; > 1 samples from stale
     # weights on purpose (the importance ratio corrects for it)

@@ -34,6 +34,9 @@ class PolicyHost(Protocol):
     #: the rollout engine's owner: ``with rollouts.engine_for(step) as engine`` (started,
     #: woken and synced), the version of the weights it holds, its sync seconds
     rollouts: object
+    #: the rows that failed, by kind, and the run's limit on them (a
+    #: :class:`~lightning_unified.failures.FailedRows`: ``lightning_unified.failures.report``)
+    failures: object
 
     @property
     def max_new_tokens(self) -> int:

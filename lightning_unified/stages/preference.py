@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning as L
 
 from lightning_unified import batch as fields
+from lightning_unified.failures import mark_failed, report
+from lightning_unified.losses.advantages import reward_metrics
 from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
 from lightning_unified.models.loss_head import response_logprobs
@@ -17,7 +19,8 @@ class PreferenceStage(Stage):
     """Data pairs arrive marked (``preference``: +1 chosen, -1 rejected, in groups of 2). A
     sampled batch (online DPO) is scored by ``signal.rewards``, and each prompt's best and
     worst samples become its pair; a prompt whose samples all score the same has no pair
-    and trains nothing (``preference/usable_pairs`` says how many did).
+    and trains nothing (``preference/usable_pairs`` says how many did); a sample the rewards
+    cannot score is in no pair (``failed``, counted in ``rewards/failures``).
 
     The weights need the policy's whole-sequence log-probs at the moment of the update, so
     :meth:`on_update_start` pays one no-grad forward per optimizer step."""
@@ -33,7 +36,8 @@ class PreferenceStage(Stage):
         return needs | {fields.REFERENCE_LOGP} if self.signal.needs_reference else needs
 
     def writes(self) -> set[str]:
-        return {fields.PREFERENCE, fields.REWARDS, fields.COMPLETIONS, fields.PREFERENCE_WEIGHT, fields.PREFERENCE_LOSS}
+        return {fields.PREFERENCE, fields.REWARDS, fields.COMPLETIONS, fields.PREFERENCE_WEIGHT, fields.PREFERENCE_LOSS,
+                fields.FAILED}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
@@ -51,18 +55,23 @@ class PreferenceStage(Stage):
         n = batch[fields.RESPONSE_IDS].shape[0]
         completions = decode_responses(pl_module.tokenizer, batch)
         batch[fields.COMPLETIONS] = completions
-        rewards, parts = compute_rewards(
+        rewards, parts, failed = compute_rewards(
             self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
             completion_ids=batch[fields.RESPONSE_IDS], completion_mask=batch[fields.RESPONSE_MASK],
             # decoded only for functions that name them
             **({"prompts": decode_prompts(pl_module.tokenizer, batch)}
                if any(names_parameter(r.fn, "prompts") for r in self.signal.rewards) else {}))
+        # a row a function cannot score is in no pair, counted; the run goes on
+        mark_failed(batch, [f.row for f in failed])
+        report(pl_module, "rewards", n, failed)
         rewards = rewards.to(batch[fields.RESPONSE_IDS].device)
         batch[fields.REWARDS] = rewards
-        batch[fields.PREFERENCE] = pairs_from_rewards(rewards, batch.get(fields.GROUP_SIZE, 1))
+        valid = ~batch[fields.FAILED]
+        batch[fields.PREFERENCE] = pairs_from_rewards(rewards, batch.get(fields.GROUP_SIZE, 1), valid)
         for name, value in parts.items():
             pl_module.log(f"reward/{name}", value, batch_size=n)
-        pl_module.log("reward/reward_mean", rewards.mean(), batch_size=n, prog_bar=True)
+        pl_module.log("reward/reward_mean", reward_metrics(rewards, valid=valid)["reward_mean"], batch_size=n,
+                      prog_bar=True)
 
     def on_update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> None:
         """Called by the module before each optimizer step, on that step's rows."""

@@ -13,6 +13,7 @@ import torch
 
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
+from lightning_unified.failures import mark_failed, report
 from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.lora import adapters_disabled, is_lora
@@ -46,7 +47,8 @@ class ReferenceStage(Stage):
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK}
 
     def writes(self) -> set[str]:
-        return {fields.REFERENCE_LOGP} | ({fields.REFERENCE_SPAN_ID} if self.reference.tokenizer == "auto" else set())
+        across = {fields.REFERENCE_SPAN_ID, fields.FAILED}  # a sampled reply it cannot encode fails
+        return {fields.REFERENCE_LOGP} | (across if self.reference.tokenizer == "auto" else set())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reference.tokenizer == "auto" and self.bridge is None:
@@ -107,20 +109,25 @@ class ReferenceStage(Stage):
                        who="reference scoring")
         with trainer_precision(pl_module):
             if self.bridge is not None:
-                batch[fields.REFERENCE_LOGP], batch[fields.REFERENCE_SPAN_ID] = self.score_spans(pl_module, batch)
+                batch[fields.REFERENCE_LOGP], batch[fields.REFERENCE_SPAN_ID], failed = self.score_spans(pl_module,
+                                                                                                         batch)
+                if fields.is_sampled(batch):  # a sampled reply the reference cannot encode: a failed row, counted
+                    mark_failed(batch, [f.row for f in failed])
+                    report(pl_module, "reference", batch[fields.RESPONSE_IDS].shape[0], failed)
             else:
                 batch[fields.REFERENCE_LOGP] = self.score(pl_module, batch)
 
     @torch.no_grad()
-    def score_spans(self, pl_module: L.LightningModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_spans(self, pl_module: L.LightningModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
         """([B, R] each span's log-prob under the reference on its last student token, [B, R]
-        each token's span): the reference reads the prompt and the reply in its own tokens."""
+        each token's span, the sampled rows it cannot encode: 0 and no span): the reference
+        reads the prompt and the reply in its own tokens."""
         rows = self.bridge.rows(batch, pl_module.device)
         logp = self.score_tokens(pl_module, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
         spans = self.bridge.span_fields(rows, self.bridge.teacher_logp(rows, logp), batch[fields.RESPONSE_IDS].shape[1])
         span_id = spans[fields.SPAN_ID]
         on_ends = spans[fields.TEACHER_SPAN_LOGP].gather(1, span_id.clamp_min(0))
-        return torch.where(spans[fields.SPAN_END].bool(), on_ends, 0.0), span_id
+        return torch.where(spans[fields.SPAN_END].bool(), on_ends, 0.0), span_id, rows.failed
 
     def score(self, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
         """log pi_ref(y_t) [B, R] of the batch's response tokens, 0 on padding."""

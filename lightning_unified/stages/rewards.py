@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 
 from lightning_unified import batch as fields
+from lightning_unified.failures import mark_failed, report
 from lightning_unified.losses import advantages as estimators
 from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.specs import Sparse
@@ -15,7 +16,8 @@ from lightning_unified.stages.base import Stage
 class RewardsStage(Stage):
     """Scores sampled responses (RL), or the dataset's when ``reward_data`` is set
     (reward-weighted SFT), with ``signal.rewards``; the data's ``reward`` column, when it
-    has one, is the data's reward as it is."""
+    has one, is the data's reward as it is. A row the functions cannot score (one raises on
+    it, or scores it NaN) is marked ``failed`` and counted in ``rewards/failures``."""
 
     name = "rewards"
 
@@ -28,7 +30,7 @@ class RewardsStage(Stage):
         return {fields.RESPONSE_IDS, fields.RESPONSE_MASK}
 
     def writes(self) -> set[str]:
-        return {fields.REWARDS, fields.COMPLETIONS}
+        return {fields.REWARDS, fields.COMPLETIONS, fields.FAILED}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         sampled = fields.is_sampled(batch)
@@ -48,18 +50,23 @@ class RewardsStage(Stage):
                                  "signal.rewards")
             completions = decode_responses(pl_module.tokenizer, batch)
             batch[fields.COMPLETIONS] = completions
-            rewards, parts = compute_rewards(
+            rewards, parts, failed = compute_rewards(
                 self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
                 completion_ids=response_ids, completion_mask=mask,
                 # decoded only for functions that name them (a reward model does)
                 **({"prompts": decode_prompts(pl_module.tokenizer, batch)} if self.needs_prompts else {}))
+            # a row a function cannot score is left out of the loss and counted; the run goes on
+            mark_failed(batch, [f.row for f in failed])
+            report(pl_module, "rewards", n, failed)
             for name, value in parts.items():
                 pl_module.log(f"reward/{name}", value, batch_size=n)
         batch[fields.REWARDS] = rewards.to(response_ids.device)
         group_size = batch.get(fields.GROUP_SIZE, 1)
-        rewards = batch[fields.REWARDS]
+        rewards, valid = batch[fields.REWARDS], batch.get(fields.FAILED)
+        valid = None if valid is None else ~valid
         if fields.EPISODE in batch:  # an episode's rows share its reward: count it once
-            rewards = rewards[estimators.first_rows(batch[fields.EPISODE], rewards.device)]
-        for name, value in estimators.reward_metrics(rewards,
-                                                     group_size=group_size if group_size > 1 else None).items():
+            first = estimators.first_rows(batch[fields.EPISODE], rewards.device)
+            rewards, valid = rewards[first], (None if valid is None else valid[first])
+        for name, value in estimators.reward_metrics(rewards, group_size=group_size if group_size > 1 else None,
+                                                     valid=valid).items():
             pl_module.log(f"reward/{name}", value, batch_size=n, prog_bar=name == "reward_mean")

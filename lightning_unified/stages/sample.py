@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_unified import batch as fields
 from lightning_unified.environments.tools import describe_tool_call_format
+from lightning_unified.failures import report
 from lightning_unified.rollouts.requests import mixed_batch_is_on_policy, sampling_request
 from lightning_unified.rollouts.rows import sample_rows
 from lightning_unified.specs import OnPolicy
@@ -35,7 +36,8 @@ class SampleStage(Stage):
         return {fields.PROMPT_IDS, fields.PROMPT_MASK, fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK,
                 fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
                 fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS,
-                *((fields.EPISODE, fields.ENVIRONMENT_REWARDS) if self.data_source.environment.enabled else ())}
+                *((fields.EPISODE, fields.ENVIRONMENT_REWARDS, fields.FAILED) if self.data_source.environment.enabled
+                  else ())}
 
     def is_on_policy(self, epoch: int, batch_idx: int) -> bool:
         return mixed_batch_is_on_policy(self.data_source.probability, self.data_source.seed, epoch, batch_idx)
@@ -69,6 +71,8 @@ class SampleStage(Stage):
         pl_module.log("sampling/tokens_per_sec", lengths.sum() / rows["seconds"], batch_size=1)
         for name, value in rows.get("environment", {}).items():  # per-episode means of a multi-turn rollout
             pl_module.log(f"environment/{name}", value, batch_size=len(set(batch[fields.EPISODE])))
+        if "failures" in rows:  # episodes whose environment raised: counted here, in the trainer's thread
+            report(pl_module, "environment", rows["episodes"], rows["failures"])
 
     def apply(self, batch: dict, rows: dict) -> None:
         """The sampled rows into the batch: the prompts as G copies each (or, for episodes,
@@ -90,6 +94,7 @@ class SampleStage(Stage):
         if fields.EPISODE in rows:
             batch[fields.EPISODE] = rows[fields.EPISODE]
             batch[fields.ENVIRONMENT_REWARDS] = rows[fields.ENVIRONMENT_REWARDS]
+            batch[fields.FAILED] = rows[fields.FAILED]
 
     def sample_into(self, batch: dict, pl_module: L.LightningModule, max_new_tokens: int, synced: bool,
                     seed: int = 0) -> None:

@@ -17,6 +17,7 @@ from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.data.teacher_cache import TeacherCache, teacher_id
+from lightning_unified.failures import mark_failed, report
 from lightning_unified.losses.objective import TeacherLogits, target_logprobs, topk_logprobs
 from lightning_unified.models.snapshot import WeightSnapshot
 from lightning_unified.specs import Dense
@@ -47,7 +48,8 @@ class TeacherStage(Stage):
     (its top-k or each token's log-prob), with the weights it samples with.
 
     ``signal.teacher_tokenizer=auto``: the teacher has its own tokenizer, and
-    :class:`~lightning_unified.stages.teacher_spans.SpanTeacher` does this stage's work span by span."""
+    :class:`~lightning_unified.stages.teacher_spans.SpanTeacher` does this stage's work span by span;
+    a sampled reply it cannot encode is a failed row (``teacher/unencodable``)."""
 
     name = "teacher"
 
@@ -81,6 +83,7 @@ class TeacherStage(Stage):
                "span_top_k": spans | {fields.TEACHER_SPAN_TOPK_IDS, fields.TEACHER_SPAN_TOPK_LOGP,
                                       fields.SPAN_PREFIX_LOGP, fields.SPAN_PREFIX_GRAD, fields.VOCABULARY_MATCH},
                }[self.signal.teacher_gives]
+        out = out | ({fields.FAILED} if self.signal.across_tokenizers else set())
         return out | ({fields.TEACHER_INDEX} if self.signal.routed else set())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -184,8 +187,12 @@ class TeacherStage(Stage):
             return
         if self.spans is not None:
             served = next(iter(self.served.values()), None)
-            batch.update(self.spans.fields(pl_module, batch, None if served else next(iter(self.models.values())),
-                                           served))
+            out, failed = self.spans.fields(pl_module, batch, None if served else next(iter(self.models.values())),
+                                            served)
+            batch.update(out)
+            if fields.is_sampled(batch):  # a sampled reply the teacher cannot encode: a failed row, counted
+                mark_failed(batch, [f.row for f in failed])
+                report(pl_module, "teacher", batch[fields.RESPONSE_IDS].shape[0], failed)
             return
         prompt_ids, prompt_mask = batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK]
         if signal.teacher_context:

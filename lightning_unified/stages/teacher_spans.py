@@ -17,6 +17,7 @@ from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.losses.objective import target_logprobs, topk_logprobs
 from lightning_unified.losses.spans import span_log_ratio, span_prefix_fields
+from lightning_unified.losses.teacher_logits import TeacherLogits
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.models.loss_head import response_logprobs
@@ -45,9 +46,11 @@ class SpanTeacher:
                      "vocabulary; the matched part's weight is %.4f", int((self.match.teacher_to_student >= 0).sum()),
                      self.match.teacher_to_student.numel(), self.match.matched_weight)
 
-    def fields(self, pl_module: L.LightningModule, batch: dict, teacher: torch.nn.Module | None, served) -> dict:
+    def fields(self, pl_module: L.LightningModule, batch: dict, teacher: torch.nn.Module | None,
+               served) -> tuple[dict, list]:
         """The span fields: the teacher (a model in this process, or ``served``) reads its own
-        prompt and its own tokens of each reply."""
+        prompt and its own tokens of each reply; and the sampled rows it cannot encode (no
+        span: their fields hold no weight, and the stage marks them failed)."""
         signal, bridge = self.signal, self.bridge
         rows = bridge.rows(batch, pl_module.device)
         tensors = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
@@ -75,7 +78,7 @@ class SpanTeacher:
                                            topk_logp.to(pl_module.device), width, self.match)
             if self.match is not None:
                 out[fields.VOCABULARY_MATCH] = self.match
-        return out
+        return out, rows.failed
 
     def before_update(self, pl_module: L.LightningModule, batch: dict) -> None:
         """The spans' weights from the policy's log-probs as they are now."""
@@ -103,13 +106,12 @@ class SpanTeacher:
             # under FSDP2 the head is a shard outside its forward: gathered whole (every rank does)
             weight, bias = (t.full_tensor() if isinstance(t, DTensor) else t for t in output_head(policy))
             logp = target_logprobs(hidden, weight, batch[fields.RESPONSE_IDS], head_bias=bias,
-                                   temperature=pl_module.temperature)
+                                   temperature=pl_module.temperature, chunk_size=pl_module.chunk_size)
             logp = torch.where(batch[fields.RESPONSE_MASK].bool(), logp, 0.0)  # [B, R]
-            logits = hidden[ends].float() @ weight.float().T  # [n, V]: only at the span ends
-            if bias is not None:
-                logits = logits + bias.float()
+            # the policy's distribution at the span ends, made a chunk of ends at a time, in float32
+            at_ends = TeacherLogits(hidden=hidden[ends].float(), head_weight=weight.float(),
+                                    head_bias=None if bias is None else bias.float(), temperature=pl_module.temperature)
             prefix, prefix_grad = span_prefix_fields(
-                logp, torch.log_softmax(logits / pl_module.temperature, -1), batch[fields.SPAN_ID], ends,
-                batch[fields.TEACHER_SPAN_TOPK_IDS][ends], batch[fields.TEACHER_SPAN_TOPK_LOGP][ends], self.match,
-                self.signal.beta)
+                logp, at_ends, batch[fields.SPAN_ID], ends, batch[fields.TEACHER_SPAN_TOPK_IDS],
+                batch[fields.TEACHER_SPAN_TOPK_LOGP], self.match, self.signal.beta, chunk_size=pl_module.chunk_size)
         return {fields.SPAN_PREFIX_LOGP: prefix, fields.SPAN_PREFIX_GRAD: prefix_grad}

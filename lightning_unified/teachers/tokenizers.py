@@ -14,7 +14,10 @@ student's tokens span by span:
   those continuations), on the span's last student token, for ULD and the GOLD-style hybrid.
 
 A teacher token standing for characters the teacher cannot encode is refused, naming them,
-unless ``signal.unencodable_logp`` gives the log-prob such a token gets.
+unless ``signal.unencodable_logp`` gives the log-prob such a token gets. Refused how depends
+on who wrote the reply: a sampled reply the teacher cannot encode is a failed row (left out
+of the loss, counted in ``teacher/unencodable``: the policy may write anything), while the
+data's own response is a data error, raised naming the example (the data will not change).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from lightning_unified import batch as fields
 from lightning_unified.data.alignment import Alignment, AlignmentError, align_reply
 from lightning_unified.data.chat import contextual_prompt, end_of_turn_id, is_chat, prompt_token_ids, stop_token_ids
 from lightning_unified.data.collate import pad
-from lightning_unified.losses.spans import span_ids, span_sums
+from lightning_unified.failures import RowFailure, row_failure
+from lightning_unified.losses.spans import span_ends, span_ids, span_sums
 from lightning_unified.losses.uld import VocabularyMatch
 
 
@@ -47,6 +51,8 @@ class TeacherRows:
     response_mask: Tensor  # [B, R_t] long
     alignments: list[Alignment]
     unknown: Tensor  # [B, R_t] bool: the teacher's unknown token, standing for characters it cannot encode
+    # sampled replies the teacher cannot encode: each row's teacher reply is then its end of turn alone, with no span
+    failed: list[RowFailure]
 
 
 def vocabulary_match(student_tokenizer, teacher_tokenizer, matched_weight: float | None = None) -> VocabularyMatch:
@@ -105,16 +111,20 @@ class TokenizerBridge:
         self.teacher_pad = pad_id if pad_id is not None else teacher_tokenizer.eos_token_id
 
     def rows(self, batch: dict, device: torch.device | str) -> TeacherRows:
+        """The batch's rows in the teacher's tokens. A sampled reply it cannot encode is a
+        failed row (:attr:`TeacherRows.failed`); the data's, an :class:`AlignmentError`."""
         fields.require(batch, fields.PROMPTS, who=f"{self.who} (the prompts, rendered in the teacher's format)")
         response_ids, response_mask = batch[fields.RESPONSE_IDS].cpu(), batch[fields.RESPONSE_MASK].cpu()
-        if not torch.equal(fields.loss_mask(batch).cpu().bool(), response_mask.bool()):
+        turns = batch.get(fields.LOSS_MASK, batch[fields.RESPONSE_MASK])  # the turns, whatever failed
+        if not torch.equal(turns.cpu().bool(), response_mask.bool()):
             raise ValueError(f"{self.who} scores single-turn replies, and this batch's responses hold turns the loss "
                              f"skips (conversations with several assistant turns); train on the last assistant turn "
                              f"(task.loss_on=last_assistant)")
         prompts = batch[fields.PROMPTS]
         references = batch.get(fields.REFERENCES) or [None] * len(prompts)
         teacher_prompts = batch.get(fields.TEACHER_PROMPTS) or [None] * len(prompts)
-        prompt_rows, reply_rows, alignments, unknown_rows = [], [], [], []
+        prompt_rows, reply_rows, alignments, unknown_rows, failed = [], [], [], [], []
+        sampled, examples = fields.is_sampled(batch), batch.get(fields.EXAMPLE_INDEX)
         for b, (ids, mask) in enumerate(zip(response_ids, response_mask)):
             student_ids = ids[mask.bool()].tolist()
             try:
@@ -122,9 +132,16 @@ class TokenizerBridge:
                                         teacher_stop=self.teacher_stop, unknown_ok=self.unencodable_logp is not None)
             except AlignmentError as error:
                 setting = "reference" if self.who.startswith("reference") else "signal"
-                raise AlignmentError(f"{self.who}, row {b}: {error}; set {setting}.unencodable_logp (the log-prob "
-                                     f"a token it cannot encode gets, far below that of anything the policy samples, "
-                                     f"e.g. -100) to score such replies as ones it would never write") from None
+                if sampled:  # the policy wrote it: this row fails, the batch goes on
+                    failed.append(row_failure(b, f"{self.who}, sampled row {b}", error))
+                    alignment = Alignment("", [self.teacher_stop], [])
+                else:
+                    example = f" (the data's example {int(examples[b])})" if examples is not None else ""
+                    raise AlignmentError(
+                        f"{self.who}, row {b}{example}: {error}; set {setting}.unencodable_logp (the log-prob a token "
+                        f"it cannot encode gets, far below that of anything the policy samples, e.g. -100) to score "
+                        f"such replies as ones it would never write, or fix the data (a sampled reply would be left "
+                        f"out and counted; the data's own response is a data error)") from None
             columns = {"reference": references[b], "teacher_prompt": teacher_prompts[b]}
             prompt_rows.append(teacher_prompt_ids(self.teacher, prompts[b], self.context, columns, self.who))
             reply_rows.append(alignment.teacher_ids)
@@ -136,7 +153,7 @@ class TokenizerBridge:
         width = reply_ids.shape[1]
         unknown = torch.tensor([u + [False] * (width - len(u)) for u in unknown_rows], dtype=torch.bool).reshape(-1, width)
         return TeacherRows(prompt_ids.to(device), prompt_mask.to(device), reply_ids.to(device), reply_mask.to(device),
-                           alignments, unknown.to(device))
+                           alignments, unknown.to(device), failed)
 
     def teacher_logp(self, rows: TeacherRows, token_logp: Tensor) -> Tensor:
         """[B, R_t] the teacher's log-prob of each of its tokens, ``unencodable_logp`` on the
@@ -152,13 +169,12 @@ class TokenizerBridge:
         spans = max((len(a.spans) for a in rows.alignments), default=0)
         span_id = torch.tensor([span_ids(a.spans, student_width) for a in rows.alignments],
                                dtype=torch.long).reshape(-1, student_width)
-        span_end = torch.zeros(len(rows.alignments), student_width)
         # each teacher token's span: the span sums are one scatter
-        teacher_span = torch.full(tuple(teacher_logp.shape), -1, dtype=torch.long)
-        for b, alignment in enumerate(rows.alignments):
-            for j, (_, s1, t0, t1) in enumerate(alignment.spans):
-                span_end[b, s1 - 1] = 1.0
-                teacher_span[b, t0:t1] = j
+        teacher_span = torch.tensor([span_ids(a.spans, teacher_logp.shape[1], teacher=True) for a in rows.alignments],
+                                    dtype=torch.long).reshape(teacher_logp.shape)
+        row, end, _, _ = span_ends(rows.alignments)
+        span_end = torch.zeros(len(rows.alignments), student_width)
+        span_end[row, end] = 1.0
         sums = span_sums(teacher_logp.float(), teacher_span.to(device), max(spans, 1))
         return {fields.SPAN_ID: span_id.to(device), fields.SPAN_END: span_end.to(device), fields.TEACHER_SPAN_LOGP: sums}
 
@@ -178,11 +194,11 @@ class TokenizerBridge:
         out_ids = torch.full((batch, student_width, k), -1, dtype=torch.long, device=device)
         mapped = (match.teacher_to_student.to(device)[topk_ids] if match is not None
                   else torch.full_like(topk_ids, -1))
-        prefix = teacher_logp.float().cumsum(-1)  # [B, R_t]: log-prob of the teacher's tokens up to each
-        for b, alignment in enumerate(rows.alignments):
-            for s0, s1, t0, t1 in alignment.spans:
-                before = prefix[b, t1 - 2] - (prefix[b, t0 - 1] if t0 > 0 else 0.0) if t1 - 1 > t0 else 0.0
-                out_logp[b, s1 - 1] = topk_logp[b, t1 - 1].float() + before
-                out_ids[b, s1 - 1] = mapped[b, t1 - 1]
+        row, end, first, last = (t.to(device) for t in span_ends(rows.alignments))  # [n] each
+        # log-prob of the teacher's tokens before each: the sum over a span's earlier tokens is a difference
+        before_each = torch.nn.functional.pad(teacher_logp.float().cumsum(-1), (1, 0)).to(device)  # [B, R_t + 1]
+        before = torch.where(last > first, before_each[row, last] - before_each[row, first], 0.0)  # [n]
+        out_logp[row, end] = topk_logp[row, last].float() + before[:, None]
+        out_ids[row, end] = mapped[row, last]
         return {fields.TEACHER_SPAN_TOPK_IDS: out_ids,
                 fields.TEACHER_SPAN_TOPK_LOGP: out_logp.clamp_min(NO_ENTRY_LOGP)}

@@ -56,8 +56,12 @@ class InProcessTeacher:
             with keeping_process_state(), torch.inference_mode():
                 self.llm = start_engine(lambda: vllm.LLM(
                     model=self.path, skip_tokenizer_init=True, dtype=self.dtype or self.checkpoint_dtype(),
+                    # eager: a teacher only prefills (one generated token at most), where CUDA graphs gain nothing
                     max_model_len=self.max_model_len, enforce_eager=True, seed=0, max_logprobs=self.max_logprobs,
-                    tensor_parallel_size=1, **kwargs))
+                    # the checkpoint's generation_config.json gives no sampling defaults: the
+                    # scores are prompt log-probs of the raw distribution either way, and no
+                    # request relies on a default
+                    tensor_parallel_size=1, generation_config="vllm", **kwargs))
         except Exception as error:
             raise RuntimeError(f"{self.name} could not start: {error}") from error
 
