@@ -147,5 +147,5 @@ def require_each(batch: dict, needs) -> None:
 
 def per_token_fields(batch: dict) -> dict:
     """The per-token fields a weight builder may take; the loss hands each builder those its
-    signature names (see :class:`lightning_unified.losses.weight_builders.WeightSum`)."""
+    signature names (see :class:`lightning_unified.losses.weight_sum.WeightSum`)."""
     return {name: batch[name] for name in PER_TOKEN_FIELDS if name in batch}

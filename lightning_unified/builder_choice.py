@@ -18,7 +18,7 @@ from functools import cache, partial
 from lightning_unified import batch as fields
 from lightning_unified.losses import weight_builders
 from lightning_unified.losses.objective import WeightFn
-from lightning_unified.losses.weight_builders import WeightSum
+from lightning_unified.losses.weight_sum import WeightSum
 from lightning_unified.registry import DIVERGENCES, RATIOS, WEIGHTINGS
 from lightning_unified.specs import Dense, Importance, Preference, Reference, Sparse
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lightning_unified.losses.objective import TeacherLogits
 from lightning_unified.losses import weight_builders
+from lightning_unified.losses.weight_sum import WeightSum
 from tests.conftest import Problem
 
 TOPK = 4
@@ -250,7 +251,7 @@ CASES = [
     ),
     Case(
         "advantage_plus_k3",
-        weight_builders.WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1))),
+        WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1))),
         lambda p, s: -p.advantages * _logp_y(p, s) + closed_k3(p, s, 0.1),
         fields=lambda p: {"advantages": p.advantages, "reference_logp": p.reference_logp},
     ),

@@ -11,6 +11,7 @@ from lightning_unified.losses import weight_builders
 from lightning_unified.losses.aggregation import token_scale
 from lightning_unified.losses.objective import TeacherLogits, chunked_weighted_nll
 from lightning_unified.losses.token_weights import TokenWeights
+from lightning_unified.losses.weight_sum import WeightSum
 from tests.conftest import make_problem
 
 
@@ -66,6 +67,6 @@ def test_a_weight_with_a_gradient_is_refused() -> None:
 
 def test_weight_sum_names_missing_fields() -> None:
     p = make_problem()
-    both = weight_builders.WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1)))
+    both = WeightSum((weight_builders.advantage_indicator, partial(weight_builders.k3_reference_penalty, kl_coef=0.1)))
     with pytest.raises(KeyError, match="k3_reference_penalty needs fields \\['reference_logp'\\]"):
         _run(p, both, fields={"advantages": p.advantages})

@@ -20,6 +20,7 @@ from transformers import (
 
 
 from lightning_unified.models.loss_head import install_loss_head
+from lightning_unified.specs.model import ModelRef
 from lightning_unified.models.precision import MASTER_DTYPE
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ def load_causal_lm(
         ) from error
     check_causal(model, str(path))
     return model
+
+
+def load_model(ref: ModelRef) -> PreTrainedModel:
+    """The causal LM a :class:`~lightning_unified.specs.ModelRef` names, loaded with its
+    options: how the policy, a teacher and a reference are all loaded."""
+    return load_causal_lm(ref.path, **ref.options)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -162,8 +169,7 @@ def build_policy(
     activations' memory: with LoRA too, the backward runs through every layer)."""
     dtype = dtype or MASTER_DTYPE  # master weights: never the checkpoint's bf16 by default
     if path is not None:
-        model = load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
+        model = load_model(ModelRef(path, dtype, attn_implementation, trust_remote_code))
         check_tokenizer_matches(model, tokenizer, str(path))
     elif config is not None:
         config = dict(config)

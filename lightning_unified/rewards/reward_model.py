@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_unified.specs.model import ModelRef
+
 
 class RewardModel:
     """``RewardModel(path)(completions=..., prompts=...) -> [B]``: the model's score (the
@@ -19,12 +21,15 @@ class RewardModel:
     __name__ = "reward_model"
 
     def __init__(self, path: str, *, batch_size: int = 16, max_length: int = 1024, label: int = 0,
-                 device: str = "auto", trust_remote_code: bool = False):
+                 device: str = "auto", trust_remote_code: bool = False, dtype: str | None = None,
+                 attn_implementation: str | None = None):
         if batch_size < 1:
             raise ValueError(f"RewardModel.batch_size must be >= 1, got {batch_size}")
+        # the model named as every model of a run is (a policy, a teacher, a reference)
+        self.model = ModelRef.of(path, {"dtype": dtype, "attn_implementation": attn_implementation,
+                                        "trust_remote_code": trust_remote_code}, "RewardModel")
         self.path, self.batch_size, self.max_length, self.label = path, batch_size, max_length, label
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.trust_remote_code = trust_remote_code
         self._model = self._tokenizer = None
 
     def __getstate__(self) -> dict:
@@ -35,12 +40,20 @@ class RewardModel:
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lightning_unified.models.loading import DTYPES
+
         if not (Path(self.path) / "config.json").is_file():
             raise FileNotFoundError(f"reward model: no Hugging Face checkpoint at {self.path} (config.json is missing)")
-        self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        ref = self.model
+        self._tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=ref.trust_remote_code)
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        loading = {"trust_remote_code": ref.trust_remote_code}
+        if ref.dtype is not None:
+            loading["dtype"] = DTYPES[ref.dtype]
+        if ref.attn_implementation is not None:
+            loading["attn_implementation"] = ref.attn_implementation
+        model = AutoModelForSequenceClassification.from_pretrained(ref.path, **loading)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self._tokenizer.pad_token_id
         if not 0 <= self.label < model.config.num_labels:

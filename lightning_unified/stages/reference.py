@@ -14,7 +14,7 @@ import torch
 from lightning_unified import batch as fields
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.failures import mark_failed, report
-from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
+from lightning_unified.models.loading import check_same_vocabulary, load_model, load_tokenizer
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.lora import adapters_disabled, is_lora
 from lightning_unified.losses.objective import target_logprobs
@@ -70,7 +70,7 @@ class ReferenceStage(Stage):
         if stage != "fit" and not sharding:
             return
         if self.reference.path is not None:
-            model = load_causal_lm(self.reference.path, **self.reference.model.options)
+            model = load_model(self.reference.model)
             if self.bridge is None:
                 check_same_vocabulary(pl_module.policy, pl_module.tokenizer, model, self.reference.path,
                                   f"reference {self.reference.path}")

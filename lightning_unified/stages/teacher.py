@@ -11,7 +11,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lightning_unified import batch as fields
-from lightning_unified.models.loading import check_same_vocabulary, load_causal_lm
+from lightning_unified.models.loading import check_same_vocabulary, load_model
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.callbacks.precision import trainer_precision
 from lightning_unified.data.chat import contextual_prompt, prompt_token_ids
@@ -107,7 +107,7 @@ class TeacherStage(Stage):
                 served.start(pl_module.policy, tokenizer, own_tokenizer=self.signal.across_tokenizers)
                 self.served[name] = served
             elif not spec.served and name not in self.models:
-                teacher = load_causal_lm(spec.model.path, **spec.model.options)
+                teacher = load_model(spec.model)
                 if not self.signal.across_tokenizers:
                     check_same_vocabulary(pl_module.policy, pl_module.tokenizer, teacher, spec.model.path, label)
                 # kept out of the module so it is never trained, checkpointed or wrapped by DDP
