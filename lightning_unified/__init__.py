@@ -10,86 +10,63 @@ builders. Models are in :mod:`lightning_unified.models`, data in
 :mod:`lightning_unified.tasks`, rollout engines (hf, vllm) in :mod:`lightning_unified.engines`.
 """
 
-from lightning_unified.losses.aggregation import (
-    AGGREGATIONS,
-    LossCounts,
-    all_reduce_counts,
-    loss_counts,
-    token_scale,
-)
-from lightning_unified.callbacks import NonFiniteGuard, RankFailureWatch, SampleLog
-from lightning_unified.stages import (
-    AdvantagesStage,
-    BatchPipeline,
-    ImportanceStage,
-    PipelineError,
-    PreferenceStage,
-    ReferenceStage,
-    RewardsStage,
-    SampleStage,
-    Stage,
-    TeacherStage,
-)
-from lightning_unified.stages.host import PolicyHost, UpdateHook
-from lightning_unified.engines import GenerationRequest, Rollout, RolloutEngine, build_engine
-from lightning_unified.module import UnifiedModule
-from lightning_unified.losses.objective import (
-    TeacherLogits,
-    WeightedNLL,
-    chunked_weighted_nll,
-    target_logprobs,
-)
-from lightning_unified.specs import (
-    Dense,
-    Importance,
-    OffPolicy,
-    OnPolicy,
-    Preference,
-    Reference,
-    Reward,
-    Sampling,
-    Sparse,
-)
-from lightning_unified.losses.token_weights import TokenWeights
+import importlib
 
-__all__ = [
-    "AGGREGATIONS",
-    "GenerationRequest",
-    "PolicyHost",
-    "Rollout",
-    "RolloutEngine",
-    "UpdateHook",
-    "build_engine",
-    "Dense",
-    "Importance",
-    "ImportanceStage",
-    "NonFiniteGuard",
-    "RankFailureWatch",
-    "Reference",
-    "ReferenceStage",
-    "SampleLog",
-    "LossCounts",
-    "OffPolicy",
-    "OnPolicy",
-    "Preference",
-    "PreferenceStage",
-    "Reward",
-    "RewardsStage",
-    "AdvantagesStage",
-    "Sampling",
-    "SampleStage",
-    "Stage",
-    "BatchPipeline",
-    "PipelineError",
-    "Sparse",
-    "TeacherStage",
-    "TeacherLogits",
-    "TokenWeights",
-    "UnifiedModule",
-    "WeightedNLL",
-    "all_reduce_counts",
-    "chunked_weighted_nll",
-    "loss_counts",
-    "target_logprobs",
-    "token_scale",
-]
+# each public name and the module that defines it, imported on first use: a process that
+# needs one small part (a tool's worker, an alignment worker, ``python -m
+# lightning_unified.rules``) does not load Lightning, the engines and every stage
+_EXPORTS = {
+    "AGGREGATIONS": "lightning_unified.losses.aggregation",
+    "AdvantagesStage": "lightning_unified.stages",
+    "BatchPipeline": "lightning_unified.stages",
+    "Dense": "lightning_unified.specs",
+    "GenerationRequest": "lightning_unified.engines",
+    "Importance": "lightning_unified.specs",
+    "ImportanceStage": "lightning_unified.stages",
+    "LossCounts": "lightning_unified.losses.aggregation",
+    "NonFiniteGuard": "lightning_unified.callbacks",
+    "OffPolicy": "lightning_unified.specs",
+    "OnPolicy": "lightning_unified.specs",
+    "PipelineError": "lightning_unified.stages",
+    "PolicyHost": "lightning_unified.stages.host",
+    "Preference": "lightning_unified.specs",
+    "PreferenceStage": "lightning_unified.stages",
+    "RankFailureWatch": "lightning_unified.callbacks",
+    "Reference": "lightning_unified.specs",
+    "ReferenceStage": "lightning_unified.stages",
+    "Reward": "lightning_unified.specs",
+    "RewardsStage": "lightning_unified.stages",
+    "Rollout": "lightning_unified.engines",
+    "RolloutEngine": "lightning_unified.engines",
+    "SampleLog": "lightning_unified.callbacks",
+    "SampleStage": "lightning_unified.stages",
+    "Sampling": "lightning_unified.specs",
+    "Sparse": "lightning_unified.specs",
+    "Stage": "lightning_unified.stages",
+    "TeacherLogits": "lightning_unified.losses.objective",
+    "TeacherStage": "lightning_unified.stages",
+    "TokenWeights": "lightning_unified.losses.token_weights",
+    "UnifiedModule": "lightning_unified.module",
+    "UpdateHook": "lightning_unified.stages.host",
+    "WeightedNLL": "lightning_unified.losses.objective",
+    "all_reduce_counts": "lightning_unified.losses.aggregation",
+    "build_engine": "lightning_unified.engines",
+    "chunked_weighted_nll": "lightning_unified.losses.objective",
+    "loss_counts": "lightning_unified.losses.aggregation",
+    "target_logprobs": "lightning_unified.losses.objective",
+    "token_scale": "lightning_unified.losses.aggregation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_unified' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups find it here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

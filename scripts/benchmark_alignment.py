@@ -22,6 +22,9 @@ batch of 256 rows of 2,048 tokens through the tokenizer bridge.
   writes (before they became whole-batch index operations) are timed on the same rows.
   The quadratic alignment is not run on the batch: its cost is the row median times the rows.
   torch runs on ``--threads`` threads (1): the alignment itself is single-threaded Python.
+- Workers: the same batch's ``TokenizerBridge.rows`` with its replies aligned in the
+  training thread and in ``--workers`` processes (``signal.alignment_workers``), as the wall
+  seconds the training thread waits.
 
     python scripts/benchmark_alignment.py [--out docs/benchmarks/alignment.jsonl]
 """
@@ -200,6 +203,38 @@ def batch(args, student, teacher, text: str) -> dict:
     return result
 
 
+def batch_workers(args, student, teacher, text: str) -> list[dict]:
+    """The same batch through ``TokenizerBridge.rows`` with its replies aligned in the
+    training thread (0 workers) and in ``--workers`` processes: the wall seconds the training
+    thread waits (CPU time would not count the workers')."""
+    import torch
+
+    from lightning_unified import batch as fields
+    from lightning_unified.teachers.tokenizers import TokenizerBridge
+
+    rows = rows_of(student, text, args.batch_length, args.batch)
+    count, width = len(rows), args.batch_length
+    data = {fields.RESPONSE_IDS: torch.tensor(rows), fields.RESPONSE_MASK: torch.ones(count, width, dtype=torch.long),
+            fields.PROMPTS: ["Question:"] * count, fields.SAMPLED: True}
+    results = []
+    for workers in [int(n) for n in args.workers.split(",")]:
+        bridge = TokenizerBridge(student, teacher, context="{prompt}", workers=workers)
+        try:
+            bridge.rows(data, "cpu")  # warm: the workers start and fill their tables of token texts
+            seconds = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                bridge.rows(data, "cpu")
+                seconds.append(time.perf_counter() - start)
+        finally:
+            bridge.close()
+        result = {"text": "english", "rows": count, "tokens": width, "workers": workers,
+                  "rows_wall_s": statistics.median(seconds)}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
@@ -211,6 +246,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batch-length", type=int, default=2048)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--workers", default="0,2",
+                        help="alignment workers to time the batch with (wall seconds the training thread waits)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's threads: the bridge's small tensor operations spin on a shared machine")
     parser.add_argument("--out", default=None, help="append the results to this JSON-lines file")
@@ -231,6 +268,7 @@ def main() -> None:
         results += per_row(args, student, teacher, name, texts[name])
     if args.batch:
         results.append(batch(args, student, teacher, prose))
+        results += batch_workers(args, student, teacher, prose)
 
     print(f"\n{'text':<13} {'tokens':>7} {'today (s/row)':>14} {'quadratic (s/row)':>18} {'speed-up':>9}")
     for r in results:
@@ -239,10 +277,14 @@ def main() -> None:
             ratio = f"{r['old_s'] / r['new_s']:.0f}x" if r["old_s"] else "-"
             print(f"{r['text']:<13} {r['tokens']:>7} {r['new_s']:>14.4f} {old:>18} {ratio:>9}")
     if args.batch:
-        b = results[-1]
+        b = next(r for r in results if "spans" in r)
         print(f"\nbatch of {b['rows']} x {b['tokens']} tokens ({b['spans']:,} spans): rows {b['rows_s']:.2f} s, "
               f"span_fields {b['span_fields_s']:.3f} s, span_topk_fields {b['span_topk_fields_s']:.3f} s "
               f"(the per-span loops they replaced: {b['old_span_loops_s']:.2f} s)")
+        for r in results:
+            if "workers" in r:
+                print(f"  rows with {r['workers']} alignment workers: {r['rows_wall_s']:.2f} s of the training thread's "
+                      f"wall time")
     if args.out:
         with open(args.out, "a") as f:
             for r in results:

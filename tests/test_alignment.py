@@ -263,3 +263,34 @@ def test_the_alignments_work_grows_linearly_with_the_row(smollm2, sentencepiece)
     short, long = alignment_work(ids[:1024], smollm2, sentencepiece), alignment_work(ids[:2048], smollm2, sentencepiece)
     assert long[0] <= 2.2 * short[0] and long[0] <= 10 * 2048, (short, long)
     assert long[1] <= 2.2 * short[1], (short, long)
+
+
+def test_the_alignment_workers_give_what_the_training_thread_gives(smollm2, sentencepiece) -> None:
+    """A batch of sampled replies (awkward text, and one the teacher cannot encode) through
+    the bridge with two alignment workers: the same teacher rows, spans and failed row as
+    aligned in the training thread, computed in two other processes."""
+    import os
+
+    import torch
+
+    from lightning_unified import batch as F
+    from lightning_unified.teachers.tokenizers import TokenizerBridge
+
+    replies = [student(smollm2, awkward_text(60, seed=s)) + [smollm2.eos_token_id] for s in range(5)]
+    replies.append(student(smollm2, " a leading space, which this teacher's decoder drops"))
+    width = max(len(r) for r in replies)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in replies])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies])
+    batch = {F.RESPONSE_IDS: ids, F.RESPONSE_MASK: mask, F.PROMPTS: ["Say something."] * len(replies),
+             F.SAMPLED: True}
+    here = TokenizerBridge(smollm2, sentencepiece).rows(batch, "cpu")
+    bridge = TokenizerBridge(smollm2, sentencepiece, workers=2)
+    try:
+        there = bridge.rows(batch, "cpu")
+        workers = {p.pid for p in bridge.pool._executor._processes.values()}
+    finally:
+        bridge.close()
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert [a.spans for a in there.alignments] == [a.spans for a in here.alignments]
+    assert torch.equal(there.response_ids, here.response_ids) and torch.equal(there.unknown, here.unknown)
+    assert [f.row for f in there.failed] == [f.row for f in here.failed] == [5], here.failed

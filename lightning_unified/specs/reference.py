@@ -49,6 +49,9 @@ class Reference:
     # auto: the log-prob a reference token standing for characters it cannot encode gets;
     # null refuses such a reply, naming the characters
     unencodable_logp: float | None = None
+    # auto: processes that align each batch's replies with the reference's tokens, off the
+    # training thread (0: the training thread; null: a share of the machine's cores)
+    alignment_workers: int | None = None
 
     def __post_init__(self) -> None:
         from lightning_unified.rules import enforce
@@ -60,6 +63,8 @@ class Reference:
         one_of("reference", "engine", self.engine, TEACHER_ENGINES)
         if self.kl_coef < 0:
             raise ValueError(f"reference.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.alignment_workers is not None and self.alignment_workers < 0:
+            raise ValueError(f"reference.alignment_workers must be >= 0 or null, got {self.alignment_workers}")
         enforce("reference", self)
         # a served reference, checked as any teacher entry is (a server needs its url)
         self.where = self.served_entry() if self.served else None

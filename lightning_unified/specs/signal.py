@@ -105,11 +105,15 @@ class Dense:
     # uld_hybrid: the weight of the part on tokens both vocabularies share (the rest gets
     # 1 - it); null is GOLD's adaptive weight, the shared share of the teacher's vocabulary
     hybrid_matched_weight: float | None
+    # auto: processes that align each batch's replies with the teacher's tokens, off the
+    # training thread (0: the training thread; null: a share of the machine's cores)
+    alignment_workers: int | None
 
     def __init__(self, teacher: str | None = None, divergence: str = "forward_kl", beta: float = 0.5,
                  temperature: float = 1.0, top_k: int = 0, topk_tail: str = "bucket",
                  teacher_context: str | None = None, teacher_tokenizer: str = "same",
-                 unencodable_logp: float | None = None, hybrid_matched_weight: float | None = None, *,
+                 unencodable_logp: float | None = None, hybrid_matched_weight: float | None = None,
+                 alignment_workers: int | None = None, *,
                  engine: str = "hf", url: str | None = None, server: dict | None = None, vllm: dict | None = None,
                  teacher_options: dict | None = None, cache: str | None = None, teachers: dict | None = None,
                  self_teacher: str = "live", self_teacher_decay: float = 0.99, self_teacher_every: int = 50):
@@ -123,6 +127,7 @@ class Dense:
         self.divergence, self.beta, self.temperature, self.top_k = divergence, beta, temperature, top_k
         self.topk_tail, self.teacher_context, self.teacher_tokenizer = topk_tail, teacher_context, teacher_tokenizer
         self.unencodable_logp, self.hybrid_matched_weight = unencodable_logp, hybrid_matched_weight
+        self.alignment_workers = alignment_workers
         # the settings of one value each
         one_of("teacher", "engine", engine, TEACHER_ENGINES)
         DIVERGENCES[divergence]  # a registered name (lightning_unified.registry)
@@ -142,6 +147,8 @@ class Dense:
             raise ValueError(f"signal.temperature must be > 0, got {temperature}")
         if top_k < 0:
             raise ValueError(f"signal.top_k must be >= 0, got {top_k}")
+        if alignment_workers is not None and alignment_workers < 0:
+            raise ValueError(f"signal.alignment_workers must be >= 0 or null, got {alignment_workers}")
         ModelRef.of(None, teacher_options, "signal.teacher_options")  # known loading keys only
         # the teacher, chosen once from its keys; the rules relate the keys and the divergence
         if isinstance(teacher, TEACHER_KINDS):

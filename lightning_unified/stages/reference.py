@@ -21,6 +21,7 @@ from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.losses.spans import span_sums
 from lightning_unified.specs import Reference
 from lightning_unified.teachers import build_teacher
+from lightning_unified.teachers.alignment_pool import default_workers
 from lightning_unified.teachers.tokenizers import TokenizerBridge
 from lightning_unified.stages.base import Stage
 
@@ -55,7 +56,9 @@ class ReferenceStage(Stage):
             self.bridge = TokenizerBridge(
                 pl_module.tokenizer, load_tokenizer(self.reference.path,
                                                     trust_remote_code=self.reference.model.trust_remote_code),
-                unencodable_logp=self.reference.unencodable_logp, who="reference.tokenizer=auto")
+                unencodable_logp=self.reference.unencodable_logp, who="reference.tokenizer=auto",
+                workers=(self.reference.alignment_workers if self.reference.alignment_workers is not None
+                         else default_workers()))
         if self.reference.served:
             if stage == "fit" and self.served is None:
                 self._start_served(pl_module)
@@ -99,6 +102,8 @@ class ReferenceStage(Stage):
         if stage == "fit" and self.served is not None:
             self.served.close()
             self.served = None
+        if stage == "fit" and self.bridge is not None:
+            self.bridge.close()  # its alignment workers (a later fit starts them again)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.model is not None:

@@ -283,6 +283,8 @@ class TeacherStage(Stage):
             for served in self.served.values():
                 served.close()
             self.served = {}
+            if self.spans is not None:
+                self.spans.bridge.close()  # its alignment workers (a later fit starts them again)
 
 
 def _frozen(tensor: torch.Tensor | None, copy: bool) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.models.loss_head import response_logprobs
 from lightning_unified.specs import Dense, TeacherEntry
+from lightning_unified.teachers.alignment_pool import default_workers
 from lightning_unified.teachers.tokenizers import TokenizerBridge, vocabulary_match
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class SpanTeacher:
         model = getattr(spec, "model", None)
         path = model.path if model is not None else spec.tokenizer
         teacher_tokenizer = load_tokenizer(path, trust_remote_code=bool(model is not None and model.trust_remote_code))
+        workers = signal.alignment_workers if signal.alignment_workers is not None else default_workers()
         self.bridge = TokenizerBridge(student_tokenizer, teacher_tokenizer, unencodable_logp=signal.unencodable_logp,
-                                      context=signal.teacher_context)
+                                      context=signal.teacher_context, workers=workers)
         self.match = None
         if signal.divergence == "uld_hybrid":
             self.match = vocabulary_match(student_tokenizer, teacher_tokenizer, signal.hybrid_matched_weight)

@@ -32,6 +32,7 @@ from lightning_unified.data.alignment import Alignment, AlignmentError, align_re
 from lightning_unified.data.chat import contextual_prompt, end_of_turn_id, is_chat, prompt_token_ids, stop_token_ids
 from lightning_unified.data.collate import pad
 from lightning_unified.failures import RowFailure, row_failure
+from lightning_unified.teachers.alignment_pool import AlignmentPool
 from lightning_unified.losses.spans import span_ends, span_ids, span_sums
 from lightning_unified.losses.uld import VocabularyMatch
 
@@ -102,13 +103,35 @@ class TokenizerBridge:
     student's. ``who`` names the setting in errors (``signal.teacher_tokenizer=auto``)."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, *, unencodable_logp: float | None = None,
-                 context: str | None = None, who: str = "signal.teacher_tokenizer=auto"):
+                 context: str | None = None, who: str = "signal.teacher_tokenizer=auto", workers: int = 0):
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
         self.unencodable_logp, self.context, self.who = unencodable_logp, context, who
         self.student_stops = set(stop_token_ids(student_tokenizer))
         self.teacher_stop = end_of_turn_id(teacher_tokenizer)
         pad_id = teacher_tokenizer.pad_token_id
         self.teacher_pad = pad_id if pad_id is not None else teacher_tokenizer.eos_token_id
+        # workers > 0: the replies are aligned in that many processes, off the training thread
+        self.pool = AlignmentPool(student_tokenizer, teacher_tokenizer, workers, student_stops=self.student_stops,
+                                  teacher_stop=self.teacher_stop,
+                                  unknown_ok=unencodable_logp is not None) if workers else None
+
+    def close(self) -> None:
+        """Stop the alignment workers, if any."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def _alignments(self, replies: list[list[int]]) -> list[Alignment | AlignmentError]:
+        """Each reply's alignment (or why it has none): in the pool's processes, else here."""
+        if self.pool is not None:
+            return self.pool.align(replies)
+        out = []
+        for ids in replies:
+            try:
+                out.append(align_reply(ids, self.student, self.teacher, student_stops=self.student_stops,
+                                       teacher_stop=self.teacher_stop, unknown_ok=self.unencodable_logp is not None))
+            except AlignmentError as error:
+                out.append(error)
+        return out
 
     def rows(self, batch: dict, device: torch.device | str) -> TeacherRows:
         """The batch's rows in the teacher's tokens. A sampled reply it cannot encode is a
@@ -125,12 +148,10 @@ class TokenizerBridge:
         teacher_prompts = batch.get(fields.TEACHER_PROMPTS) or [None] * len(prompts)
         prompt_rows, reply_rows, alignments, unknown_rows, failed = [], [], [], [], []
         sampled, examples = fields.is_sampled(batch), batch.get(fields.EXAMPLE_INDEX)
-        for b, (ids, mask) in enumerate(zip(response_ids, response_mask)):
-            student_ids = ids[mask.bool()].tolist()
-            try:
-                alignment = align_reply(student_ids, self.student, self.teacher, student_stops=self.student_stops,
-                                        teacher_stop=self.teacher_stop, unknown_ok=self.unencodable_logp is not None)
-            except AlignmentError as error:
+        replies = [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)]
+        for b, alignment in enumerate(self._alignments(replies)):
+            if isinstance(alignment, AlignmentError):
+                error = alignment
                 setting = "reference" if self.who.startswith("reference") else "signal"
                 if sampled:  # the policy wrote it: this row fails, the batch goes on
                     failed.append(row_failure(b, f"{self.who}, sampled row {b}", error))
