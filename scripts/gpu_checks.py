@@ -75,6 +75,9 @@ def model(shape: dict, seed: int = 0, attn: str | None = None):
 def batch(shape: dict, rows: int, responses: bool, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(2, shape["vocab"], (rows, shape["prompt"]), generator=g)
+    # the first three quarters shared by every row, as a chat template's header is: vLLM's
+    # prefix cache then holds it across syncs, and a stale one shows in mismatch_kl
+    prompt[:, : 3 * shape["prompt"] // 4] = prompt[0, : 3 * shape["prompt"] // 4]
     out = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "references": [None] * rows}
     if responses:
         response = torch.randint(2, shape["vocab"], (rows, shape["response"]), generator=g)

@@ -443,3 +443,29 @@ def test_episodes_through_the_engine_are_the_hf_engines_and_token_exact() -> Non
     gap = (batch["logp"][mask] - expected[mask]).abs().max().item()
     assert gap < LOGP_TOLERANCE and (batch["logp"][~mask] == 0).all()
     assert (batch["response_mask"] - batch["loss_mask"]).sum() > 0  # the tool's turns are in the rows, not the loss
+
+
+def test_after_a_sync_a_shared_prompt_prefix_is_scored_with_the_new_weights() -> None:
+    """Prompts that share a prefix of several KV blocks (vLLM's CPU backend caches blocks of
+    128 tokens), sampled, then the policy moves and the engine syncs: the behaviour log-probs
+    after the sync are the new weights'. vLLM's prefix cache would otherwise serve the shared
+    prefix's keys and values from the old weights (0.9 nats off before the sync reset it)."""
+    tokenizer, _, _ = prompts()
+    policy = build_policy(tokenizer, config={**ENGINE_TINY, "max_position_embeddings": 512}, seed=0)
+    shared = torch.randint(3, 14, (1, 300), generator=torch.Generator().manual_seed(0))
+    prompt_ids = torch.cat([shared.repeat(2, 1), torch.tensor([[3, 4], [5, 6]])], dim=1)
+    prompt_mask = torch.ones_like(prompt_ids)
+    engine = VLLMEngine(temperature=1.0, kv_cache_gib=0.25)
+    try:
+        engine.start(policy)
+        engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0))  # the prefix is cached now
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        engine.sync(policy)
+        after = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0, seed=4))
+        expected = forward_logp(policy, prompt_ids, prompt_mask, after.response_ids, after.response_mask, 1.0)
+        gap = (after.logp - expected).abs().max().item()
+        assert gap < LOGP_TOLERANCE, f"after the sync the engine's log-probs are off the new weights' by {gap}"
+    finally:
+        engine.close()

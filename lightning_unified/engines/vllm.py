@@ -143,6 +143,10 @@ class VLLMEngine(RolloutEngine):
         quiet_rotary_reload_notice()
         with ENGINE_CALLS, engine_weights(policy) as weights, torch.inference_mode():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            # the prefix cache holds keys and values the old weights computed: a prompt prefix
+            # every row shares (a chat template's header) would be served from it for the
+            # whole run, while the engine reports the new version
+            self.llm.reset_prefix_cache()
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
