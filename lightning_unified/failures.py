@@ -59,10 +59,12 @@ class TooManyFailedRows(RuntimeError):
 
 
 class FailedRows:
-    """Per kind, whether each of the last ``window`` rows failed; the run stops once more
-    than ``max_fraction * window`` did (0: at the first failure; 1: never). The window is
-    judged as a whole from the start, so a few failures among the first rows do not stop a
-    run, while a kind that fails on every row stops it after ``max_fraction * window`` rows."""
+    """Per kind, the rows seen and failed in each of the latest steps that cover the last
+    ``window`` rows; the run stops once more than ``max_fraction`` of them failed, counted
+    over at least ``window`` rows (0: at the first failure; 1: never). The window is judged
+    as a whole from the start, so a few failures among the first rows do not stop a run,
+    while a kind that fails on every row stops it after ``max_fraction * window`` rows; a
+    step of more rows than the window (many ranks) is judged on its own rows."""
 
     def __init__(self, max_fraction: float = 0.1, window: int = 1000):
         if not 0.0 <= max_fraction <= 1.0:
@@ -70,7 +72,8 @@ class FailedRows:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"module.failure_window must be a whole number of rows >= 1, got {window!r}")
         self.max_fraction, self.window = float(max_fraction), window
-        self.recent = {kind: deque(maxlen=window) for kind in METRICS}
+        # (rows seen, rows failed) of each of the latest steps, over every rank
+        self.recent: dict[str, deque] = {kind: deque() for kind in METRICS}
         self.totals = dict.fromkeys(METRICS, 0)  # every rank's failed rows since the start
         self.first: dict[str, str] = {}  # this rank's first failure of each kind, one line
 
@@ -93,16 +96,22 @@ class FailedRows:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             seen, failed = (int(v) for v in all_reduce_sum(torch.tensor([seen, failed], dtype=torch.float64)).tolist())
         self.totals[kind] += failed
-        self.recent[kind].extend([True] * failed + [False] * (seen - failed))
+        steps = self.recent[kind]
+        steps.append((seen, failed))
+        # the latest steps that still cover the window without the oldest: none is dropped
+        # whose rows the window needs, and a step larger than the window stands alone
+        while len(steps) > 1 and sum(rows for rows, _ in steps) - steps[0][0] >= self.window:
+            steps.popleft()
         self._check(kind)
         return failed
 
     def _check(self, kind: str) -> None:
-        failed = sum(self.recent[kind])
-        if failed > self.max_fraction * self.window:
+        rows = sum(seen for seen, _ in self.recent[kind])
+        failed = sum(count for _, count in self.recent[kind])
+        if failed > self.max_fraction * max(self.window, rows):
             first = self.first.get(kind, "on another rank: see its log")
             raise TooManyFailedRows(
-                f"{failed} of the last {len(self.recent[kind])} {kind} rows failed ({METRICS[kind]}; "
+                f"{failed} of the last {rows} {kind} rows failed ({METRICS[kind]}; "
                 f"{self.totals[kind]} since the start), more than "
                 f"module.max_failure_fraction={self.max_fraction:g} of module.failure_window={self.window} rows: "
                 f"this is no longer a flaky row but a broken {_culprit(kind)}. The first failure: {first}")
@@ -111,10 +120,10 @@ class FailedRows:
         return {"recent": {kind: list(rows) for kind, rows in self.recent.items()}, "totals": dict(self.totals)}
 
     def load_state_dict(self, state: dict) -> None:
-        for kind, rows in state.get("recent", {}).items():
+        for kind, steps in state.get("recent", {}).items():
             if kind in self.recent:
                 self.recent[kind].clear()
-                self.recent[kind].extend(rows)
+                self.recent[kind].extend(tuple(step) for step in steps)
         self.totals.update({k: v for k, v in state.get("totals", {}).items() if k in self.totals})
 
 

@@ -145,6 +145,26 @@ def test_past_max_failure_fraction_the_run_stops_naming_the_cause(tmp_path: Path
         quiet_trainer(max_steps=3, limit_val_batches=0).fit(module, datamodule=data)
 
 
+def test_failures_in_steps_larger_than_the_window_are_seen() -> None:
+    """Many ranks make a step of more rows than the window: half of 4,096 rows failing every
+    step stops the run at the first step (the window used to keep the step's last 1,000 rows,
+    all of them successes, and never stopped); a tenth spread over steps of 300 rows does not."""
+    from lightning_unified.failures import FailedRows, RowFailure
+
+    def failing(count: int) -> list:
+        return [RowFailure(row, "reward on a row", "") for row in range(count)]
+
+    with pytest.raises(TooManyFailedRows, match=r"2048 of the last 4096 rewards rows failed"):
+        FailedRows(max_fraction=0.1, window=1000).record("rewards", 4096, failing(2048))
+    steady = FailedRows(max_fraction=0.1, window=1000)
+    for _ in range(20):
+        steady.record("rewards", 300, failing(27))  # 9%: flaky, never past 10% of a window's rows
+    assert sum(rows for rows, _ in steady.recent["rewards"]) >= 1000
+    with pytest.raises(TooManyFailedRows):
+        for _ in range(20):
+            steady.record("rewards", 300, failing(45))  # 15%: broken
+
+
 def test_every_rank_takes_the_same_decision(tmp_path: Path) -> None:
     """Two processes: every failure is on rank 0, yet both stop at the same step (the counts
     are summed over ranks before the window is judged)."""
