@@ -81,9 +81,6 @@ PREFERENCE_LOSS = "preference_loss"  # [B, R] float, the pair's loss shared over
 LOG_RATIO = "log_ratio"  # [B, R] float, a precomputed sequence-level log pi_theta / mu (GSPO, importance.level=sequence)
 PROXIMAL_LOGP = "proximal_logp"  # [B, R] float, log pi_prox(y_t): the trainer's policy at the batch's start (decoupled PPO), on the loss tokens
 
-# --- after the stages (lightning_unified/step.py, prepare_batch) --------------------------
-WEIGHT_BUILDERS = "weight_builders"  # WeightBuilders: the builders the loss applies to this batch (builder_choice.py)
-
 # The fields a weight builder may take from the batch, each [B, R, ...] like the response.
 PER_TOKEN_FIELDS = (
     BEHAVIOUR_LOGP,
@@ -106,7 +103,7 @@ PER_TOKEN_FIELDS = (
 )
 
 # Fields that hold one value for the whole batch rather than one per row.
-BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED, VOCABULARY_MATCH, WEIGHT_BUILDERS)
+BATCH_WIDE_FIELDS = (GROUP_SIZE, SAMPLED, VOCABULARY_MATCH)
 
 
 def require(batch: dict, *names: str, who: str) -> None:

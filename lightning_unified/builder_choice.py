@@ -5,9 +5,9 @@ This is where a method is decided, and it never looks at a quadrant's name: a ba
 ``advantages`` is pushed by rewards, a dense signal by its divergence in the form the
 teacher gave it, a sampled batch (``sampled``) is corrected for its sampler. A new
 divergence, advantage estimator or ratio is a function and its registration in
-:mod:`lightning_unified.registry`; nothing here changes. The choice is made once per batch,
-after its stages (:func:`lightning_unified.step.prepare_batch`), and the batch carries it
-to the loss (``weight_builders``).
+:mod:`lightning_unified.registry`; nothing here changes. The choice is made for every
+update, after its per-update fields (:func:`lightning_unified.step.update_loss`): a stage or
+callback may add there a field the choice reads.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def weight_builders_for(batch: dict, signal: Sparse | Dense | Preference, import
         if gives == "top_k":
             main = _configured(divergence.from_top_k, tail=signal.topk_tail)
         elif signal.across_tokenizers:  # the span fields of a teacher with its own tokenizer
-            fields.require(batch, *divergence.batch_settings, who=f"signal.divergence={signal.divergence!r}")
-            main = _with(divergence.across, settings | {name: batch[name] for name in divergence.batch_settings})
+            needs += [(name, f"signal.divergence={signal.divergence!r}") for name in divergence.batch_settings]
+            main = _with(divergence.across, settings | {name: batch.get(name) for name in divergence.batch_settings})
         else:
             main = _with(divergence.builder, settings)
     elif fields.ADVANTAGES not in batch:

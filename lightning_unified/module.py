@@ -141,7 +141,7 @@ class UnifiedModule(L.LightningModule):
         # bf16-mixed), not in the float32 of the master weights it is synced from
         self.rollouts.engine.compute_dtype = compute_dtype(self.trainer.precision)
         if stage == "fit":
-            enforce("trainer", self.trainer, self.data_source)  # the rules that read the trainer
+            enforce("trainer", self.trainer, self)  # the rules that read the trainer
             if self.trainer.strategy.root_device.type == "cpu":
                 # on a CPU every step's tensors are malloc'd: keep what the last step freed
                 # (fast), or give it back at once (small)
@@ -154,6 +154,10 @@ class UnifiedModule(L.LightningModule):
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            # batches handed over past the run's last step are not trained: drop what has not
+            # started (the checkpoints that keep the rows sampled ahead are written by now)
+            self.rollouts.cancel()
         self.pipeline.each("teardown", self.trainer, self, stage)
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -195,8 +199,14 @@ class UnifiedModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.policy_is_sharded():
             initialise_root(self.policy, self.device)  # before the loss calls the decoder alone
+        self.rollouts.on_train_start(self.trainer, self)  # a checkpoint's batches sampled ahead go back
         self.pipeline.each("on_train_start", self.trainer, self)
         self.clock.start_clock()  # validation before fit is not training time
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """Step 11's rollout part: a stale batch's lag, apart from the engine's mismatch
+        (the stages' part ran in :class:`~lightning_unified.callbacks.stage_hooks.StagesAfterBatch`)."""
+        self.rollouts.after_batch(self, outputs, batch)
 
     # --- validation: greedy answers from the rollout engine, awake for the whole epoch --------
     def on_validation_epoch_start(self) -> None:
@@ -230,7 +240,9 @@ class UnifiedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         self.pipeline.load_state_dict(checkpoint.get("stages", {}))
-        self.rollouts.load_state_dict(checkpoint.get("rollouts", {}))
+        # the batches sampled ahead: checkpoints written before the rollout owner kept them
+        # under the sample stage's name
+        self.rollouts.load_state_dict(checkpoint.get("rollouts") or checkpoint.get("stages", {}).get("sample", {}))
         self.failures.load_state_dict(checkpoint.get("failed_rows", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint

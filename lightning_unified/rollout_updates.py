@@ -4,8 +4,6 @@ assembled from its steps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from lightning_unified import batch as fields
@@ -15,7 +13,8 @@ class RolloutUpdates:
     """A rollout split into ``minibatches`` parts (contiguous whole groups: a prompt's
     samples, a preference pair; in order), each part trained once per epoch, for
     ``epochs`` epochs (PPO's epochs, GRPO's num_iterations, verl's ppo_epochs). Update
-    ``update`` trains on part ``update % minibatches``."""
+    ``update`` (set by :func:`lightning_unified.step.make_updates`, which makes them) trains
+    on part ``update % minibatches``."""
 
     def __init__(self, epochs: int = 1, minibatches: int = 1):
         self.minibatches = minibatches
@@ -26,12 +25,6 @@ class RolloutUpdates:
     @classmethod
     def for_data_source(cls, data_source) -> RolloutUpdates:
         return cls(getattr(data_source, "updates_per_rollout", 1), getattr(data_source, "minibatches", 1))
-
-    def each(self) -> Iterator[int]:
-        """The updates of one batch, in order; :meth:`select` trains the running one's rows."""
-        for self.update in range(self.count):
-            yield self.update
-        self.update = 0
 
     def rows(self, batch: dict) -> tuple[int, int]:
         """[start, stop) of the rows the running update trains on."""

@@ -1,31 +1,38 @@
 """One training step of every method, top to bottom: the file to open first.
 
-=====  ==============  ==============================================================  =========================
-step   what            how                                                             Lightning hook
-=====  ==============  ==============================================================  =========================
-1      sample          responses from the rollout engine, with behaviour log-probs     on_train_batch_start
-2      reference       log pi_ref of each response token (KL penalty, DPO's margin)    on_train_batch_start
-3      teacher         the teacher's distribution, top-k or token log-probs            on_train_batch_start
-4      rewards         reward functions (or the environment's rewards)                 on_train_batch_start
-5      advantages      rewards to advantages (group baselines, the k1 penalty)         on_train_batch_start
-6      preference      a pair's sequence-level weights                                 on_train_batch_start
-7      importance      proximal log-probs (decoupled PPO)                              on_train_batch_start
-8      updates         for each epoch, for each mini-batch: one optimizer step         optimizer_step
-9      loss            per-update fields, the policy's forward, the weights, the loss  training_step
-10     normalise       the whole step's normaliser, the step's logs                    on_before_optimizer_step
-11     after           diagnostics, state that follows the policy                      on_train_batch_end
-=====  ==============  ==============================================================  =========================
+=====  ==============  ================================================================  =========================
+step   what            how                                                               Lightning hook
+=====  ==============  ================================================================  =========================
+1      sample          responses from the rollout engine, with behaviour log-probs       on_train_batch_start
+2      reference       log pi_ref of each response token (KL penalty, DPO's margin)      on_train_batch_start
+3      teacher         the teacher's distribution, top-k or token log-probs              on_train_batch_start
+4      rewards         reward functions (or the environment's rewards)                   on_train_batch_start
+5      advantages      rewards to advantages (group baselines, the k1 penalty)           on_train_batch_start
+6      preference      a pair's chosen and rejected rows                                 on_train_batch_start
+7      importance      proximal log-probs (decoupled PPO)                                on_train_batch_start
+8      updates         for each epoch, for each mini-batch: one optimizer step           optimizer_step
+9      loss            the per-update fields (a sequence ratio, a pair's weights, the    training_step
+                       spans' weights), the weight builders those fields call for, the
+                       policy's forward, the one loss
+10     normalise       the whole step's normaliser, the step's logs                      on_before_optimizer_step
+11     after           diagnostics, state that follows the policy (each stage's          on_train_batch_end
+                       ``after_batch``, the rollout owner's lag diagnostics)             (a callback's, and the module's)
+=====  ==============  ================================================================  =========================
 
 Steps 1-7 are the method's stages (:mod:`lightning_unified.stages`), the ones its data
 source and signal need, in this order (:func:`lightning_unified.pipeline.method_stages`);
 each adds named fields to the batch (:mod:`lightning_unified.batch`), and a user's own stage
-joins them by name. Step 9 is the one place where gradients flow: whatever the method, its
-loss is ``-sum stopgrad(w) * log pi_theta / normaliser``, and only the weight builders
+joins them by name. Steps 9 and 10 run inside each optimizer step of step 8. Step 9 is the
+one place where gradients flow: whatever the method, its loss is
+``-sum stopgrad(w) * log pi_theta / normaliser``, and only the weight builders
 (:mod:`lightning_unified.builder_choice`) differ. RL reads: sample, reference, rewards,
-advantages, importance, then the updates; SFT: no stage at all, one update.
+advantages, importance, then the updates; SFT: no stage (rewards and advantages when its data
+is rewarded), one update; on-policy distillation: sample, teacher, importance.
 
-:class:`~lightning_unified.module.UnifiedModule` calls each function below from the hook
-the table names; they read the module only through what it holds (``host``).
+:class:`~lightning_unified.module.UnifiedModule` calls steps 1-10 below from the hooks the
+table names; step 11 runs in :class:`~lightning_unified.callbacks.stage_hooks.StagesAfterBatch`
+(before a checkpoint is written) and the module's ``on_train_batch_end``. They read the
+module only through what it holds (``host``).
 """
 
 from __future__ import annotations
@@ -41,22 +48,25 @@ from lightning_unified.progress import log_step
 
 
 def prepare_batch(host, batch: dict, batch_idx: int) -> None:
-    """Steps 1-7: the method's stages, in their order, add their fields to the batch; then
-    the weight builders its fields call for are chosen, once for all its updates."""
+    """Steps 1-7: the method's stages, in their order, add their fields to the batch."""
     host.pipeline.run(host.trainer, host, batch, batch_idx)
-    importance = host.data_source.importance if host.data_source.samples else None
-    batch[fields.WEIGHT_BUILDERS] = weight_builders_for(batch, host.signal, importance, host.reference)
 
 
 def make_updates(host, optimizer, closure) -> None:
-    """Step 8: the batch's optimizer steps. Each runs ``closure`` (Lightning's: step 9 on the
-    update's rows, the backward, step 10) and steps the optimizer; with one update per batch
-    this is Lightning's own step. ``trainer.global_step`` and the schedule count batches,
-    ``train/optimizer_steps`` counts these."""
-    for _ in host.updates.each():
-        optimizer.step(closure=closure)
-    host.progress["optimizer_steps"] += host.updates.count
-    if host.updates.count > 1:
+    """Step 8: the batch's optimizer steps, each on its mini-batch of the rollout (PPO's
+    epochs x mini-batches; one update per batch: Lightning's own step). Lightning's
+    ``closure`` runs step 9 on the rows :meth:`RolloutUpdates.select` gives for the running
+    update, then the backward and step 10. ``trainer.global_step`` and the schedule count
+    batches, ``train/optimizer_steps`` counts these."""
+    updates = host.updates
+    try:
+        for update in range(updates.count):
+            updates.update = update  # the mini-batch this optimizer step trains on
+            optimizer.step(closure=closure)
+    finally:
+        updates.update = 0
+    host.progress["optimizer_steps"] += updates.count
+    if updates.count > 1:
         host.log("train/optimizer_steps", host.progress["optimizer_steps"], batch_size=1)
 
 
@@ -71,11 +81,13 @@ def update_loss(host, batch: dict) -> dict:
     # fields that must see the policy as it is at this very update (a sequence-level
     # ratio, a preference margin, the spans' weights), once per optimizer step
     host.pipeline.on_update(host.trainer, host, rows)
+    # the weights this update's fields call for, and the fields those builders need
+    importance = host.data_source.importance if host.data_source.samples else None
+    builders = weight_builders_for(rows, host.signal, importance, host.reference)
+    fields.require_each(rows, builders.needs)  # a stage missing is named, before any forward
+    mask = fields.loss_mask(rows)  # the tokens in the loss; every forward attends to the response mask's
     hidden = response_hidden(host.policy, rows[fields.PROMPT_IDS], rows[fields.PROMPT_MASK], rows[fields.RESPONSE_IDS],
                              rows[fields.RESPONSE_MASK], host.packing)
-    builders = rows[fields.WEIGHT_BUILDERS]
-    fields.require_each(rows, builders.needs)
-    mask = fields.loss_mask(rows)  # the tokens in the loss; every forward attends to the response mask's
     out = host.policy.get_output_embeddings()(hidden, loss_inputs={
         "targets": rows[fields.RESPONSE_IDS], "weight_fn": builders.weight_fn, "fields": fields.per_token_fields(rows),
         "token_scale": token_terms(mask, host.aggregation, constant=host.constant_normaliser),

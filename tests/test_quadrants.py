@@ -25,9 +25,8 @@ from tests.lightning_helpers import (
     tiny_module,
 )
 
-# the data's fields, and the weight builders every batch carries to the loss
 BASE = {F.PROMPT_IDS, F.PROMPT_MASK, F.REFERENCES, F.PROMPTS, F.EXAMPLE_INDEX, F.RESPONSE_IDS, F.RESPONSE_MASK,
-        F.LOSS_MASK, F.WEIGHT_BUILDERS}
+        F.LOSS_MASK}
 SAMPLED = {F.BEHAVIOUR_LOGP, F.GROUP_SIZE, F.POLICY_VERSION, F.SAMPLED}
 REWARDS = [Reward(exact_match), Reward(digit_match, weight=0.5)]
 # rewards add each row's score, and which rows no reward function could score (failed)

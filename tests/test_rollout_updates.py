@@ -244,3 +244,25 @@ def test_decoupled_ppo_clips_against_the_batchs_starting_policy_and_weighs_the_s
     for name in ("behaviour_kl", "proximal_kl", "clip_fraction", "truncated_fraction"):
         assert f"importance/{name}" in trainer.callback_metrics, name
     assert float(trainer.callback_metrics["importance/proximal_kl"]) > 0
+
+
+def test_the_weights_follow_the_fields_a_per_update_hook_adds() -> None:
+    """The weight builders are chosen for each update after its per-update hooks: a callback
+    that gives an SFT batch advantages of 0 in ``on_update_start`` makes the update a zero
+    gradient (advantage-weighted tokens), not plain SFT (chosen before the hook, they moved
+    every parameter). Plain SGD, so weight decay moves nothing either."""
+    import lightning as L
+
+    from lightning_unified.specs import OffPolicy
+
+    class ZeroAdvantages(L.Callback):
+        def on_update_start(self, trainer, pl_module, batch) -> None:
+            batch[F.ADVANTAGES] = torch.zeros(batch[F.RESPONSE_MASK].shape)
+
+    module = tiny_module(OffPolicy(), Sparse())
+    module.optimizer_factory = functools.partial(torch.optim.SGD, lr=1.0)
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[ZeroAdvantages()]).fit(
+        module, datamodule=tiny_datamodule())
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(module.policy.parameters(), before))
+    assert moved == 0.0, f"the update trained on the data's tokens as SFT instead of their advantages: moved {moved}"

@@ -36,13 +36,16 @@ def response_hidden(
     (:mod:`lightning_unified.models.packing`) and come back in the same layout, 0 on
     response padding.
     """
-    packed = (batch_layout(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
-                           only_if_shorter=True) if packing is not None and packing.enabled else None)
-    if packed is not None:
-        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
-        if not uses_varlen_attention(model):
-            inputs["attention_mask"] = packed.attention_mask(attention_dtype(model, prompt_ids.device))
-        return unpack(decoder(model)(**inputs).last_hidden_state, packed)
+    if packing is not None and packing.enabled:
+        # the additive mask's dtype is the attention scores' (FlashAttention's varlen path needs none)
+        mask_dtype = None if uses_varlen_attention(model) else attention_dtype(model, prompt_ids.device)
+        packed = batch_layout(prompt_ids, prompt_mask, response_ids, response_mask, packing.max_tokens_per_row,
+                              only_if_shorter=True)
+        if packed is not None:
+            inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+            if mask_dtype is not None:
+                inputs["attention_mask"] = packed.attention_mask(mask_dtype)
+            return unpack(decoder(model)(**inputs).last_hidden_state, packed)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)

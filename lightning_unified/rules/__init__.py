@@ -32,7 +32,7 @@ SCOPES = {
     "dense": "signal (a Dense)",
     "reference": "reference (a Reference)",
     "method": "the method (a Method: data_source, signal, reference, the loss's temperature)",
-    "trainer": "the Lightning Trainer and the data source",
+    "trainer": "the Lightning Trainer and the module (its data_source and signal)",
 }
 
 

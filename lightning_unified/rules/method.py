@@ -1,6 +1,6 @@
 """The rules of a method: what a data source, a signal and a reference ask of each other,
 and of the trainer that runs them. ``method`` rules are handed a
-:class:`~lightning_unified.specs.Method`."""
+:class:`~lightning_unified.specs.Method`; ``trainer`` rules the Trainer and the module."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def k1_is_in_the_reward(method) -> str | None:
 @rule("cache-scores-the-data", "method", "signal.cache", "data_source")
 def cache_scores_the_data(method) -> str | None:
     """A cache scored the dataset's responses; sampled ones need a live teacher."""
-    if method.signal.kind == "dense" and method.signal.teacher.engine == "cache" and _sampled(method):
+    if method.signal.kind == "dense" and method.signal.cached and _sampled(method):
         return ("signal.cache holds the teacher's scores of the dataset's responses; sampled responses need a live "
                 "teacher (drop signal.cache, or use data_source=off_policy)")
     return None
@@ -177,11 +177,25 @@ def served_reference_at_temperature_1(method) -> str | None:
 
 @rule("replay-without-accumulation", "trainer", "data_source.updates_per_rollout", "data_source.minibatches",
       "trainer.accumulate_grad_batches")
-def replay_without_accumulation(trainer, data_source) -> str | None:
+def replay_without_accumulation(trainer, host) -> str | None:
     """Replaying a rollout and accumulating micro-batches both split the optimizer step."""
-    updates = data_source.updates_per_batch
+    updates = host.data_source.updates_per_batch
     if updates > 1 and trainer.accumulate_grad_batches != 1:
         return (f"data_source.updates_per_rollout x minibatches = {updates} optimizer steps per batch cannot be "
                 f"combined with trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: set it to 1 and "
                 f"make the batch larger instead")
+    return None
+
+
+@rule("self-teacher-copy-unsharded", "trainer", "signal.self_teacher", "trainer.strategy")
+def self_teacher_copy_unsharded(trainer, host) -> str | None:
+    """A self-teacher with weights of its own keeps a copy of the policy's, not built for FSDP2's shards."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    signal = host.signal
+    if (signal.kind == "dense" and signal.is_self and signal.teacher.weights != "live"
+            and isinstance(trainer.strategy, ModelParallelStrategy)):
+        return (f"signal.self_teacher={signal.teacher.weights} keeps a copy of the policy's weights, which is not "
+                f"built for a sharded (FSDP2) policy yet, and trainer.strategy is FSDP2's ModelParallelStrategy; use "
+                f"trainer=ddp, or signal.self_teacher=live")
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lightning_unified.rules import enforce
 from lightning_unified.specs.environment import Environment
 from lightning_unified.specs.importance import Importance
 from lightning_unified.specs.sampling import Sampling
@@ -42,8 +43,6 @@ class OnPolicy:
     samples = True
 
     def __post_init__(self) -> None:
-        from lightning_unified.rules import enforce
-
         check_fields(self, "data_source")
         if not 0 <= self.probability <= 1:
             raise ValueError(f"data_source.probability must be in [0, 1], got {self.probability}")

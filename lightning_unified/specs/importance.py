@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_unified.registry import RATIOS
+from lightning_unified.rules import enforce
 from lightning_unified.specs.checks import one_of
 from lightning_unified.typecheck import check_fields
 
@@ -43,8 +44,6 @@ class Importance:
         return RATIOS[self.ratio].sequence or (self.level == "sequence" and self.ratio != "none")
 
     def __post_init__(self) -> None:
-        from lightning_unified.rules import enforce
-
         check_fields(self, "data_source.importance")
         RATIOS[self.ratio]  # a registered name (lightning_unified.registry)
         one_of("importance", "level", self.level, ("token", "sequence"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_unified.rules import enforce
 from lightning_unified.specs.data_source import OffPolicy, OnPolicy
 from lightning_unified.specs.reference import Reference
 from lightning_unified.specs.signal import Dense, Preference, Sparse
@@ -38,6 +39,4 @@ class Method:
     def check(self) -> None:
         """Every rule that relates the data source, the signal and the reference
         (:mod:`lightning_unified.rules.method`)."""
-        from lightning_unified.rules import enforce
-
         enforce("method", self)

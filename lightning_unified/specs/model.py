@@ -24,6 +24,10 @@ class ModelRef:
     # run the checkpoint's own modelling code (off unless the user trusts it)
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):  # Python callers may give a torch.dtype
+            one_of("model", "dtype", self.dtype, DTYPE_NAMES)
+
     @classmethod
     def of(cls, path: str | None, options: dict | None, owner: str) -> ModelRef:
         """``path`` with a config's loading ``options`` (``owner`` names them in errors)."""
@@ -31,10 +35,9 @@ class ModelRef:
         unknown = set(options) - set(LOAD_OPTIONS)
         if unknown:
             raise ValueError(f"{owner} has unknown key(s) {sorted(unknown)}; known: {list(LOAD_OPTIONS)}")
-        ref = cls(path, **options)
-        if isinstance(ref.dtype, str):  # Python callers may give a torch.dtype
-            one_of(owner, "dtype", ref.dtype, DTYPE_NAMES)
-        return ref
+        if isinstance(options.get("dtype"), str):
+            one_of(owner, "dtype", options["dtype"], DTYPE_NAMES)
+        return cls(path, **options)
 
     @property
     def options(self) -> dict:

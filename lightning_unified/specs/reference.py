@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lightning_unified.rules import enforce
 from lightning_unified.specs.checks import one_of
 from lightning_unified.specs.model import ModelRef
 from lightning_unified.specs.teacher import TEACHER_ENGINES, TeacherEntry, teacher_entry
@@ -54,8 +55,6 @@ class Reference:
     alignment_workers: int | None = None
 
     def __post_init__(self) -> None:
-        from lightning_unified.rules import enforce
-
         check_fields(self, "reference")
         self.model = ModelRef.of(self.path, self.options, "reference.options")
         one_of("reference", "estimator", self.estimator, KL_ESTIMATORS)

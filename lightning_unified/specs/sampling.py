@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lightning_unified.rules import enforce
 from lightning_unified.specs.checks import one_of
 from lightning_unified.typecheck import check_fields
 
@@ -50,8 +51,6 @@ class Sampling:
     producer_threads: int | None = None
 
     def __post_init__(self) -> None:
-        from lightning_unified.rules import enforce
-
         check_fields(self, "data_source.sampling")
         if self.num_generations < 1:
             raise ValueError(f"sampling.num_generations must be >= 1, got {self.num_generations}")

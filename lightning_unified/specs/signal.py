@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import ClassVar
 
 from lightning_unified.registry import ADVANTAGES, DIVERGENCES, WEIGHTINGS
+from lightning_unified.rules import enforce
 from lightning_unified.specs.checks import one_of
 from lightning_unified.specs.model import ModelRef
 from lightning_unified.specs.reference import TOKENIZER_MODES
@@ -117,8 +118,6 @@ class Dense:
                  engine: str = "hf", url: str | None = None, server: dict | None = None, vllm: dict | None = None,
                  teacher_options: dict | None = None, cache: str | None = None, teachers: dict | None = None,
                  self_teacher: str = "live", self_teacher_decay: float = 0.99, self_teacher_every: int = 50):
-        from lightning_unified.rules import enforce
-
         given = dict(locals())
         hints = typing.get_type_hints(Dense.__init__)
         for name, value in given.items():
@@ -152,6 +151,12 @@ class Dense:
         ModelRef.of(None, teacher_options, "signal.teacher_options")  # known loading keys only
         # the teacher, chosen once from its keys; the rules relate the keys and the divergence
         if isinstance(teacher, TEACHER_KINDS):
+            beside = {name: value for name, value in given.items() if name in _TEACHER_KEYS
+                      and value != _TEACHER_KEYS[name]}
+            if beside:
+                raise ValueError(f"signal.teacher is given whole ({type(teacher).__name__}); the teacher keys "
+                                 f"{sorted(beside)} would be ignored beside it: put them in the teacher, or give the "
+                                 f"teacher by its keys")
             self.teacher, keys = teacher, _keys_of(teacher)
         else:
             keys = SimpleNamespace(teacher=teacher, engine=engine, url=url, server=server, vllm=vllm,
@@ -211,11 +216,16 @@ class Dense:
         return DIVERGENCES[self.divergence].needs
 
 
+# the keys that choose a teacher beside signal.teacher, with their defaults
+_TEACHER_KEYS = {"engine": "hf", "url": None, "server": None, "vllm": None, "teacher_options": None, "cache": None,
+                 "teachers": None, "self_teacher": "live", "self_teacher_decay": 0.99, "self_teacher_every": 50}
+
+
 def _keys_of(teacher: TeacherSource) -> SimpleNamespace:
     """The keys a teacher given whole stands for, as the rules read them."""
-    path = getattr(getattr(teacher, "model", None), "path", None)
+    path = getattr(getattr(teacher, "model", None) or getattr(teacher, "tokenizer", None), "path", None)
     return SimpleNamespace(
-        teacher="self" if isinstance(teacher, SelfTeacher) else (path or getattr(teacher, "tokenizer", None)),
+        teacher="self" if isinstance(teacher, SelfTeacher) else path,
         engine=("vllm" if isinstance(teacher, SelfTeacher) and teacher.served else
                 teacher.engine if teacher.engine in TEACHER_ENGINES else "hf"),
         url=getattr(teacher, "url", None), cache=getattr(teacher, "directory", None),

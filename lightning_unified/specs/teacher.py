@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import ClassVar, Union
 
+from lightning_unified.rules import enforce
 from lightning_unified.specs.checks import one_of
 from lightning_unified.specs.model import ModelRef
 
@@ -45,6 +46,9 @@ class HFTeacher:
     engine: ClassVar[str] = "hf"
     served: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        _checked_entry(self, path=self.model.path)
+
     def describe(self) -> str:
         return str(self.model.path)
 
@@ -60,6 +64,9 @@ class VLLMTeacher:
     engine: ClassVar[str] = "vllm"
     served: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        _checked_entry(self, path=self.model.path)
+
     def describe(self) -> str:
         return f"{self.model.path} (vllm)"
 
@@ -68,14 +75,19 @@ class VLLMTeacher:
 class ServerTeacher:
     """An OpenAI-compatible server at ``url``; ``server``:
     :class:`~lightning_unified.teachers.server.ServedTeacher`'s options. ``tokenizer``: a
-    local directory holding the served model's tokenizer (a teacher with its own tokenizer
-    needs it; ``teacher.path``)."""
+    local directory holding the served model's tokenizer, with its loading options (a
+    teacher with its own tokenizer needs it; ``teacher.path``)."""
 
     url: str
     server: dict = field(default_factory=dict)
-    tokenizer: str | None = None
+    tokenizer: ModelRef = field(default_factory=ModelRef)
     engine: ClassVar[str] = "server"
     served: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, str):  # a directory given alone
+            self.tokenizer = ModelRef(self.tokenizer)
+        _checked_entry(self, path=self.tokenizer.path, url=self.url)
 
     def describe(self) -> str:
         return f"server {self.url}"
@@ -99,6 +111,14 @@ class SelfTeacher:
     scored_by: str = "hf"
     engine: ClassVar[str] = "self"
 
+    def __post_init__(self) -> None:
+        one_of("signal", "self_teacher", self.weights, SELF_TEACHER_UPDATES)
+        one_of("teacher", "engine", self.scored_by, ("hf", "vllm"))
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"signal.self_teacher_decay must be in [0, 1), got {self.decay}")
+        if self.every < 1:
+            raise ValueError(f"signal.self_teacher_every must be >= 1 optimizer step, got {self.every}")
+
     @property
     def served(self) -> bool:
         return self.scored_by == "vllm"
@@ -118,6 +138,10 @@ class CachedTeacher:
     engine: ClassVar[str] = "cache"
     served: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ValueError("signal.cache: give the directory scripts/cache_teacher.py wrote")
+
     def describe(self) -> str:
         return f"cache {self.directory}"
 
@@ -128,6 +152,11 @@ class SeveralTeachers:
 
     teachers: dict[str, TeacherEntry]
     engine: ClassVar[str] = "several"
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("signal.teachers names no teacher: give at least one, {name: {path: DIR}, ...}")
+        self.teachers = as_teachers(self.teachers)
 
     @property
     def served(self) -> bool:
@@ -141,16 +170,19 @@ TeacherSource = Union[HFTeacher, VLLMTeacher, ServerTeacher, SelfTeacher, Cached
 TEACHER_KINDS = (HFTeacher, VLLMTeacher, ServerTeacher, SelfTeacher, CachedTeacher, SeveralTeachers)
 
 
+def _checked_entry(teacher, path: str | None, url: str | None = None, owner: str = "teacher") -> None:
+    """The teacher rules on a teacher given whole, as on one given by its keys."""
+    enforce("teacher", SimpleNamespace(path=path, engine=teacher.engine, url=url), owner=owner)
+
+
 def teacher_entry(path: str | None = None, engine: str = "hf", url: str | None = None, server: dict | None = None,
                   vllm: dict | None = None, options: dict | None = None, *, owner: str = "teacher") -> TeacherEntry:
     """One teacher from its keys (``owner``: where they were given, for errors)."""
-    from lightning_unified.rules import enforce
-
     one_of(owner, "engine", engine, TEACHER_ENGINES)
     model = ModelRef.of(path, options, f"{owner} load options")
     enforce("teacher", SimpleNamespace(path=path, engine=engine, url=url), owner=owner)
     if engine == "server":
-        return ServerTeacher(url, dict(server or {}), tokenizer=path)
+        return ServerTeacher(url, dict(server or {}), tokenizer=model)
     if engine == "vllm":
         return VLLMTeacher(model, dict(vllm or {}))
     return HFTeacher(model)

@@ -115,16 +115,3 @@ class SampleStage(Stage):
             rank_zero_info(f"episodes against {getattr(spec.cls, '__qualname__', spec.cls)}: up to {spec.max_turns} "
                            f"policy turns and {spec.max_tokens} tokens each; tool calls read as "
                            f"{describe_tool_call_format(host.tokenizer)}")
-
-    # --- sampling ahead (max_lag >= 1): the rollout owner's, asked at the run's course ----
-    def on_train_start(self, trainer, host) -> None:
-        host.rollouts.on_train_start(trainer, host)
-
-    def teardown(self, trainer, host, stage: str) -> None:
-        # batches handed over past the run's last step are not trained: drop what has not
-        # started (the checkpoints that keep them are written by now)
-        if stage == "fit":
-            host.rollouts.cancel()
-
-    def after_batch(self, trainer, host, outputs, batch: dict, batch_idx: int) -> None:
-        host.rollouts.after_batch(host, outputs, batch)

@@ -154,10 +154,7 @@ class TeacherStage(Stage):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.snapshot is None:
             return
-        if pl_module.policy_is_sharded():
-            raise NotImplementedError(f"signal.self_teacher={self.signal.teacher.weights} keeps a copy of the policy's "
-                                      f"weights, which is not built for a sharded (FSDP2) policy yet; use ddp, or "
-                                      f"signal.self_teacher=live")
+        # (not under FSDP2: the rule self-teacher-copy-unsharded held at setup)
         self.snapshot.take(pl_module.policy)  # the starting policy, or the checkpoint's snapshot
 
     def after_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,

@@ -21,7 +21,7 @@ from lightning_unified.losses.teacher_logits import TeacherLogits
 from lightning_unified.models.forward import output_head, response_hidden
 from lightning_unified.models.loading import load_tokenizer
 from lightning_unified.models.loss_head import response_logprobs
-from lightning_unified.specs import Dense, TeacherEntry
+from lightning_unified.specs import Dense, ServerTeacher, TeacherEntry
 from lightning_unified.teachers.alignment_pool import default_workers
 from lightning_unified.teachers.tokenizers import TokenizerBridge, vocabulary_match
 
@@ -35,9 +35,8 @@ class SpanTeacher:
     def __init__(self, signal: Dense, student_tokenizer, spec: TeacherEntry):
         self.signal = signal
         # a served teacher's tokenizer is read from its local directory (teacher.path)
-        model = getattr(spec, "model", None)
-        path = model.path if model is not None else spec.tokenizer
-        teacher_tokenizer = load_tokenizer(path, trust_remote_code=bool(model is not None and model.trust_remote_code))
+        ref = spec.tokenizer if isinstance(spec, ServerTeacher) else spec.model
+        teacher_tokenizer = load_tokenizer(ref.path, trust_remote_code=ref.trust_remote_code)
         workers = signal.alignment_workers if signal.alignment_workers is not None else default_workers()
         self.bridge = TokenizerBridge(student_tokenizer, teacher_tokenizer, unencodable_logp=signal.unencodable_logp,
                                       context=signal.teacher_context, workers=workers)

@@ -17,11 +17,13 @@ def build_teacher(teacher, owner: str = "teacher", role: str = "teacher"):
     errors (``teacher``, ``signal.teachers.NAME`` or ``reference``); ``role`` is what it is
     to the run (a ``teacher``, or the KL penalty's ``reference``, which reads only each
     token's log-prob)."""
-    if teacher.engine == "server":
+    from lightning_unified.specs import ServerTeacher, VLLMTeacher
+
+    if isinstance(teacher, ServerTeacher):
         from lightning_unified.teachers.server import ServedTeacher
 
         return ServedTeacher(teacher.url, **teacher.server, owner=owner, role=role)
-    if teacher.engine == "vllm":
+    if isinstance(teacher, VLLMTeacher):
         from lightning_unified.teachers.vllm import InProcessTeacher
 
         return InProcessTeacher(teacher.model.path, **teacher.vllm, owner=owner, role=role)
