@@ -78,12 +78,13 @@ def loop_callbacks(samples_every_n_steps: int | None = None, *, non_finite: str 
     """What crosses the loop: the stages' end-of-batch work (before a checkpoint is written),
     the rollouts a failed run drops, the sample log, the non-finite step guard (``non_finite``: skip, stop or None) and the
     watch that stops every rank when one fails."""
-    callbacks: list[L.Callback] = [StagesAfterBatch(), CancelRolloutsOnFailure()]
+    # a failing rank tells the others first (RankFailureWatch), then drops its rollouts
+    callbacks: list[L.Callback] = [StagesAfterBatch(), RankFailureWatch()]
     if samples_every_n_steps:
         callbacks.append(SampleLog(every_n_steps=samples_every_n_steps))
     if non_finite is not None:
         callbacks.append(NonFiniteGuard(non_finite, max_non_finite_steps))
-    callbacks.append(RankFailureWatch())
+    callbacks.append(CancelRolloutsOnFailure())
     return callbacks
 
 

@@ -65,13 +65,20 @@ def main() -> None:
                                  batch_size=args.batch_size, columns=columns, progress=True)
         results[model] = answers
         scores = answers.scores[args.reward]
-        print(f"{model}: {args.reward} = {sum(scores) / len(scores):.4f} on {len(scores)} questions", flush=True)
+        # NaN: an answer the reward could not score (it raised on it), left out and said
+        scored = [score for score in scores if score == score]
+        unscored = f" ({len(scores) - len(scored)} the reward could not score, left out)" if len(scored) < len(scores) else ""
+        mean = sum(scored) / len(scored) if scored else float("nan")
+        print(f"{model}: {args.reward} = {mean:.4f} on {len(scored)} questions{unscored}", flush=True)
     first = args.models[0]
     for model in args.models[1:]:
-        paired = paired_comparison(results[first].scores[args.reward], results[model].scores[args.reward])
+        pairs = [(a, b) for a, b in zip(results[first].scores[args.reward], results[model].scores[args.reward])
+                 if a == a and b == b]  # the questions both answers were scored on
+        left_out = len(results[first].scores[args.reward]) - len(pairs)
+        paired = paired_comparison([a for a, _ in pairs], [b for _, b in pairs])
         print(f"{model} against {first}: right only after {paired.only_second}, right only before "
               f"{paired.only_first}, both {paired.both}, neither {paired.neither}; exact McNemar "
-              f"p = {paired.p_value:.2g}")
+              f"p = {paired.p_value:.2g}" + (f" ({left_out} questions left out: a score is missing)" if left_out else ""))
     if args.out is not None:
         with args.out.open("w") as f:
             for i in range(len(results[first].completions)):

@@ -90,3 +90,15 @@ def test_the_device_normaliser_is_the_host_one(mode: str, count_empty: bool) -> 
     assert on_device.item() == normaliser(mode, loss_counts(mask, group_size=2), count_empty=count_empty)
     empty = torch.zeros(2, 3, dtype=torch.long)  # nothing in the loss: 1, never a division by 0
     assert normaliser_tensor(mode, count_tensor(empty)).item() == normaliser(mode, loss_counts(empty)) >= 1.0
+
+
+def test_a_failed_row_takes_its_group_out_of_the_pair_count() -> None:
+    """Preference pairs normalise by the pairs in the step (pair_mean): a pair with a failed
+    response has no margin and no loss, and is not counted either."""
+    from lightning_unified.losses.aggregation import count_tensor
+
+    mask = torch.ones(6, 3)
+    failed = torch.tensor([False, True, False, False, False, False])
+    tokens, sequences, rows, groups = count_tensor(mask * ~failed[:, None], 2, failed).tolist()
+    assert (tokens, sequences, rows, groups) == (15.0, 5.0, 5.0, 2.0)
+    assert count_tensor(mask, 2).tolist()[3] == 3.0

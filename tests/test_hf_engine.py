@@ -208,3 +208,15 @@ def test_the_copys_lag_scoring_never_holds_batch_by_vocabulary_logits() -> None:
     expected = response_logprobs(policy, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.8)
     torch.testing.assert_close(scored["logp"], expected, rtol=0, atol=1e-5)
     assert (scored["logp"][0, 100:] == 0).all()
+
+
+def test_the_copy_at_a_lag_is_in_the_trainers_compute_dtype() -> None:
+    """Under bf16-mixed the policy keeps float32 master weights; the hf engine's copy, which
+    only samples and scores, is built in bf16 (a float32 replica would be twice the size)."""
+    from tests.lightning_helpers import tiny_module
+
+    module = tiny_module(OnPolicy(sampling=Sampling(num_generations=2, max_lag=1)), Sparse(rewards=[Reward(digit_match)]))
+    quiet_trainer(max_steps=1, limit_val_batches=0, precision="bf16-mixed").fit(module, datamodule=tiny_datamodule())
+    assert next(module.policy.parameters()).dtype == torch.float32
+    assert {p.dtype for p in module.rollouts.engine.model.parameters()} == {torch.bfloat16}
+    module.rollouts.close()

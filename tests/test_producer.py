@@ -139,6 +139,9 @@ class RecordingCuda:
             def wait_event(self, event) -> None:
                 backend.calls.append(("wait", self.name, event.name, event.on))
 
+            def wait_stream(self, other) -> None:
+                backend.calls.append(("wait", self.name, "all of it", other.name))
+
         if name is None:
             self.calls.append(("stream made",))
         return _Stream()
@@ -182,7 +185,11 @@ def test_jobs_run_on_one_stream_after_the_sync_and_hand_over_through_events() ->
     stream_made = [c for c in cuda.calls if c == ("stream made",)]
     waits = [c for c in cuda.calls if c[0] == "wait"]
     assert len(stream_made) == 1, f"one stream for the producer's life, not one per job: {cuda.calls}"
-    # per batch: the producer's stream waits on the sync's event (recorded on the training
-    # stream), then the training stream waits on the job's end (recorded on the producer's)
-    assert [(w[1], w[3]) for w in waits] == [("producer", "training"), ("training", "producer")] * 3, waits
+    # per batch: before the sync overwrites the engine's weights, the training stream waits for
+    # the producer's (from the second batch: the first found none made); the producer's stream
+    # waits on the sync's event (recorded on the training stream); the training stream waits
+    # on the job's end (recorded on the producer's)
+    one = [("producer", "training"), ("training", "producer")]
+    assert [(w[1], w[3]) for w in waits] == one + [("training", "producer")] + one + [("training", "producer")] + one, \
+        waits
     owner.close()

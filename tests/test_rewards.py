@@ -161,3 +161,27 @@ def test_math_verify_from_the_command_line_config() -> None:
                                      completion_ids=torch.ones(3, 2, dtype=torch.long),
                                      completion_mask=torch.ones(3, 2, dtype=torch.long))
     assert rewards.tolist() == [1.0, 1.0, 0.0] and list(parts) == ["math_verify"]
+
+
+def test_a_reward_service_that_times_out_is_not_called_once_per_row(monkeypatch) -> None:
+    """A batch call that raises after its timeout is retried row by row only within a budget
+    (twice the batch call's time, 10 s at least): a service that is down fails the rows not
+    tried, instead of being called once more per row while the other ranks wait."""
+    import time
+
+    from lightning_unified.rewards import scoring
+    from lightning_unified.specs import Reward
+
+    monkeypatch.setattr(scoring, "RETRY_SECONDS", 0.3)
+    calls = []
+
+    def down(completions, **_):
+        calls.append(len(completions))
+        time.sleep(0.2)
+        raise TimeoutError("the reward service did not answer")
+
+    scores = scoring.compute_rewards([Reward(down)], completions=["a"] * 16, references=[None] * 16,
+                                     completion_ids=None, completion_mask=None)
+    assert calls[0] == 16 and len(calls) <= 4, calls  # the batch, then ~2 rows in the 0.4 s budget
+    assert [f.row for f in scores.failed] == list(range(16))
+    assert "not retried" in scores.failed[-1].what and "TimeoutError" in scores.failed[-1].what

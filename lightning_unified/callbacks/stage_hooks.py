@@ -27,8 +27,12 @@ class CancelRolloutsOnFailure(L.Callback):
     it is sampling: nobody will train on them, and the process should not wait for them to
     exit. (Lightning calls ``on_exception`` on callbacks only, not on the module.)"""
 
+    # seconds a failing run waits for the job being sampled to stop (a vLLM generate or an
+    # environment's step does not poll the stop); past it, the daemon thread is left behind
+    timeout = 10.0
+
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         rollouts = getattr(pl_module, "rollouts", None)
         if rollouts is not None:
-            rollouts.cancel()
+            rollouts.cancel(self.timeout)

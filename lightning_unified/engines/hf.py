@@ -101,7 +101,9 @@ class HFEngine(RolloutEngine):
 
     def start(self, policy: nn.Module) -> None:
         if self.copy:
-            self.model = empty_copy(policy)
+            # in the trainer's compute dtype (bf16 under bf16-mixed): the copy only samples and
+            # scores, and a float32 replica would hold the policy's whole weights again at twice the size
+            self.model = empty_copy(policy, self.compute_dtype)
             self.sync(policy)
 
     def sync(self, policy: nn.Module) -> None:
@@ -109,13 +111,15 @@ class HFEngine(RolloutEngine):
             return
         with engine_weights(policy) as weights, torch.no_grad():
             own = self.model.state_dict()
-            given = dict(weights)
-            missing = sorted(set(own) - set(given))
+            copied = set()
+            for name, tensor in weights:  # one at a time: no second whole copy of the policy
+                if name in own:
+                    own[name].copy_(tensor)
+                    copied.add(name)
+            missing = sorted(set(own) - copied)
             if missing:
                 raise RuntimeError(f"sampling.engine=hf with max_lag: the policy's weights lack {missing[:5]} "
                                    f"that its config's model has")
-            for name, tensor in own.items():
-                tensor.copy_(given[name])
 
     def close(self) -> None:
         self.model = None
@@ -179,8 +183,8 @@ class HFEngine(RolloutEngine):
         return Rollout(torch.where(mask.bool(), response_ids, request.pad_token_id), mask, logp)
 
 
-def empty_copy(policy: nn.Module) -> nn.Module:
-    """A plain model of the policy's architecture and dtype on the policy's device, its
+def empty_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain model of the policy's architecture in ``dtype`` (None: the policy's) on the policy's device, its
     parameters allocated but not initialised: built on the meta device and then given
     memory, so no random initialisation runs (the sync overwrites every weight) and
     nothing is allocated twice (first on the CPU, then on the GPU). The sync fills the weights; the
@@ -190,7 +194,7 @@ def empty_copy(policy: nn.Module) -> nn.Module:
     parameter = next(source.parameters())
     device = parameter.device if parameter.device.type != "meta" else torch.device("cpu")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or parameter.dtype)
     _give_memory(model, device)
     given = dict(source.named_buffers())
     with torch.no_grad():

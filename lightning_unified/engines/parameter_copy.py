@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from lightning_unified.models.lora import is_lora
@@ -26,24 +27,30 @@ def architecture(model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def engine_weights(policy: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
-    """The policy's weights under their Hugging Face checkpoint names, as the engine loads
-    them: LoRA adapters merged in for the duration, sharded (FSDP2) tensors gathered (a
-    collective: every rank syncs at the same step)."""
+def engine_weights(policy: nn.Module) -> Iterator[Iterator[tuple[str, Tensor]]]:
+    """The policy's weights under their Hugging Face checkpoint names, one at a time as the
+    engine loads them: LoRA adapters merged in for the duration, each sharded (FSDP2) tensor
+    gathered only when its turn comes (a collective: every rank syncs at the same step and
+    reads every tensor in the same order), so no second whole copy of the model is held."""
     lora = is_lora(policy)
     if lora:
         policy.merge_adapter()
     try:
-        weights = []
-        for name, tensor in policy.state_dict().items():
-            if lora:
-                if "lora_" in name:
-                    continue
-                name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
-            weights.append((name, tensor.detach()))
-        yield weights
+        # the state dict's entries are the parameters themselves (or their shards): taken
+        # here, outside the engine's inference mode, which could not make them
+        yield _one_at_a_time(policy.state_dict(), lora)
     finally:
         if lora:
             policy.unmerge_adapter()
+
+
+def _one_at_a_time(state: dict[str, Tensor], lora: bool) -> Iterator[tuple[str, Tensor]]:
+    for name, tensor in state.items():
+        if lora:
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if hasattr(tensor, "full_tensor"):
+            with torch.inference_mode(False):  # a gathered DTensor is no inference tensor
+                tensor = tensor.full_tensor()
+        yield name, tensor.detach()

@@ -127,7 +127,10 @@ def check_picklable(tool) -> str | None:
 def call_tool(tool, arguments: dict, timeout: float) -> Outcome:
     """``tool(**arguments)`` in a worker process, stopped (the process killed) after
     ``timeout`` seconds. A method's object gets the state the call left it in."""
-    payload = pickle.dumps((tool, arguments))
+    try:
+        payload = pickle.dumps((tool, arguments))
+    except Exception as error:  # noqa: BLE001 - arguments the policy wrote that cannot travel: the call fails
+        return Outcome(error=f"the call cannot be sent to the tool's process ({type(error).__name__}: {error})")
     with _lock:
         worker = _idle.pop() if _idle else None
     worker = worker or _Worker()
@@ -148,7 +151,10 @@ def call_tool(tool, arguments: dict, timeout: float) -> Outcome:
         return Outcome(error=reply[1])
     kind, text, state = reply
     if state is not None and hasattr(tool.__self__, "__dict__"):
-        tool.__self__.__dict__.update(pickle.loads(state).__dict__)
+        try:
+            tool.__self__.__dict__.update(pickle.loads(state).__dict__)
+        except Exception as error:  # noqa: BLE001 - the object's state did not come back: the call fails
+            return Outcome(error=f"the tool's object cannot be read back ({type(error).__name__}: {error})")
     return Outcome(content=text) if kind == "value" else Outcome(raised=text)
 
 

@@ -60,7 +60,9 @@ def loss_counts(mask: Tensor, group_size: int = 1) -> LossCounts:
 def count_tensor(mask: Tensor, group_size: int = 1, failed: Tensor | None = None) -> Tensor:
     """[4] float64 on ``mask``'s device: the tokens and the sequences of ``mask`` [B, T] that
     enter the loss, its rows, and its groups of ``group_size`` rows; never read back to the host.
-    ``failed`` [B] bool: rows left out of the step, which the row count (``count_empty``) skips."""
+    ``failed`` [B] bool: rows left out of the step, which the row count (``count_empty``) skips,
+    and the group count too for a group with a failed row (a preference pair without one of
+    its two responses has no margin)."""
     if group_size < 1 or mask.shape[0] % group_size:
         raise ValueError(f"{mask.shape[0]} rows do not split into groups of {group_size}")
     mask = mask.bool()
@@ -68,6 +70,7 @@ def count_tensor(mask: Tensor, group_size: int = 1, failed: Tensor | None = None
                     for n in (mask.shape[0], mask.shape[0] // group_size))
     if failed is not None:
         rows = rows - failed.sum().to(torch.float64)
+        groups = groups - failed.reshape(-1, group_size).any(-1).sum().to(torch.float64)
     return torch.cat([torch.stack([mask.sum(), mask.any(-1).sum()]).to(torch.float64), rows, groups])
 
 

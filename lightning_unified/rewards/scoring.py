@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -64,17 +65,31 @@ def compute_rewards(rewards: list[Reward], **inputs) -> Scores:
     return Scores(total, parts, [failed[row] for row in sorted(failed)])
 
 
+# the row-by-row retry of a batch call that raised stops after this many seconds, or twice
+# the batch call's own, whichever is longer: a reward service that times out on the batch
+# would otherwise be called once more per row (128 rows x a 30 s timeout is an hour, while the
+# other ranks wait), and the rows not tried fail
+RETRY_SECONDS = 10.0
+
+
 def _scores(fn: Callable, name: str, inputs: dict, size: int) -> tuple[Tensor, dict[int, RowFailure]]:
     """``fn``'s [size] scores (NaN where it raised) and the rows it raised on: the whole
-    batch at once, or, when that raises, row by row."""
+    batch at once, or, when that raises, row by row (within a time budget)."""
+    started = time.monotonic()
     try:
         result = fn(**inputs)
-    except Exception:  # noqa: BLE001 - which rows it cannot score is found row by row
-        pass
+    except Exception as error:  # noqa: BLE001 - which rows it cannot score is found row by row
+        batch_error = error
     else:
         return _checked(result, name, size), {}
+    budget = max(RETRY_SECONDS, 2 * (time.monotonic() - started))
+    deadline = time.monotonic() + budget
     values, errors = torch.full((size,), float("nan")), {}
     for row in range(size):
+        if time.monotonic() > deadline:
+            errors[row] = row_failure(row, f"reward {name} on row {row}: not retried (the row-by-row retry of the "
+                                           f"batch call ran past its {budget:.0f} s)", batch_error)
+            continue
         try:
             result = fn(**{key: _row(value, row) for key, value in inputs.items()})
         except Exception as error:  # noqa: BLE001 - a row it cannot score fails, the run goes on

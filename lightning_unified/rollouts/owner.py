@@ -128,6 +128,9 @@ class Rollouts:
         if not self._started or forgot or optimizer_step - self._synced_step >= self.sync_every:
             if self.producer is not None:
                 self.producer.wait()  # new weights only into an idle engine: one version per batch
+                # and on a GPU only after its kernels that read the old ones (a job without a
+                # host sync, such as a score, may still have them queued)
+                self.producer.order.before_overwrite()
             started = time.perf_counter()
             if self._started:
                 self.engine.sync(self.policy)
@@ -212,12 +215,12 @@ class Rollouts:
         if self.ahead is not None:
             self.ahead.on_train_start(trainer, host)
 
-    def cancel(self) -> None:
+    def cancel(self, timeout: float | None = None) -> None:
         """Drop the batches not sampled yet and stop the one being sampled (a run that ends
-        or fails: no one will train on them). The checkpoints that keep the rows sampled
-        ahead are written before."""
+        or fails: no one will train on them), waiting ``timeout`` seconds at most for it. The
+        checkpoints that keep the rows sampled ahead are written before."""
         if self.producer is not None:
-            self.producer.cancel()
+            self.producer.cancel(timeout)
 
     def state_dict(self) -> dict:
         """This rank's batches sampled ahead, with the loader's batches they came from."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -82,6 +83,12 @@ class StreamOrder:
             self._stream = self.backend.Stream(self.device)
             self.streams_made += 1
         return self._stream
+
+    def before_overwrite(self) -> None:
+        """The caller's stream waits for all the work queued on the producer's stream (its
+        jobs' reads of the engine's weights) before the caller overwrites those weights."""
+        if self.active and self._stream is not None:
+            self.backend.current_stream(self.device).wait_stream(self._stream)
 
     def mark(self):
         """An event recorded now on the caller's current stream (after a sync), or None."""
@@ -175,10 +182,15 @@ class RolloutProducer:
         self.order.hand_over(job.result, job.ended)
         return job.result
 
-    def wait(self) -> None:
-        """Until every job submitted so far has run or been cancelled (the engine is idle)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until every job submitted so far has run or been cancelled (the engine is idle);
+        with ``timeout``, at most that many seconds in all. True when they all have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for job in list(self._jobs.values()):
-            job.finished.wait()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.finished.wait(left):
+                return False
+        return True
 
     def results(self) -> dict:
         """{key: result} of every job held that ran, after waiting for them: what a
@@ -198,9 +210,11 @@ class RolloutProducer:
         job.finished.set()
         self._jobs[key] = job
 
-    def cancel(self) -> list[Hashable]:
+    def cancel(self, timeout: float | None = None) -> list[Hashable]:
         """Drop every job that has not started (it never runs) and tell the running one to
-        stop, then wait for it; returns the keys dropped. The producer takes new jobs after."""
+        stop, then wait for it (``timeout``: at most that many seconds: a failing run must
+        not hang on a job that does not stop, a vLLM generate or an environment's step);
+        returns the keys dropped. The producer takes new jobs after."""
         with self._wake:
             self.stopping.set()
             dropped = []
@@ -209,7 +223,7 @@ class RolloutProducer:
                 job.state = "cancelled"
                 job.finished.set()
                 dropped.append(job.key)
-        self.wait()
+        self.wait(timeout)
         self._jobs.clear()
         return dropped
 
