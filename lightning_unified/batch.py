@@ -34,7 +34,8 @@ PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejecte
 # --- sample stage (on-policy batches) ----------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens
 GROUP_SIZE = "group_size"  # int, consecutive rows that share one prompt (2 for preference pairs from data)
-POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row
+POLICY_VERSION = "policy_version"  # list[int] of length B: the optimizer step whose weights sampled each row (its first token)
+TOKEN_VERSION = "token_version"  # [B, R] long: the step whose weights sampled each response token (servers updated in flight)
 SAMPLED = "sampled"  # bool: the sampler wrote this batch's responses (a mixed source keeps the data's in some batches)
 # multi-turn episodes (data_source.environment): rows of one episode are consecutive, G episodes per prompt
 EPISODE = "episode"  # list[int] of length B: each row's episode (several rows when a template rewrote history)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -140,6 +141,8 @@ class UnifiedModule(L.LightningModule):
         # an engine with weights of its own samples in the step's compute dtype (bf16 under
         # bf16-mixed), not in the float32 of the master weights it is synced from
         self.rollouts.engine.compute_dtype = compute_dtype(self.trainer.precision)
+        # where an engine writes what it makes (launched servers' logs and their model)
+        self.rollouts.engine.run_dir = Path(self.trainer.default_root_dir)
         if stage == "fit":
             enforce("trainer", self.trainer, self)  # the rules that read the trainer
             if self.trainer.strategy.root_device.type == "cpu":

@@ -24,7 +24,7 @@ class RecordingEngine(HFEngine):
     def start(self, policy) -> None:
         self.calls.append("start")
 
-    def sync(self, policy) -> None:
+    def sync(self, policy, version: int = 0) -> None:
         self.calls.append("sync")
 
     def sleep(self) -> None:

@@ -64,6 +64,7 @@ BROKEN = {
     "lag-keeps-the-engine-awake": lambda: Sampling(max_lag=1, vllm={"sleep": True}),
     "sleep-level-2-syncs-every-wake": lambda: Sampling(engine="vllm", vllm={"sleep": True}, sync_every=2),
     "vllm-reports-raw-or-sampled": lambda: Sampling(engine="vllm", top_k=5, temperature=0.7),
+    "served-engine-needs-servers": lambda: Sampling(engine="server"),
     "proximal-ratio-per-token": lambda: Importance(ratio="decoupled_ppo_clip", level="sequence"),
     "mask-needs-a-ratio": lambda: Importance(ratio="none", mask_high=2.0),
     "mask-band-in-order": lambda: Importance(mask_low=2.0, mask_high=1.0),

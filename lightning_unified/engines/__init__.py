@@ -3,8 +3,9 @@
 One small interface (:class:`~lightning_unified.engines.base.RolloutEngine`): start, generate
 from token ids, sync the policy's weights, score given tokens, sleep and wake. ``hf`` is the
 training model's own ``generate`` (or a copy of it, when sampling ahead); ``vllm`` is a vLLM
-engine colocated in the training process. A new engine
-(SGLang, a server) is one more class here and one more name in :data:`ENGINES`.
+engine colocated in the training process; ``server`` is vLLM servers apart from the trainer,
+shared by its ranks. A new engine (SGLang, say) is one more class here and one more name in
+:data:`ENGINES`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def build_engine(name: str, options: dict | None = None, own_weights: bool = Fal
             return VLLMEngine(**sampling, **(options or {}))
         except TypeError as error:
             raise ValueError(f"sampling.vllm: {error}") from error
+    if name == "server":
+        from lightning_unified.engines.served import ServedEngine
+
+        try:
+            return ServedEngine(**sampling, **(options or {}))
+        except TypeError as error:
+            raise ValueError(f"sampling.server: {error}") from error
     raise ValueError(f"sampling.engine must be one of {ENGINES}, got {name!r}")
 
 

@@ -7,6 +7,7 @@ them tensors, the policy, and the settings of one request (:class:`GenerationReq
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,9 @@ class Rollout:
     response_ids: Tensor  # [B, R] long
     response_mask: Tensor  # [B, R] long, 1 up to and including the stop token
     logp: Tensor | None  # [B, R] float, log mu(y_t) of the request's distribution (0 on padding); None when greedy
+    # [B, R] long, the weights version that sampled each token (a served engine's, whose weights
+    # may change within a row); None: every token of the rollout from the engine's one version
+    versions: Tensor | None = None
 
 
 class RolloutEngine:
@@ -58,6 +62,8 @@ class RolloutEngine:
 
     #: True when the engine reads the training model's weights directly (nothing to sync)
     shares_weights = False
+    #: the run's directory, set at setup: where an engine writes what it makes (logs)
+    run_dir: Path | None = None
     #: the dtype the trainer computes in (bf16 under ``bf16-mixed``), set by the module before
     #: the engine starts: an engine with weights of its own runs in it, not in the float32 of
     #: the master weights it is synced from (None: the policy's parameters' dtype)
@@ -72,8 +78,9 @@ class RolloutEngine:
         real tokens), one per row."""
         raise NotImplementedError
 
-    def sync(self, policy: nn.Module) -> None:
-        """Load the policy's current weights into the engine."""
+    def sync(self, policy: nn.Module, version: int = 0) -> None:
+        """Load the policy's current weights into the engine; ``version`` is the optimizer
+        step they are from (what a served engine's tokens report)."""
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int):

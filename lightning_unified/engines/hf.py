@@ -106,7 +106,7 @@ class HFEngine(RolloutEngine):
             self.model = empty_copy(policy, self.compute_dtype)
             self.sync(policy)
 
-    def sync(self, policy: nn.Module) -> None:
+    def sync(self, policy: nn.Module, version: int = 0) -> None:
         if not self.copy:
             return
         with engine_weights(policy) as weights, torch.no_grad():

@@ -137,7 +137,7 @@ class VLLMEngine(RolloutEngine):
                     f"max_new_tokens")
         return f"sampling.engine=vllm could not start for {config.architectures[0]}: {text}"
 
-    def sync(self, policy: nn.Module) -> None:
+    def sync(self, policy: nn.Module, version: int = 0) -> None:
         # the engine's tensors are inference tensors (it may have started under Lightning's
         # inference-mode validation), which only inference mode may update in place
         quiet_rotary_reload_notice()

@@ -74,7 +74,8 @@ class Rollouts:
         ``hf`` engine, for validation alone)."""
         if sampling is None:
             return cls(policy)
-        return cls(policy, sampling.engine, sampling.vllm, sampling.sync_every, sampling.max_lag,
+        options = sampling.server if sampling.engine == "server" else sampling.vllm
+        return cls(policy, sampling.engine, options, sampling.sync_every, sampling.max_lag,
                    sampling.producer_threads, temperature=sampling.temperature, top_k=sampling.top_k,
                    top_p=sampling.top_p, behaviour=sampling.behaviour)
 
@@ -126,14 +127,16 @@ class Rollouts:
             self.engine.wake_weights()
         forgot = woke and self.engine.forgets_weights_asleep  # vLLM's sleep level 2
         if not self._started or forgot or optimizer_step - self._synced_step >= self.sync_every:
-            if self.producer is not None:
+            if self.producer is not None and not getattr(self.engine, "updates_in_flight", False):
                 self.producer.wait()  # new weights only into an idle engine: one version per batch
                 # and on a GPU only after its kernels that read the old ones (a job without a
                 # host sync, such as a score, may still have them queued)
                 self.producer.order.before_overwrite()
+            # (servers that update in flight pause their requests for the push themselves: the
+            # tokens after it come from the new weights, each with its version)
             started = time.perf_counter()
             if self._started:
-                self.engine.sync(self.policy)
+                self.engine.sync(self.policy, version=int(optimizer_step))
             else:
                 self.engine.start(self.policy)  # starting loads the current weights
                 self._started = True

@@ -34,4 +34,6 @@ def sample_rows(engine, host, prompts: dict, request: GenerationRequest, data_so
         rows = {fields.PROMPT_IDS: prompt_ids, fields.PROMPT_MASK: prompt_mask,
                 fields.RESPONSE_IDS: rollout.response_ids, fields.RESPONSE_MASK: rollout.response_mask,
                 fields.BEHAVIOUR_LOGP: rollout.logp}
+        if rollout.versions is not None:  # each token's (a server updated in flight changes it within a row)
+            rows[fields.TOKEN_VERSION] = rollout.versions
     return {**rows, "source_prompt_ids": given_ids, "seconds": time.perf_counter() - started}

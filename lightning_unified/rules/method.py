@@ -96,12 +96,12 @@ def sampling_needs_rewards(method) -> str | None:
 @rule("vllm-self-teacher-needs-vllm-sampling", "method", "signal.teacher", "teacher.engine",
       "data_source.sampling.engine")
 def vllm_self_teacher_needs_vllm_sampling(method) -> str | None:
-    """A self-teacher scored by vLLM is scored by the run's own vLLM rollout engine."""
+    """A self-teacher scored by vLLM is scored by the run's own vLLM rollout engine (in process or served)."""
     signal = method.signal
     if (signal.kind == "dense" and signal.is_self and signal.teacher.served
-            and not (_sampled(method) and method.data_source.sampling.engine == "vllm")):
+            and not (_sampled(method) and method.data_source.sampling.engine in ("vllm", "server"))):
         return ("signal.teacher=self with teacher.engine=vllm is scored by the run's own vLLM rollout engine: it "
-                "needs data_source=on_policy (or mixed) with data_source.sampling.engine=vllm")
+                "needs data_source=on_policy (or mixed) with data_source.sampling.engine=vllm (or server)")
     return None
 
 

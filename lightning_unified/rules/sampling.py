@@ -36,16 +36,34 @@ def sleep_level_2_syncs_every_wake(sampling) -> str | None:
     return None
 
 
+@rule("served-engine-needs-servers", "sampling", "data_source.sampling.engine", "data_source.sampling.server.urls",
+      "data_source.sampling.server.launch")
+def served_engine_needs_servers(sampling) -> str | None:
+    """Servers to sample from: given by URL, or started by the run, one of the two."""
+    if sampling.engine != "server":
+        return None
+    urls, launch = sampling.server.get("urls") or [], sampling.server.get("launch") or 0
+    if not urls and not launch:
+        return ("sampling.engine=server needs servers: sampling.server.urls=[http://HOST:PORT, ...] (each started "
+                "with the command docs/guides/served_rollouts.md gives), or sampling.server.launch=N to start N on this "
+                "machine")
+    if urls and launch:
+        return (f"sampling.server.urls names {len(urls)} server(s) and sampling.server.launch={launch} would start "
+                f"more: set one of them")
+    return None
+
+
 @rule("vllm-reports-raw-or-sampled", "sampling", "data_source.sampling.engine", "data_source.sampling.behaviour",
       "data_source.sampling.temperature", "data_source.sampling.top_k", "data_source.sampling.top_p")
 def vllm_reports_raw_or_sampled(sampling) -> str | None:
     """vLLM reports the raw distribution's log-probs or the sampled one's: the tempered,
     untruncated one under top-k/top-p at a temperature other than 1 is neither."""
     truncated = bool(sampling.top_k) or sampling.top_p < 1.0
-    if sampling.engine == "vllm" and truncated and sampling.behaviour == "tempered" and sampling.temperature != 1.0:
-        return ("sampling.engine=vllm reports the log-probs of the raw distribution or of the one it sampled from "
-                "(after temperature, top_k and top_p); sampling.behaviour=tempered with top_k/top_p at a temperature "
-                "other than 1 asks for neither. Set sampling.behaviour=sampled")
+    if sampling.engine in ("vllm", "server") and truncated and sampling.behaviour == "tempered" and (
+            sampling.temperature != 1.0):
+        return (f"sampling.engine={sampling.engine} reports the log-probs of the raw distribution or of the one it "
+                f"sampled from (after temperature, top_k and top_p); sampling.behaviour=tempered with top_k/top_p at a "
+                f"temperature other than 1 asks for neither. Set sampling.behaviour=sampled")
     return None
 
 

@@ -9,7 +9,7 @@ from lightning_unified.specs.checks import one_of
 from lightning_unified.typecheck import check_fields
 
 BEHAVIOURS = ("tempered", "sampled")
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "server")
 
 
 @dataclass
@@ -32,12 +32,17 @@ class Sampling:
     # sampler's temperature is 1 before any update), or "sampled", the truncated distribution
     # actually sampled from (exact importance weights; the ratio then starts at the kept mass)
     behaviour: str = "tempered"
-    # where responses are generated: "hf" (the training model's generate) or "vllm" (a vLLM
-    # engine in each training process, synced with the policy's weights)
+    # where responses are generated: "hf" (the training model's generate), "vllm" (a vLLM
+    # engine in each training process, synced with the policy's weights) or "server" (vLLM
+    # servers apart from the trainer, shared by its ranks, pushed the policy's weights)
     engine: str = "hf"
     # the vllm engine's settings: kv_cache_gib, gpu_memory_utilization, dtype, max_model_len,
     # enforce_eager, sleep, sleep_level (see lightning_unified.engines.vllm.VLLMEngine)
     vllm: dict = field(default_factory=dict)
+    # the servers' settings: urls, launch, update, timeout_s, push_timeout_s, max_in_flight,
+    # transfer, bucket_mb, kv_cache_gib, launch_args, max_model_len, cpu_sets, model (see
+    # lightning_unified.engines.served.ServedEngine)
+    server: dict = field(default_factory=dict)
     # sync the engine's weights every this many optimizer steps; > 1 samples from stale
     # weights on purpose (the importance ratio corrects for it)
     sync_every: int = 1

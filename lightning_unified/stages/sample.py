@@ -37,7 +37,8 @@ class SampleStage(Stage):
                 fields.BEHAVIOUR_LOGP, fields.GROUP_SIZE, fields.POLICY_VERSION, fields.SAMPLED, fields.REFERENCES,
                 fields.PROMPTS, fields.TEACHER_NAMES, fields.TEACHER_PROMPTS,
                 *((fields.EPISODE, fields.ENVIRONMENT_REWARDS, fields.FAILED) if self.data_source.environment.enabled
-                  else ())}
+                  else ()),
+                *((fields.TOKEN_VERSION,) if self.data_source.sampling.engine == "server" else ())}
 
     def is_on_policy(self, epoch: int, batch_idx: int) -> bool:
         return mixed_batch_is_on_policy(self.data_source.probability, self.data_source.seed, epoch, batch_idx)
@@ -56,10 +57,11 @@ class SampleStage(Stage):
         step = pl_module.progress["optimizer_steps"]
         rows = pl_module.rollouts.rows(trainer, pl_module, batch, batch_idx)
         self.apply(batch, rows)
-        lag = step - rows["version"]
-        # the lag at the batch's first update, and at its last (a replayed rollout's)
-        pl_module.log("sampling/lag", float(lag), batch_size=1)
-        pl_module.log("sampling/lag_max", float(lag + self.data_source.updates_per_batch - 1), batch_size=1)
+        # the lag at the batch's first update (per token when each has its version), and at its
+        # last (a replayed rollout's)
+        lag, lag_max = _lags(batch, step, rows["version"])
+        pl_module.log("sampling/lag", lag, batch_size=1)
+        pl_module.log("sampling/lag_max", lag_max + self.data_source.updates_per_batch - 1, batch_size=1)
         lengths = batch[fields.RESPONSE_MASK].sum(-1).float()
         stops = torch.as_tensor(pl_module.stop_token_ids, device=lengths.device)
         ended = torch.isin(batch[fields.RESPONSE_IDS], stops).any(-1).float()
@@ -85,6 +87,12 @@ class SampleStage(Stage):
         batch[fields.LOSS_MASK] = rows.get(fields.LOSS_MASK, rows[fields.RESPONSE_MASK])
         batch[fields.GROUP_SIZE] = group
         batch[fields.POLICY_VERSION] = [rows["version"]] * rows[fields.RESPONSE_IDS].shape[0]
+        if fields.TOKEN_VERSION in rows:  # each token's version, and each row's is its first token's
+            versions, mask = rows[fields.TOKEN_VERSION], rows[fields.RESPONSE_MASK].bool()
+            batch[fields.TOKEN_VERSION] = versions
+            first = versions.masked_fill(~mask, torch.iinfo(versions.dtype).max).min(-1).values
+            batch[fields.POLICY_VERSION] = [min(int(v), rows["version"]) if m else rows["version"]
+                                            for v, m in zip(first.tolist(), mask.any(-1).tolist())]
         # each row's prompt in the loader's batch: G consecutive rows per prompt, or an episode's rows
         source = rows.get("prompt_index") or [i for i in range(rows["source_prompt_ids"].shape[0])
                                                for _ in range(group)]
@@ -115,3 +123,14 @@ class SampleStage(Stage):
             rank_zero_info(f"episodes against {getattr(spec.cls, '__qualname__', spec.cls)}: up to {spec.max_turns} "
                            f"policy turns and {spec.max_tokens} tokens each; tool calls read as "
                            f"{describe_tool_call_format(host.tokenizer)}")
+
+
+def _lags(batch: dict, step: int, version: int) -> tuple[float, float]:
+    """(mean, max) of the steps between the weights that sampled the batch and those it
+    trains: over its response tokens when each carries its version, else the batch's."""
+    versions = batch.get(fields.TOKEN_VERSION)
+    if versions is None:
+        return float(step - version), float(step - version)
+    mask = fields.loss_mask(batch).bool()
+    lags = (step - versions)[mask].double()
+    return (float(lags.mean()), float(lags.max())) if lags.numel() else (0.0, 0.0)

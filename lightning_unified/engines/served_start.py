@@ -1,0 +1,142 @@
+"""The served engine's rounds with the fleet that every trainer rank shares: starting it
+(rank 0 launches the servers when the run starts them, every rank learns their URLs and
+checks what they serve) and pushing a version (rank 0 drives the transfer, every rank joins
+its gathers, then learns which servers hold the version). Collectives here run in the
+trainer's thread, at the same step on every rank (the rollout owner's sync schedule)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_unified.engines.parameter_copy import base_model
+from lightning_unified.engines.server_fleet import ServerFleet, serve_env
+from lightning_unified.engines.server_requests import ServerError, call
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _from_rank_zero(value):
+    """``value`` as rank 0 has it, on every rank."""
+    rank, world = _rank()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _model_dir(engine, policy: nn.Module) -> str:
+    """A directory of the policy's architecture for launched servers to start from: the
+    checkpoint it was loaded from, else its config and weights written into the run
+    directory (the first push gives the servers the policy's own weights either way)."""
+    model = base_model(policy)
+    source = getattr(model.config, "_name_or_path", "")
+    if source and (Path(source) / "config.json").is_file():
+        return source
+    target = Path(engine.run_dir or ".") / "servers" / "model"
+    model.save_pretrained(target)
+    return str(target)
+
+
+def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | None, object]:
+    """(the servers' URLs, the fleet this run launched or None, the weight pusher), the same
+    on every rank; the servers checked to serve the policy's model."""
+    from lightning_unified.engines.transfer import WeightPusher, server_flags
+
+    rank, world = _rank()
+    fleet, urls = None, list(engine.urls)
+    if engine.launch:
+        error = None
+        if rank == 0:
+            fleet = ServerFleet(Path(engine.run_dir or ".") / "servers", engine.launch)
+            model = base_model(policy)
+            dtype = str(engine.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
+            flags, env = server_flags(engine.resolved_transfer(), lora=_lora_rank(policy))
+            max_len = engine.max_model_len or getattr(model.config, "max_position_embeddings", None)
+            try:
+                urls = fleet.start(_model_dir(engine, policy), env={**serve_env(engine.kv_cache_gib), **env},
+                                   command_args=dict(dtype=dtype, max_model_len=max_len,
+                                                     logprobs_mode=engine.logprobs_mode,
+                                                     extra=[*flags, *engine.launch_args]),
+                                   cpu_sets=engine.cpu_sets)
+                log.info("started %d rollout server(s) at %s (logs in %s)", len(urls), ", ".join(urls), fleet.log_dir)
+            except ServerError as failure:
+                error = str(failure)
+        urls, error = _from_rank_zero((urls, error))
+        if error is not None:
+            raise RuntimeError(f"sampling.server.launch={engine.launch}: {error}")
+    pusher = WeightPusher(urls, backend=engine.resolved_transfer(), bucket_mb=engine.bucket_mb,
+                          timeout_s=engine.push_timeout_s, lora=bool(_lora_rank(policy)))
+    pusher.start(policy, rank=rank, world_size=world)
+    return urls, fleet, pusher
+
+
+def _lora_rank(policy: nn.Module) -> int:
+    from lightning_unified.models.lora import is_lora
+
+    if not is_lora(policy):
+        return 0
+    return max(config.r for config in policy.peft_config.values())
+
+
+def push_to_servers(engine, policy: nn.Module, version: int):
+    """Version ``version`` of the policy's weights onto every live server: paused without
+    aborting their requests first when updates are in flight (rank 0 pauses and resumes),
+    pushed (every rank), then the servers that hold it, as rank 0 saw them, on every rank:
+    a server the push failed on is left out of sampling."""
+    from lightning_unified.engines.served import PushRecord
+
+    rank, world = _rank()
+    live = [s for s in engine.servers if s.down is None]
+    if world > 1 and not engine.updates_in_flight:
+        # drained: every rank's requests of the old version have come back before the push
+        torch.distributed.barrier()
+    if rank == 0 and engine.updates_in_flight:
+        _each(live, "/pause", {"mode": "keep"}, engine)
+    started = time.perf_counter()
+    try:
+        outcome = engine.pusher.push(policy, version)
+    finally:
+        if rank == 0 and engine.updates_in_flight:
+            _each([s for s in live if s.down is None], "/resume", None, engine)
+    held = _from_rank_zero(_held(outcome, engine, version) if rank == 0 else None)
+    record = PushRecord(version, getattr(outcome, "bytes", 0), time.perf_counter() - started)
+    for server in engine.servers:
+        if server.url in held and held[server.url] == version:
+            server.version = version
+            record.servers.append(server.url)
+        elif server.down is None:
+            engine._leave_out(server, RuntimeError(f"the push of version {version} failed on it: "
+                                                   f"{held.get(server.url, 'no answer')}"))
+    if not record.servers:
+        raise ServerError(", ".join(s.url for s in engine.servers), f"no rollout server holds version {version} "
+                                                                   f"after its push: " + "; ".join(
+                                                                       f"{s.url}: {s.down}" for s in engine.servers))
+    return record
+
+
+def _held(outcome, engine, version: int) -> dict:
+    """{url: the version it holds now, or why it holds none}, from the pusher's outcome."""
+    held = getattr(outcome, "held", None)
+    if held is not None:
+        return dict(held)
+    return {s.url: version for s in engine.servers if s.down is None}
+
+
+def _each(servers, route: str, query: dict | None, engine) -> None:
+    for server in servers:
+        try:
+            call(server.url, route, {}, timeout_s=engine.timeout_s, query=query)
+        except ServerError as error:
+            engine._leave_out(server, error)

@@ -1,0 +1,121 @@
+"""What crosses the wire between the trainer and a vLLM server that samples the policy:
+token ids in, token ids, each one's log-prob and the weights' version that sampled it out
+(vLLM's token-in token-out route ``/inference/v1/generate``), and the control routes of
+its development mode (``/pause``, ``/resume``, ``/weight_info``). Plain HTTP with JSON, a
+timeout on every call; every failure is a :class:`ServerError` naming the URL."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from lightning_unified.engines.base import GenerationRequest
+
+GENERATE = "/inference/v1/generate"
+
+
+class ServerError(RuntimeError):
+    """A rollout server did not answer, or refused a request; ``url`` names it."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(f"rollout server {url}: {message}")
+        self.url = url
+
+
+def call(url: str, route: str, body: dict | None = None, *, timeout_s: float, method: str | None = None,
+         query: dict | None = None) -> dict:
+    """``route`` of the server at ``url``: POST ``body`` as JSON (GET without one), the
+    answer's JSON back; a refusal, a timeout or a dropped connection is a :class:`ServerError`."""
+    address = url + route + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(address, data=data, method=method or ("GET" if body is None else "POST"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            text = answer.read()
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:500]
+        raise ServerError(url, f"{route} answered {error.code}: {detail}") from None
+    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ServerError(url, f"{route} did not answer within {timeout_s:g} s ({type(error).__name__}: "
+                               f"{reason})") from None
+    return json.loads(text) if text else {}
+
+
+def row_seed(seed: int, row: int) -> int:
+    """One sampling stream per row, from the request's seed: a row samples the same tokens
+    whatever else shares the server's batch (as the in-process engine's)."""
+    return (seed * 1_000_003 + row) % (2**63 - 1)
+
+
+def generate_body(prompt: list[int], request: GenerationRequest, row: int, model: str | None = None) -> dict:
+    """One row's request: its prompt's ids and the run's sampling settings, nothing of the
+    server's defaults (vLLM applies a checkpoint's generation defaults to settings a request
+    leaves out): the run's stop tokens alone, its temperature, top-k and top-p."""
+    params = {"max_tokens": request.max_new_tokens, "stop_token_ids": list(request.stop_token_ids),
+              "ignore_eos": True, "detokenize": False, "n": 1,
+              "temperature": 0.0 if request.greedy else request.temperature,
+              "top_k": request.top_k or -1, "top_p": request.top_p, "min_p": 0.0, "repetition_penalty": 1.0,
+              "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    if not request.greedy:
+        params["logprobs"] = 0
+        params["seed"] = row_seed(request.seed, row)
+    body = {"token_ids": prompt, "sampling_params": params, "output_mode": "tokens"}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def score_body(tokens: list[int], top_k: int, model: str | None = None) -> dict:
+    """A request for the log-probs of the given tokens (the prompt positions of a request
+    that generates one token at most), with the top ``top_k`` at each."""
+    body = {"token_ids": tokens, "output_mode": "tokens",
+            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k, "detokenize": False}}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+@dataclass
+class Sampled:
+    """One row as a server sampled it: its tokens, each one's log-prob (None when greedy)
+    and the version of the weights that sampled each."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    versions: list[int]
+
+
+def read_sample(answer: dict, url: str, with_logp: bool) -> Sampled:
+    """The one choice of a ``/inference/v1/generate`` answer. A token sampled by weights that
+    carry no version of ours (``default``: the server's own, never pushed) is refused."""
+    choice = answer["choices"][0]
+    tokens = choice.get("token_ids") or []
+    logprobs = None
+    if with_logp:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if len(content) != len(tokens):
+            raise ServerError(url, f"returned {len(content)} log-probs for {len(tokens)} tokens (is it a vLLM server "
+                                   f"started with --enable-scale-out?)")
+        logprobs = [entry["logprob"] for entry in content]
+    versions = [0] * len(tokens)
+    for span in choice.get("weight_versions") or []:
+        try:
+            version = int(span["version"])
+        except (TypeError, ValueError):
+            raise ServerError(url, f"sampled with weights of version {span['version']!r}, which no push of this run "
+                                   f"made (the server's own weights: it was not given the policy's)") from None
+        versions[span["start"]:span["end"]] = [version] * (span["end"] - span["start"])
+    return Sampled(tokens, logprobs, versions)
+
+
+def read_prompt_logprobs(answer: dict, start: int) -> list[dict[int, float]]:
+    """{token id: log-prob} at each prompt position from ``start`` on (the response's)."""
+    positions = answer.get("prompt_logprobs") or []
+    return [{int(token): entry["logprob"] for token, entry in table.items()} for table in positions[start:]]
