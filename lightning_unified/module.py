@@ -239,7 +239,7 @@ class UnifiedModule(L.LightningModule):
         sampled ahead this run cannot take (another lag, or another number of processes than
         ``trainer``'s), naming the difference."""
         read_run_state(checkpoint, self.fingerprint())
-        trainer = trainer or attached_trainer(self)
+        trainer = trainer if trainer is not None else attached_trainer(self)  # before fit: the caller's
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.rollouts.check_resumable(saved_rollouts(checkpoint), rank, world_size)
 
