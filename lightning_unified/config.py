@@ -289,7 +289,7 @@ def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     if run.trainer.is_global_zero:
         log.info(describe_method(cfg, run))
     if state is not None:
-        run.module.check_resumable(state)
+        run.module.check_resumable(state, run.trainer)
         if run.trainer.is_global_zero:
             truncate_after_step(run.output_dir / "metrics.csv", state["global_step"])
         del state

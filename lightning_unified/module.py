@@ -26,6 +26,7 @@ from lightning_unified.data.chat import stop_token_ids
 from lightning_unified.distributed import destroy_process_group_at_exit
 from lightning_unified.failures import FailedRows
 from lightning_unified.rollouts import Rollouts
+from lightning_unified.rollouts.ranks import saved_rollouts
 from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
 from lightning_unified.lightning_private import attached_trainer
 from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums
@@ -233,19 +234,22 @@ class UnifiedModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_run_state(checkpoint, self.progress, self.fingerprint(), self.policy)
         checkpoint["stages"] = self.pipeline.state_dict()
-        checkpoint["rollouts"] = self.rollouts.state_dict()  # the batches sampled ahead
+        checkpoint["rollouts"] = self.rollouts.state_dict()  # every rank's batches sampled ahead (a collective)
         checkpoint["failed_rows"] = self.failures.state_dict()
 
-    def check_resumable(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint from another model or another method, naming the difference."""
+    def check_resumable(self, checkpoint: dict, trainer: L.Trainer | None = None) -> None:
+        """Refuse a checkpoint from another model or another method, or one whose batches
+        sampled ahead this run cannot take (another lag, or another number of processes than
+        ``trainer``'s), naming the difference."""
         read_run_state(checkpoint, self.fingerprint())
+        trainer = trainer if trainer is not None else attached_trainer(self)  # before fit: the caller's
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.rollouts.check_resumable(saved_rollouts(checkpoint), rank, world_size)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.progress.update(read_run_state(checkpoint, self.fingerprint()))
         self.pipeline.load_state_dict(checkpoint.get("stages", {}))
-        # the batches sampled ahead: checkpoints written before the rollout owner kept them
-        # under the sample stage's name
-        self.rollouts.load_state_dict(checkpoint.get("rollouts") or checkpoint.get("stages", {}).get("sample", {}))
+        self.rollouts.load_state_dict(saved_rollouts(checkpoint))  # this rank's batches sampled ahead
         self.failures.load_state_dict(checkpoint.get("failed_rows", {}))
         if is_lora(self.policy):
             self.strict_loading = False  # the frozen base weights come from model.path, not the checkpoint

@@ -193,14 +193,59 @@ def test_a_lag_without_a_correction_runs_and_says_it_is_biased(caplog) -> None:
 
 
 def test_a_checkpoint_sampled_ahead_resumes_only_at_its_lag(tmp_path: Path) -> None:
-    common = ["experiment=rl", "data_source.sampling.num_generations=2", "trainer.max_steps=2",
-              "checkpoint_every_n_steps=1", "trainer.val_check_interval=2", "save_policy=null", *FAST_TASK,
-              "task.num_val=8", "task.val_batch_size=8"]
+    """Refused before anything is cut: the rows logged after the step-2 checkpoint stay."""
+    from tests.test_resume import rows
+
+    common = ["experiment=rl", "data_source.sampling.num_generations=2", "trainer.max_steps=3",
+              "checkpoint_every_n_steps=2", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+              "save_policy=null", *FAST_TASK, "task.num_val=8", "task.val_batch_size=8"]
     train(compose_config([*common, "data_source.sampling.max_lag=2"]), tmp_path)
+    logged = rows(tmp_path)
+    assert max(step for step, _, _ in logged) > 2, "rows after the step-2 checkpoint"
     for other in ("1", "0"):
         with pytest.raises(ValueError, match="resume it with data_source.sampling.max_lag=2"):
-            train(compose_config([*common, "trainer.max_steps=3", f"data_source.sampling.max_lag={other}",
+            train(compose_config([*common, "trainer.max_steps=4", f"data_source.sampling.max_lag={other}",
                                   "resume=true"]), tmp_path)
+        assert rows(tmp_path) == logged
+
+
+def test_each_rank_loads_its_own_batches_ahead_or_is_refused() -> None:
+    """:func:`~lightning_unified.rollouts.ranks.this_ranks` on what the checkpoint keeps:
+    each rank's own entry; another number of processes, an entry of another rank, or a
+    one-rank state (written before each rank's were kept) under several ranks, refused."""
+    from lightning_unified.rollouts.ranks import this_ranks
+
+    ahead = {(0, 2): {"source_prompt_ids": torch.ones(1, 2, dtype=torch.long)}}
+    entries = [{"rank": r, "max_lag": 2, "ahead": ahead, "kept": []} for r in (0, 1)]
+    saved = {"world_size": 2, "per_rank": entries}
+    assert this_ranks(saved, 0, 2) is entries[0] and this_ranks(saved, 1, 2) is entries[1]
+    for world_size in (1, 4):
+        with pytest.raises(ValueError, match=f"each of its 2 processes sampled ahead .* and this run has {world_size}: "
+                                             f".* resume it with 2 processes"):
+            this_ranks(saved, 0, world_size)
+    with pytest.raises(ValueError, match="the checkpoint's rollouts for rank 1 are rank 0's"):
+        this_ranks({"world_size": 2, "per_rank": [entries[0], entries[0]]}, 1, 2)
+    with pytest.raises(ValueError, match="hold 1 ranks' states for world_size=2"):
+        this_ranks({"world_size": 2, "per_rank": entries[:1]}, 0, 2)
+    # nothing sampled ahead on any rank: any number of processes
+    assert this_ranks({"world_size": 2, "per_rank": [{"rank": 0}, {"rank": 1}]}, 0, 1) == {}
+    old = {"max_lag": 2, "ahead": ahead, "kept": []}  # one rank's state, as written before
+    assert this_ranks(old, 0, 1) is old
+    with pytest.raises(ValueError, match="one process's batches only .*rank 0's.*, and this run has 2 processes"):
+        this_ranks(old, 1, 2)
+
+
+def test_rows_restored_for_other_prompts_than_their_kept_batch_are_refused() -> None:
+    from lightning_unified.rollouts.ahead import _check_restored_prompts
+
+    prompts = torch.tensor([[5, 6], [7, 8]])
+    rows = {"source_prompt_ids": prompts.clone()}
+    kept = [({fields.PROMPT_IDS: prompts}, 2, 0)]  # the combined loader's (batch, batch_idx, dataloader_idx)
+    _check_restored_prompts({"ahead": {(0, 2): rows}, "kept": kept})
+    with pytest.raises(ValueError, match="rows sampled ahead for batch 2 of epoch 0 were sampled from other prompts"):
+        _check_restored_prompts({"ahead": {(0, 2): {"source_prompt_ids": prompts.flip(0)}}, "kept": kept})
+    with pytest.raises(ValueError, match="for batch 3 of epoch 0 but not that batch"):
+        _check_restored_prompts({"ahead": {(0, 3): rows}, "kept": kept})
 
 
 def test_a_lag_needs_a_loader_with_a_length() -> None:

@@ -41,6 +41,7 @@ class BatchesAhead:
         restored, self._restored = self._restored, None
         if not restored or not restored.get("ahead"):
             return
+        _check_restored_prompts(restored)
         # before the fit loop's first fetch: the loader resumes after the batches pulled early
         training_lookahead(trainer, kept=restored["kept"])
         for key, rows in restored["ahead"].items():
@@ -156,10 +157,38 @@ def _to(value, device):
 def _check_same_prompts(rows: dict, batch: dict, batch_idx: int) -> None:
     """The rows were sampled from the prompts the loader gave early: the batch the fit loop
     hands the step must be the same (a hook that changes prompts after the loader would be
-    ignored by the producer). Compared where it costs no device sync."""
+    ignored by the producer). On a CPU compared here; on an accelerator on the device,
+    never read back on the hot path: a difference surfaces as a device-side assert with
+    this message at the next sync."""
     given = batch[fields.PROMPT_IDS]
     sampled = rows["source_prompt_ids"]
-    if sampled.shape != given.shape or (given.device.type == "cpu" and not torch.equal(sampled.cpu(), given)):
-        raise RuntimeError(f"sampling.max_lag: batch {batch_idx}'s prompts differ from those sampled ahead for it "
-                           f"(shapes {tuple(sampled.shape)} and {tuple(given.shape)}); a hook between the loader and "
-                           f"the step (on_before_batch_transfer, on_after_batch_transfer) must not change prompts")
+    message = (f"sampling.max_lag: batch {batch_idx}'s prompts differ from those sampled ahead for it{{}}; a hook "
+               f"between the loader and the step (on_before_batch_transfer, on_after_batch_transfer) must not change "
+               f"prompts")
+    if sampled.shape != given.shape:
+        raise RuntimeError(message.format(f" (shapes {tuple(sampled.shape)} and {tuple(given.shape)})"))
+    message = message.format("")
+    if given.device.type == "cpu":
+        if not torch.equal(sampled.cpu(), given):
+            raise RuntimeError(message)
+    else:
+        torch._assert_async(torch.eq(sampled.to(given.device, non_blocking=True), given).all(), message)
+
+
+def _check_restored_prompts(restored: dict) -> None:
+    """A checkpoint's rows sampled ahead were sampled from its kept batches' prompts (this
+    rank's own: :mod:`~lightning_unified.rollouts.ranks` checked the entry's rank). Compared
+    whole, on the CPU, once per resume: a checkpoint whose rows and batches disagree would
+    train on responses to other prompts."""
+    kept = {item[1]: item[0] for item in restored["kept"]}  # the combined loader's (batch, batch_idx, dataloader_idx)
+    for (epoch, batch_idx), rows in restored["ahead"].items():
+        batch = kept.get(batch_idx)
+        if batch is None:
+            raise ValueError(f"the checkpoint keeps rows sampled ahead for batch {batch_idx} of epoch {epoch} but not "
+                             f"that batch (it keeps batches {sorted(kept)}): it was not written by this package, or "
+                             f"was edited")
+        sampled, given = rows["source_prompt_ids"].cpu(), batch[fields.PROMPT_IDS].cpu()
+        if sampled.shape != given.shape or not torch.equal(sampled, given):
+            raise ValueError(f"the checkpoint's rows sampled ahead for batch {batch_idx} of epoch {epoch} were sampled "
+                             f"from other prompts than the batch it keeps for it: it was not written by this package, "
+                             f"or was edited")

@@ -30,6 +30,7 @@ from torch import nn
 from lightning_unified.engines import RolloutEngine, build_engine
 from lightning_unified.rollouts.ahead import BatchesAhead
 from lightning_unified.rollouts.producer import RolloutProducer
+from lightning_unified.rollouts.ranks import gather_ranks, rank_and_world_size, this_ranks
 from lightning_unified.rollouts.requests import sampling_request, sampling_seed
 from lightning_unified.rollouts.rows import sample_rows
 
@@ -226,14 +227,23 @@ class Rollouts:
             self.producer.cancel(timeout)
 
     def state_dict(self) -> dict:
-        """This rank's batches sampled ahead, with the loader's batches they came from."""
-        return self.ahead.state_dict() if self.ahead is not None else {}
+        """Every rank's batches sampled ahead, with the loader's batches they came from
+        (:mod:`~lightning_unified.rollouts.ranks`): a collective at a lag, which every rank
+        calls from the checkpoint's ``on_save_checkpoint``."""
+        return gather_ranks(self.ahead.state_dict()) if self.ahead is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
+        state = this_ranks(state, *rank_and_world_size())  # this rank's own batches ahead
         if self.ahead is not None:
             self.ahead.load_state_dict(state)
         else:
             BatchesAhead.check_resumed_lag(state, 0)
+
+    def check_resumable(self, state: dict, rank: int, world_size: int) -> None:
+        """What :meth:`load_state_dict` would refuse, refused before anything loads: the
+        batches sampled ahead of another number of processes, or at another lag."""
+        max_lag = self.ahead.max_lag if self.ahead is not None else 0
+        BatchesAhead.check_resumed_lag(this_ranks(state, rank, world_size), max_lag)
 
     def close(self) -> None:
         """Release the engine (a later :meth:`engine_for` starts it again), after the
