@@ -49,8 +49,14 @@ def _one_at_a_time(state: dict[str, Tensor], lora: bool) -> Iterator[tuple[str, 
         if lora:
             if "lora_" in name:
                 continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            name = checkpoint_name(name, lora)
         if hasattr(tensor, "full_tensor"):
             with torch.inference_mode(False):  # a gathered DTensor is no inference tensor
                 tensor = tensor.full_tensor()
         yield name, tensor.detach()
+
+
+def checkpoint_name(name: str, lora: bool) -> str:
+    """A policy's state-dict name as the Hugging Face checkpoint calls it: under LoRA, peft's
+    ``base_model.model.`` prefix and the adapted layers' ``.base_layer.`` dropped."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".") if lora else name
