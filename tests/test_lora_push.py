@@ -17,7 +17,7 @@ require_vllm()
 pytest.importorskip("peft")
 
 from lightning_unified.engines.transfer import WeightPusher  # noqa: E402
-from lightning_unified.engines.transfer.adapters import adapter_entries  # noqa: E402
+from lightning_unified.engines.adapters import adapter_entries  # noqa: E402
 from lightning_unified.engines.transfer.client import ServerClient  # noqa: E402
 from lightning_unified.engines.transfer.source import PolicySource  # noqa: E402
 from lightning_unified.models.loading import load_causal_lm  # noqa: E402

@@ -1,8 +1,8 @@
 """The policy's weights pushed to vLLM servers through vLLM's weight-transfer API: the source
 of the weights (:mod:`.source`), a CPU backend over gloo (:mod:`.gloo`) and the checked NCCL
 one (:mod:`.nccl`), registered by this package's vLLM plugin (:mod:`.plugin`), the model
-check of the handshake (:mod:`.model_check`), LoRA adapters alone (:mod:`.adapters`), and
-the trainer-side :class:`~.pusher.WeightPusher` that drives them. Needs vLLM.
+check of the handshake (:mod:`.model_check`), and the trainer-side
+:class:`~.pusher.WeightPusher` that drives them (LoRA adapters: :mod:`..adapters`). Needs vLLM.
 
 Nothing is imported until asked for: vLLM imports :mod:`.plugin` in every server process."""
 

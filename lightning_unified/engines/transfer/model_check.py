@@ -35,7 +35,7 @@ def describe_config(hf_config) -> dict:
     alone are compared."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_unified.engines.transfer.source import checkpoint_entries
+    from lightning_unified.engines.parameter_copy import checkpoint_entries
 
     architectures = getattr(hf_config, "architectures", None) or [type(hf_config).__name__]
     description = {"architecture": architectures[0], "config": _config_values(hf_config.to_dict()), "parameters": None}

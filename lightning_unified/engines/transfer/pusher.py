@@ -21,11 +21,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 from vllm.distributed.weight_transfer.base import WeightSource
 
-from lightning_unified.engines.transfer import adapters
+from lightning_unified.engines import adapters
 from lightning_unified.engines.transfer.client import ServerClient, ServerError
 from lightning_unified.engines.transfer.model_check import describe
 from lightning_unified.engines.transfer.server_args import server_flags

@@ -10,38 +10,7 @@ import torch
 from torch import Tensor, nn
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-from lightning_unified.engines.parameter_copy import checkpoint_name
-from lightning_unified.models.lora import is_lora
-
-
-def checkpoint_entries(policy: nn.Module) -> list[tuple[str, Tensor]]:
-    """``(HF name, tensor)`` for every weight a checkpoint of the policy holds, in the state
-    dict's order: peft's prefixes and ``.base_layer.`` dropped, the adapters' own tensors
-    left out, and a weight tied to an earlier one (the output head tied to the embedding)
-    left out too: vLLM's loaders take it from its twin, and sending it would cost a second
-    embedding's bytes. The tensors are the parameters themselves, or their FSDP2 shards:
-    nothing is gathered or copied here."""
-    lora = is_lora(policy)
-    entries, seen = [], set()
-    for name, tensor in policy.state_dict(keep_vars=True).items():
-        if (lora and "lora_" in name) or id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        entries.append((checkpoint_name(name, lora), tensor))
-    return entries
-
-
-def wire_dtype_of(tensor: Tensor, wire_dtype: torch.dtype | None) -> torch.dtype:
-    """What ``tensor`` travels as: floating weights in ``wire_dtype``, anything else as it is."""
-    return wire_dtype if wire_dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
-
-
-def materialise(tensor: Tensor, wire_dtype: torch.dtype | None) -> Tensor:
-    """The whole tensor, gathered if sharded (a collective), detached, in its wire dtype."""
-    if hasattr(tensor, "full_tensor"):
-        with torch.inference_mode(False):  # a gathered DTensor is no inference tensor
-            tensor = tensor.full_tensor()
-    return tensor.detach().to(wire_dtype_of(tensor, wire_dtype))
+from lightning_unified.engines.parameter_copy import checkpoint_entries, materialise, wire_dtype_of
 
 
 class PolicySource(WeightSource):

@@ -1,6 +1,6 @@
-"""A LoRA policy's adapters alone, as vLLM loads them (peft's own file layout): what moves at
-each update when only the adapters train, for a served engine and the in-process ones
-alike. The base weights move once, at start."""
+"""A LoRA policy's adapters alone: what moves at each update when only the adapters train,
+to a served engine and to the in-process ones alike (vLLM reads peft's own file layout; the
+``hf`` engine's copy is a peft model of its own). The base weights move once, at start."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_unified.engines.transfer.source import materialise
+from lightning_unified.engines.parameter_copy import materialise
+from lightning_unified.models.lora import is_lora
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -38,6 +39,30 @@ def trainable_outside_adapters(policy: nn.Module) -> list[str]:
     """Trainable parameters that are not the adapter's (peft's ``modules_to_save``, a
     trainable head): with any, moving the adapters alone would leave the engine behind."""
     return [name for name, p in policy.named_parameters() if p.requires_grad and "lora_" not in name]
+
+
+def adapters_alone_train(policy: nn.Module) -> bool:
+    """True for a LoRA policy none of whose other weights train: an engine may then take
+    its base once and only its adapters at each sync."""
+    return is_lora(policy) and not trainable_outside_adapters(policy)
+
+
+def adapter_parameters(policy: nn.Module) -> list[tuple[str, Tensor]]:
+    """The adapter's tensors under the policy's own state-dict names (a peft copy of the
+    policy has the same names), parameters or FSDP2 shards; nothing gathered."""
+    return [(name, tensor) for name, tensor in policy.state_dict(keep_vars=True).items() if "lora_" in name]
+
+
+def peft_copy(policy: nn.Module, model: nn.Module) -> nn.Module:
+    """``model`` (a plain copy of the policy's base) with adapters of the policy's config, frozen."""
+    import copy
+
+    from peft import get_peft_model
+
+    adapter = _active_adapter(policy)
+    wrapped = get_peft_model(model, copy.deepcopy(policy.peft_config[adapter]), adapter_name=adapter)
+    wrapped.requires_grad_(False)
+    return wrapped.eval()
 
 
 def lora_rank(policy: nn.Module) -> int:
