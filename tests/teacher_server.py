@@ -1,5 +1,6 @@
 """A real vLLM OpenAI-compatible server (the CPU build) on the loopback address, for the
-served-teacher tests: started in its own process group, stopped when the test ends."""
+served-teacher and weight-push tests: started in its own process group, stopped when the
+test ends."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def free_port() -> int:
 class TeacherServer:
     """``python -m vllm.entrypoints.openai.api_server`` serving ``model_dir`` at ``url``."""
 
-    def __init__(self, model_dir: str, log_path: Path, port: int | None = None, max_logprobs: int = 64):
+    def __init__(self, model_dir: str, log_path: Path, port: int | None = None, max_logprobs: int = 64,
+                 extra_args: list[str] = (), extra_env: dict[str, str] | None = None):
         self.model_dir, self.log_path, self.max_logprobs = model_dir, log_path, max_logprobs
+        self.extra_args, self.extra_env = list(extra_args), dict(extra_env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -37,8 +40,8 @@ class TeacherServer:
     def start(self) -> TeacherServer:
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                    "--host", "127.0.0.1", "--port", str(self.port), "--max-logprobs", str(self.max_logprobs),
-                   "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                   "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", *self.extra_args]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **self.extra_env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)

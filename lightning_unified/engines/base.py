@@ -64,6 +64,9 @@ class RolloutEngine:
     shares_weights = False
     #: the run's directory, set at setup: where an engine writes what it makes (logs)
     run_dir: Path | None = None
+    #: the bytes the last start or sync moved into the engine (None: it moves none): the whole
+    #: model, or with a LoRA policy whose adapters alone train, the adapters after the first
+    sync_bytes: int | None = None
     #: the dtype the trainer computes in (bf16 under ``bf16-mixed``), set by the module before
     #: the engine starts: an engine with weights of its own runs in it, not in the float32 of
     #: the master weights it is synced from (None: the policy's parameters' dtype)

@@ -24,7 +24,8 @@ from transformers import (
 )
 
 from lightning_unified.engines.base import GenerationRequest, Rollout, RolloutEngine, mask_after_stop
-from lightning_unified.engines.parameter_copy import base_model, engine_weights
+from lightning_unified.engines import adapters
+from lightning_unified.engines.parameter_copy import base_model, engine_weights, materialise
 from lightning_unified.engines.plain_generation import checkpoint_settings_off, say_ignored_once
 from lightning_unified.losses.objective import target_logprobs
 from lightning_unified.models.forward import response_hidden
@@ -91,6 +92,8 @@ class HFEngine(RolloutEngine):
 
     copy = False
     model: nn.Module | None = None
+    #: the copy is a peft model whose base was copied once: each sync copies the adapters alone
+    adapter_only = False
 
     def __init__(self, copy: bool = False):
         self.copy = copy
@@ -104,22 +107,47 @@ class HFEngine(RolloutEngine):
             # in the trainer's compute dtype (bf16 under bf16-mixed): the copy only samples and
             # scores, and a float32 replica would hold the policy's whole weights again at twice the size
             self.model = empty_copy(policy, self.compute_dtype)
-            self.sync(policy)
+            # a LoRA policy whose adapters alone train: its base once (unmerged), the copy a
+            # peft model of the same adapters, and each sync the adapters alone
+            self.adapter_only = adapters.adapters_alone_train(policy)
+            self.sync_bytes = self._copy_weights(policy, merge=not self.adapter_only)
+            if self.adapter_only:
+                self.model = adapters.peft_copy(policy, self.model)
+                self.sync_bytes += self._copy_adapters(policy)
 
     def sync(self, policy: nn.Module, version: int = 0) -> None:
         if not self.copy:
             return
-        with engine_weights(policy) as weights, torch.no_grad():
+        self.sync_bytes = self._copy_adapters(policy) if self.adapter_only else self._copy_weights(policy)
+
+    @torch.no_grad()
+    def _copy_weights(self, policy: nn.Module, merge: bool = True) -> int:
+        """The policy's whole weights (LoRA merged, unless ``merge`` is off) into the plain copy."""
+        with engine_weights(policy, merge=merge) as weights:
             own = self.model.state_dict()
-            copied = set()
+            copied, moved = set(), 0
             for name, tensor in weights:  # one at a time: no second whole copy of the policy
                 if name in own:
                     own[name].copy_(tensor)
                     copied.add(name)
+                    moved += own[name].numel() * own[name].element_size()
             missing = sorted(set(own) - copied)
             if missing:
                 raise RuntimeError(f"sampling.engine=hf with max_lag: the policy's weights lack {missing[:5]} "
                                    f"that its config's model has")
+        return moved
+
+    @torch.no_grad()
+    def _copy_adapters(self, policy: nn.Module) -> int:
+        """The policy's adapter tensors into the peft copy's, one at a time (each FSDP2 shard
+        gathered in turn), under the same state-dict names."""
+        own, moved = self.model.state_dict(keep_vars=True), 0
+        for name, tensor in adapters.adapter_parameters(policy):
+            if name not in own:
+                raise RuntimeError(f"sampling.engine=hf with max_lag: the copy has no adapter tensor {name!r}")
+            own[name].copy_(materialise(tensor))
+            moved += own[name].numel() * own[name].element_size()
+        return moved
 
     def close(self) -> None:
         self.model = None

@@ -7,7 +7,6 @@ trainer's thread, at the same step on every rank (the rollout owner's sync sched
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from lightning_unified.engines.parameter_copy import base_model
 from lightning_unified.engines.server_fleet import ServerFleet, serve_env
-from lightning_unified.engines.server_requests import ServerError, call
+from lightning_unified.engines.server_requests import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +50,18 @@ def _model_dir(engine, policy: nn.Module) -> str:
 
 def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | None, object]:
     """(the servers' URLs, the fleet this run launched or None, the weight pusher), the same
-    on every rank; the servers checked to serve the policy's model."""
+    on every rank; the servers checked to serve the policy's model (the pusher's start)."""
     from lightning_unified.engines.transfer import WeightPusher, server_flags
 
     rank, world = _rank()
-    fleet, urls = None, list(engine.urls)
+    fleet, urls, lora = None, list(engine.urls), _lora_rank(policy)
     if engine.launch:
         error = None
         if rank == 0:
             fleet = ServerFleet(Path(engine.run_dir or ".") / "servers", engine.launch)
             model = base_model(policy)
             dtype = str(engine.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
-            flags, env = server_flags(engine.resolved_transfer(), lora=_lora_rank(policy))
+            flags, env = server_flags(engine.resolved_transfer(), lora or None)
             max_len = engine.max_model_len or getattr(model.config, "max_position_embeddings", None)
             try:
                 urls = fleet.start(_model_dir(engine, policy), env={**serve_env(engine.kv_cache_gib), **env},
@@ -76,9 +75,17 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
         urls, error = _from_rank_zero((urls, error))
         if error is not None:
             raise RuntimeError(f"sampling.server.launch={engine.launch}: {error}")
-    pusher = WeightPusher(urls, backend=engine.resolved_transfer(), bucket_mb=engine.bucket_mb,
-                          timeout_s=engine.push_timeout_s, lora=bool(_lora_rank(policy)))
-    pusher.start(policy, rank=rank, world_size=world)
+    if lora:
+        engine.model = engine.model or "policy"  # requests name the adapter the pusher loads
+    pusher = WeightPusher(urls, backend=engine.transfer if engine.transfer != "auto" else "auto",
+                          bucket_mb=engine.bucket_mb, timeout_s=engine.push_timeout_s, lora=bool(lora),
+                          adapter_name=engine.model or "policy")
+    try:
+        pusher.start(policy, rank=rank, world_size=world)
+    except Exception:
+        if fleet is not None:
+            fleet.stop()
+        raise
     return urls, fleet, pusher
 
 
@@ -91,52 +98,32 @@ def _lora_rank(policy: nn.Module) -> int:
 
 
 def push_to_servers(engine, policy: nn.Module, version: int):
-    """Version ``version`` of the policy's weights onto every live server: paused without
-    aborting their requests first when updates are in flight (rank 0 pauses and resumes),
-    pushed (every rank), then the servers that hold it, as rank 0 saw them, on every rank:
-    a server the push failed on is left out of sampling."""
+    """Version ``version`` of the policy's weights onto every live server (every rank calls
+    it: rank 0 drives the transfer, the others join its gathers). Drained: every rank's
+    requests have come back first, and each server drains its own; in flight: each server
+    freezes its requests and goes on with them after. A server the push failed on is left out
+    of sampling (the pusher left it paused): none is sampled with half its weights."""
     from lightning_unified.engines.served import PushRecord
+    from lightning_unified.engines.transfer import WeightPushError
 
-    rank, world = _rank()
-    live = [s for s in engine.servers if s.down is None]
+    _, world = _rank()
     if world > 1 and not engine.updates_in_flight:
-        # drained: every rank's requests of the old version have come back before the push
-        torch.distributed.barrier()
-    if rank == 0 and engine.updates_in_flight:
-        _each(live, "/pause", {"mode": "keep"}, engine)
-    started = time.perf_counter()
+        torch.distributed.barrier()  # drained: every rank's producer is idle before the push
     try:
-        outcome = engine.pusher.push(policy, version)
-    finally:
-        if rank == 0 and engine.updates_in_flight:
-            _each([s for s in live if s.down is None], "/resume", None, engine)
-    held = _from_rank_zero(_held(outcome, engine, version) if rank == 0 else None)
-    record = PushRecord(version, getattr(outcome, "bytes", 0), time.perf_counter() - started)
+        stats = engine.pusher.push(policy, version, pause="keep" if engine.updates_in_flight else "wait")
+    except WeightPushError as error:
+        stats = error.stats
+    record = PushRecord(version, stats.bytes, stats.seconds)
     for server in engine.servers:
-        if server.url in held and held[server.url] == version:
+        held = stats.servers.get(server.url)
+        if server.url not in stats.failures and held is not None and str(held) == str(version):
             server.version = version
             record.servers.append(server.url)
         elif server.down is None:
-            engine._leave_out(server, RuntimeError(f"the push of version {version} failed on it: "
-                                                   f"{held.get(server.url, 'no answer')}"))
+            engine._leave_out(server, RuntimeError(stats.failures.get(
+                server.url, f"it holds version {held}, not {version}, after the push")))
     if not record.servers:
         raise ServerError(", ".join(s.url for s in engine.servers), f"no rollout server holds version {version} "
                                                                    f"after its push: " + "; ".join(
                                                                        f"{s.url}: {s.down}" for s in engine.servers))
     return record
-
-
-def _held(outcome, engine, version: int) -> dict:
-    """{url: the version it holds now, or why it holds none}, from the pusher's outcome."""
-    held = getattr(outcome, "held", None)
-    if held is not None:
-        return dict(held)
-    return {s.url: version for s in engine.servers if s.down is None}
-
-
-def _each(servers, route: str, query: dict | None, engine) -> None:
-    for server in servers:
-        try:
-            call(server.url, route, {}, timeout_s=engine.timeout_s, query=query)
-        except ServerError as error:
-            engine._leave_out(server, error)

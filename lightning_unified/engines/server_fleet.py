@@ -42,12 +42,12 @@ def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", dtype: 
                   max_model_len: int | None = None, logprobs_mode: str = "processed_logprobs",
                   extra: list[str] | None = None) -> list[str]:
     """The arguments of a server that samples the policy for a run: token ids in and out
-    (``--skip-tokenizer-init``, ``--enable-scale-out`` for ``/inference/v1/generate``), the
-    log-probs of the distribution the run's behaviour names (``--logprobs-mode``), and the
-    transfer backend's flags (``extra``). A server started by hand takes the same."""
+    (``--skip-tokenizer-init``), the log-probs of the distribution the run's behaviour names
+    (``--logprobs-mode``), and the transfer backend's flags (``extra``:
+    :func:`lightning_unified.engines.transfer.server_flags`, with ``--enable-scale-out`` for
+    ``/inference/v1/generate``). A server started by hand takes the same."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host,
-               "--port", str(port), "--dtype", dtype, "--skip-tokenizer-init", "--enable-scale-out",
-               "--logprobs-mode", logprobs_mode]
+               "--port", str(port), "--dtype", dtype, "--skip-tokenizer-init", "--logprobs-mode", logprobs_mode]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
     return command + list(extra or [])

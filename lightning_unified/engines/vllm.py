@@ -29,6 +29,7 @@ from lightning_unified.engines.vllm_process import (
 from lightning_unified.engines.vllm_scoring import prompt_logprob_scores
 from lightning_unified.engines.vllm_reload_notice import quiet_rotary_reload_notice
 from lightning_unified.engines.parameter_copy import architecture, base_model, engine_weights
+from lightning_unified.engines.vllm_adapter import AdapterSlot
 
 
 def logprobs_mode(temperature: float, top_k: int, top_p: float, behaviour: str) -> str:
@@ -90,6 +91,9 @@ class VLLMEngine(RolloutEngine):
         self.max_logprobs = max_logprobs
         self.llm = None
         self._config_dir: tempfile.TemporaryDirectory | None = None
+        # a LoRA policy whose adapters alone train: the base weights once, the adapters at each sync
+        self.adapter: AdapterSlot | None = None
+        self._base_loaded = False
 
     def start(self, policy: nn.Module) -> None:
         vllm = import_vllm()
@@ -102,6 +106,9 @@ class VLLMEngine(RolloutEngine):
         # the trainer's compute dtype (bf16 under bf16-mixed), not the float32 master weights'
         dtype = self.dtype or str(self.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
+        self.adapter = AdapterSlot.for_policy(policy, self._config_dir.name, dtype)
+        if self.adapter is not None:
+            kwargs.update(self.adapter.engine_kwargs())
         with ENGINE_CALLS:
             self._start(vllm, policy, config, dtype, kwargs)
 
@@ -138,14 +145,27 @@ class VLLMEngine(RolloutEngine):
         return f"sampling.engine=vllm could not start for {config.architectures[0]}: {text}"
 
     def sync(self, policy: nn.Module, version: int = 0) -> None:
+        """The policy's weights into the engine; with adapters alone training, the base
+        weights the first time only (again after a sleep that forgot them) and the adapter
+        at every sync (:class:`~lightning_unified.engines.vllm_adapter.AdapterSlot`)."""
+        self.sync_bytes = 0
+        if self.adapter is None or not self._base_loaded:
+            self._sync_weights(policy, merge=self.adapter is None)
+            self._base_loaded = True
+        if self.adapter is not None:
+            with ENGINE_CALLS:
+                self.sync_bytes += self.adapter.load(self.llm, policy)
+
+    def _sync_weights(self, policy: nn.Module, merge: bool) -> None:
         # the engine's tensors are inference tensors (it may have started under Lightning's
         # inference-mode validation), which only inference mode may update in place
         quiet_rotary_reload_notice()
-        with ENGINE_CALLS, engine_weights(policy) as weights, torch.inference_mode():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        with ENGINE_CALLS, engine_weights(policy, merge=merge) as weights, torch.inference_mode():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _counted(weights, self)})
             # the prefix cache holds keys and values the old weights computed: a prompt prefix
             # every row shares (a chat template's header) would be served from it for the
-            # whole run, while the engine reports the new version
+            # whole run, while the engine reports the new version. (An adapter's blocks are
+            # keyed by its path, new at each sync.)
             self.llm.reset_prefix_cache()
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -172,7 +192,8 @@ class VLLMEngine(RolloutEngine):
             seed=None if request.greedy else _row_seed(request.seed, row),
         ) for row in range(len(rows))]
         with ENGINE_CALLS:
-            outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+            outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False,
+                                        lora_request=self._lora_request())
         return _rollout(outputs, request, device=prompt_ids.device, with_logp=not request.greedy)
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
@@ -181,24 +202,29 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"signal.top_k={top_k} exceeds the rollout engine's sampling.vllm.max_logprobs="
                              f"{self.max_logprobs}")
         return prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, top_k,
-                                     "the rollout engine (signal.teacher=self, teacher.engine=vllm)")
+                                     "the rollout engine (signal.teacher=self, teacher.engine=vllm)",
+                                     lora_request=self._lora_request())
 
     def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
                    temperature: float) -> Tensor | None:
         if temperature != 1.0:
             return None  # its prompt log-probs are the raw distribution's
         scores = prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, 0,
-                                       "the rollout engine (the lag's diagnostics)")
+                                       "the rollout engine (the lag's diagnostics)", lora_request=self._lora_request())
         return scores.token_logp.to(response_ids.device)
 
     @property
     def forgets_weights_asleep(self) -> bool:
         return self.use_sleep and self.sleep_level == 2
 
+    def _lora_request(self):
+        return self.adapter.request if self.adapter is not None else None
+
     def sleep(self) -> None:
         if self.use_sleep and self.llm is not None:
             with ENGINE_CALLS:
                 self.llm.sleep(level=self.sleep_level)
+            self._base_loaded = not self.forgets_weights_asleep  # level 2: the base goes too
 
     def wake_weights(self) -> None:
         # the weights' memory back first, so a sync fills it before the KV cache takes the rest
@@ -222,6 +248,13 @@ class VLLMEngine(RolloutEngine):
         if self._config_dir is not None:
             self._config_dir.cleanup()
             self._config_dir = None
+
+
+def _counted(weights, engine: VLLMEngine):
+    """The weights as they pass, their bytes added to the engine's ``sync_bytes``."""
+    for name, tensor in weights:
+        engine.sync_bytes += tensor.numel() * tensor.element_size()
+        yield name, tensor
 
 
 def _row_seed(seed: int, row: int) -> int:
