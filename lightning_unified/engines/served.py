@@ -105,7 +105,7 @@ class ServedEngine(RolloutEngine):
         self.servers: list[Server] = []
         self.fleet = None
         self.pusher = None
-        self.failures = 0  # requests and pushes that failed, since the start (sampling/server_failures)
+        self.server_failures = 0  # servers left out since the start (sampling/server_failures)
         self.last_push: PushRecord | None = None
         self._turn = itertools.count()
         self._lock = threading.Lock()
@@ -135,6 +135,7 @@ class ServedEngine(RolloutEngine):
         from lightning_unified.engines.served_start import push_to_servers
 
         self.last_push = push_to_servers(self, policy, version)
+        self.sync_bytes = self.last_push.bytes
 
     def close(self) -> None:
         if self.pusher is not None:
@@ -157,7 +158,7 @@ class ServedEngine(RolloutEngine):
         with self._lock:
             if server.down is None:
                 server.down = str(error)
-                self.failures += 1
+                self.server_failures += 1
                 log.error("rollout server %s is left out of sampling: %s", server.url, error)
 
     def _ask(self, body: dict, start: int) -> tuple[dict, Server]:

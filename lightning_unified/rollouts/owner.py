@@ -165,6 +165,19 @@ class Rollouts:
             return int(optimizer_step)
         return int(self._synced_step)
 
+    def log_sync(self, host) -> None:
+        """The last start or sync, once: its seconds and what it moved (``sampling/sync_mb``:
+        the whole model, or a LoRA policy's adapters alone), and for served engines the
+        requests and pushes that failed since the start (``sampling/server_failures``)."""
+        seconds = self.take_sync_seconds()
+        if seconds is not None:
+            host.log("sampling/sync_seconds", seconds, batch_size=1)
+            if self.engine.sync_bytes is not None:
+                host.log("sampling/sync_mb", self.engine.sync_bytes / 2**20, batch_size=1)
+        failures = getattr(self.engine, "server_failures", None)
+        if failures is not None:
+            host.log("sampling/server_failures", float(failures), batch_size=1)
+
     def take_sync_seconds(self) -> float | None:
         """Seconds of the start or sync since the last call (None: none), once."""
         seconds, self._sync_seconds = self._sync_seconds, None
@@ -191,13 +204,12 @@ class Rollouts:
         if self.ahead is not None:
             rows = self.ahead.rows_for(trainer, host, batch, batch_idx)
             self.ahead.feed(trainer, host, batch_idx)  # then the batches ahead, from this step's weights
+            self.log_sync(host)
             return rows
         request = self.request(trainer, host, trainer.current_epoch, batch_idx)
         # the engine rests again after the block: its memory is the training step's until the next rollout
         with self.engine_for(step) as engine:
-            sync_seconds = self.take_sync_seconds()  # started and synced: what follows is generation
-            if sync_seconds is not None:
-                host.log("sampling/sync_seconds", sync_seconds, batch_size=1)
+            self.log_sync(host)  # started and synced: what follows is generation
             rows = self.sample(engine, host, batch, request)
         # the weights that sampled: older than the policy's when the engine syncs every few steps
         rows["version"] = self.weights_version(step)
