@@ -142,6 +142,8 @@ class UnifiedModule(L.LightningModule):
         # an engine with weights of its own samples in the step's compute dtype (bf16 under
         # bf16-mixed), not in the float32 of the master weights it is synced from
         self.rollouts.engine.compute_dtype = compute_dtype(self.trainer.precision)
+        # the self-teacher scored by the rollout engine: a LoRA policy then reaches it merged
+        self.rollouts.engine.scores_prompts = isinstance(self.signal, Dense) and self.signal.is_self and self.signal.served
         # where an engine writes what it makes (launched servers' logs and their model)
         self.rollouts.engine.run_dir = Path(self.trainer.default_root_dir)
         if stage == "fit":

@@ -492,15 +492,25 @@ def test_a_lora_policys_sync_moves_only_its_adapters() -> None:
                     if "lora_" in name:
                         parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
             engine.sync(policy)
-            assert engine.sync_bytes == adapter_bytes < 0.1 * full_bytes
+            assert engine.sync_bytes == adapter_bytes < 0.2 * full_bytes  # a merged sync moves full_bytes
             sampled = engine.generate(policy, prompt_ids, prompt_mask, request(tokenizer, temperature=1.0, seed=seed))
             expected = forward_logp(policy, prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
             gap = (sampled.logp - expected).abs().max().item()
             assert gap < LOGP_TOLERANCE, f"after the adapter sync the engine is {gap} away from the peft policy"
-            scored = engine.token_logp(prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
-            assert (scored - expected).abs().max().item() < LOGP_TOLERANCE
+            # vLLM cannot score prompts under an adapter (vllm-project/vllm#16668): no diagnostics
+            assert engine.token_logp(prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0) is None
         with policy.disable_adapter():
             base = forward_logp(policy, prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
         assert (base - expected).abs().max() > 1e-2, "the adapter changes the log-probs: the test can tell"
+    finally:
+        engine.close()
+    # an engine that scores prompts (a self-teacher) takes the merged model, and scores it
+    engine = VLLMEngine(temperature=1.0, kv_cache_gib=0.25)
+    engine.scores_prompts = True
+    try:
+        engine.start(policy)
+        assert engine.sync_bytes == full_bytes
+        scored = engine.token_logp(prompt_ids, prompt_mask, sampled.response_ids, sampled.response_mask, 1.0)
+        assert (scored - expected).abs().max().item() < LOGP_TOLERANCE
     finally:
         engine.close()

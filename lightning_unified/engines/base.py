@@ -62,6 +62,10 @@ class RolloutEngine:
 
     #: True when the engine reads the training model's weights directly (nothing to sync)
     shares_weights = False
+    #: True when the run scores prompts through the engine (the self-teacher of
+    #: ``teacher.engine=vllm``), set by the module at setup: vLLM cannot score prompt tokens
+    #: under a LoRA adapter (vllm-project/vllm#16668), so such an engine takes merged weights
+    scores_prompts = False
     #: the run's directory, set at setup: where an engine writes what it makes (logs)
     run_dir: Path | None = None
     #: the bytes the last start or sync moved into the engine (None: it moves none): the whole

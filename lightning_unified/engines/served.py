@@ -102,6 +102,7 @@ class ServedEngine(RolloutEngine):
         self.transfer, self.bucket_mb, self.kv_cache_gib = transfer, bucket_mb, kv_cache_gib
         self.launch_args, self.max_model_len, self.cpu_sets = list(launch_args), max_model_len, list(cpu_sets)
         self.model = model
+        self.lora = False  # a LoRA policy: its adapter alone moves at each push (set at start)
         self.servers: list[Server] = []
         self.fleet = None
         self.pusher = None
@@ -193,6 +194,9 @@ class ServedEngine(RolloutEngine):
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int) -> TeacherScores:
+        if self.lora:
+            raise ValueError("signal.teacher=self scored by sampling.engine=server with a LoRA policy: vLLM cannot "
+                             "score prompts under an adapter (vllm-project/vllm#16668); set teacher.engine=hf")
         rows, starts = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
         answers = self._rows([score_body(row, top_k, self.model) for row in rows])
         positions = [read_prompt_logprobs(answer, start) for (answer, _), start in zip(answers, starts)]
@@ -201,8 +205,10 @@ class ServedEngine(RolloutEngine):
 
     def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
                    temperature: float) -> Tensor | None:
-        if temperature != 1.0:
-            return None  # a server's prompt log-probs are the raw distribution's
+        if temperature != 1.0 or self.lora:
+            # a server's prompt log-probs are the raw distribution's, and none under an adapter
+            # (vllm-project/vllm#16668): the lag's diagnostics go unlogged
+            return None
         scores = self.score(prompt_ids, prompt_mask, response_ids, response_mask, 0)
         return torch.where(response_mask.bool(), scores.token_logp.to(response_ids.device), 0.0)
 

@@ -75,6 +75,7 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
         urls, error = _from_rank_zero((urls, error))
         if error is not None:
             raise RuntimeError(f"sampling.server.launch={engine.launch}: {error}")
+    engine.lora = bool(lora)
     if lora:
         engine.model = engine.model or "policy"  # requests name the adapter the pusher loads
     pusher = WeightPusher(urls, backend=engine.transfer if engine.transfer != "auto" else "auto",

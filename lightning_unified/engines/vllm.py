@@ -106,7 +106,9 @@ class VLLMEngine(RolloutEngine):
         # the trainer's compute dtype (bf16 under bf16-mixed), not the float32 master weights'
         dtype = self.dtype or str(self.compute_dtype or next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = engine_kwargs(self.kv_cache_gib, self.gpu_memory_utilization, self.use_sleep)
-        self.adapter = AdapterSlot.for_policy(policy, self._config_dir.name, dtype)
+        # the adapter alone at each sync, unless the engine scores prompts (vLLM scores them
+        # without the adapter's logits: vllm-project/vllm#16668), which takes merged weights
+        self.adapter = None if self.scores_prompts else AdapterSlot.for_policy(policy, self._config_dir.name, dtype)
         if self.adapter is not None:
             kwargs.update(self.adapter.engine_kwargs())
         with ENGINE_CALLS:
@@ -198,6 +200,9 @@ class VLLMEngine(RolloutEngine):
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int):
+        if self.adapter is not None:  # the module sets scores_prompts for a self-teacher it scores here
+            raise RuntimeError("the vllm rollout engine holds a LoRA adapter, under which vLLM cannot score prompts "
+                               "(vllm-project/vllm#16668): set engine.scores_prompts before it starts")
         if top_k > self.max_logprobs:
             raise ValueError(f"signal.top_k={top_k} exceeds the rollout engine's sampling.vllm.max_logprobs="
                              f"{self.max_logprobs}")
@@ -207,8 +212,10 @@ class VLLMEngine(RolloutEngine):
 
     def token_logp(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
                    temperature: float) -> Tensor | None:
-        if temperature != 1.0:
-            return None  # its prompt log-probs are the raw distribution's
+        if temperature != 1.0 or self.adapter is not None:
+            # its prompt log-probs are the raw distribution's, and under an adapter vLLM
+            # cannot compute them (vllm-project/vllm#16668): the lag's diagnostics go unlogged
+            return None
         scores = prompt_logprob_scores(self.llm, prompt_ids, prompt_mask, response_ids, response_mask, 0,
                                        "the rollout engine (the lag's diagnostics)", lora_request=self._lora_request())
         return scores.token_logp.to(response_ids.device)
