@@ -21,7 +21,7 @@ class RecordingEngine(HFEngine):
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def start(self, policy) -> None:
+    def start(self, policy, version: int = 0) -> None:
         self.calls.append("start")
 
     def sync(self, policy, version: int = 0) -> None:

@@ -63,7 +63,7 @@ class SleepingOnCPU(VLLMEngine):
         self.use_sleep = True
         self.calls: list[str] = []
 
-    def start(self, policy) -> None:
+    def start(self, policy, version: int = 0) -> None:
         super().start(policy)
         self.llm = Recorded(self.llm, self.calls)
 

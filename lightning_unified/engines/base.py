@@ -76,7 +76,9 @@ class RolloutEngine:
     #: the master weights it is synced from (None: the policy's parameters' dtype)
     compute_dtype: torch.dtype | None = None
 
-    def start(self, policy: nn.Module) -> None:
+    def start(self, policy: nn.Module, version: int = 0) -> None:
+        """Start with the policy's current weights; ``version`` is the optimizer step they are
+        from (a resumed run's, for the versions a served engine's tokens report)."""
         raise NotImplementedError
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,

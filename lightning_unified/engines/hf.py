@@ -102,7 +102,7 @@ class HFEngine(RolloutEngine):
     def shares_weights(self) -> bool:  # type: ignore[override]
         return not self.copy
 
-    def start(self, policy: nn.Module) -> None:
+    def start(self, policy: nn.Module, version: int = 0) -> None:
         if self.copy:
             # in the trainer's compute dtype (bf16 under bf16-mixed): the copy only samples and
             # scores, and a float32 replica would hold the policy's whole weights again at twice the size

@@ -123,12 +123,12 @@ class ServedEngine(RolloutEngine):
         return self.update == "in_flight"
 
     # --- start, push, close --------------------------------------------------------------
-    def start(self, policy: nn.Module) -> None:
+    def start(self, policy: nn.Module, version: int = 0) -> None:
         from lightning_unified.engines.served_start import start_servers
 
         urls, self.fleet, self.pusher = start_servers(self, policy)
         self.servers = [Server(url) for url in urls]
-        self.sync(policy, version=0)
+        self.sync(policy, version=version)  # a resumed run's step: its tokens' lag is 0, not the step
 
     def sync(self, policy: nn.Module, version: int = 0) -> None:
         """Every live server takes the policy's weights as version ``version`` (all ranks
@@ -169,7 +169,10 @@ class ServedEngine(RolloutEngine):
             live = self._live()
             server = live[start % len(live)]
             try:
-                return call(server.url, GENERATE, body, timeout_s=self.timeout_s), server
+                answer = call(server.url, GENERATE, body, timeout_s=self.timeout_s)
+                with self._lock:
+                    server.requests += 1
+                return answer, server
             except ServerError as error:
                 self._leave_out(server, error)
                 if len(live) == 1:

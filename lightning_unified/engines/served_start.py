@@ -64,9 +64,10 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
             flags, env = server_flags(engine.resolved_transfer(), lora or None)
             max_len = engine.max_model_len or getattr(model.config, "max_position_embeddings", None)
             try:
-                urls = fleet.start(_model_dir(engine, policy), env={**serve_env(engine.kv_cache_gib), **env},
+                urls = fleet.start(_model_dir(engine, policy), env=serve_env(env),
                                    command_args=dict(dtype=dtype, max_model_len=max_len,
                                                      logprobs_mode=engine.logprobs_mode,
+                                                     kv_cache_gib=engine.kv_cache_gib,
                                                      extra=[*flags, *engine.launch_args]),
                                    cpu_sets=engine.cpu_sets)
                 log.info("started %d rollout server(s) at %s (logs in %s)", len(urls), ", ".join(urls), fleet.log_dir)

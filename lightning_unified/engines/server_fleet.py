@@ -10,6 +10,7 @@ for tensor-parallel servers.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import signal
 import socket
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", dtype: str = "float32",
                   max_model_len: int | None = None, logprobs_mode: str = "processed_logprobs",
-                  extra: list[str] | None = None) -> list[str]:
+                  kv_cache_gib: float | None = None, extra: list[str] | None = None) -> list[str]:
     """The arguments of a server that samples the policy for a run: token ids in and out
     (``--skip-tokenizer-init``), the log-probs of the distribution the run's behaviour names
     (``--logprobs-mode``), and the transfer backend's flags (``extra``:
@@ -50,16 +51,23 @@ def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", dtype: 
                "--port", str(port), "--dtype", dtype, "--skip-tokenizer-init", "--logprobs-mode", logprobs_mode]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
-    return command + list(extra or [])
+    if kv_cache_gib is not None:  # in bytes: the CPU build's own setting counts whole GiB only
+        command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
+    # Hydra reads `launch_args=[--max-num-seqs,64]` as a string and an int: both are arguments
+    return command + [str(argument) for argument in extra or []]
 
 
-def serve_env(kv_cache_gib: float | None = None, extra: dict | None = None) -> dict:
+def serve_env(extra: dict | None = None) -> dict:
     """The environment a server needs: vLLM's development routes (pause, resume, the weights'
-    version and transfer) and, on a CPU, its KV cache's size."""
-    env = {"VLLM_SERVER_DEV_MODE": "1", **(extra or {})}
-    if kv_cache_gib is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
-    return env
+    version and transfer)."""
+    return {"VLLM_SERVER_DEV_MODE": "1", **(extra or {})}
+
+
+def _die_with_the_trainer() -> None:
+    """In the server's process before it runs: Linux sends it SIGTERM when the trainer that
+    started it dies, even by SIGKILL (where no atexit hook runs), so it is never left behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServerFleet:
@@ -78,10 +86,10 @@ class ServerFleet:
             port = free_port()
             command = serve_command(model_dir, port, **command_args)
             if cpu_sets:  # pinned apart from the trainer's cores (the benchmark does)
-                command = ["taskset", "-c", cpu_sets[index % len(cpu_sets)], *command]
+                command = ["taskset", "-c", str(cpu_sets[index % len(cpu_sets)]), *command]
             log = open(self.log_dir / f"server_{index}.log", "ab")
             self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                                   env={**os.environ, **env}))
+                                                   env={**os.environ, **env}, preexec_fn=_die_with_the_trainer))
             log.close()
             self.urls.append(f"http://127.0.0.1:{port}")
         for index, (url, process) in enumerate(zip(self.urls, self.processes)):

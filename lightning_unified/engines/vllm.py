@@ -95,7 +95,7 @@ class VLLMEngine(RolloutEngine):
         self.adapter: AdapterSlot | None = None
         self._base_loaded = False
 
-    def start(self, policy: nn.Module) -> None:
+    def start(self, policy: nn.Module, version: int = 0) -> None:
         vllm = import_vllm()
         model = base_model(policy)
         config = model.config.__class__.from_dict(model.config.to_dict())

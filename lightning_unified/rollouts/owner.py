@@ -139,7 +139,7 @@ class Rollouts:
             if self._started:
                 self.engine.sync(self.policy, version=int(optimizer_step))
             else:
-                self.engine.start(self.policy)  # starting loads the current weights
+                self.engine.start(self.policy, version=int(optimizer_step))  # starting loads the current weights
                 self._started = True
             self._synced_step = optimizer_step
             self._sync_seconds = time.perf_counter() - started

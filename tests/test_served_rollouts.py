@@ -1,0 +1,173 @@
+"""Training through real vLLM servers (``sampling.engine=server``, the CPU build on the
+loopback address): the servers sample exactly the trainer's weights after every push
+(``importance/mismatch_kl`` at float32's noise), every token carries the version that
+sampled it, two servers share the requests, at a lag of 1 with in-flight updates the
+producer's requests go on across a push, a killed server is left out while another is
+alive, and the run stops naming the URL of the last one, its last checkpoint intact. A
+server the run launches itself is stopped with it.
+
+Two servers serve the whole module; the last two tests kill them, one each."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from tests.conftest import require_vllm
+
+require_vllm()
+
+from lightning_unified.engines.transfer.client import ServerClient  # noqa: E402
+from lightning_unified.models.loading import build_policy  # noqa: E402
+from lightning_unified.module import UnifiedModule  # noqa: E402
+from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse  # noqa: E402
+from lightning_unified.tasks.addition import digit_match, exact_match  # noqa: E402
+from tests.lightning_helpers import tiny_datamodule  # noqa: E402
+from tests.test_vllm_engine import ENGINE_TINY  # noqa: E402
+from tests.transfer_helpers import push_server  # noqa: E402
+
+# float32 on both ends: the measured mismatch is 1e-13; a server a step behind is 1e-3 off
+MISMATCH_BOUND = 1e-6
+
+
+def policy_of(datamodule):
+    return build_policy(datamodule.tokenizer, config=ENGINE_TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Two servers of the tests' policy, started from its checkpoint (the first push gives
+    them the run's own weights anyway)."""
+    directory = tmp_path_factory.mktemp("served_rollouts")
+    model_dir = directory / "model"
+    policy_of(tiny_datamodule()).save_pretrained(model_dir)
+    started = []
+    try:
+        for index in range(2):
+            started.append(push_server(str(model_dir), directory / f"server_{index}",
+                                       extra_args=("--skip-tokenizer-init",)))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def served_module(server: dict, max_lag: int = 0) -> UnifiedModule:
+    datamodule = tiny_datamodule()
+    spec = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0, engine="server", max_lag=max_lag,
+                                      server={"timeout_s": 60, "push_timeout_s": 60, **server}),
+                    importance=Importance(ratio="truncated"))
+    return UnifiedModule(policy_of(datamodule), datamodule.tokenizer, spec,
+                         Sparse(rewards=[Reward(exact_match), Reward(digit_match)]),
+                         optimizer=functools.partial(torch.optim.SGD, lr=0.5), max_new_tokens=6)
+
+
+def train(module: UnifiedModule, run_dir: Path, steps: int, callbacks=(), checkpoints: bool = False) -> list[dict]:
+    """``steps`` optimizer steps; the logged rows (metrics.csv)."""
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        default_root_dir=run_dir, logger=CSVLogger(run_dir, name="", version=""),
+                        enable_checkpointing=checkpoints, callbacks=[
+                            *callbacks, *([ModelCheckpoint(run_dir / "checkpoints", every_n_train_steps=1,
+                                                           save_last=True)] if checkpoints else [])])
+    try:
+        trainer.fit(module, datamodule=tiny_datamodule())
+    finally:
+        module.rollouts.close()
+    return metric_rows(run_dir)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def values(rows: list[dict], name: str) -> list[float]:
+    return [float(row[name]) for row in rows if row.get(name)]
+
+
+class CountRequests(Callback):
+    """Each server's requests answered by the end of training (the engine forgets its
+    servers when it closes)."""
+
+    requests: dict[str, int] = {}
+
+    def on_train_end(self, trainer, module) -> None:
+        self.requests = {server.url: server.requests for server in module.rollouts.engine.servers}
+
+
+class KillAfterStep(Callback):
+    """SIGKILL a server's process group once the trainer has finished ``step`` steps."""
+
+    def __init__(self, pid: int, step: int):
+        self.pid, self.step = pid, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and self.pid is not None:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.pid = None
+
+
+def test_a_launched_server_samples_the_trainers_weights_and_stops_with_the_run(tmp_path) -> None:
+    """``launch=1``: the run starts its server (its log in the run directory), pushes every
+    step's weights, samples exactly them, and leaves no process behind."""
+    module = served_module({"launch": 1, "kv_cache_gib": 0.25})
+    rows = train(module, tmp_path, steps=3)
+    mismatch = values(rows, "importance/mismatch_kl")
+    assert len(mismatch) == 3 and max(mismatch) <= MISMATCH_BOUND, mismatch
+    assert values(rows, "sampling/lag") == [0.0, 0.0, 0.0]
+    assert values(rows, "sampling/server_failures") == [0.0, 0.0, 0.0]
+    model_bytes = sum(p.numel() * 4 for p in module.policy.parameters())  # ENGINE_TINY ties nothing
+    assert values(rows, "sampling/sync_mb") == [model_bytes / 2**20] * 3
+    log = tmp_path / "servers" / "server_0.log"
+    assert log.is_file() and "weight" in log.read_text(errors="replace").lower()
+    fleet_pids = [int(line.split()[0]) for line in os.popen("pgrep -f vllm.entrypoints.openai.api_server -a")
+                  if str(tmp_path) in line]
+    assert fleet_pids == [], f"the launched server outlived its run: {fleet_pids}"
+
+
+def test_two_servers_share_the_requests_and_in_flight_updates_keep_them_going(servers, tmp_path) -> None:
+    """At ``max_lag=1`` with ``update=in_flight`` the producer samples the next batch while
+    the trainer pushes: every token carries the version that sampled it, the lag per token
+    is at most 1, both servers answer, and each push leaves both at the step's version."""
+    urls = [server.url for server in servers]
+    module, counted = served_module({"urls": urls, "update": "in_flight"}, max_lag=1), CountRequests()
+    rows = train(module, tmp_path, steps=4, callbacks=[counted])
+    lags, lag_max = values(rows, "sampling/lag"), values(rows, "sampling/lag_max")
+    assert len(lags) == 4 and all(0 <= lag <= 1 for lag in lags) and max(lag_max) == 1, (lags, lag_max)
+    assert sum(lags) > 0, "from the second batch on, tokens were sampled a step before they trained"
+    # the stale batches, scored by the servers once they hold the step's weights: the same weights
+    mismatch = values(rows, "importance/mismatch_kl")
+    assert mismatch and max(mismatch) <= MISMATCH_BOUND, mismatch
+    # the last push was at the last batch's start (the weights after the last step sample nothing)
+    assert [ServerClient(url, 10).weight_version() for url in urls] == ["3", "3"]
+    assert sorted(counted.requests) == sorted(urls) and min(counted.requests.values()) > 0, counted.requests
+
+
+def test_two_servers_one_killed_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
+    urls = [server.url for server in servers]
+    module = served_module({"urls": urls})
+    rows = train(module, tmp_path, steps=3, callbacks=[KillAfterStep(servers[1].process.pid, step=1)])
+    assert values(rows, "sampling/server_failures")[-1] == 1.0
+    assert max(values(rows, "importance/mismatch_kl")) <= MISMATCH_BOUND
+    assert ServerClient(urls[0], 10).weight_version() == "2"  # pushed before the third batch's sampling
+
+
+def test_the_only_server_killed_stops_the_run_naming_it_with_its_checkpoint_intact(servers, tmp_path) -> None:
+    url = servers[0].url
+    module = served_module({"urls": [url]})
+    with pytest.raises(Exception, match=re.escape(url)):
+        train(module, tmp_path, steps=4, checkpoints=True, callbacks=[KillAfterStep(servers[0].process.pid, step=2)])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
