@@ -155,6 +155,38 @@ def test_two_servers_share_the_requests_and_in_flight_updates_keep_them_going(se
     assert sorted(counted.requests) == sorted(urls) and min(counted.requests.values()) > 0, counted.requests
 
 
+def test_two_ddp_processes_with_one_launched_server_give_the_one_process_update(tmp_path) -> None:
+    """DDP on 2 processes through one server that rank 0 launches: each rank sends its own
+    prompts, rank 0 alone pushes, once per version, and the update is the one process's
+    (the rows are identical: the most likely token only, read in order, as
+    tests/test_distributed_equivalence.py compares every layout)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_distributed_equivalence import GREEDY, SHARED
+    from tests.test_runs import read_metrics, run_script, train_in_its_layout
+
+    rl = ["experiment=rl", "signal.advantage=reinforce", "data_source.sampling.num_generations=2", *GREEDY, *SHARED]
+    train_in_its_layout([*rl, "trainer=cpu", "task.batch_size=8"], tmp_path / "one_process")
+    done = run_script(*rl, "trainer=ddp", "task.batch_size=4", "data_source.sampling.engine=server",
+                      "data_source.sampling.server.launch=1", "data_source.sampling.server.kv_cache_gib=0.25",
+                      f"hydra.run.dir={tmp_path / 'served'}", timeout=600)
+    pushes = re.findall(r"weights full push \(version (\d+)\)", done.stdout + done.stderr)
+    # each version once, by rank 0 alone (version 2: the last validation's answers)
+    assert pushes == ["0", "1", "2"], f"one push per version, by rank 0 alone: {pushes}"
+    rows = read_metrics(tmp_path / "served" / "metrics.csv")
+    validations = sum(1 for r in rows if r.get("val/exact_match"))
+    log = (tmp_path / "served" / "servers" / "server_0.log").read_text(errors="replace")
+    # 2 steps x 2 ranks x 4 prompts x 2 samples, and each validation's 16 greedy answers
+    assert log.count("POST /inference/v1/generate") == 2 * 2 * 4 * 2 + validations * 16
+    mismatch = [float(r["importance/mismatch_kl"]) for r in rows if r.get("importance/mismatch_kl")]
+    assert len(mismatch) == 2 and max(mismatch) <= MISMATCH_BOUND, mismatch
+    served, alone = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "policy").state_dict()
+                     for run in ("served", "one_process"))
+    for key in alone:
+        torch.testing.assert_close(served[key], alone[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert not [line for line in os.popen("pgrep -af vllm.entrypoints.openai.api_server") if str(tmp_path) in line]
+
+
 def test_two_servers_one_killed_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
     urls = [server.url for server in servers]
     module = served_module({"urls": urls})
