@@ -3,10 +3,11 @@ loopback address): the servers sample exactly the trainer's weights after every 
 (``importance/mismatch_kl`` at float32's noise), every token carries the version that
 sampled it, two servers share the requests, at a lag of 1 with in-flight updates the
 producer's requests go on across a push, a killed server is left out while another is
-alive, and the run stops naming the URL of the last one, its last checkpoint intact. A
-server the run launches itself is stopped with it.
+alive (one that hangs, here), and the run stops naming the URL of the last one when it
+dies, its last checkpoint intact. Two DDP processes with one server give the one-process
+update. A server the run launches itself is stopped with it.
 
-Two servers serve the whole module; the last two tests kill them, one each."""
+Two servers serve the whole module; the last two tests hang one and kill the other."""
 
 from __future__ import annotations
 
@@ -108,14 +109,15 @@ class CountRequests(Callback):
 
 
 class KillAfterStep(Callback):
-    """SIGKILL a server's process group once the trainer has finished ``step`` steps."""
+    """Signal a server's process group once the trainer has finished ``step`` steps: SIGKILL
+    (it dies) or SIGSTOP (it hangs: its connections open, nothing answered)."""
 
-    def __init__(self, pid: int, step: int):
-        self.pid, self.step = pid, step
+    def __init__(self, pid: int, step: int, sent: int = signal.SIGKILL):
+        self.pid, self.step, self.sent = pid, step, sent
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step and self.pid is not None:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, self.sent)
             self.pid = None
 
 
@@ -187,10 +189,12 @@ def test_two_ddp_processes_with_one_launched_server_give_the_one_process_update(
     assert not [line for line in os.popen("pgrep -af vllm.entrypoints.openai.api_server") if str(tmp_path) in line]
 
 
-def test_two_servers_one_killed_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
+def test_two_servers_one_hung_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
+    """A server that stops answering (SIGSTOP) is left out after its timeout (5 s here, on
+    its push or its requests), and the other takes its requests."""
     urls = [server.url for server in servers]
-    module = served_module({"urls": urls})
-    rows = train(module, tmp_path, steps=3, callbacks=[KillAfterStep(servers[1].process.pid, step=1)])
+    module = served_module({"urls": urls, "timeout_s": 5, "push_timeout_s": 5})
+    rows = train(module, tmp_path, steps=3, callbacks=[KillAfterStep(servers[1].process.pid, 1, signal.SIGSTOP)])
     assert values(rows, "sampling/server_failures")[-1] == 1.0
     assert max(values(rows, "importance/mismatch_kl")) <= MISMATCH_BOUND
     assert ServerClient(urls[0], 10).weight_version() == "2"  # pushed before the third batch's sampling
