@@ -72,7 +72,9 @@ class ServedEngine(RolloutEngine):
     transfer backend (``auto``: ``nccl`` on a GPU, ``lu_gloo`` on a CPU); ``bucket_mb`` the
     size of each bucket it sends. ``kv_cache_gib`` and ``launch_args``: a launched server's
     KV cache (CPU) and extra ``vllm serve`` arguments. ``model``: the served model's name for
-    requests (None: the server's only one; the adapter's name with LoRA)."""
+    requests (None: the server's only one; the adapter's name with LoRA). ``adapter_dir``: where
+    a LoRA policy's adapter is written at each push, a path every server can read (None: a
+    temporary directory on rank 0's machine)."""
 
     shares_weights = False
 
@@ -80,7 +82,7 @@ class ServedEngine(RolloutEngine):
                  urls: list[str] | tuple = (), launch: int = 0, update: str = "drain", timeout_s: float = 120.0,
                  push_timeout_s: float = 600.0, max_in_flight: int = 16, transfer: str = "auto", bucket_mb: int = 256,
                  kv_cache_gib: float | None = None, launch_args: list[str] | tuple = (), max_model_len: int | None = None,
-                 cpu_sets: list[str] | tuple = (), model: str | None = None):
+                 cpu_sets: list[str] | tuple = (), model: str | None = None, adapter_dir: str | None = None):
         from lightning_unified.engines.vllm import logprobs_mode
 
         # (servers given or started, one of the two: the rule served-engine-needs-servers)
@@ -101,7 +103,7 @@ class ServedEngine(RolloutEngine):
         self.timeout_s, self.push_timeout_s, self.max_in_flight = timeout_s, push_timeout_s, max_in_flight
         self.transfer, self.bucket_mb, self.kv_cache_gib = transfer, bucket_mb, kv_cache_gib
         self.launch_args, self.max_model_len, self.cpu_sets = list(launch_args), max_model_len, list(cpu_sets)
-        self.model = model
+        self.model, self.adapter_dir = model, adapter_dir
         self.lora = False  # a LoRA policy: its adapter alone moves at each push (set at start)
         self.servers: list[Server] = []
         self.fleet = None

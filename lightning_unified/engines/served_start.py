@@ -81,7 +81,7 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
         engine.model = engine.model or "policy"  # requests name the adapter the pusher loads
     pusher = WeightPusher(urls, backend=engine.transfer if engine.transfer != "auto" else "auto",
                           bucket_mb=engine.bucket_mb, timeout_s=engine.push_timeout_s, lora=bool(lora),
-                          adapter_name=engine.model or "policy")
+                          adapter_name=engine.model or "policy", adapter_dir=engine.adapter_dir)
     try:
         pusher.start(policy, rank=rank, world_size=world)
     except Exception:

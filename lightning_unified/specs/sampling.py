@@ -40,7 +40,7 @@ class Sampling:
     # enforce_eager, sleep, sleep_level (see lightning_unified.engines.vllm.VLLMEngine)
     vllm: dict = field(default_factory=dict)
     # the servers' settings: urls, launch, update, timeout_s, push_timeout_s, max_in_flight,
-    # transfer, bucket_mb, kv_cache_gib, launch_args, max_model_len, cpu_sets, model (see
+    # transfer, bucket_mb, kv_cache_gib, launch_args, max_model_len, cpu_sets, model, adapter_dir (see
     # lightning_unified.engines.served.ServedEngine)
     server: dict = field(default_factory=dict)
     # sync the engine's weights every this many optimizer steps; > 1 samples from stale
