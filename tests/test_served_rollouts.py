@@ -189,6 +189,28 @@ def test_two_ddp_processes_with_one_launched_server_give_the_one_process_update(
     assert not [line for line in os.popen("pgrep -af vllm.entrypoints.openai.api_server") if str(tmp_path) in line]
 
 
+def test_a_request_the_server_refuses_is_named_and_the_server_stays_in_use(servers) -> None:
+    """A prompt longer than the served context is the row's fault, not the server's: the error
+    names the server and the request, and the server is not left out (before, a refusal
+    counted as a server failure, and one bad row took every server out in turn)."""
+    from lightning_unified.engines.base import GenerationRequest
+    from lightning_unified.engines.served import ServedEngine
+
+    policy = policy_of(tiny_datamodule())
+    engine = ServedEngine(urls=[servers[0].url], timeout_s=30, push_timeout_s=30)
+    try:
+        engine.start(policy)
+        too_long = policy.config.max_position_embeddings + 1
+        request = GenerationRequest(max_new_tokens=4, stop_token_ids=(2,), pad_token_id=0, seed=1)
+        with pytest.raises(ValueError, match=re.escape(servers[0].url) + f".*{too_long} prompt tokens"):
+            engine.generate(policy, torch.full((1, too_long), 5), torch.ones(1, too_long, dtype=torch.long), request)
+        assert engine.server_failures == 0 and engine.servers[0].down is None
+        fine = engine.generate(policy, torch.full((1, 4), 5), torch.ones(1, 4, dtype=torch.long), request)
+        assert fine.response_mask.sum() > 0
+    finally:
+        engine.close()
+
+
 def test_two_servers_one_hung_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
     """A server that stops answering (SIGSTOP) is left out after its timeout (5 s here, on
     its push or its requests), and the other takes its requests."""

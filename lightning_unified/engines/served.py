@@ -176,6 +176,8 @@ class ServedEngine(RolloutEngine):
                     server.requests += 1
                 return answer, server
             except ServerError as error:
+                if error.refused_the_request:  # the row is at fault (too long, say), not the server
+                    raise ValueError(f"{error} (the request: {_describe(body)})") from None
                 self._leave_out(server, error)
                 if len(live) == 1:
                     raise ServerError(server.url, f"{error}; it was the only rollout server left, so the run stops "
@@ -216,6 +218,12 @@ class ServedEngine(RolloutEngine):
             return None
         scores = self.score(prompt_ids, prompt_mask, response_ids, response_mask, 0)
         return torch.where(response_mask.bool(), scores.token_logp.to(response_ids.device), 0.0)
+
+
+def _describe(body: dict) -> str:
+    """A request in a line: its prompt's length and its sampling settings."""
+    settings = {k: v for k, v in body.get("sampling_params", {}).items() if k != "seed"}
+    return f"{len(body.get('token_ids', []))} prompt tokens, {settings}"
 
 
 def _rollout(samples: list[Sampled], request: GenerationRequest, device: torch.device) -> Rollout:

@@ -6,46 +6,26 @@ timeout on every call; every failure is a :class:`ServerError` naming the URL.""
 
 from __future__ import annotations
 
-import http.client
-import json
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.engines.transfer.client import ServerClient, ServerError
+
+__all__ = ["GENERATE", "Sampled", "ServerError", "call", "generate_body", "read_prompt_logprobs", "read_sample", "row_seed",
+           "score_body"]
 
 GENERATE = "/inference/v1/generate"
-
-
-class ServerError(RuntimeError):
-    """A rollout server did not answer, or refused a request; ``url`` names it."""
-
-    def __init__(self, url: str, message: str):
-        super().__init__(f"rollout server {url}: {message}")
-        self.url = url
 
 
 def call(url: str, route: str, body: dict | None = None, *, timeout_s: float, method: str | None = None,
          query: dict | None = None) -> dict:
     """``route`` of the server at ``url``: POST ``body`` as JSON (GET without one), the
-    answer's JSON back; a refusal, a timeout or a dropped connection is a :class:`ServerError`."""
-    address = url + route + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(address, data=data, method=method or ("GET" if body is None else "POST"),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
-            text = answer.read()
-    except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")[:500]
-        raise ServerError(url, f"{route} answered {error.code}: {detail}") from None
-    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ServerError(url, f"{route} did not answer within {timeout_s:g} s ({type(error).__name__}: "
-                               f"{reason})") from None
-    return json.loads(text) if text else {}
+    answer's JSON object back ({} for none); a refusal, a timeout or a dropped connection is
+    a :class:`ServerError` naming the URL (the weight pusher's calls go the same way)."""
+    path = route + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    answer = ServerClient(url, timeout_s).call(method or ("GET" if body is None else "POST"), path, body)
+    return answer if isinstance(answer, dict) else {}
 
 
 def row_seed(seed: int, row: int) -> int:

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 
 class ServerError(RuntimeError):
-    """A server refused a call or did not answer it; ``url`` is the server's."""
+    """A server refused a call or did not answer it; ``url`` is the server's, ``status`` the
+    HTTP status of a refusal (None: no answer at all)."""
 
-    def __init__(self, url: str, message: str):
+    def __init__(self, url: str, message: str, status: int | None = None):
         super().__init__(message)
-        self.url = url
+        self.url, self.status = url, status
+
+    @property
+    def refused_the_request(self) -> bool:
+        """The server answered and refused what was asked (a 4xx other than a timeout or a
+        rate limit): the request is at fault, not the server."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
 
 
 class ServerClient:
@@ -47,8 +53,9 @@ class ServerClient:
             text = _message(error.read().decode(errors="replace"))[:2000]
             hint = (" (the weight-transfer and version routes need VLLM_SERVER_DEV_MODE=1 on the server)"
                     if error.code == 404 else "")
-            raise ServerError(self.url, f"{self.url} refused {method} {path} (HTTP {error.code}): {text}{hint}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as error:
+            raise ServerError(self.url, f"{self.url} refused {method} {path} (HTTP {error.code}): {text}{hint}",
+                              error.code) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
             waited = f" in {timeout:.0f} s" if timeout is not None else ""
             raise ServerError(self.url, f"{self.url} did not answer {method} {path}{waited}: "
