@@ -67,7 +67,7 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
                 urls = fleet.start(_model_dir(engine, policy), env=serve_env(env),
                                    command_args=dict(dtype=dtype, max_model_len=max_len,
                                                      logprobs_mode=engine.logprobs_mode,
-                                                     kv_cache_gib=engine.kv_cache_gib,
+                                                     kv_cache_gib=_launched_kv_cache_gib(engine.kv_cache_gib),
                                                      extra=[*flags, *engine.launch_args]),
                                    cpu_sets=engine.cpu_sets)
                 log.info("started %d rollout server(s) at %s (logs in %s)", len(urls), ", ".join(urls), fleet.log_dir)
@@ -89,6 +89,15 @@ def start_servers(engine, policy: nn.Module) -> tuple[list[str], ServerFleet | N
             fleet.stop()
         raise
     return urls, fleet, pusher
+
+
+def _launched_kv_cache_gib(kv_cache_gib: float | None) -> float | None:
+    """A launched server's KV cache: as set, else 1 GiB on a CPU, as the in-process engine's
+    (vLLM's own default there asks for 92% of the machine's memory and refuses to start
+    beside a trainer), and vLLM's share of the device on a GPU."""
+    if kv_cache_gib is not None:
+        return kv_cache_gib
+    return None if torch.cuda.is_available() else 1.0
 
 
 def _lora_rank(policy: nn.Module) -> int:

@@ -58,10 +58,10 @@ class BatchesAhead:
         # how long the trainer waited: the sampling that the training step did not hide
         host.log("sampling/wait_seconds", time.perf_counter() - started, batch_size=1)
         _check_same_prompts(rows, batch, batch_idx)
-        self._score_with_newest_weights(host, epoch, batch_idx, rows)
+        self._score_with_newest_weights(trainer, host, epoch, batch_idx, rows)
         return rows
 
-    def _score_with_newest_weights(self, host, epoch: int, batch_idx: int, rows: dict) -> None:
+    def _score_with_newest_weights(self, trainer, host, epoch: int, batch_idx: int, rows: dict) -> None:
         """A stale batch's tokens, scored by the engine once it holds this step's weights
         (queued in the producer before the next batch's sampling): against the behaviour
         log-probs that is the lag's share of the ratio (the same engine, older weights),
@@ -72,6 +72,10 @@ class BatchesAhead:
         self._scoring = None
         if rows["version"] >= step or (truncated and spec.behaviour == "sampled"):
             return  # nothing stale; or a behaviour the engine's plain log-probs are not
+        if not _logs_this_step(trainer):
+            # diagnostics only, and as costly as a prefill of every row (a second request per
+            # row on a server): made for the steps whose metrics Lightning records alone
+            return
         ids, mask = rows[fields.PROMPT_IDS], rows[fields.PROMPT_MASK]
         response, response_mask = rows[fields.RESPONSE_IDS], rows[fields.RESPONSE_MASK]
 
@@ -192,3 +196,9 @@ def _check_restored_prompts(restored: dict) -> None:
             raise ValueError(f"the checkpoint's rows sampled ahead for batch {batch_idx} of epoch {epoch} were sampled "
                              f"from other prompts than the batch it keeps for it: it was not written by this package, "
                              f"or was edited")
+
+
+def _logs_this_step(trainer) -> bool:
+    """Lightning records this training step's metrics (every ``log_every_n_steps``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
