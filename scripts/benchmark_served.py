@@ -69,10 +69,12 @@ MARKER = "LU_BENCHMARK_SERVED"
 # samples the next epoch's first batch in the step (nothing was sampled ahead of it)
 BATCHES_PER_EPOCH = 9000 // 64
 
+# every step logged (its figures), so no lag diagnostics: a run logging every 50 steps scores a
+# stale batch for them once in 50, and this one would on every step
 COMMON = ["experiment=rl", "trainer.log_every_n_steps=1", "save_policy=null", "validate_first=false",
-          "+trainer.limit_val_batches=0", "module.samples_every_n_steps=null", "+trainer.enable_progress_bar=false"]
+          "+trainer.limit_val_batches=0", "module.samples_every_n_steps=null", "+trainer.enable_progress_bar=false",
+          "data_source.sampling.lag_diagnostics=false"]
 SERVED = ["data_source.sampling.engine=server", "data_source.sampling.server.launch=1",
-          # vLLM's CPU default reserves 92% of the machine's memory for the KV cache
           "data_source.sampling.server.kv_cache_gib=1"]
 # name: (layout, overrides); layout "all" or "trainer" for the in-process engine, "served" else.
 # A name with "lag1" or "lag2" samples ahead (its wait is sampling/wait_seconds)

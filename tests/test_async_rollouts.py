@@ -266,20 +266,24 @@ def test_a_lag_needs_a_loader_with_a_length() -> None:
             module, train_dataloaders=torch.utils.data.DataLoader(Unsized(batches), batch_size=None))
 
 
-def test_stale_batches_are_scored_for_diagnostics_only_on_logged_steps(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("diagnostics,scorings", [("true", 2), ("false", 0)])
+def test_stale_batches_are_scored_for_diagnostics_only_on_logged_steps(diagnostics: str, scorings: int,
+                                                                       tmp_path: Path, monkeypatch) -> None:
     """The lag's diagnostics cost the engine a prefill of every row (a second request per row
-    on a server): made only on the steps whose metrics Lightning records. At lag 1 over 4
-    steps with log_every_n_steps=2, the stale batches are steps 1-3, and steps 1 and 3 are
-    logged: two scorings, not three (before: every stale step)."""
+    on a server): made only on the steps whose metrics Lightning records, and not at all with
+    lag_diagnostics=false. At lag 1 over 4 steps with log_every_n_steps=2, the stale batches
+    are steps 1-3, and steps 1 and 3 are logged: two scorings, not three (before: every stale
+    step)."""
     from lightning_unified.engines.hf import HFEngine
 
     calls = []
     scored = HFEngine.token_logp
     monkeypatch.setattr(HFEngine, "token_logp", lambda self, *a, **k: calls.append(1) or scored(self, *a, **k))
     cfg = compose_config([*METHODS["grpo"], "data_source.sampling.max_lag=1", "data_source.sampling.num_generations=2",
+                          f"data_source.sampling.lag_diagnostics={diagnostics}",
                           "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=2",
                           "save_policy=null", *FAST_TASK, "task.num_val=8", "task.val_batch_size=8"])
     train(cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.csv")
-    assert len(calls) == 2, calls
-    assert len([r for r in rows if r.get("importance/lag_kl")]) == 2
+    assert len(calls) == scorings, calls
+    assert len([r for r in rows if r.get("importance/lag_kl")]) == scorings

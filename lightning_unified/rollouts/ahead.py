@@ -72,7 +72,7 @@ class BatchesAhead:
         self._scoring = None
         if rows["version"] >= step or (truncated and spec.behaviour == "sampled"):
             return  # nothing stale; or a behaviour the engine's plain log-probs are not
-        if not _logs_this_step(trainer):
+        if not spec.lag_diagnostics or not _logs_this_step(trainer):
             # diagnostics only, and as costly as a prefill of every row (a second request per
             # row on a server): made for the steps whose metrics Lightning records alone
             return

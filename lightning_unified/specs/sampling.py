@@ -54,6 +54,10 @@ class Sampling:
     # the producer thread's torch intra-op threads (null: torch's default); with max_lag,
     # splits a CPU's cores between sampling and training
     producer_threads: int | None = None
+    # with max_lag, the engine scores each stale batch with the newest weights on the steps
+    # Lightning logs (importance/lag_kl and the stale batch's mismatch_kl); false spares the
+    # engine that prefill of every row
+    lag_diagnostics: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "data_source.sampling")
