@@ -31,7 +31,7 @@ require_vllm()
 from lightning_unified.engines.transfer.client import ServerClient  # noqa: E402
 from lightning_unified.models.loading import build_policy  # noqa: E402
 from lightning_unified.module import UnifiedModule  # noqa: E402
-from lightning_unified.specs import Importance, OnPolicy, Reward, Sampling, Sparse  # noqa: E402
+from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse  # noqa: E402
 from lightning_unified.tasks.addition import digit_match, exact_match  # noqa: E402
 from tests.lightning_helpers import tiny_datamodule  # noqa: E402
 from tests.test_vllm_engine import ENGINE_TINY  # noqa: E402
@@ -209,6 +209,29 @@ def test_a_request_the_server_refuses_is_named_and_the_server_stays_in_use(serve
         assert fine.response_mask.sum() > 0
     finally:
         engine.close()
+
+
+def test_a_self_teacher_scored_by_the_servers_is_scored_by_the_policy(servers, tmp_path) -> None:
+    """On-policy self-distillation with ``teacher.engine=vllm`` through a server: the server
+    holds this step's weights (pushed for the sampling), so its log-probs of the context
+    prompt are the policy's forward's, and the run trains as the one scored by the policy."""
+    policies = {}
+    for engine in ("vllm", "hf"):
+        datamodule = tiny_datamodule()
+        spec = OnPolicy(sampling=Sampling(num_generations=2, temperature=1.0, engine="server",
+                                          server={"urls": [servers[0].url], "timeout_s": 60}),
+                        importance=Importance(ratio="none"))
+        module = UnifiedModule(policy_of(datamodule), datamodule.tokenizer, spec,
+                               Dense(teacher="self", teacher_context="{reference}={prompt}", engine=engine,
+                                     divergence="sampled_reverse_kl"),
+                               optimizer=functools.partial(torch.optim.SGD, lr=0.5), max_new_tokens=6)
+        train(module, tmp_path / engine, steps=3)
+        policies[engine] = module.policy
+    moved = max((a - b).abs().max().item() for a, b in zip(policies["hf"].parameters(),
+                                                            policy_of(tiny_datamodule()).parameters()))
+    assert moved > 1e-3, "the steps moved the policy"
+    for (name, a), b in zip(policies["hf"].named_parameters(), policies["vllm"].parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name}: server-scored and forward-scored differ")
 
 
 def test_two_servers_one_hung_the_run_goes_on_and_counts_it(servers, tmp_path) -> None:
