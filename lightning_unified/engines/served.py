@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -52,16 +52,6 @@ class Server:
     version: int | None = None  # the version of the weights it holds (None: none pushed)
     down: str | None = None  # why it is left out of sampling
     requests: int = 0
-
-
-@dataclass
-class PushRecord:
-    """What the latest push moved, for the run's log."""
-
-    version: int
-    bytes: int = 0
-    seconds: float = 0.0
-    servers: list[str] = field(default_factory=list)
 
 
 class ServedEngine(RolloutEngine):
@@ -109,7 +99,7 @@ class ServedEngine(RolloutEngine):
         self.fleet = None
         self.pusher = None
         self.server_failures = 0  # servers left out since the start (sampling/server_failures)
-        self.last_push: PushRecord | None = None
+        self.last_push = None  # the latest push's PushRecord (served_start)
         self._turn = itertools.count()
         self._lock = threading.Lock()
 

@@ -7,6 +7,7 @@ trainer's thread, at the same step on every rank (the rollout owner's sync sched
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,16 @@ from lightning_unified.engines.server_fleet import ServerFleet, serve_env
 from lightning_unified.engines.server_requests import ServerError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PushRecord:
+    """What the latest push moved, for the run's log."""
+
+    version: int
+    bytes: int = 0
+    seconds: float = 0.0
+    servers: list[str] = field(default_factory=list)
 
 
 def _rank() -> tuple[int, int]:
@@ -114,7 +125,6 @@ def push_to_servers(engine, policy: nn.Module, version: int):
     requests have come back first, and each server drains its own; in flight: each server
     freezes its requests and goes on with them after. A server the push failed on is left out
     of sampling (the pusher left it paused): none is sampled with half its weights."""
-    from lightning_unified.engines.served import PushRecord
     from lightning_unified.engines.transfer import WeightPushError
 
     _, world = _rank()
