@@ -12,18 +12,19 @@ with the version of the weights that sampled it.
   the new weights, so a batch comes from one version. ``update=in_flight`` (PipelineRL's):
   the servers pause their requests without aborting them, take the new weights and go on;
   the tokens after the push come from the new weights, and their behaviour log-probs say so.
-- **Faults.** A request that fails or times out is retried on another server, and the
-  server that failed is left out (``sampling/server_failures``); with no server left the
+- **Faults.** A request that fails or times out, or whose answer the server cut short
+  (``finish_reason`` "abort") or did not label with a pushed version, is retried on another
+  server, and the server that failed is left out (``sampling/server_failures``); with no server left the
   run stops, naming each URL and its error (the last checkpoint is untouched). A push that
   fails leaves its server out of sampling: none is ever sampled with half its weights.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -154,14 +155,17 @@ class ServedEngine(RolloutEngine):
                 self.server_failures += 1
                 log.error("rollout server %s is left out of sampling: %s", server.url, error)
 
-    def _ask(self, body: dict, start: int) -> tuple[dict, Server]:
+    def _ask(self, body: dict, start: int, read) -> tuple[object, Server]:
         """``body`` on a live server (the one whose turn ``start`` is), then on each other live
-        one when it fails: a failed server is left out. Raises when none answers."""
+        one when it fails: a failed server is left out. ``read(answer, url)`` reads the
+        answer; an answer it refuses as the server's fault (a row cut short, tokens of no
+        pushed version) fails that server too, and the row is asked again elsewhere. Raises
+        when none answers."""
         while True:
             live = self._live()
             server = live[start % len(live)]
             try:
-                answer = call(server.url, GENERATE, body, timeout_s=self.timeout_s)
+                answer = read(call(server.url, GENERATE, body, timeout_s=self.timeout_s), server.url)
                 with self._lock:
                     server.requests += 1
                 return answer, server
@@ -174,20 +178,21 @@ class ServedEngine(RolloutEngine):
                                                   f"(its last checkpoint is intact: resume=true once a server is back)"
                                       ) from None
 
-    def _rows(self, bodies: list[dict]) -> list[tuple[dict, Server]]:
-        """Every body answered, spread over the live servers, ``max_in_flight`` open per server."""
+    def _rows(self, bodies: list[dict], read) -> list[tuple[object, Server]]:
+        """Every body answered and read, spread over the live servers, ``max_in_flight`` open
+        per server. The requests run in daemon threads: a run that fails or ends while they
+        are open exits without waiting for answers nobody will read (a thread pool's workers
+        would be joined at exit, each up to ``timeout_s`` per server tried)."""
         first = next(self._turn)
         workers = max(1, min(len(bodies), self.max_in_flight * len(self._live())))
-        with ThreadPoolExecutor(workers, thread_name_prefix="rollout-request") as pool:
-            return list(pool.map(lambda item: self._ask(item[1], first + item[0]), enumerate(bodies)))
+        return in_daemon_threads(lambda index: self._ask(bodies[index], first + index, read), len(bodies), workers)
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         bodies = [generate_body(prompt, request, row, self.model) for row, prompt in enumerate(prompts)]
-        answers = self._rows(bodies)
-        samples = [read_sample(answer, server.url, with_logp=not request.greedy) for answer, server in answers]
-        return _rollout(samples, request, prompt_ids.device)
+        answers = self._rows(bodies, functools.partial(read_sample, with_logp=not request.greedy))
+        return _rollout([sample for sample, _ in answers], request, prompt_ids.device)
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int) -> TeacherScores:
@@ -195,7 +200,7 @@ class ServedEngine(RolloutEngine):
             raise ValueError("signal.teacher=self scored by sampling.engine=server with a LoRA policy: vLLM cannot "
                              "score prompts under an adapter (vllm-project/vllm#16668); set teacher.engine=hf")
         rows, starts = sequences(prompt_ids, prompt_mask, response_ids, response_mask)
-        answers = self._rows([score_body(row, top_k, self.model) for row in rows])
+        answers = self._rows([score_body(row, top_k, self.model) for row in rows], _as_is)
         positions = [read_prompt_logprobs(answer, start) for (answer, _), start in zip(answers, starts)]
         tokens = [row[start:] for row, start in zip(rows, starts)]
         return scores_from_positions(positions, tokens, response_ids.shape[1], top_k, "the rollout servers")
@@ -208,6 +213,38 @@ class ServedEngine(RolloutEngine):
             return None
         scores = self.score(prompt_ids, prompt_mask, response_ids, response_mask, 0)
         return torch.where(response_mask.bool(), scores.token_logp.to(response_ids.device), 0.0)
+
+
+def _as_is(answer: dict, url: str) -> dict:
+    return answer
+
+
+def in_daemon_threads(work, count: int, workers: int) -> list:
+    """``[work(0), ..., work(count - 1)]``, run by ``workers`` daemon threads; the first
+    failure (in index order) is raised once every item has ended, as ``pool.map`` would."""
+    results, errors, items = [None] * count, [None] * count, iter(range(count))
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                index = next(items, None)
+            if index is None:
+                return
+            try:
+                results[index] = work(index)
+            except BaseException as error:  # raised below, in the caller's thread
+                errors[index] = error
+
+    threads = [threading.Thread(target=run, daemon=True, name="rollout-request") for _ in range(min(workers, count))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = next((error for error in errors if error is not None), None)
+    if failed is not None:
+        raise failed
+    return results
 
 
 def _describe(body: dict) -> str:

@@ -72,11 +72,22 @@ class Sampled:
     versions: list[int]
 
 
+# how a whole row ends: a stop token, or max_tokens. Anything else ("abort": the server was
+# paused with mode=abort, as a failed push leaves it, or the request was aborted) is a row cut short
+FINISHED = ("stop", "length")
+
+
 def read_sample(answer: dict, url: str, with_logp: bool) -> Sampled:
-    """The one choice of a ``/inference/v1/generate`` answer. A token sampled by weights that
-    carry no version of ours (``default``: the server's own, never pushed) is refused."""
+    """The one choice of a ``/inference/v1/generate`` answer. A row the server cut short
+    (``finish_reason`` "abort") and a token sampled by weights that carry no version of ours
+    (``default``: the server's own, never pushed; or none at all) are refused: each is the
+    server's fault, and the row is asked again elsewhere."""
     choice = answer["choices"][0]
     tokens = choice.get("token_ids") or []
+    if choice.get("finish_reason") not in FINISHED:
+        raise ServerError(url, f"{url} ended a row after {len(tokens)} tokens with finish_reason "
+                               f"{choice.get('finish_reason')!r}, not a stop token or max_tokens: it was cut short "
+                               f"(the server was paused with mode=abort, or the request aborted)")
     logprobs = None
     if with_logp:
         content = (choice.get("logprobs") or {}).get("content") or []
@@ -84,8 +95,12 @@ def read_sample(answer: dict, url: str, with_logp: bool) -> Sampled:
             raise ServerError(url, f"returned {len(content)} log-probs for {len(tokens)} tokens (is it a vLLM server "
                                    f"started with --enable-scale-out?)")
         logprobs = [entry["logprob"] for entry in content]
+    spans = choice.get("weight_versions")
+    if tokens and not spans:
+        raise ServerError(url, f"{url} returned {len(tokens)} tokens without the weight versions that sampled them (is "
+                               f"it a vLLM server started with --enable-scale-out?)")
     versions = [0] * len(tokens)
-    for span in choice.get("weight_versions") or []:
+    for span in spans or []:
         try:
             version = int(span["version"])
         except (TypeError, ValueError):

@@ -1,0 +1,130 @@
+"""What the served engine does with a server's answers, against local HTTP servers that answer
+``/inference/v1/generate`` in vLLM's shape (the shape a real server gave in review: a request
+running when the server was paused with ``mode=abort`` came back with HTTP 200,
+``finish_reason: "abort"`` and the tokens sampled so far). No vLLM here: the engine's
+servers are set directly, without its weight push.
+
+- A row a server cut short is that server's fault: it is asked again on another server and
+  the one that cut it is left out (before: the short row was trained on as a whole reply).
+- Tokens without the versions that sampled them are refused (before: version 0, silently).
+- A run that ends while requests are open exits without waiting for them (before: the
+  request pool's threads were joined at exit, each request up to ``timeout_s``)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from lightning_unified.engines.base import GenerationRequest
+from lightning_unified.engines.served import ServedEngine, Server
+from lightning_unified.engines.server_requests import ServerError
+
+
+def answer(tokens: list[int], finish_reason: str, versions: bool = True) -> dict:
+    """One choice as vLLM's token-in token-out route returns it."""
+    choice = {"index": 0, "token_ids": tokens, "finish_reason": finish_reason,
+              "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": -1.0} for t in tokens]},
+              "weight_versions": [{"version": "3", "start": 0, "end": len(tokens)}] if versions else None}
+    return {"request_id": "r", "choices": [choice]}
+
+
+class Answering:
+    """A local HTTP server that answers every POST with ``body`` (after ``delay_s``)."""
+
+    def __init__(self, body: dict, delay_s: float = 0.0):
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(delay_s)
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                outer.answered += 1
+
+            def log_message(self, *args):
+                pass
+
+        self.answered = 0
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def engine_of(*servers: Answering, timeout_s: float = 10) -> ServedEngine:
+    engine = ServedEngine(urls=[s.url for s in servers], timeout_s=timeout_s)
+    engine.servers = [Server(s.url) for s in servers]
+    return engine
+
+
+REQUEST = GenerationRequest(max_new_tokens=4, stop_token_ids=(2,), pad_token_id=0, seed=1)
+
+
+def generate(engine: ServedEngine, rows: int):
+    prompts = torch.full((rows, 3), 5)
+    return engine.generate(None, prompts, torch.ones_like(prompts), REQUEST)
+
+
+def test_a_row_a_server_cut_short_is_asked_again_on_another_and_that_server_left_out() -> None:
+    cutting, whole = Answering(answer([7, 8, 9], "abort")), Answering(answer([4, 5, 6, 7], "length"))
+    try:
+        engine = engine_of(cutting, whole)
+        rollout = generate(engine, rows=4)
+        # every row whole (4 tokens, max_new_tokens), from the server that did not cut it
+        assert rollout.response_mask.sum(-1).tolist() == [4, 4, 4, 4]
+        assert engine.servers[0].down is not None and "finish_reason 'abort'" in engine.servers[0].down
+        assert engine.server_failures == 1 and engine.servers[1].requests == 4
+    finally:
+        cutting.close(), whole.close()
+
+
+def test_the_only_server_cutting_rows_short_stops_the_run_naming_it() -> None:
+    cutting = Answering(answer([7, 8, 9], "abort"))
+    try:
+        with pytest.raises(ServerError, match=f"{cutting.url}.*finish_reason 'abort'"):
+            generate(engine_of(cutting), rows=1)
+    finally:
+        cutting.close()
+
+
+def test_tokens_without_the_versions_that_sampled_them_are_refused() -> None:
+    unlabelled = Answering(answer([4, 5, 6, 7], "length", versions=False))
+    try:
+        with pytest.raises(ServerError, match=f"{unlabelled.url} returned 4 tokens without the weight versions"):
+            generate(engine_of(unlabelled), rows=1)
+    finally:
+        unlabelled.close()
+
+
+def test_a_run_that_ends_with_requests_open_exits_without_waiting_for_them() -> None:
+    """The producer's job runs in a daemon thread; its requests must not hold the process at
+    exit (a server that takes 60 s to answer here, within the request's timeout)."""
+    child = textwrap.dedent("""
+        import threading, time
+        from tests.test_served_answers import Answering, answer, engine_of, generate
+        slow = Answering(answer([4, 5, 6, 7], "length"), delay_s=60)
+        threading.Thread(target=generate, args=(engine_of(slow, timeout_s=90), 4), daemon=True).start()
+        time.sleep(1)
+        print(time.monotonic(), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    ended = time.monotonic()
+    assert done.returncode == 0, done.stderr[-2000:]
+    main_done = float(done.stdout.strip().splitlines()[-1])
+    assert ended - main_done < 20, f"the process exited {ended - main_done:.0f} s after its main thread ended"
