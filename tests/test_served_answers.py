@@ -37,12 +37,18 @@ def answer(tokens: list[int], finish_reason: str, versions: bool = True) -> dict
 
 
 class Answering:
-    """A local HTTP server that answers every POST with ``body`` (after ``delay_s``)."""
+    """A local HTTP server that answers every POST with ``body`` (after ``delay_s``), and with
+    ``healthy`` a GET of ``/health`` at once (as a live vLLM server does)."""
 
-    def __init__(self, body: dict, delay_s: float = 0.0):
+    def __init__(self, body: dict, delay_s: float = 0.0, healthy: bool = False):
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if healthy and self.path == "/health" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 time.sleep(delay_s)
@@ -128,3 +134,23 @@ def test_a_run_that_ends_with_requests_open_exits_without_waiting_for_them() -> 
     assert done.returncode == 0, done.stderr[-2000:]
     main_done = float(done.stdout.strip().splitlines()[-1])
     assert ended - main_done < 20, f"the process exited {ended - main_done:.0f} s after its main thread ended"
+
+
+def test_a_healthy_server_slower_than_the_timeout_is_not_left_out() -> None:
+    """A reply that takes longer than ``timeout_s`` on a server that answers ``/health`` is
+    the timeout's fault: the error says to raise it, and the server stays in use (before:
+    it was left out, the row asked of the next server, as busy, until none was left). A
+    server that answers nothing is left out as before."""
+    slow = Answering(answer([4, 5, 6, 7], "length"), delay_s=3, healthy=True)
+    silent = Answering(answer([4, 5, 6, 7], "length"), delay_s=3)
+    try:
+        engine = engine_of(slow, timeout_s=1)
+        with pytest.raises(ServerError, match=f"{slow.url}.*answers /health.*timeout_s=1 there; raise it"):
+            generate(engine, rows=1)
+        assert engine.servers[0].down is None and engine.server_failures == 0
+        engine = engine_of(silent, timeout_s=1)
+        with pytest.raises(ServerError, match="only rollout server left"):
+            generate(engine, rows=1)
+        assert engine.servers[0].down is not None and engine.server_failures == 1
+    finally:
+        slow.close(), silent.close()

@@ -172,6 +172,12 @@ class ServedEngine(RolloutEngine):
             except ServerError as error:
                 if error.refused_the_request:  # the row is at fault (too long, say), not the server
                     raise ValueError(f"{error} (the request: {_describe(body)})") from None
+                if error.status is None and _healthy(server.url):
+                    # alive, only slower than the timeout: leaving it out would take every
+                    # server out in turn, each as busy as the last
+                    raise ServerError(server.url, f"{error}, yet it answers /health: a reply takes longer than "
+                                                  f"sampling.server.timeout_s={self.timeout_s:g} there; raise it"
+                                      ) from None
                 self._leave_out(server, error)
                 if len(live) == 1:
                     raise ServerError(server.url, f"{error}; it was the only rollout server left, so the run stops "
@@ -217,6 +223,15 @@ class ServedEngine(RolloutEngine):
 
 def _as_is(answer: dict, url: str) -> dict:
     return answer
+
+
+def _healthy(url: str) -> bool:
+    """The server answers ``/health`` within 5 s: alive, its engine running."""
+    try:
+        call(url, "/health", timeout_s=5.0)
+        return True
+    except ServerError:
+        return False
 
 
 def in_daemon_threads(work, count: int, workers: int) -> list:

@@ -130,6 +130,9 @@ def push_to_servers(engine, policy: nn.Module, version: int):
     _, world = _rank()
     if world > 1 and not engine.updates_in_flight:
         torch.distributed.barrier()  # drained: every rank's producer is idle before the push
+    for server in engine.servers:  # rank 0's view drives the push (its targets are shared)
+        if server.down is not None:
+            engine.pusher.leave_out(server.url, server.down)
     try:
         stats = engine.pusher.push(policy, version, pause="keep" if engine.updates_in_flight else "wait")
     except WeightPushError as error:

@@ -23,9 +23,10 @@ class ServerError(RuntimeError):
 
     @property
     def refused_the_request(self) -> bool:
-        """The server answered and refused what was asked (a 4xx other than a timeout or a
-        rate limit): the request is at fault, not the server."""
-        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+        """The server answered and refused what was asked (a 4xx other than a timeout, a rate
+        limit or a 404, which a server restarted without the run's adapter answers): the
+        request is at fault, not the server."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (404, 408, 429)
 
 
 class ServerClient:

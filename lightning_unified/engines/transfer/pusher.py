@@ -21,6 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 from vllm.distributed.weight_transfer.base import WeightSource
 
@@ -168,6 +169,7 @@ class WeightPusher:
         :class:`WeightPushError` if any server failed; returns the stats otherwise."""
         if pause not in PAUSE_MODES:
             raise ValueError(f"pause must be one of {PAUSE_MODES}, got {pause!r}")
+        _finish_device_work(policy)
         problem = None
         if self.rank == 0 and not self.servers:
             problem = "WeightPusher.push before start()"
@@ -247,6 +249,8 @@ class WeightPusher:
                     if pause is not None:
                         server.client.pause(pause)
                     server.load_adapter(self.adapter_name, str(directory), str(version))
+                    if pause == "keep":  # the frozen requests' keys and values are the old adapter's
+                        server.client.call("POST", "/reset_prefix_cache?reset_running_requests=true")
                     if pause is not None:
                         server.client.resume()
             self._forget_old_adapters()
@@ -287,6 +291,16 @@ class WeightPusher:
         # if it drops it from its CPU cache
         while len(self._adapter_versions) > 2:
             shutil.rmtree(self._adapter_versions.pop(0), ignore_errors=True)
+
+    def leave_out(self, url: str, why: str) -> None:
+        """A server the sampling found dead or hung: later pushes skip it (not paused: one
+        that hangs would hold the push for its timeout)."""
+        server = self.servers.get(url.rstrip("/"))
+        if server is not None and server.failure is None:
+            server.failure = why
+            if server.engine is not None:
+                server.engine.shutdown()
+                server.engine = None
 
     # --- state -------------------------------------------------------------------------------
     @property
@@ -334,6 +348,15 @@ class _TrackedSource(WeightSource):
         for _ in self._live if self._live is not None else self.inner:
             pass
         self._live = iter(())
+
+
+def _finish_device_work(policy: nn.Module) -> None:
+    """On a GPU, the optimizer step's kernels finished before the push reads the weights:
+    vLLM's sender gathers and casts them on side streams of its own, which do not wait for
+    the trainer's stream (a server could hold half-updated weights under the new version)."""
+    parameter = next(policy.parameters(), None)
+    if parameter is not None and parameter.device.type == "cuda":
+        torch.cuda.current_stream(parameter.device).synchronize()
 
 
 @contextlib.contextmanager
