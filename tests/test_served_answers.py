@@ -57,7 +57,10 @@ class Answering:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the engine stopped waiting (its timeout): expected here
+                    return
                 outer.answered += 1
 
             def log_message(self, *args):
