@@ -18,8 +18,8 @@ def launch(directory: Path, model_dir: str, server_cpus: str, lora_rank: int | N
     fleet = ServerFleet(directory, 1)
     flags, env = server_flags("lu_gloo", lora_rank)
     started = time.perf_counter()
-    (url,) = fleet.start(model_dir, command_args=dict(dtype="float32", max_model_len=512, extra=flags),
-                         env={**serve_env(1), **env}, cpu_sets=[server_cpus])
+    (url,) = fleet.start(model_dir, command_args=dict(dtype="float32", max_model_len=512, kv_cache_gib=1, extra=flags),
+                         env=serve_env(env), cpu_sets=[server_cpus])
     return fleet, url, time.perf_counter() - started
 
 
