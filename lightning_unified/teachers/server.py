@@ -9,17 +9,13 @@ checkpoint is untouched, so ``resume=true`` continues once the server is back.""
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from torch import Tensor
 
+from lightning_unified.engines.transfer.client import ServerClient, ServerError
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
 
 log = logging.getLogger(__name__)
@@ -149,24 +145,19 @@ class ServedTeacher:
 
     # --- one request, retried ------------------------------------------------------------------
     def _request(self, method: str, path: str, payload: dict | None = None, retry: bool = True) -> dict:
-        url = f"{self.url}{path}"
-        data = json.dumps(payload).encode() if payload is not None else None
         attempts = self.retries + 1 if retry else 1
         began, problem = time.monotonic(), ""
         for attempt in range(attempts):
-            request = urllib.request.Request(url, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                    return json.loads(answer.read())
-            except urllib.error.HTTPError as error:
-                body = error.read().decode(errors="replace")[:1000]
-                if error.code < 500 and error.code != 429:  # the request is wrong: asking again will not help
-                    raise TeacherServerError(f"{self.name} refused {method} {path} (HTTP {error.code}): {body}") from None
-                problem = f"HTTP {error.code}: {body}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException,
-                    json.JSONDecodeError) as error:
-                problem = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+            try:  # the package's one HTTP caller (each call bounded, each failure naming the URL)
+                answer = ServerClient(self.url, self.timeout_s).call(method, path, payload)
+                if isinstance(answer, dict):
+                    return answer
+                problem = f"an answer that is no JSON object: {str(answer)[:200]!r}"
+            except ServerError as error:
+                if error.status is not None and error.status < 500 and error.status != 429:
+                    # the request is wrong: asking again will not help
+                    raise TeacherServerError(f"{self.name}: {error}") from None
+                problem = str(error)
             if attempt + 1 < attempts:
                 wait = self.backoff_s * 2 ** attempt
                 log.warning("%s: %s %s failed (attempt %d of %d: %s); retrying in %.1f s", self.name, method, path,
