@@ -131,19 +131,45 @@ def rank_rows(path: Path, rank: int) -> dict[int, dict]:
     return by_batch
 
 
+@pytest.fixture
+def rollout_server(request, tmp_path: Path):
+    """For the ``ddp_served`` layout: one vLLM server of the built-in RL task's starting policy,
+    started by the test and given to every run by its URL, so that it outlives the killed
+    run, as a fleet started apart from the trainer does; None for the in-process layouts."""
+    if not request.node.callspec.params["trainer"].endswith("_served"):
+        yield None
+        return
+    from tests.conftest import require_vllm
+    require_vllm()
+    from lightning_unified.tasks.addition import checkpoint_path
+    from tests.transfer_helpers import push_server
+    server = push_server(checkpoint_path("rl_start"), tmp_path / "server", extra_args=("--skip-tokenizer-init",))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 # trainer=fsdp2_cpu passes too (its distributed checkpoint keeps the rollouts in rank 0's
-# meta.pt; about 50 s on a 2-core CPU), left out to keep the suite's time
-@pytest.mark.parametrize("trainer", ["ddp"])
-def test_two_processes_killed_and_resumed_at_lag_2_keep_each_ranks_batches_ahead(trainer: str, tmp_path: Path) -> None:
+# meta.pt; about 50 s on a 2-core CPU), left out to keep the suite's time. ddp_served: the
+# same through one vLLM server the runs share, which the killed run leaves behind
+@pytest.mark.parametrize("trainer", ["ddp", pytest.param("ddp_served", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="the vllm extra"))])
+def test_two_processes_killed_and_resumed_at_lag_2_keep_each_ranks_batches_ahead(trainer: str, rollout_server,
+                                                                                  tmp_path: Path) -> None:
     """2 processes at max_lag=2, killed after step 2's checkpoint (which holds batches 2 and 3
     sampled ahead on each rank) and resumed: the same train/loss rows as a run never
     stopped, and each rank trains on its own rows (not rank 0's). The checkpoint then refuses
-    a resume on 1 process, naming both sizes."""
+    a resume on 1 process, naming both sizes. Served, the resumed run takes over the server
+    the killed one left (its weights pushed again, at the checkpoint's version)."""
+    served = [] if rollout_server is None else [
+        "data_source.sampling.engine=server", f"data_source.sampling.server.urls=[{rollout_server}]"]
+    trainer = trainer.removesuffix("_served")
     common = ["experiment=rl", "data_source.sampling.max_lag=2", "data_source.sampling.num_generations=2",
               "trainer.max_steps=4", "checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
               "validate_first=false", "trainer.val_check_interval=4", "save_policy=null",
               "module.samples_every_n_steps=null", "task.num_train=64", "task.batch_size=4", "task.num_val=8",
-              "task.val_batch_size=8"]
+              "task.val_batch_size=8", *served]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, in every rank
 
     def record(name: str) -> str:

@@ -7,6 +7,7 @@ servers are set directly, without its weight push.
 - A row a server cut short is that server's fault: it is asked again on another server and
   the one that cut it is left out (before: the short row was trained on as a whole reply).
 - Tokens without the versions that sampled them are refused (before: version 0, silently).
+- A prompt's samples go in one request; an answer with fewer samples than asked is refused.
 - A run that ends while requests are open exits without waiting for them (before: the
   request pool's threads were joined at exit, each request up to ``timeout_s``)."""
 
@@ -37,10 +38,11 @@ def answer(tokens: list[int], finish_reason: str, versions: bool = True) -> dict
 
 
 class Answering:
-    """A local HTTP server that answers every POST with ``body`` (after ``delay_s``), and with
+    """A local HTTP server that answers every POST with ``body`` (after ``delay_s``), its
+    choice repeated for each sample the request asks for (``honours_n``), and with
     ``healthy`` a GET of ``/health`` at once (as a live vLLM server does)."""
 
-    def __init__(self, body: dict, delay_s: float = 0.0, healthy: bool = False):
+    def __init__(self, body: dict, delay_s: float = 0.0, healthy: bool = False, honours_n: bool = True):
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -50,9 +52,12 @@ class Answering:
                 self.end_headers()
 
             def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
+                asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(delay_s)
-                data = json.dumps(body).encode()
+                # a choice per sample asked for, as vLLM's (or one, as a server that ignores n)
+                samples = asked.get("sampling_params", {}).get("n", 1) if honours_n else 1
+                data = json.dumps({**body, "choices": [{**body["choices"][0], "index": index}
+                                                       for index in range(samples)]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -86,7 +91,7 @@ REQUEST = GenerationRequest(max_new_tokens=4, stop_token_ids=(2,), pad_token_id=
 
 
 def generate(engine: ServedEngine, rows: int):
-    prompts = torch.full((rows, 3), 5)
+    prompts = 5 + torch.arange(rows)[:, None].expand(rows, 3)  # one prompt per row: a request each
     return engine.generate(None, prompts, torch.ones_like(prompts), REQUEST)
 
 
@@ -110,6 +115,21 @@ def test_the_only_server_cutting_rows_short_stops_the_run_naming_it() -> None:
             generate(engine_of(cutting), rows=1)
     finally:
         cutting.close()
+
+
+def test_a_prompts_samples_are_one_request_and_fewer_answers_than_asked_are_refused() -> None:
+    """The rows of one prompt go in one request (``n`` of them); a server that answers with
+    fewer samples than asked is at fault, never trained on as if the rows were all there."""
+    ignoring, whole = Answering(answer([4, 5], "length"), honours_n=False), Answering(answer([4, 5], "length"))
+    prompts = torch.full((3, 3), 5)  # one prompt, 3 samples
+    try:
+        rollout = engine_of(whole).generate(None, prompts, torch.ones_like(prompts), REQUEST)
+        assert rollout.response_mask.sum(-1).tolist() == [2, 2, 2] and whole.answered == 1
+        with pytest.raises(ServerError, match=f"{ignoring.url} answered a request for 3 sample\\(s\\) with the "
+                                              r"choices \[0\], not 0 to 2"):
+            engine_of(ignoring).generate(None, prompts, torch.ones_like(prompts), REQUEST)
+    finally:
+        ignoring.close(), whole.close()
 
 
 def test_tokens_without_the_versions_that_sampled_them_are_refused() -> None:

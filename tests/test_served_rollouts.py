@@ -178,8 +178,9 @@ def test_two_ddp_processes_with_one_launched_server_give_the_one_process_update(
     rows = read_metrics(tmp_path / "served" / "metrics.csv")
     validations = sum(1 for r in rows if r.get("val/exact_match"))
     log = (tmp_path / "served" / "servers" / "server_0.log").read_text(errors="replace")
-    # 2 steps x 2 ranks x 4 prompts x 2 samples, and each validation's 16 greedy answers
-    assert log.count("POST /inference/v1/generate") == 2 * 2 * 4 * 2 + validations * 16
+    # 2 steps x 2 ranks x 4 prompts (a request each, for its 2 samples), and each validation's
+    # 16 greedy answers
+    assert log.count("POST /inference/v1/generate") == 2 * 2 * 4 + validations * 16
     mismatch = [float(r["importance/mismatch_kl"]) for r in rows if r.get("importance/mismatch_kl")]
     assert len(mismatch) == 2 and max(mismatch) <= MISMATCH_BOUND, mismatch
     served, alone = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "policy").state_dict()
@@ -209,6 +210,40 @@ def test_a_request_the_server_refuses_is_named_and_the_server_stays_in_use(serve
         assert fine.response_mask.sum() > 0
     finally:
         engine.close()
+
+
+def test_a_prompts_samples_go_in_one_request_and_are_the_tokens_of_one_request_per_row(servers) -> None:
+    """A group's rows share a prompt: they go in one request with ``n`` samples (a request per
+    prompt, not per row), and vLLM's seed of the ``i``-th sample (the request's + ``i``) is
+    the row's own, so the tokens and log-probs are those of one request per row."""
+    from lightning_unified.engines.base import GenerationRequest
+    from lightning_unified.engines.served import ServedEngine
+    from lightning_unified.engines.server_requests import GENERATE, call, generate_body, read_samples
+
+    policy = policy_of(tiny_datamodule())
+    url = servers[0].url
+    engine = ServedEngine(urls=[url], timeout_s=30, push_timeout_s=30)
+    try:
+        engine.start(policy)
+        request = GenerationRequest(max_new_tokens=6, stop_token_ids=(2,), pad_token_id=0, seed=7, temperature=1.0)
+        prompts = torch.tensor([[5, 6, 7]] * 3 + [[8, 9, 10]] * 3)  # 2 prompts x 3 samples
+        before = _generate_requests(servers[0].log_path)
+        rollout = engine.generate(policy, prompts, torch.ones_like(prompts), request)
+        assert _generate_requests(servers[0].log_path) - before == 2, "one request per prompt"
+        for row, prompt in enumerate(prompts.tolist()):
+            alone = read_samples(call(url, GENERATE, generate_body(prompt, request, row), timeout_s=30), url,
+                                 with_logp=True, samples=1)[0]
+            length = int(rollout.response_mask[row].sum())
+            assert rollout.response_ids[row, :length].tolist() == alone.token_ids, f"row {row}"
+            torch.testing.assert_close(rollout.logp[row, :length], torch.tensor(alone.logprobs), rtol=0, atol=1e-5)
+        assert len({tuple(r) for r in rollout.response_ids[:3].tolist()}) > 1, "a prompt's samples differ"
+    finally:
+        engine.close()
+
+
+def _generate_requests(log: Path) -> int:
+    """The sampling requests the server's access log shows."""
+    return log.read_text(errors="replace").count("POST /inference/v1/generate")
 
 
 def test_a_self_teacher_scored_by_the_servers_is_scored_by_the_policy(servers, tmp_path) -> None:

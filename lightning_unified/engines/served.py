@@ -38,7 +38,8 @@ from lightning_unified.engines.server_requests import (
     call,
     generate_body,
     read_prompt_logprobs,
-    read_sample,
+    prompt_groups,
+    read_samples,
     score_body,
 )
 from lightning_unified.teachers.scores import TeacherScores, scores_from_positions, sequences
@@ -185,20 +186,25 @@ class ServedEngine(RolloutEngine):
                                       ) from None
 
     def _rows(self, bodies: list[dict], read) -> list[tuple[object, Server]]:
-        """Every body answered and read, spread over the live servers, ``max_in_flight`` open
-        per server. The requests run in daemon threads: a run that fails or ends while they
-        are open exits without waiting for answers nobody will read (a thread pool's workers
-        would be joined at exit, each up to ``timeout_s`` per server tried)."""
+        """Every body answered and read (by ``read``, or by ``read[i]`` for body ``i``), spread
+        over the live servers, ``max_in_flight`` open per server. The requests run in daemon
+        threads: a run that fails or ends while they are open exits without waiting for
+        answers nobody will read (a thread pool's workers would be joined at exit, each up to
+        ``timeout_s`` per server tried)."""
         first = next(self._turn)
+        readers = read if isinstance(read, list) else [read] * len(bodies)
         workers = max(1, min(len(bodies), self.max_in_flight * len(self._live())))
-        return in_daemon_threads(lambda index: self._ask(bodies[index], first + index, read), len(bodies), workers)
+        return in_daemon_threads(lambda index: self._ask(bodies[index], first + index, readers[index]), len(bodies),
+                                 workers)
 
     def generate(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  request: GenerationRequest) -> Rollout:
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        bodies = [generate_body(prompt, request, row, self.model) for row, prompt in enumerate(prompts)]
-        answers = self._rows(bodies, functools.partial(read_sample, with_logp=not request.greedy))
-        return _rollout([sample for sample, _ in answers], request, prompt_ids.device)
+        groups = prompt_groups(prompts, request)  # a request per prompt, n samples each
+        bodies = [generate_body(prompts[first], request, first, self.model, count) for first, count in groups]
+        answers = self._rows(bodies, [functools.partial(read_samples, with_logp=not request.greedy, samples=count)
+                                      for _, count in groups])
+        return _rollout([sample for samples, _ in answers for sample in samples], request, prompt_ids.device)
 
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               top_k: int) -> TeacherScores:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.engines.transfer.client import ServerClient, ServerError
 
-__all__ = ["GENERATE", "Sampled", "ServerError", "call", "generate_body", "read_prompt_logprobs", "read_sample", "row_seed",
-           "score_body"]
+__all__ = ["GENERATE", "Sampled", "ServerError", "call", "generate_body", "prompt_groups", "read_prompt_logprobs",
+           "read_samples", "row_seed", "score_body"]
 
 GENERATE = "/inference/v1/generate"
 
@@ -34,12 +34,33 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % (2**63 - 1)
 
 
-def generate_body(prompt: list[int], request: GenerationRequest, row: int, model: str | None = None) -> dict:
-    """One row's request: its prompt's ids and the run's sampling settings, nothing of the
-    server's defaults (vLLM applies a checkpoint's generation defaults to settings a request
-    leaves out): the run's stop tokens alone, its temperature, top-k and top-p."""
+def prompt_groups(prompts: list[list[int]], request: GenerationRequest) -> list[tuple[int, int]]:
+    """``[(first row, rows)]``: runs of consecutive rows with the same prompt (a group's
+    samples), each asked in one request with ``n`` = its rows, so a step sends a request per
+    prompt, not per row (the API server's work per request is most of a small model's
+    sampling time). vLLM gives the ``i``-th of ``n`` samples the seed ``seed + i``, which is
+    ``row_seed`` of row ``first + i``: the tokens are those of one request per row. A run
+    whose seeds would wrap inside a group is split (it never happens for seeds below 2**40)."""
+    groups: list[tuple[int, int]] = []
+    for row, prompt in enumerate(prompts):
+        if groups:
+            first, count = groups[-1]
+            same_stream = request.greedy or row_seed(request.seed, first) + count == row_seed(request.seed, row)
+            if prompts[first] == prompt and same_stream:
+                groups[-1] = (first, count + 1)
+                continue
+        groups.append((row, 1))
+    return groups
+
+
+def generate_body(prompt: list[int], request: GenerationRequest, row: int, model: str | None = None,
+                  samples: int = 1) -> dict:
+    """The request for rows ``row`` to ``row + samples - 1``, which share ``prompt``: its
+    ids and the run's sampling settings, nothing of the server's defaults (vLLM applies a
+    checkpoint's generation defaults to settings a request leaves out): the run's stop tokens
+    alone, its temperature, top-k and top-p."""
     params = {"max_tokens": request.max_new_tokens, "stop_token_ids": list(request.stop_token_ids),
-              "ignore_eos": True, "detokenize": False, "n": 1,
+              "ignore_eos": True, "detokenize": False, "n": samples,
               "temperature": 0.0 if request.greedy else request.temperature,
               "top_k": request.top_k or -1, "top_p": request.top_p, "min_p": 0.0, "repetition_penalty": 1.0,
               "presence_penalty": 0.0, "frequency_penalty": 0.0}
@@ -77,12 +98,21 @@ class Sampled:
 FINISHED = ("stop", "length")
 
 
-def read_sample(answer: dict, url: str, with_logp: bool) -> Sampled:
-    """The one choice of a ``/inference/v1/generate`` answer. A row the server cut short
-    (``finish_reason`` "abort") and a token sampled by weights that carry no version of ours
-    (``default``: the server's own, never pushed; or none at all) are refused: each is the
-    server's fault, and the row is asked again elsewhere."""
-    choice = answer["choices"][0]
+def read_samples(answer: dict, url: str, with_logp: bool, samples: int) -> list[Sampled]:
+    """The ``samples`` choices of a ``/inference/v1/generate`` answer (the body's
+    ``sampling_params.n``), in the order of their index; another count is the server's fault."""
+    choices = sorted(answer.get("choices") or [], key=lambda choice: choice.get("index", 0))
+    if [choice.get("index", 0) for choice in choices] != list(range(samples)):
+        raise ServerError(url, f"{url} answered a request for {samples} sample(s) with the choices "
+                               f"{[choice.get('index') for choice in choices]}, not 0 to {samples - 1}")
+    return [_read_choice(choice, url, with_logp) for choice in choices]
+
+
+def _read_choice(choice: dict, url: str, with_logp: bool) -> Sampled:
+    """One choice. A row the server cut short (``finish_reason`` "abort") and a token
+    sampled by weights that carry no version of ours (``default``: the server's own, never
+    pushed; or none at all) are refused: each is the server's fault, and the row is asked
+    again elsewhere."""
     tokens = choice.get("token_ids") or []
     if choice.get("finish_reason") not in FINISHED:
         raise ServerError(url, f"{url} ended a row after {len(tokens)} tokens with finish_reason "
