@@ -1,0 +1,139 @@
+"""A loadable model at every checkpoint, and any checkpoint converted into one: a run killed
+after its first checkpoint leaves ``exports/step_2``, which ``from_pretrained`` loads with
+the module's logits; ``scripts/export.py`` gives the same from the checkpoint itself, a
+LoRA checkpoint as an adapter peft loads or merged. (The FSDP2 distributed checkpoint's
+export is in test_distributed_checkpoint.py, on the 2-process run it already makes.)"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from lightning_unified import batch as F
+from lightning_unified.config import build_run, train
+from tests.lightning_helpers import compose_config
+from tests.test_resume import kill_after_step_2, overrides
+from tests.test_runs import ROOT, read_metrics
+
+
+def export_script(*args: str) -> None:
+    """scripts/export.py as a user runs it, in this process (saving a start of Python)."""
+    argv = sys.argv
+    sys.argv = ["export.py", *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "export.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def module_at(checkpoint: Path, common: list[str], tmp: Path):
+    """The run's module as Lightning restores it from ``checkpoint`` (its state dict
+    loaded; a LoRA checkpoint holds the adapters, the base comes from the config again)."""
+    run = build_run(compose_config(common), tmp)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    missing, unexpected = run.module.load_state_dict(state, strict=False)
+    assert not unexpected and all("lora_" not in k for k in missing), (unexpected, missing[:3])
+    run.module.policy.eval()
+    return run
+
+
+def prompts(run) -> dict:
+    run.datamodule.setup("validate")
+    batch = next(iter(run.datamodule.val_dataloader()))
+    return {"input_ids": batch[F.PROMPT_IDS], "attention_mask": batch[F.PROMPT_MASK]}
+
+
+@torch.no_grad()
+def logits(model, inputs: dict) -> torch.Tensor:
+    return model.eval()(**inputs).logits
+
+
+def card(directory: Path) -> tuple[dict, str]:
+    text = (directory / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_a_killed_run_leaves_a_loadable_model_and_its_checkpoint_exports_to_the_same(tmp_path: Path) -> None:
+    common = overrides("sft")  # a checkpoint every 2 steps; export_every follows it
+    run_dir = tmp_path / "killed"
+    kill_after_step_2(common, run_dir)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_2"], "whole, and nothing half-written"
+
+    run = module_at(checkpoint, common, tmp_path / "reference")
+    inputs = prompts(run)
+    want = logits(run.module.policy, inputs)
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "exports" / "step_2")
+    torch.testing.assert_close(logits(exported, inputs), want, rtol=0, atol=1e-6)
+
+    # the model card: Hub front matter, the method and preset, the validation figures, the config
+    meta, body = card(run_dir / "exports" / "step_2")
+    assert meta["library_name"] == "transformers" and {"off_policy", "sparse", "sft"} <= set(meta["tags"])
+    assert "preset: `experiment=sft`" in body and "data_source=off_policy signal=sparse" in body
+    first = next(r for r in read_metrics(run_dir / "metrics.csv") if r.get("val/exact_match"))
+    assert f"| `val/exact_match` | {float(first['val/exact_match']):.4f} |" in body
+    assert f"Measured at optimizer step {first['step']}." in body  # the latest before step 2's export
+    config = OmegaConf.create(body.split("```yaml\n")[1].split("```")[0])
+    assert config.model.config.hidden_size == run.module.policy.config.hidden_size and config.trainer.max_steps == 5
+
+    # scripts/export.py on the one-process checkpoint
+    out = tmp_path / "from_checkpoint"
+    export_script(checkpoint, out)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), inputs), want, rtol=0, atol=1e-6)
+    assert card(out)[1] == card(run_dir / "exports" / "step_2")[1], "the checkpoint keeps what the card states"
+
+    # a checkpoint moved out of its run, without the config it keeps: --config is named
+    moved = tmp_path / "moved.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["model_card"]
+    torch.save(state, moved)
+    with pytest.raises(SystemExit, match=r"keeps no config .* give the run's config with --config"):
+        export_script(moved, tmp_path / "refused")
+    export_script(moved, tmp_path / "with_config", "--config", run_dir / ".hydra" / "config.yaml")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "with_config"), inputs), want,
+                               rtol=0, atol=1e-6)
+    # a config of another model is refused by name, not half-loaded
+    other = tmp_path / "other.yaml"
+    other.write_text((run_dir / ".hydra" / "config.yaml").read_text().replace("hidden_size: 128", "hidden_size: 64"))
+    with pytest.raises(SystemExit, match=r"is \[.*\] there and \[.*\] in the policy of the run's config"):
+        export_script(moved, tmp_path / "other", "--config", other)
+    with pytest.raises(SystemExit, match=r"--merge: the run's policy has no LoRA adapters"):
+        export_script(checkpoint, tmp_path / "merged", "--merge")
+
+
+def test_a_lora_run_exports_its_adapter_for_peft_and_merged(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    common = ["experiment=sft", "model.lora.r=4", "trainer.max_steps=2", "checkpoint_every_n_steps=2",
+              "save_merged=true", "save_policy=null", "validate_first=false", "trainer.val_check_interval=2",
+              "task.num_train=64", "task.num_val=8", "task.batch_size=8", "task.val_batch_size=8"]
+    train(compose_config(common), tmp_path / "run")
+    exports = tmp_path / "run" / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == ["step_2", "step_2_merged"]
+    assert (exports / "step_2" / "adapter_config.json").is_file() and card(exports / "step_2")[0]["library_name"] == "peft"
+
+    run = module_at(tmp_path / "run" / "checkpoints" / "last.ckpt", common, tmp_path / "reference")
+    inputs = prompts(run)
+    want = logits(run.module.policy, inputs)
+
+    def base():  # the run's base model: a fresh one from model.config and the seed
+        return build_run(compose_config([*common, "model.lora.r=0"]), tmp_path / "base").module.policy
+
+    export_script(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "adapter")
+    export_script(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "merged", "--merge")
+    for adapter in (exports / "step_2", tmp_path / "adapter"):
+        torch.testing.assert_close(logits(PeftModel.from_pretrained(base(), adapter), inputs), want, rtol=0, atol=1e-6)
+    for merged in (exports / "step_2_merged", tmp_path / "merged"):
+        assert not (merged / "adapter_config.json").exists()
+        # merging adds B @ A into each weight once: float32 rounding, not another model
+        torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), inputs), want,
+                                   rtol=1e-5, atol=1e-5)
