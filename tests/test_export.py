@@ -137,3 +137,37 @@ def test_a_lora_run_exports_its_adapter_for_peft_and_merged(tmp_path: Path) -> N
         # merging adds B @ A into each weight once: float32 rounding, not another model
         torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), inputs), want,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_sharded_lora_policy_saves_its_merged_model(tmp_path: Path) -> None:
+    """save_merged under FSDP2: the merged model comes from the gathered state (a sharded
+    module cannot be deep-copied), with the unsharded policy's merged logits. One process
+    in a gloo group of one: fully_shard's DTensors all the same."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_unified.models.checkpoint import save_policy
+    from lightning_unified.models.loading import build_policy
+    from lightning_unified.models.loss_head import install_loss_head
+    from lightning_unified.models.lora import merged_copy
+    from lightning_unified.models.sharding import is_sharded, shard_policy
+    from tests.lightning_helpers import TINY, tiny_datamodule
+
+    tokenizer = tiny_datamodule().tokenizer
+    policy = build_policy(tokenizer, config=TINY, seed=0, lora={"r": 4})
+    with torch.no_grad():  # adapters that change the model (peft starts B at zero)
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}
+    want = logits(merged_copy(policy), inputs)
+    install_loss_head(policy)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard_policy(policy, init_device_mesh("cpu", (1,)))
+        assert is_sharded(policy)
+        save_policy(policy, tokenizer, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), inputs), want,
+                               rtol=0, atol=1e-6)
