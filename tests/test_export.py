@@ -1,8 +1,9 @@
 """A loadable model at every checkpoint, and any checkpoint converted into one: a run killed
 after its first checkpoint leaves ``exports/step_2``, which ``from_pretrained`` loads with
 the module's logits; ``scripts/export.py`` gives the same from the checkpoint itself, a
-LoRA checkpoint as an adapter peft loads or merged. (The FSDP2 distributed checkpoint's
-export is in test_distributed_checkpoint.py, on the 2-process run it already makes.)"""
+LoRA checkpoint as an adapter peft loads or merged. The killed run and the FSDP2 run are
+the ones test_resume.py and test_distributed_checkpoint.py make anyway: they call
+:func:`check_the_killed_runs_export` and ``check_exports_at_step_2``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from lightning_unified import batch as F
 from lightning_unified.config import build_run, train
 from tests.lightning_helpers import compose_config
-from tests.test_resume import kill_after_step_2, overrides
 from tests.test_runs import ROOT, read_metrics
 
 
@@ -61,10 +61,14 @@ def card(directory: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
-def test_a_killed_run_leaves_a_loadable_model_and_its_checkpoint_exports_to_the_same(tmp_path: Path) -> None:
-    common = overrides("sft")  # a checkpoint every 2 steps; export_every follows it
-    run_dir = tmp_path / "killed"
-    kill_after_step_2(common, run_dir)
+def check_the_killed_runs_export(run_dir: Path, common: list[str], tmp_path: Path) -> None:
+    """A run of ``common`` (SFT, a checkpoint every 2 steps, which export_every follows),
+    killed with SIGKILL after its step-2 checkpoint (test_resume.py's
+    ``test_killed_and_resumed_equals_uninterrupted[sft]``, which makes that run anyway,
+    calls this before resuming it): its ``exports/step_2`` loads with the logits of the
+    module restored from the checkpoint, with a model card; scripts/export.py on the
+    checkpoint gives the same, and names what it lacks or what does not fit."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_2"], "whole, and nothing half-written"
@@ -83,7 +87,8 @@ def test_a_killed_run_leaves_a_loadable_model_and_its_checkpoint_exports_to_the_
     assert f"| `val/exact_match` | {float(first['val/exact_match']):.4f} |" in body
     assert f"Measured at optimizer step {first['step']}." in body  # the latest before step 2's export
     config = OmegaConf.create(body.split("```yaml\n")[1].split("```")[0])
-    assert config.model.config.hidden_size == run.module.policy.config.hidden_size and config.trainer.max_steps == 5
+    assert config.model.config.hidden_size == run.module.policy.config.hidden_size
+    assert config.trainer.max_steps == compose_config(common).trainer.max_steps
 
     # scripts/export.py on the one-process checkpoint
     out = tmp_path / "from_checkpoint"
