@@ -176,3 +176,16 @@ def test_a_sharded_lora_policy_saves_its_merged_model(tmp_path: Path) -> None:
         dist.destroy_process_group()
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), inputs), want,
                                rtol=0, atol=1e-6)
+
+
+def test_exports_left_half_written_or_older_than_the_newest_kept_are_deleted(tmp_path: Path) -> None:
+    from lightning_unified.callbacks.export import PolicyExport
+
+    for name in ("step_2", "step_2_merged", "step_4", "step_4_merged", "step_6.partial", "step_10"):
+        (tmp_path / name).mkdir()
+    PolicyExport(tmp_path, every=2, keep=2)._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_4", "step_4_merged"]
+    PolicyExport(tmp_path, every=2, keep=None)._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_4", "step_4_merged"]
+    with pytest.raises(ValueError, match=r"export_keep must be a whole number >= 1 or null, got 0"):
+        PolicyExport(tmp_path, every=2, keep=0)

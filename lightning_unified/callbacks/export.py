@@ -64,7 +64,7 @@ class PolicyExport(L.Callback):
         self._exported = step // self.every
         target = self.directory / f"step_{step}"
         self.write(trainer, pl_module, target, target.with_name(target.name + MERGED) if self.merged else None)
-        if trainer.is_global_zero and self.keep is not None:
+        if trainer.is_global_zero:
             self._prune()
 
     @override
@@ -120,7 +120,12 @@ class PolicyExport(L.Callback):
                 done.rename(final)
 
     def _prune(self) -> None:
-        """Delete all but the ``keep`` newest exports (a step's merged model with it)."""
+        """Delete what a killed run left half-written, and all but the ``keep`` newest
+        exports (a step's merged model with it)."""
+        for leftover in self.directory.glob(f"*{PARTIAL}"):
+            shutil.rmtree(leftover)
+        if self.keep is None:
+            return
         steps = sorted(int(p.name[len("step_"):]) for p in self.directory.glob("step_*")
                        if p.is_dir() and p.name[len("step_"):].isdigit())
         for step in steps[:-self.keep]:

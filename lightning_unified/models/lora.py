@@ -63,9 +63,10 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 def merged_from_state(model: nn.Module, state_dict: dict) -> nn.Module:
     """A plain model with the adapters merged in, from ``state_dict``, the whole (gathered)
-    state of the LoRA model ``model``, whose own parameters are shards (FSDP2): merging
-    the shards themselves would need every rank. The architecture is built anew on the CPU
-    in the weights' dtype, with the same adapters, and the state loaded into it."""
+    state of the LoRA model ``model``, whose own parameters are shards (FSDP2), which
+    cannot be copied (FSDP2 refuses a deepcopy) nor merged on one rank. The architecture is
+    built anew on the CPU in the weights' dtype, with the same adapters, and the state
+    loaded into it."""
     from transformers import AutoModelForCausalLM
 
     peft = _peft()
