@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_unified.callbacks.export import PolicyExport, policy_export
 from lightning_unified.config_checks import check_config
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.module import UnifiedModule
@@ -116,10 +117,27 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
         loggers.append(instantiate(cfg.logger, _partial_=True)(save_dir=output_dir))
     trainer = instantiate(cfg.trainer, _partial_=True)(
         logger=loggers,
-        callbacks=[checkpoints, *instantiate(cfg.get("callbacks") or [])],
+        callbacks=[checkpoints, policy_exports(cfg, output_dir), *instantiate(cfg.get("callbacks") or [])],
         default_root_dir=output_dir,
     )
     return Run(module, datamodule, trainer, output_dir)
+
+
+def policy_exports(cfg: DictConfig, output_dir: Path) -> PolicyExport:
+    """The callback that writes the policy as a Hugging Face directory to
+    ``<output_dir>/exports/step_<N>`` every ``export_every`` steps (and the final one, see
+    :func:`_train`), with a model card stating this config, and keeps the config in every
+    checkpoint for scripts/export.py."""
+    from hydra.core.hydra_config import HydraConfig
+
+    config = OmegaConf.to_yaml(cfg, resolve=True)  # check_config has resolved it already
+    choices = {}
+    if HydraConfig.initialized():  # the groups picked on the command line or by the preset
+        choices = {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()
+                   if v is not None and not k.startswith("hydra")}
+    return PolicyExport(output_dir / "exports", every=cfg.get("export_every"), keep=cfg.get("export_keep", 1),
+                        merged=bool(cfg.get("save_merged")), config=config, choices=choices,
+                        base_model=cfg.model.get("path"))
 
 
 def last_checkpoint_mode(cfg: DictConfig) -> bool | str:
@@ -286,8 +304,10 @@ def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     # every check that can refuse the resume runs before metrics.csv is cut (the data's before the model loads)
     state = read_checkpoint(ckpt) if ckpt is not None else None
     run = build_run(cfg, output_dir, resume_state=state)
+    exports = policy_export(run.trainer)
+    exports.method = describe_method(cfg, run)  # what the exports' model cards state
     if run.trainer.is_global_zero:
-        log.info(describe_method(cfg, run))
+        log.info(exports.method)
     if state is not None:
         run.module.check_resumable(state, run.trainer)
         if run.trainer.is_global_zero:
@@ -301,8 +321,8 @@ def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     final = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     if cfg.get("save_policy"):
         merged = run.output_dir / f"{cfg.save_policy}_merged" if cfg.get("save_merged") else None
-        # every rank: a sharded policy is gathered first
-        run.module.save_pretrained(str(run.output_dir / cfg.save_policy), None if merged is None else str(merged))
+        # every rank: a sharded policy is gathered first; with the final figures in its model card
+        exports.write(run.trainer, run.module, run.output_dir / cfg.save_policy, merged)
     # the run is over: its engine goes now, while every rank's process group still exists
     run.module.rollouts.close()
     return {k: float(v) for k, v in (final[0] if final else {}).items()}

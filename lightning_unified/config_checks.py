@@ -61,6 +61,8 @@ RUN = {
     "checkpoint_every_n_steps": at_least(1),
     "save_policy": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")), "a directory name or null"),
     "save_merged": ((lambda v: isinstance(v, bool)), "true or false"),
+    "export_every": ((lambda v: v is None or (is_whole(v) and v >= 1)), "a whole number of steps >= 1 or null"),
+    "export_keep": ((lambda v: v is None or (is_whole(v) and v >= 1)), "a whole number >= 1 or null"),
     "callbacks": ((lambda v: isinstance(v, list)), "a list of callbacks, each with a _target_"),
 }
 

@@ -25,6 +25,8 @@ def main(cfg: DictConfig) -> float:
     print(f"  checkpoints: {output_dir}/checkpoints")
     if cfg.get("save_policy"):
         print(f"  policy:      {output_dir}/{cfg.save_policy} (Hugging Face format)")
+    if cfg.get("export_every"):
+        print(f"  exports:     {output_dir}/exports (Hugging Face format, every {cfg.export_every} steps)")
     for name, value in metrics.items():
         print(f"  {name} = {value:.4f}")
     return metrics.get("val/exact_match", 0.0)

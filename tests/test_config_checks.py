@@ -22,6 +22,8 @@ BAD = [
     ("seed=-3", r"seed must be a whole number from 0"),
     ("validate_first=maybe", r"validate_first must be true or false, got 'maybe'"),
     ("checkpoint_every_n_steps=0", r"checkpoint_every_n_steps must be a whole number >= 1, got 0"),
+    ("export_every=0", r"export_every must be a whole number of steps >= 1 or null, got 0"),
+    ("export_keep=all", r"export_keep must be a whole number >= 1 or null, got 'all'"),
     ("trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches must be a whole number >= 1, got 0"),
     ("trainer.max_steps=-5", r"trainer.max_steps must be a whole number >= -1, got -5"),
     ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps must be a whole number >= 1, got 0"),

@@ -1,6 +1,8 @@
 """FSDP2's presets write distributed checkpoints (each rank its shards, nothing gathered on
 rank 0), and a run stopped after its step-2 checkpoint resumes from them with resume=true
-to the same losses as a run that never stopped: 2 CPU processes, trainer=fsdp2_cpu."""
+to the same losses as a run that never stopped: 2 CPU processes, trainer=fsdp2_cpu. The
+stopped run's export at step 2, and scripts/export.py on its distributed checkpoint, give
+the module's logits."""
 
 from __future__ import annotations
 
@@ -54,9 +56,33 @@ def test_fsdp2_resumes_from_its_distributed_checkpoint(tmp_path: Path) -> None:
     assert len(list(last.glob("*.distcp"))) == 2
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
     assert max(losses(stopped)) == 1, "stopped after step 2 (rows 0 and 1)"
+    check_exports_at_step_2(stopped, tmp_path)
 
     run_script(*COMMON, "resume=true", f"hydra.run.dir={stopped}")
+    # every checkpoint's export, the newest one kept (export_keep: 1)
+    assert sorted(p.name for p in (tmp_path / "whole" / "exports").iterdir()) == ["step_4"]
     whole, resumed = losses(tmp_path / "whole"), losses(stopped)
     assert sorted(resumed) == sorted(whole) == list(range(STEPS))
     for step in whole:
         assert abs(resumed[step] - whole[step]) <= 1e-6, (step, resumed[step], whole[step])
+
+
+def check_exports_at_step_2(run_dir: Path, tmp_path: Path) -> None:
+    """The policy the 2-process run exported at step 2 (gathered from both ranks' shards),
+    and scripts/export.py's conversion of the step-2 distributed checkpoint in one process,
+    give the logits of the module restored from torch's own conversion of that checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_export import export_script, logits, module_at, prompts
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    dcp_to_torch_save(last, tmp_path / "converted.pt")
+    one_process = [o if o != "trainer=fsdp2_cpu" else "trainer=cpu" for o in COMMON]
+    run = module_at(tmp_path / "converted.pt", one_process, tmp_path / "reference")
+    inputs = prompts(run)
+    want = logits(run.module.policy, inputs)
+    export_script(last, tmp_path / "exported")
+    for directory in (run_dir / "exports" / "step_2", tmp_path / "exported"):
+        torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(directory), inputs), want,
+                                   rtol=0, atol=1e-6)

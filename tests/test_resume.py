@@ -115,6 +115,10 @@ def test_killed_and_resumed_equals_uninterrupted(experiment: str, tmp_path: Path
     kill_after_step_2(common, killed)
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert max(step for step, _, _ in rows(killed)) >= 2, "rows past the checkpoint were written before the kill"
+    if experiment == "sft":  # the killed run left a loadable model (its export) at its checkpoint
+        from tests.test_export import check_the_killed_runs_export
+
+        check_the_killed_runs_export(killed, common, tmp_path / "export")
 
     train(compose_config([*common, "resume=true"]), killed)
     whole, resumed = rows(tmp_path / "whole"), rows(killed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_unified.models.lora import is_lora, merged_copy
+from lightning_unified.models.lora import is_lora, merged_copy, merged_from_state
 from lightning_unified.models.sharding import is_sharded
 
 
@@ -56,7 +56,9 @@ def save_policy(policy: nn.Module, tokenizer, directory: str, merged_directory: 
         policy.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
         if merged_directory is not None and is_lora(policy):
-            merged_copy(policy).save_pretrained(merged_directory)
+            # a sharded policy's shards cannot be merged on one rank: its gathered state is
+            merged = merged_copy(policy) if state_dict is None else merged_from_state(policy, state_dict)
+            merged.save_pretrained(merged_directory)
             tokenizer.save_pretrained(merged_directory)
 
 

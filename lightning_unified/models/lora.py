@@ -59,3 +59,20 @@ def merged_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
+
+
+def merged_from_state(model: nn.Module, state_dict: dict) -> nn.Module:
+    """A plain model with the adapters merged in, from ``state_dict``, the whole (gathered)
+    state of the LoRA model ``model``, whose own parameters are shards (FSDP2), which
+    cannot be copied (FSDP2 refuses a deepcopy) nor merged on one rank. The architecture is
+    built anew on the CPU in the weights' dtype, with the same adapters, and the state
+    loaded into it."""
+    from transformers import AutoModelForCausalLM
+
+    peft = _peft()
+    dtype = next(iter(state_dict.values())).dtype
+    base = AutoModelForCausalLM.from_config(model.get_base_model().config, dtype=dtype)
+    (name, config), = model.peft_config.items()  # add_lora makes one adapter
+    copy = peft.get_peft_model(base, config, adapter_name=name)
+    copy.load_state_dict(state_dict)  # strict: every weight of the gathered state, no more
+    return copy.merge_and_unload()
