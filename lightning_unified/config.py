@@ -7,6 +7,7 @@ builds, from ``hydra.compose``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_unified.callbacks.export import PolicyExport, policy_export
 from lightning_unified.config_checks import check_config
 from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
+from lightning_unified.loggers import ConfigLog, finish_loggers, flat_config
 from lightning_unified.module import UnifiedModule
 from lightning_unified.pipeline import build_batch_pipeline
 from lightning_unified.rewards.scoring import names_parameter, reward_name
@@ -67,6 +69,9 @@ def quiet_console() -> None:
     # Lightning and torchdata call deprecated torch APIs internally; nothing for a user to change
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")
+    # logger=mlflow appends each sample log to its table artifact, reading the table back first:
+    # MLflow draws a download bar for each, unless told otherwise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass
@@ -111,13 +116,16 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
     )
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=last_checkpoint_mode(cfg),
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
-    # metrics.csv always; a configured logger (TensorBoard) writes beside it
+    # metrics.csv always; a configured logger (TensorBoard, W&B, MLflow) writes beside it, given the config
     loggers = [AppendingCSVLogger(save_dir=output_dir, name="", version="")]
+    config_log = []
     if cfg.get("logger"):
         loggers.append(instantiate(cfg.logger, _partial_=True)(save_dir=output_dir))
+        config_log = [ConfigLog(flat_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))]
     trainer = instantiate(cfg.trainer, _partial_=True)(
         logger=loggers,
-        callbacks=[checkpoints, policy_exports(cfg, output_dir), *instantiate(cfg.get("callbacks") or [])],
+        callbacks=[checkpoints, policy_exports(cfg, output_dir), *config_log,
+                   *instantiate(cfg.get("callbacks") or [])],
         default_root_dir=output_dir,
     )
     return Run(module, datamodule, trainer, output_dir)
@@ -316,9 +324,14 @@ def _train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     elif cfg.get("validate_first", True) and not cfg.trainer.get("fast_dev_run"):
         # the first val/* row of every run is the starting policy's score
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
-    # weights_only: a checkpoint holds tensors and plain values only, never code to run
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=True)
-    final = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    try:
+        # weights_only: a checkpoint holds tensors and plain values only, never code to run
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=True)
+        final = run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    except BaseException:
+        finish_loggers(run.trainer.loggers, failed=True)
+        raise
+    finish_loggers(run.trainer.loggers, failed=False)
     if cfg.get("save_policy"):
         merged = run.output_dir / f"{cfg.save_policy}_merged" if cfg.get("save_merged") else None
         # every rank: a sharded policy is gathered first; with the final figures in its model card

@@ -93,3 +93,10 @@ def training_lookahead(trainer: L.Trainer, kept: list | None = None) -> Lookahea
                          "with a length (a map-style dataset or a batch sampler with __len__); this one has none")
     fetcher.iterator = Lookahead(fetcher.iterator, kept)
     return fetcher.iterator
+
+
+def started_wandb_run(logger):
+    """The W&B run a ``WandbLogger`` has started, or None: its public ``experiment`` starts
+    one when there is none, and a run that logged nothing needs no end
+    (2.6.6: ``WandbLogger._experiment``)."""
+    return getattr(logger, "_experiment", None)

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_unified.config import build_run, train
 from lightning_unified.data.files import DataError
@@ -72,6 +73,9 @@ def test_sft_on_a_chat_jsonl_from_the_command_line(chat_model: str, tmp_path: Pa
         tensors |= set(tags["tensors"])
     assert {"val/exact_match", "train/loss"} <= scalars
     assert any(tag.startswith("samples/val") for tag in tensors)
+    # and the composed config as hyperparameters, flattened to the names an override uses
+    hparams = yaml.safe_load((out / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["task.batch_size"] == 4 and hparams["model.path"] == chat_model
     # nothing on the console a user cannot act on: no note about callbacks overriding
     # callbacks at every validate and fit, no advertisement
     console = done.stdout + done.stderr

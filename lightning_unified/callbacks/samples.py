@@ -1,5 +1,6 @@
 """What a run shows: a few prompts, completions and rewards, every N steps, in
-``<log dir>/samples.jsonl`` (and TensorBoard's text panel under a TensorBoard logger)."""
+``<log dir>/samples.jsonl``, and in each logger that shows them: a table under W&B and
+MLflow, the text panel under TensorBoard (:func:`lightning_unified.loggers.log_samples`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import json
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lightning_unified import batch as fields
+from lightning_unified.loggers import log_samples
 from lightning_unified.rewards.scoring import decode_prompts
 
 
@@ -45,10 +46,7 @@ class SampleLog(L.Callback):
         with path.open("a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                text = "\n\n".join(f"**prompt** {r['prompt']}\n\n**completion** {r['completion']}" for r in rows)
-                logger.experiment.add_text(f"samples/{split}", text, trainer.global_step)
+        log_samples(trainer.loggers, split, rows, trainer.global_step)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
