@@ -45,7 +45,7 @@ from lightning_unified.specs import Dense, Environment, OffPolicy, OnPolicy, Pre
 from lightning_unified.specs import Validation
 from lightning_unified.stages import Stage
 from lightning_unified.validation import max_new_tokens, validate_batch, validation_rewards
-from lightning_unified.validation_samples import validate_samples
+from lightning_unified.validation_samples import check_correct, validate_samples
 
 
 class UnifiedModule(L.LightningModule):
@@ -163,6 +163,7 @@ class UnifiedModule(L.LightningModule):
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score
+        check_correct(self)  # validation's samples are judged by a score it has
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:

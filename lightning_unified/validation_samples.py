@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_unified.engines.base import GenerationRequest
 from lightning_unified.lightning_private import attached_trainer
-from lightning_unified.validation import greedy_request, log_means, score_batch
+from lightning_unified.validation import greedy_request, log_means, score_batch, validation_environment
 
 
 def pass_at_k(correct: Tensor, scored: Tensor, k: int) -> Tensor:
@@ -62,6 +62,19 @@ def sampled_figures(scores: dict[str, Tensor], group: int, correct: str, thresho
     for name, values in scores.items():
         out[f"{name}/mean@{group}"] = values.double().reshape(-1, group).nanmean(-1)
     return out
+
+
+def check_correct(module) -> None:
+    """Before any validation runs: without an environment, the score ``validation.correct``
+    names must be a validation reward (an environment's own numbers are known only once its
+    episodes ran, and are checked then)."""
+    spec = module.validation
+    if not spec.enabled or validation_environment(module) is not None:
+        return
+    rewards = sorted(module.val_rewards)
+    if spec.correct not in rewards:
+        raise ValueError(f"validation.correct={spec.correct!r} is not a validation reward; the validation rewards are "
+                         f"{rewards} (module.val_rewards, else the task's): name one of them")
 
 
 def sampled_request(module, batch_idx: int) -> GenerationRequest:

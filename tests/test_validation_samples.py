@@ -117,6 +117,15 @@ def test_an_environments_episodes_give_pass_at_k() -> None:
     assert 1 <= figures["val/turns/mean@3"] <= 2  # the tool call, then the answer
 
 
+def test_a_correct_score_validation_does_not_have_is_named_before_validating(tmp_path: Path) -> None:
+    cfg = compose_config(["experiment=sft", "task.num_val=4", "validation.num_samples=2", "validation.correct=reward"])
+    run = build_run(cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"validation.correct='reward' is not a validation reward; the validation "
+                                         r"rewards are \['exact_match'\]"):
+        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    assert not (tmp_path / "metrics.csv").exists() or "val/" not in (tmp_path / "metrics.csv").read_text()
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"num_samples": 0}, "validation.num_samples must be >= 1 or null, got 0"),
     ({"num_samples": "four"}, "validation.num_samples must be a whole number or null, got 'four'"),
