@@ -92,6 +92,7 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
     data_source = instantiate(cfg.data_source, _convert_="all")
     signal = instantiate(cfg.signal, _convert_="all")
     reference = instantiate(cfg.reference) if cfg.get("reference") else None
+    validation = instantiate(cfg.validation, _convert_="all") if cfg.get("validation") else None
     # the method and the stages in their order, checked before any data or model loads
     stages = instantiate(cfg.module.get("stages") or [], _convert_="all")
     build_batch_pipeline(data_source, signal, reference, stages, cfg.module.get("temperature"))
@@ -113,6 +114,7 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         reference=reference,
+        validation=validation,
     )
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=last_checkpoint_mode(cfg),
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)

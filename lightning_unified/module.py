@@ -42,8 +42,10 @@ from lightning_unified.rollout_updates import RolloutUpdates
 from lightning_unified.rules import enforce
 from lightning_unified.schedule import configure_optimization
 from lightning_unified.specs import Dense, Environment, OffPolicy, OnPolicy, Preference, Reference, Sparse, loss_temperature
+from lightning_unified.specs import Validation
 from lightning_unified.stages import Stage
 from lightning_unified.validation import max_new_tokens, validate_batch, validation_rewards
+from lightning_unified.validation_samples import check_correct, validate_samples
 
 
 class UnifiedModule(L.LightningModule):
@@ -55,7 +57,8 @@ class UnifiedModule(L.LightningModule):
     ``aggregation`` normalises the loss over the whole optimizer step, every micro-batch on
     every rank (None: the signal's own). ``temperature`` divides the policy's logits in the
     loss (None: the sampler's). ``max_new_tokens`` and ``val_rewards`` default to the
-    datamodule's. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
+    datamodule's. ``validation`` (:class:`~lightning_unified.specs.Validation`) adds k
+    sampled answers per held-out prompt to the greedy ones. ``non_finite``: ``skip`` (at most ``max_non_finite_steps`` in a row),
     ``stop`` or None. ``max_failure_fraction``: the run stops once more than this share of
     ``failure_window`` rows of one kind failed (an environment, a reward function or a
     teacher that could not handle them; :mod:`lightning_unified.failures`); fewer are left
@@ -85,6 +88,7 @@ class UnifiedModule(L.LightningModule):
         max_new_tokens: int | None = None,
         val_rewards: dict[str, Callable] | None = None,
         val_environment: Environment | dict | None = None,
+        validation: Validation | dict | None = None,
         samples_every_n_steps: int | None = 50,
         non_finite: str | None = "skip",
         max_non_finite_steps: int = 3,
@@ -114,6 +118,8 @@ class UnifiedModule(L.LightningModule):
         self._max_new_tokens, self._val_rewards = max_new_tokens, val_rewards
         # validation's episodes (None: the data source's environment, else the task's own)
         self.val_environment = Environment(**val_environment) if isinstance(val_environment, dict) else val_environment
+        # k sampled answers per held-out prompt beside the greedy ones (val/pass@k, val/mean@k)
+        self.validation = Validation(**validation) if isinstance(validation, dict) else validation or Validation()
         self.keep_freed_host_memory = keep_freed_host_memory
         # what crosses the loop: the stages' end of batch, the sample log, the guards (bad settings fail here)
         self.loop_callbacks = loop_callbacks(samples_every_n_steps, non_finite=non_finite,
@@ -157,6 +163,7 @@ class UnifiedModule(L.LightningModule):
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score
+        check_correct(self)  # validation's samples are judged by a score it has
         self.pipeline.each("setup", self.trainer, self, stage)
 
     def teardown(self, stage: str) -> None:
@@ -224,8 +231,12 @@ class UnifiedModule(L.LightningModule):
             self.clock.start_clock()  # validation time is not training time
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        """Greedy answers to the held-out prompts, scored by each validation reward."""
-        return validate_batch(self, batch)
+        """Greedy answers to the held-out prompts, scored by each validation reward; with
+        ``validation.num_samples``, sampled ones too."""
+        result = validate_batch(self, batch)
+        if self.validation.enabled:
+            validate_samples(self, batch, batch_idx)
+        return result
 
     # --- checkpoints: LoRA keeps only its adapters; progress survives a resume ----------
     def fingerprint(self) -> dict:

@@ -1,5 +1,6 @@
-"""Greedy validation: the held-out prompts answered by the rollout engine at temperature 0,
-each answer scored by every validation reward."""
+"""Validation: the held-out prompts answered by the rollout engine at temperature 0, each
+answer scored by every validation reward; with ``validation.num_samples``, k sampled answers
+per prompt too (:mod:`lightning_unified.validation_samples`)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ def greedy_request(module) -> GenerationRequest:
 
 
 @torch.no_grad()
-def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-    """``module``'s greedy answers to the prompts, decoded, from its rollout engine."""
-    request = greedy_request(module)
+def greedy_answers(module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   request: GenerationRequest | None = None) -> list[str]:
+    """``module``'s answers to the prompts, decoded, from its rollout engine: greedy, or as
+    ``request`` asks."""
+    request = request if request is not None else greedy_request(module)
     with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
         rollout = engine.generate(module.policy, prompt_ids, prompt_mask, request)
     return module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
@@ -70,13 +73,15 @@ def validation_environment(module):
 
 
 @torch.no_grad()
-def greedy_episodes(module, batch: dict, spec) -> dict:
-    """One greedy episode per held-out prompt: each one's last reply, and its reward, turns
-    and ``info`` (the environment's numbers) as scores."""
-    request = greedy_request(module)
+def greedy_episodes(module, batch: dict, spec, request: GenerationRequest | None = None, group: int = 1) -> dict:
+    """One greedy episode per held-out prompt (or ``group`` per prompt, as ``request``
+    asks, each prompt's together): each one's last reply, and its reward, turns and
+    ``info`` (the environment's numbers) as scores."""
+    request = request if request is not None else greedy_request(module)
     with module.rollouts.engine_for(module.progress["optimizer_steps"]) as engine:
         episodes = run_episodes(engine, module.policy, module.tokenizer, reset_rows(batch, module.tokenizer),
-                                spec.factory(), request, limits_of(spec), batch[fields.PROMPT_IDS].device)
+                                spec.factory(), request, limits_of(spec), batch[fields.PROMPT_IDS].device,
+                                group=group)
     completions = [next((m["content"] for m in reversed(e.messages) if m["role"] == "assistant"), "")
                    for e in episodes]
     failed = [e for e in episodes if e.failed is not None]
@@ -91,25 +96,27 @@ def greedy_episodes(module, batch: dict, spec) -> dict:
     return {"completions": completions, "scores": scores}
 
 
-def score_batch(module, batch: dict) -> dict:
-    """{completions, prompts, scores: {reward name: [B] tensor}} of one validation batch."""
+def score_batch(module, batch: dict, request: GenerationRequest | None = None, group: int = 1) -> dict:
+    """{completions, prompts, scores: {reward name: [B * group] tensor}} of one validation
+    batch: one greedy answer per prompt, or ``group`` answers per prompt as ``request`` asks
+    (each prompt's consecutive)."""
     fields.require(batch, fields.PROMPT_IDS, fields.PROMPT_MASK, who="validation_step")
     spec = validation_environment(module)
+    prompts = decode_prompts(module.tokenizer, batch)
+    references = batch.get(fields.REFERENCES, [None] * len(prompts))
+    prompts, references = ([x for x in column for _ in range(group)] for column in (prompts, references))
     if spec is not None:
-        result = greedy_episodes(module, batch, spec)
+        result = greedy_episodes(module, batch, spec, request, group)
         clash = sorted(set(result["scores"]) & set(module.val_rewards))
         if clash:
             raise ValueError(f"validation reward(s) {clash} have the names of the episodes' own numbers (reward, turns "
                              f"and the environment's info: {sorted(result['scores'])}); rename them in val_rewards")
-        prompts = decode_prompts(module.tokenizer, batch)
-        references = batch.get(fields.REFERENCES, [None] * len(result["completions"]))
         result["scores"].update(score_each(module.val_rewards, completions=result["completions"], prompts=prompts,
                                            references=references))
         return {**result, "prompts": prompts}
-    completions = greedy_answers(module, batch[fields.PROMPT_IDS], batch[fields.PROMPT_MASK])
-    prompts = decode_prompts(module.tokenizer, batch)
-    scores = score_each(module.val_rewards, completions=completions, prompts=prompts,
-                        references=batch.get(fields.REFERENCES, [None] * len(completions)))
+    completions = greedy_answers(module, batch[fields.PROMPT_IDS].repeat_interleave(group, dim=0),
+                                 batch[fields.PROMPT_MASK].repeat_interleave(group, dim=0), request)
+    scores = score_each(module.val_rewards, completions=completions, prompts=prompts, references=references)
     return {"completions": completions, "prompts": prompts, "scores": scores}
 
 
@@ -117,10 +124,17 @@ def validate_batch(module, batch: dict) -> dict:
     """One validation step of ``module``: its greedy answers, each validation reward's
     scores added to the module's ``val_metrics`` and logged as ``val/<name>``."""
     result = score_batch(module, batch)
-    for name, value in result["scores"].items():
+    log_means(module, result["scores"], prog_bar=True)
+    return result
+
+
+def log_means(module, values: dict[str, torch.Tensor], prog_bar: bool) -> None:
+    """Each [N] tensor of ``values`` into the module's ``val_metrics`` mean of that name,
+    logged as ``val/<name>``: a sum and a count, reduced over every rank at the epoch's
+    end (NaN rows left out)."""
+    for name, value in values.items():
         if name not in module.val_metrics:  # an environment's own numbers, known once its episodes ran
             module.val_metrics[name] = MeanMetric(nan_strategy="ignore").to(module.device)
         module.val_metrics[name].update(value.to(module.device))
-        module.log(f"val/{name}", module.val_metrics[name], prog_bar=True, batch_size=value.numel(),
+        module.log(f"val/{name}", module.val_metrics[name], prog_bar=prog_bar, batch_size=value.numel(),
                    metric_attribute=f"val_metrics.{name}")
-    return result

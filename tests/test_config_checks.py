@@ -60,6 +60,7 @@ def test_a_bad_value_is_named_before_anything_loads(override: str, message: str,
     ("data_source.importance.truncate=high", r"data_source.importance.truncate must be a number, got 'high'"),
     ("signal.std_eps=[1]", r"signal.std_eps must be a number, got \[1\]"),
     ("data_source.updates_per_rollout=1.5", r"data_source.updates_per_rollout must be a whole number, got 1.5"),
+    ("validation.num_samples=four", r"validation.num_samples must be a whole number or null, got 'four'"),
 ])
 def test_a_spec_value_of_the_wrong_type_is_named(override: str, message: str, tmp_path) -> None:
     cfg = compose_config(["experiment=rl", *FAST_TASK, f"model.path={tmp_path / 'no_model'}", override])

@@ -74,11 +74,15 @@ def test_two_by_two_sweep_from_the_command_line(tmp_path: Path) -> None:
 
 def test_ddp_two_cpu_processes_on_policy(tmp_path: Path) -> None:
     # multirun under DDP: Lightning re-launches the script per rank inside the sweep's job dir
+    # validation samples 2 answers per prompt too, each rank its own prompts, in lockstep
     run_script("-m", "experiment=rl", "trainer=ddp", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-               "data_source.sampling.num_generations=2", *FAST_TASK, f"hydra.sweep.dir={tmp_path}")
+               "data_source.sampling.num_generations=2", "validation.num_samples=2", *FAST_TASK,
+               f"hydra.sweep.dir={tmp_path}")
     (job,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rows = read_metrics(job / "metrics.csv")
     assert any(r.get("reward/reward_mean") for r in rows) and any(r.get("importance/ess") for r in rows)
+    sampled = [r for r in rows if r.get("val/pass@2")]
+    assert sampled and all(float(r["val/pass@2"]) >= float(r["val/mean@2"]) for r in sampled)
     assert max(int(r["step"]) for r in rows) >= 2
     assert (job / "policy" / "config.json").is_file()
 

@@ -19,7 +19,7 @@ from lightning_unified.engines.vllm_reload_notice import RELOAD_LOGGER, RotaryRe
 from lightning_unified.engines.parameter_copy import engine_weights
 from lightning_unified.models.loading import build_policy
 from lightning_unified.module import UnifiedModule
-from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse
+from lightning_unified.specs import Dense, Importance, OnPolicy, Reward, Sampling, Sparse, Validation
 from lightning_unified.tasks.addition import digit_match, exact_match
 from lightning_unified.validation import greedy_answers
 from tests.conftest import require_vllm
@@ -197,6 +197,15 @@ def test_after_a_step_the_engine_follows_the_updated_policy(lora: bool) -> None:
     theirs = hf_greedy(module.policy, tokenizer, prompt_ids, prompt_mask)
     assert torch.equal(after.response_ids[:, :theirs.shape[1]], theirs)
     assert greedy_answers(module, prompt_ids, prompt_mask) != before, "SGD at lr 5 moved the greedy answers"
+    # validation's samples come from the run's engine too, at the sampler's temperature, drawn alike twice
+    engine, asked = module.rollouts.engine, []
+    generate = engine.generate
+    engine.generate = lambda policy, ids, mask, req: asked.append(req) or generate(policy, ids, mask, req)
+    module.validation = Validation(num_samples=3)
+    figures = [quiet_trainer().validate(module, datamodule=tiny_datamodule(), verbose=False)[0] for _ in range(2)]
+    assert figures[0] == figures[1] and figures[0]["val/pass@3"] >= figures[0]["val/mean@3"]
+    sampled = [r for r in asked if not r.greedy]
+    assert len(sampled) == 2 and all(r.temperature == 1.0 for r in sampled) and sampled[0].seed == sampled[1].seed
     module.rollouts.close()
 
 

@@ -17,6 +17,7 @@ settings where it is built; every rule that relates two settings is in
 ``signal.py``          :class:`Sparse`, :class:`Dense`, :class:`Preference`
 ``reference.py``       :class:`Reference`: the KL penalty's reference
 ``method.py``          :class:`Method`: the three together, as the rules read them
+``validation.py``      :class:`Validation`: k sampled answers per held-out prompt (pass@k)
 =====================  ==============================================================
 """
 
@@ -44,11 +45,12 @@ from lightning_unified.specs.teacher import (
     VLLMTeacher,
     teacher_entry,
 )
+from lightning_unified.specs.validation import Validation
 
 __all__ = [
     "BEHAVIOURS", "ENGINES", "KL_ESTIMATORS", "LOAD_OPTIONS", "PREFERENCE_LOSSES", "SELF_TEACHER",
     "SELF_TEACHER_UPDATES", "TEACHER_ENGINES", "TEACHER_KINDS", "TOKENIZER_MODES", "TOPK_TAILS", "CachedTeacher",
     "Dense", "Environment", "HFTeacher", "Importance", "Method", "ModelRef", "OffPolicy", "OnPolicy", "Preference",
     "Reference", "Reward", "Sampling", "SelfTeacher", "ServerTeacher", "SeveralTeachers", "Sparse", "TeacherEntry",
-    "TeacherSource", "VLLMTeacher", "as_rewards", "loss_temperature", "teacher_entry",
+    "TeacherSource", "VLLMTeacher", "Validation", "as_rewards", "loss_temperature", "teacher_entry",
 ]
