@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 
 import lightning as L
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_unified.lightning_private import estimated_steps_without_loader
 
@@ -79,6 +81,9 @@ def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
     """``factory(optimizer)``, handing it ``num_training_steps`` when it takes one that the
     config left out (transformers' schedules do); one the config set is checked instead."""
     bound = factory.keywords if isinstance(factory, functools.partial) else {}
+    if "num_training_steps" in bound and bound["num_training_steps"] is None and _fills_defaults(factory):
+        # LightningCLI binds every argument, the unset length as None: the run's steps
+        return factory(optimizer, num_training_steps=training_steps(trainer))
     if "num_training_steps" in bound:
         if bound["num_training_steps"] is None or bound["num_training_steps"] < 1:
             raise ValueError(f"scheduler.num_training_steps={bound['num_training_steps']} must be a number of steps >= 1; "
@@ -91,6 +96,27 @@ def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
     if takes_length:
         return factory(optimizer, num_training_steps=training_steps(trainer))
     return factory(optimizer)
+
+
+def _fills_defaults(factory: functools.partial) -> bool:
+    """Whether ``factory`` is jsonargparse's (LightningCLI's) partial of a class, which binds
+    every argument the YAML file left out to its default."""
+    return getattr(factory.func, "__module__", "").startswith("jsonargparse")
+
+
+class TransformersSchedule(LambdaLR):
+    """One of transformers' learning-rate schedules by ``name`` (``get_scheduler``'s: linear,
+    cosine, constant_with_warmup, ...), as a class: what a LightningCLI YAML file names
+    (jsonargparse builds an optimizer's schedule from a class, not a function).
+    ``num_training_steps`` left out is the run's steps (:func:`build_scheduler`); the same
+    rates as ``transformers.get_<name>_schedule...`` from Hydra's ``conf/scheduler``."""
+
+    def __init__(self, optimizer: Optimizer, name: str = "cosine", num_warmup_steps: int = 0,
+                 num_training_steps: int | None = None):
+        from transformers import get_scheduler
+
+        made = get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+        super().__init__(optimizer, made.lr_lambdas)
 
 
 def configure_optimization(policy, optimizer_factory: Callable, scheduler_factory: Callable | None,
