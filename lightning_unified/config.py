@@ -23,7 +23,9 @@ from lightning_unified.csv_logger import AppendingCSVLogger, truncate_after_step
 from lightning_unified.loggers import ConfigLog, finish_loggers, flat_config
 from lightning_unified.module import UnifiedModule
 from lightning_unified.pipeline import build_batch_pipeline
+from lightning_unified.callbacks.progress_bar import step_progress_bar
 from lightning_unified.rewards.scoring import names_parameter, reward_name
+from lightning_unified.schedule import epochs_for, planned_steps
 from lightning_unified.specs import Preference
 from lightning_unified.tasks.addition import checkpoint_path
 
@@ -59,6 +61,14 @@ class _DropNoise(logging.Filter):
         return "litlogger" not in record.getMessage() and "litmodels" not in record.getMessage()
 
 
+class _LogFileOnly(logging.Filter):
+    """Records for the run's log file alone: the console says the same in other words (the
+    failed run's line, which the script prints as the error's one message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "log_file_only", False)
+
+
 def quiet_console() -> None:
     """Keep the console to what a user can act on (called by scripts/train.py)."""
     import warnings
@@ -66,6 +76,9 @@ def quiet_console() -> None:
     for name in ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
                  "lightning.pytorch.trainer.connectors.callback_connector", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropNoise())
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_LogFileOnly())
     # Lightning and torchdata call deprecated torch APIs internally; nothing for a user to change
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")
@@ -124,11 +137,13 @@ def build_run(cfg: DictConfig, output_dir: str | Path, resume_state: dict | None
     if cfg.get("logger"):
         loggers.append(instantiate(cfg.logger, _partial_=True)(save_dir=output_dir))
         config_log = [ConfigLog(flat_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))]
+    callbacks = [checkpoints, policy_exports(cfg, output_dir), *config_log, *instantiate(cfg.get("callbacks") or [])]
     trainer = instantiate(cfg.trainer, _partial_=True)(
         logger=loggers,
-        callbacks=[checkpoints, policy_exports(cfg, output_dir), *config_log,
-                   *instantiate(cfg.get("callbacks") or [])],
+        callbacks=[*callbacks, *step_progress_bar(cfg.trainer, callbacks)],
         default_root_dir=output_dir,
+        # trainer.max_steps > 0 overrides the epochs: the data loops as often as the steps take
+        max_epochs=epochs_for(cfg.trainer.get("max_steps"), cfg.trainer.get("max_epochs")),
     )
     return Run(module, datamodule, trainer, output_dir)
 
@@ -220,8 +235,10 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
         parts.append(f"{batch} examples per batch")
     lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
     parts.append(f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr (optimizer default)")
-    steps = cfg.trainer.get("max_steps", -1)
-    parts.append(f"{steps} steps" if steps and steps > 0 else f"{cfg.trainer.get('max_epochs')} epoch(s)")
+    # the optimizer steps this run will make (accumulation included), as the schedule counts them
+    steps = planned_steps(run.trainer, run.datamodule)
+    epochs = run.trainer.max_epochs
+    parts.append(f"{steps} step{'s' if steps != 1 else ''}" if steps is not None else f"{epochs} epoch(s)")
     parts.append(f"policy {cfg.model.get('path') or 'a fresh ' + str(cfg.model.config.get('model_type', 'model'))}")
     return " | ".join(parts)
 
@@ -301,7 +318,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         metrics = _train(cfg, output_dir)
     except BaseException as error:
         text = str(error).strip().splitlines()
-        log.error("%s: %s%s", FAILED, type(error).__name__, f": {text[0]}" if text else "")
+        log.error("%s: %s%s", FAILED, type(error).__name__, f": {text[0]}" if text else "",
+                  extra={"log_file_only": True})  # the console gets the error itself
         raise
     log.info("%s: %s", FINISHED, ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items()) or "no held-out metrics")
     return metrics

@@ -56,9 +56,12 @@ class Lookahead:
     the fit loop's next fetch gets the oldest kept one. ``kept``: batches to hand out
     before the loader's next (a resumed run's, pulled early before its checkpoint)."""
 
-    def __init__(self, iterator, kept: list | None = None):
+    def __init__(self, iterator, kept: list | None = None, length: int | None = None):
         self.iterator = iterator
         self.kept = list(kept or [])
+        # the epoch's batches: a batch index past them is never pulled, so the loader is
+        # never run into its end before Lightning itself reaches it
+        self.length = length
 
     def __iter__(self):
         return self
@@ -91,7 +94,7 @@ def training_lookahead(trainer: L.Trainer, kept: list | None = None) -> Lookahea
     if fetcher.length is None:
         raise ValueError("sampling.max_lag >= 1 samples batches ahead of the trainer, which needs a training loader "
                          "with a length (a map-style dataset or a batch sampler with __len__); this one has none")
-    fetcher.iterator = Lookahead(fetcher.iterator, kept)
+    fetcher.iterator = Lookahead(fetcher.iterator, kept, fetcher.length)
     return fetcher.iterator
 
 

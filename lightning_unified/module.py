@@ -10,7 +10,7 @@ calls one of its functions. What differs between methods is which stages run
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -73,8 +75,8 @@ class UnifiedModule(L.LightningModule):
         tokenizer: PreTrainedTokenizerBase | str,
         data_source: OffPolicy | OnPolicy,
         signal: Sparse | Dense | Preference,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
+        optimizer: Callable[[Iterable], Optimizer] | None = None,
+        scheduler: Callable[[Optimizer], LRScheduler] | None = None,
         *,
         reference: Reference | None = None,
         aggregation: str | None = None,

@@ -1,5 +1,7 @@
-"""The learning-rate schedule's length: the steps Lightning will actually run, so a
-schedule built for ``num_training_steps`` never outlives or undershoots the run."""
+"""The run's length in optimizer steps: what the learning-rate schedule, the run's first line
+and the progress bar count, so a schedule built for ``num_training_steps`` never outlives or
+undershoots the run. ``trainer.max_steps`` > 0 is the run's length whatever the epochs (as in
+the Hugging Face Trainer and TRL): the data loops as often as the steps take."""
 
 from __future__ import annotations
 
@@ -9,8 +11,54 @@ import math
 from collections.abc import Callable
 
 import lightning as L
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_unified.lightning_private import estimated_steps_without_loader
+
+
+def epochs_for(max_steps: int | None, max_epochs: int | None) -> int | None:
+    """The ``max_epochs`` a Trainer gets for ``trainer.max_steps``: -1 (as many passes as the
+    steps take) when ``max_steps`` > 0, else the configured ``max_epochs``. Lightning stops at
+    whichever limit comes first, so ``max_steps=20`` on 16 batches with its default one epoch
+    would stop after 16, while the Hugging Face Trainer and TRL let ``max_steps`` override the
+    number of epochs."""
+    return -1 if isinstance(max_steps, int) and max_steps > 0 else max_epochs
+
+
+def planned_steps(trainer: L.Trainer, datamodule: L.LightningDataModule | None = None) -> int | None:
+    """The optimizer steps a fit of ``trainer`` will make, before the fit (the run's first
+    line): ``max_steps``, or ``max_epochs`` x the batches of an epoch over
+    ``accumulate_grad_batches`` (rounded up: Lightning steps on an epoch's last batch), as
+    Lightning counts them for the schedule. None when an epoch's batches cannot be counted
+    (a loader without a length)."""
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    if max_epochs == -1 or (max_steps > 0 and datamodule is None):
+        return max_steps if max_steps > 0 else None
+    batches = epoch_batches(trainer, datamodule)
+    if batches is None:
+        return max_steps if max_steps > 0 else None
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(max_epochs or 1, 1)
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def epoch_batches(trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> int | None:
+    """The training batches of one epoch on each rank, from a loader built only to be counted
+    (the datamodule sees ``trainer``, for its ranks), within ``trainer.limit_train_batches``."""
+    if datamodule is None:
+        return None
+    before = datamodule.trainer
+    datamodule.trainer = trainer
+    try:
+        batches = len(datamodule.train_dataloader())
+    except TypeError:  # an iterable dataset: no length
+        return None
+    finally:
+        datamodule.trainer = before
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    return int(batches * limit) if limit is not None else batches
 
 
 def training_steps(trainer: L.Trainer) -> int:
@@ -33,6 +81,9 @@ def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
     """``factory(optimizer)``, handing it ``num_training_steps`` when it takes one that the
     config left out (transformers' schedules do); one the config set is checked instead."""
     bound = factory.keywords if isinstance(factory, functools.partial) else {}
+    if "num_training_steps" in bound and bound["num_training_steps"] is None and _fills_defaults(factory):
+        # LightningCLI binds every argument, the unset length as None: the run's steps
+        return factory(optimizer, num_training_steps=training_steps(trainer))
     if "num_training_steps" in bound:
         if bound["num_training_steps"] is None or bound["num_training_steps"] < 1:
             raise ValueError(f"scheduler.num_training_steps={bound['num_training_steps']} must be a number of steps >= 1; "
@@ -45,6 +96,27 @@ def build_scheduler(factory: Callable, optimizer, trainer: L.Trainer):
     if takes_length:
         return factory(optimizer, num_training_steps=training_steps(trainer))
     return factory(optimizer)
+
+
+def _fills_defaults(factory: functools.partial) -> bool:
+    """Whether ``factory`` is jsonargparse's (LightningCLI's) partial of a class, which binds
+    every argument the YAML file left out to its default."""
+    return getattr(factory.func, "__module__", "").startswith("jsonargparse")
+
+
+class TransformersSchedule(LambdaLR):
+    """One of transformers' learning-rate schedules by ``name`` (``get_scheduler``'s: linear,
+    cosine, constant_with_warmup, ...), as a class: what a LightningCLI YAML file names
+    (jsonargparse builds an optimizer's schedule from a class, not a function).
+    ``num_training_steps`` left out is the run's steps (:func:`build_scheduler`); the same
+    rates as ``transformers.get_<name>_schedule...`` from Hydra's ``conf/scheduler``."""
+
+    def __init__(self, optimizer: Optimizer, name: str = "cosine", num_warmup_steps: int = 0,
+                 num_training_steps: int | None = None):
+        from transformers import get_scheduler
+
+        made = get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+        super().__init__(optimizer, made.lr_lambdas)
 
 
 def configure_optimization(policy, optimizer_factory: Callable, scheduler_factory: Callable | None,

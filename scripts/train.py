@@ -11,13 +11,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_unified.config import CONFIG_DIR, quiet_console, train
+from lightning_unified.errors import report_named_errors
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     quiet_console()
     output_dir = HydraConfig.get().runtime.output_dir
-    metrics = train(cfg, output_dir)
+    with report_named_errors():  # a config or data error: its one message, no traceback
+        metrics = train(cfg, output_dir)
     if rank_zero_only.rank != 0:
         return metrics.get("val/exact_match", 0.0)
     print(f"run directory: {output_dir}")

@@ -61,14 +61,17 @@ def overrides(experiment: str) -> list[str]:
     engine = []
     if experiment == "rl_vllm":  # sampled and validated through the vLLM engine
         experiment, engine = "rl", ["data_source.sampling.engine=vllm", "data_source.sampling.vllm.kv_cache_gib=0.25"]
-    if experiment == "rl_lag2":  # two batches sampled ahead: the checkpoint keeps them and their rows
-        experiment, engine = "rl", ["data_source.sampling.max_lag=2"]
+    data = []
+    if experiment == "rl_lag2":  # two batches sampled ahead: the checkpoint keeps them and their rows; epochs
+        # of 3 batches, so the lookahead stops at the epoch's end, the checkpoint keeps its last batch, and the
+        # resumed run starts the next epoch
+        experiment, engine, data = "rl", ["data_source.sampling.max_lag=2"], ["task.num_train=24"]
     if experiment == "rl_environment":  # multi-turn episodes on the tool task, validated in greedy episodes
         experiment, engine = "rl", ["task=multiply"]
     sampled = ["data_source.sampling.num_generations=2"] if experiment in ("rl", "on_policy_distill", "gkd") else []
     return [*engine, f"experiment={experiment}", f"trainer.max_steps={STEPS}", "checkpoint_every_n_steps=2",
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "save_policy=null", *sampled,
-            *FAST_TASK, "task.num_val=16"]
+            *FAST_TASK, "task.num_val=16", *data]
 
 
 def rows(run_dir: Path) -> list[tuple]:

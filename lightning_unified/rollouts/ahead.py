@@ -112,8 +112,12 @@ class BatchesAhead:
             if (self.owner.producer.holds((epoch, later))
                     or not mixed_batch_is_on_policy(source.probability, source.seed, epoch, later)):
                 continue
-            upcoming = lookahead.peek(ahead)
-            if upcoming is None:  # the epoch ends first
+            # the epoch ends first: the next epoch's first batch is sampled when it starts. Its
+            # loader is never asked past its last batch: a stateful loader that ran into its end
+            # is saved as a finished epoch, and a run resumed from that checkpoint would start the
+            # next epoch's order one epoch on
+            upcoming = lookahead.peek(ahead) if lookahead.length is None or later < lookahead.length else None
+            if upcoming is None:
                 break
             self._hand_over(trainer, host, epoch, later, upcoming[0], step)
 
