@@ -164,11 +164,11 @@ def test_extra_metrics_off_and_mfu_with_a_configured_peak(tmp_path) -> None:
         module, datamodule=datamodule)
     names = set(read_metrics(next((tmp_path / "off").rglob("metrics.csv")))[0])
     assert not names & {"train/grad_norm", "train/entropy", "train/mfu"} and "train/lr" in names
-    module = UnifiedModule(policy, datamodule.tokenizer, OffPolicy(), Sparse(), peak_flops=1e9,
+    module = UnifiedModule(policy, datamodule.tokenizer, OffPolicy(), Sparse(), peak_flops=1e12,
                            samples_every_n_steps=None)
     quiet_trainer(max_steps=2, limit_val_batches=0, log_every_n_steps=1, logger=CSVLogger(tmp_path / "on")).fit(
         module, datamodule=datamodule)
-    flops = FlopsModel(policy, 1e9, 1)
+    flops = FlopsModel(policy, 1e12, 1)
     # untied: the input embedding is a lookup, the output layer a matmul
     assert flops.parameters == sum(p.numel() for p in policy.parameters()) - policy.config.vocab_size * 64
     assert (flops.layers, flops.width) == (2, 64)
