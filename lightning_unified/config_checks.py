@@ -96,6 +96,7 @@ MODULE = {
     "max_non_finite_steps": at_least(1),
     "max_failure_fraction": ((lambda v: is_number(v) and 0 <= v <= 1), "a fraction in [0, 1]"),
     "failure_window": at_least(1),
+    "peak_flops": above(0),
 }
 
 TASK = {

@@ -32,6 +32,7 @@ from lightning_unified.rollouts.ranks import saved_rollouts
 from lightning_unified.host_memory import keep_freed_host_memory, return_freed_host_memory
 from lightning_unified.lightning_private import attached_trainer
 from lightning_unified.losses.aggregation import AGGREGATIONS, StepSums
+from lightning_unified.metrics import DeviceMetrics, FlopsModel, peak_flops_per_device
 from lightning_unified.models.checkpoint import fingerprint, read_run_state, save_policy, write_run_state
 from lightning_unified.models.loading import trainable_policy
 from lightning_unified.models.lora import is_lora
@@ -65,7 +66,10 @@ class UnifiedModule(L.LightningModule):
     ``failure_window`` rows of one kind failed (an environment, a reward function or a
     teacher that could not handle them; :mod:`lightning_unified.failures`); fewer are left
     out of the loss and counted. ``stages``: stages of your own, each placed before or after a named one
-    (:class:`~lightning_unified.stages.Stage`). Every argument is documented where a run
+    (:class:`~lightning_unified.stages.Stage`). ``detailed_metrics``: log the entropy, the
+    gradient norm and MFU (each a pass over something large); ``peak_flops``: one device's
+    peak FLOP/s for MFU (None: Lightning's table on a GPU; unknown on a CPU, where MFU is not
+    logged). Every argument is documented where a run
     sets it: ``conf/train.yaml``'s ``module`` section.
     """
 
@@ -98,8 +102,12 @@ class UnifiedModule(L.LightningModule):
         failure_window: int = 1000,
         keep_freed_host_memory: bool = True,
         stages: list[Stage] | None = None,
+        detailed_metrics: bool = True,
+        peak_flops: float | None = None,
     ):
         super().__init__()
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"module.peak_flops must be a positive FLOP/s figure per device, got {peak_flops}")
         aggregation = aggregation or signal.aggregation  # the method's own normaliser
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -138,6 +146,10 @@ class UnifiedModule(L.LightningModule):
         # rows an environment, a reward function or a teacher could not handle: counted, and the run's limit
         self.failures = FailedRows(max_failure_fraction, failure_window)
         self.clock = TrainingProgress()
+        # the step's diagnostics, on the device until its one read (lightning_unified/metrics.py)
+        self.step_metrics = DeviceMetrics()
+        self.detailed_metrics, self.peak_flops = detailed_metrics, peak_flops
+        self.flops_model: FlopsModel | None = None  # set by a fit whose device's peak is known
 
     @property
     def progress(self) -> dict:
@@ -162,6 +174,10 @@ class UnifiedModule(L.LightningModule):
                 keep_freed_host_memory() if self.keep_freed_host_memory else return_freed_host_memory()
             if self.packing.enabled:
                 rank_zero_info(self.packing.describe(uses_varlen_attention(self.policy)))
+            peak = peak_flops_per_device(self.peak_flops, self.trainer.strategy.root_device,
+                                         compute_dtype(self.trainer.precision))
+            self.flops_model = FlopsModel(self.policy, peak, self.trainer.world_size) if (
+                peak and self.detailed_metrics) else None
         for name in self.val_rewards:
             if name not in self.val_metrics:
                 self.val_metrics[name] = MeanMetric(nan_strategy="ignore")  # NaN: a row the reward cannot score

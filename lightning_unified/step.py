@@ -43,13 +43,17 @@ from lightning_unified import batch as fields
 from lightning_unified.builder_choice import weight_builders_for
 from lightning_unified.lightning_private import writes_logs_now
 from lightning_unified.losses.aggregation import all_reduce_sum, count_tensor, normaliser, normaliser_tensor, token_terms
+from lightning_unified.metrics import grad_square_sum, record_lengths, record_policy_tokens
 from lightning_unified.models.forward import response_hidden
 from lightning_unified.progress import log_step
 
 
 def prepare_batch(host, batch: dict, batch_idx: int) -> None:
-    """Steps 1-7: the method's stages, in their order, add their fields to the batch."""
+    """Steps 1-7: the method's stages, in their order, add their fields to the batch; then,
+    on a step that writes logs, the batch's response lengths (sampled or the data's)."""
     host.pipeline.run(host.trainer, host, batch, batch_idx)
+    if writes_logs_now(host.trainer) and fields.RESPONSE_IDS in batch:
+        record_lengths(host.step_metrics, batch, host.stop_token_ids)
 
 
 def make_updates(host, optimizer, closure) -> None:
@@ -86,21 +90,27 @@ def update_loss(host, batch: dict) -> dict:
     builders = weight_builders_for(rows, host.signal, importance, host.reference)
     fields.require_each(rows, builders.needs)  # a stage missing is named, before any forward
     mask = fields.loss_mask(rows)  # the tokens in the loss; every forward attends to the response mask's
+    trainer = host.trainer
+    # the entropy, read from the loss's own log-probs, on the steps that write logs
+    entropy = host.detailed_metrics and writes_logs_now(trainer)
     hidden = response_hidden(host.policy, rows[fields.PROMPT_IDS], rows[fields.PROMPT_MASK], rows[fields.RESPONSE_IDS],
                              rows[fields.RESPONSE_MASK], host.packing)
     out = host.policy.get_output_embeddings()(hidden, loss_inputs={
         "targets": rows[fields.RESPONSE_IDS], "weight_fn": builders.weight_fn, "fields": fields.per_token_fields(rows),
         "token_scale": token_terms(mask, host.aggregation, constant=host.constant_normaliser),
         "teacher": rows.get(fields.TEACHER), "temperature": host.temperature, "chunk_size": host.chunk_size,
-        "compile": host.compile_loss,
+        "compile": host.compile_loss, "entropy": entropy,
     })
+    if entropy:
+        host.step_metrics.add("entropy", out.token_entropy.sum())
+    if host.flops_model is not None:  # MFU covers every step since the last write
+        record_policy_tokens(host.step_metrics, rows[fields.PROMPT_MASK], rows[fields.RESPONSE_MASK])
     # the loss's log-probs of every row, for the diagnostics after the batch's last update
     target_logp = host.updates.rollout_logp(batch, out.target_logp.detach())
     group_size = rows.get(fields.GROUP_SIZE, 1)
     counts = count_tensor(mask, group_size, rows.get(fields.FAILED))
     host.step_sums.add(out.loss, out.objective, mask, rows.get(fields.TEACHER_INDEX), out.token_objective,
                        group_size=group_size, counts=counts)
-    trainer = host.trainer
     if trainer.accumulate_grad_batches == 1:
         # on the device, never read here; the factor reaches every gradient through the
         # backward pass the loss makes anyway, not through a pass over them afterwards.
@@ -118,15 +128,23 @@ def normalise_update(host) -> None:
     step's loss and objective with the same normaliser (one all-reduce of the step's sums,
     besides the counts' all-reduce step 9 makes with one micro-batch). DDP and FSDP average
     gradients over ranks, so the factor carries the world size; gradient clipping runs
-    after this, on the normalised gradient."""
-    total = host.step_sums.total()  # the step's one read back to the host
+    after this, on the normalised gradient (the gradient norm logged is the normalised gradient's, before clipping).
+    The step's diagnostics (:mod:`lightning_unified.metrics`) join that one read."""
+    trainer = host.trainer
+    write = writes_logs_now(trainer)
+    if write and host.detailed_metrics:
+        square = grad_square_sum(host.policy.parameters(), trainer.world_size)
+        if square is not None:  # a step the non-finite guard skipped has none
+            host.step_metrics.add("grad_square", square)
+    total = host.step_sums.total(host.step_metrics)  # the step's one read back to the host
     if total is None:
         return
     norm = normaliser(host.aggregation, total.counts, count_empty=host.count_empty)
-    trainer = host.trainer
+    grad_scale = 1.0  # what the gradients are multiplied by after the read
     if trainer.accumulate_grad_batches != 1:
         # one multi-tensor kernel for all gradients, not a launch per parameter
         grads = [p.grad for p in host.policy.parameters() if p.grad is not None]
+        grad_scale = trainer.world_size / norm
         if grads:
-            torch._foreach_mul_(grads, trainer.world_size / norm)
-    log_step(host, total, norm, writes_logs_now(trainer))
+            torch._foreach_mul_(grads, grad_scale)
+    log_step(host, total, norm, write, grad_scale)

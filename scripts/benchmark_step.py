@@ -24,6 +24,11 @@ runs ``--repeats`` times, plain and project alternating, and the table gives the
 the runs' medians with the spread (lowest-highest) of the runs' time ratios. Prints a
 table; ``--out`` appends JSON lines.
 
+``--log-every-n-steps 1`` makes every timed step write its logs, and so make and read every
+metric of docs/metrics.md (at Lightning's default of 50 the timed steps write none);
+``--no-detailed-metrics`` leaves out the entropy, the gradient norm and MFU
+(``module.detailed_metrics=false``): the two runs' ratios are what those metrics cost.
+
 ``--interleave`` times the two loops in one process instead, a plain step after each
 project step, and divides the two medians of that process. A machine whose speed drifts
 between processes and over seconds (a shared host: this project's CPU runners move a plain
@@ -295,7 +300,8 @@ def run_project(args) -> dict:
     module = UnifiedModule(model, tokenizer, source, signal, optimizer=partial(torch.optim.AdamW, lr=1e-5),
                            max_new_tokens=args.gen, samples_every_n_steps=None, non_finite=None,
                            chunk_size=args.chunk_size, compile_loss=args.compile,
-                           keep_freed_host_memory=not args.release_host_memory)
+                           keep_freed_host_memory=not args.release_host_memory,
+                           detailed_metrics=not args.no_detailed_metrics)
 
     class Data(L.LightningDataModule):
         max_new_tokens = args.gen
@@ -337,7 +343,8 @@ def run_project(args) -> dict:
     trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
                         precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock],
+                        log_every_n_steps=args.log_every_n_steps)
     trainer.fit(module, datamodule=Data())
     times = [end - start for start, end in zip(clock.starts[args.warmup - 1:], clock.ends[args.warmup:])]
     if plain is not None:  # both loops' memory in one process: no peak of its own to report
@@ -402,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--release-host-memory", action="store_true",
                         help="CPU: both variants with glibc's default heap trimming (by default both keep freed "
                              "heap memory between steps, see lightning_unified/host_memory.py)")
+    parser.add_argument("--log-every-n-steps", type=int, default=50,
+                        help="the trainer's log_every_n_steps: the step's metrics are made and read on those "
+                             "steps only (1: every timed step pays for them)")
+    parser.add_argument("--no-detailed-metrics", action="store_true",
+                        help="module.detailed_metrics=false: no entropy, gradient norm or MFU (docs/metrics.md)")
     parser.add_argument("--out", default=None, help="append one JSON line per method here")
     parser.add_argument("--interleave", action="store_true",
                         help="time both loops in one process, a plain step after each project step, so a noisy "
@@ -434,7 +446,8 @@ def main() -> None:
     shape = (f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} batch={args.batch} "
              f"prompt={args.prompt} response={args.response} gen={args.gen} precision={args.precision}"
              f"{' compile' if args.compile else ''}{' release-host-memory' if args.release_host_memory else ''}"
-             f"{' interleaved' if args.interleave else ''}")
+             f"{' interleaved' if args.interleave else ''} log_every_n_steps={args.log_every_n_steps}"
+             f"{' no-detailed-metrics' if args.no_detailed_metrics else ''}")
     print(f"{device_name}: {shape}; medians of {args.steps} steps, median of {args.repeats} runs; "
           f"ratios project / plain (spread: the runs' lowest-highest)")
     print(f"{'method':<19}{'plain s':>9}{'project s':>11}{'time x':>8}{'spread':>12}{'plain MiB':>11}"

@@ -27,6 +27,8 @@ BAD = [
     ("trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches must be a whole number >= 1, got 0"),
     ("trainer.max_steps=-5", r"trainer.max_steps must be a whole number >= -1, got -5"),
     ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps must be a whole number >= 1, got 0"),
+    ("module.peak_flops=0", r"module.peak_flops must be a number > 0"),
+    ("module.detailed_metrics=maybe", r"module.detailed_metrics must be true or false, got 'maybe'"),
     ("trainer.val_check_interval=0", r"trainer.val_check_interval must be a whole number of steps >= 1"),
     ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a number >= 0 or null, got -1"),
     ("trainer.precision=31", r"trainer.precision must be .*one of .*'32-true'"),

@@ -66,14 +66,28 @@ SHARED = ["task.shuffle=false", "task.num_train=64", "task.num_val=16", "task.va
           "scheduler=constant", "module.samples_every_n_steps=null"]
 
 
+# the step's diagnostics reduced over ranks (lightning_unified/metrics.py): two processes log
+# what one process logs for the same global batch (a DDP gradient counted once, FSDP2's shards
+# each; token means over every rank's tokens; the longest and shortest over every rank)
+REDUCED = ("train/grad_norm", "train/entropy", "sampling/response_length", "sampling/clipped_fraction",
+           "sampling/eos_fraction", "data/response_length", "reward/exact_match", "reward/digit_match")
+
+
+def reduced_metrics(path: Path) -> dict[str, list[float]]:
+    rows = read_metrics(path)
+    names = {name for row in rows for name in row if name.startswith(REDUCED)}
+    return {name: [float(r[name]) for r in rows if r.get(name)] for name in sorted(names)}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_give_the_single_process_update(method: str, tmp_path: Path) -> None:
-    policies = {}
+    policies, metrics = {}, {}
     layouts = {k: v for k, v in LAYOUTS.items() if method not in FSDP2_ONLY or k != "ddp"}
     for layout, (trainer, batch_size) in layouts.items():
         out = tmp_path / layout
         train_in_its_layout([*METHODS[method], f"trainer={trainer}", f"task.batch_size={batch_size}", *SHARED], out)
         policies[layout] = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+        metrics[layout] = reduced_metrics(out / "metrics.csv")
         if "data_source.sampling.max_lag=1" in METHODS[method]:
             # the sampled batches' lags (a mixed source's off-policy batches log none)
             lags = [float(r["sampling/lag"]) for r in read_metrics(out / "metrics.csv")
@@ -83,7 +97,11 @@ def test_two_processes_give_the_single_process_update(method: str, tmp_path: Pat
     reference = policies["one_process"]
     if start is not None:
         assert any(not torch.equal(reference[k], start[k]) for k in reference), "the run must move the policy"
+    assert {"train/grad_norm", "train/entropy"} <= set(metrics["one_process"]), sorted(metrics["one_process"])
     for layout in set(layouts) - {"one_process"}:
+        assert set(metrics[layout]) == set(metrics["one_process"]), f"{method} {layout}: {sorted(metrics[layout])}"
+        for name, values in metrics["one_process"].items():
+            assert metrics[layout][name] == pytest.approx(values, rel=1e-4, abs=1e-6), f"{method} {layout} {name}"
         for key in reference:
             torch.testing.assert_close(policies[layout][key], reference[key], rtol=1e-4, atol=1e-5,
                                        msg=lambda m, key=key, layout=layout: f"{method} {layout} {key}: {m}")

@@ -1,6 +1,8 @@
 """The step reads nothing back to the host per parameter or per field: the number of host
 syncs (``.item()``, ``float(t)``, ``bool(t)`` on a tensor) in one training step, outside the
-optimizer's own update, is the same for a 2-layer and a 6-layer model, and small.
+optimizer's own update, is the same for a 2-layer and a 6-layer model, and small. The step
+counted writes its logs, so it makes every diagnostic of docs/metrics.md (the gradient
+norm, the entropy, lengths, each reward's mean and spread, MFU), which add no read.
 
 Two parts of a step are left out of the count, because their reads are not the step's to
 remove: the rollout engine's generation (Hugging Face ``generate`` checks its stopping
@@ -32,6 +34,10 @@ SYNC_OPS = {"aten._local_scalar_dense", "aten.is_nonzero"}
 # the loss's target-range check, which reads back on a CPU only (on an accelerator it is a
 # device-side assert)
 MAX_SYNCS = 5
+# exactly those, on a CPU: the guard's decision, the one tolist, the range check, and one mask
+# decision per forward (the policy's; the teacher's too when there is one). An exact count,
+# so that one more read anywhere in the step (a new metric's among them) fails the test
+EXACT_SYNCS = {"sft": 4, "rl": 4, "distill": 5, "on_policy_distill": 5}
 
 
 def mask_decision_frame():
@@ -120,7 +126,8 @@ def syncs_of_a_step(method: str, layers: int, teacher: str, monkeypatch) -> tupl
     policy = build_policy(datamodule.tokenizer, config={**TINY, "num_hidden_layers": layers}, seed=0)
     source, signal = signal_for(method, teacher)
     module = UnifiedModule(policy, datamodule.tokenizer, source, signal, max_new_tokens=4,
-                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), samples_every_n_steps=None)
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), samples_every_n_steps=None,
+                           peak_flops=1e12)  # MFU, which a CPU's unknown peak would leave out
     counter = StepCounter()
     from lightning_unified.stages import AdvantagesStage, RewardsStage
     from lightning_unified.engines import hf
@@ -149,7 +156,19 @@ def syncs_of_a_step(method: str, layers: int, teacher: str, monkeypatch) -> tupl
     monkeypatch.setattr(Precision, "_after_closure", then_pause)
     for stage in (RewardsStage, AdvantagesStage):
         monkeypatch.setattr(stage, "run", paused_while(counter.mode, stage.run))
-    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[counter]).fit(module, datamodule=datamodule)
+    logged = []
+    real_log = L.LightningModule.log
+    monkeypatch.setattr(L.LightningModule, "log", lambda self, name, *a, **k: logged.append(name) or real_log(
+        self, name, *a, **k))
+    # every step writes its logs: the counted step makes and reads every metric of the table
+    # (docs/metrics.md: the entropy, the gradient norm, lengths, each reward's, MFU's counts)
+    quiet_trainer(max_steps=2, limit_val_batches=0, log_every_n_steps=1, callbacks=[counter]).fit(
+        module, datamodule=datamodule)
+    expected = {"train/grad_norm", "train/entropy", "train/lr", "train/mfu",
+                *(("sampling/response_length_max", "sampling/clipped_fraction") if source.samples
+                  else ("data/response_length_max",)),
+                *(("reward/exact_match", "reward/exact_match_std") if method == "rl" else ())}
+    assert expected <= set(logged), f"{method}: the counted steps log {sorted(expected - set(logged))} too"
     return counter.counts[-1], counter.where[-1]
 
 
@@ -160,6 +179,7 @@ def test_host_syncs_do_not_grow_with_the_model(method: str, tmp_path, monkeypatc
     deep, where_deep = syncs_of_a_step(method, 6, teacher, monkeypatch)
     assert shallow == deep, f"{method}: {shallow} syncs at 2 layers, {deep} at 6: {where_shallow} / {where_deep}"
     assert shallow <= MAX_SYNCS, f"{method}: {shallow} host syncs in one step: {where_shallow}"
+    assert shallow == EXACT_SYNCS[method], f"{method}: {shallow} host syncs in one step: {where_shallow}"
 
 
 def test_prompts_are_decoded_only_for_reward_functions_that_name_them() -> None:

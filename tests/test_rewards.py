@@ -157,10 +157,10 @@ def test_math_verify_from_the_command_line_config() -> None:
     cfg = compose_config(["experiment=rl", "signal.rewards=[{_target_: lightning_unified.rewards.math_verify, "
                           "_partial_: true}]"])
     signal = instantiate(cfg.signal, _convert_="all")
-    rewards, parts, _ = compute_rewards(signal.rewards, completions=["052", "52.0", "53"], references=["052"] * 3,
-                                     completion_ids=torch.ones(3, 2, dtype=torch.long),
-                                     completion_mask=torch.ones(3, 2, dtype=torch.long))
-    assert rewards.tolist() == [1.0, 1.0, 0.0] and list(parts) == ["math_verify"]
+    scores = compute_rewards(signal.rewards, completions=["052", "52.0", "53"], references=["052"] * 3,
+                             completion_ids=torch.ones(3, 2, dtype=torch.long),
+                             completion_mask=torch.ones(3, 2, dtype=torch.long))
+    assert scores.total.tolist() == [1.0, 1.0, 0.0] and list(scores.parts) == list(scores.values) == ["math_verify"]
 
 
 def test_a_reward_service_that_times_out_is_not_called_once_per_row(monkeypatch) -> None:

@@ -88,6 +88,20 @@ def all_reduce_sum(values: Tensor, group=None) -> Tensor:
     return values.to(device)
 
 
+def all_reduce_max(values: Tensor, group=None) -> Tensor:
+    """``values`` [n], the largest over the ranks of ``group`` (every rank must call it), as
+    float64 on the input's device; unchanged when torch.distributed is not initialised."""
+    values = values.detach().to(torch.float64)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    device = values.device
+    if "nccl" in str(torch.distributed.get_backend(group)) and device.type != "cuda":
+        values = values.cuda()
+    values = values.clone()
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=group)
+    return values.to(device)
+
+
 def all_reduce_counts(counts: LossCounts, group=None) -> LossCounts:
     """Sum counts over the ranks of ``group`` (every rank must call it); the counts
     unchanged when torch.distributed is not initialised. One small all-reduce per step."""
@@ -162,6 +176,8 @@ class StepTotals(NamedTuple):
     counts: LossCounts
     # each group's (objective, counts), in the order of its index (with ``groups``)
     groups: tuple[tuple[float, LossCounts], ...] = ()
+    # the step's other diagnostics (lightning_unified.metrics.DeviceMetrics), reduced over ranks
+    metrics: dict[str, float] = {}
 
 
 class StepSums:
@@ -190,16 +206,29 @@ class StepSums:
             sums = torch.cat([sums, per_group.reshape(-1).to(sums.device)])
         self._sums = sums if self._sums is None else self._sums + sums
 
-    def total(self) -> StepTotals | None:
+    def total(self, metrics=None) -> StepTotals | None:
         """The step's sums over every rank (one all-reduce; every rank must call it), then
         cleared; None when nothing was added. Its ``tolist`` is the step's one read back to
         the host: the normaliser divides every gradient, and the constant normaliser's
-        checks and the throughput are host arithmetic."""
+        checks and the throughput are host arithmetic. ``metrics``: a
+        :class:`~lightning_unified.metrics.DeviceMetrics` whose sums join the same
+        all-reduce and whose maxima take one more (the largest over ranks), read in the same
+        ``tolist``, then cleared."""
+        names, sums, max_names, maxima = metrics.take() if metrics is not None else ([], None, [], None)
         if self._sums is None:
             return None
-        values = all_reduce_sum(self._sums).tolist()
+        reduced = all_reduce_sum(self._sums if sums is None else torch.cat([self._sums, sums.to(self._sums.device)]))
+        if maxima is not None:
+            reduced = torch.cat([reduced, all_reduce_max(maxima.to(reduced.device))])
+        values = reduced.tolist()
         self._sums = None
+        # the sums' share, then the maxima's (a smallest is kept as the largest of its negation)
+        extra_sums = values[len(values) - len(names) - len(max_names):len(values) - len(max_names)]
+        extra_maxima = values[len(values) - len(max_names):]
+        values = values[:len(values) - len(names) - len(max_names)]
+        reduced_metrics = {**dict(zip(names, extra_sums)),
+                           **{name: sign * value for (name, sign), value in zip(max_names, extra_maxima)}}
         surrogate, objective = values[:2]
         groups = tuple((values[i], LossCounts(tokens=values[i + 1], sequences=values[i + 2]))
                        for i in range(6, len(values), 3))
-        return StepTotals(surrogate, objective, LossCounts(*values[2:6]), groups)
+        return StepTotals(surrogate, objective, LossCounts(*values[2:6]), groups, reduced_metrics)

@@ -46,6 +46,8 @@ class ChunkResult(NamedTuple):
     grad_logits: Tensor | None
     # [V] the same summed over tokens, in the compute dtype (only for a head with a bias)
     grad_bias: Tensor | None
+    # [c] the policy's entropy -sum_v p log p at the loss temperature (only when asked for)
+    entropy: Tensor | None = None
 
 
 def chunk_weights(weight_fn: WeightFn, logp: Tensor, targets: Tensor, scale: Tensor, fields: dict[str, Tensor],
@@ -80,12 +82,14 @@ def chunk_math(
     temperature: float,
     with_grad: bool,
     bias_grad: bool,
+    with_entropy: bool = False,
 ) -> ChunkResult:
     """The loss terms of ``c`` tokens from their final hidden states [c, H] and the head.
 
     ``targets`` [c], ``scale`` [c] (mask and normaliser), ``fields`` per-token tensors for
     the builder [c, *], ``teacher`` the chunk's teacher (its own temperature) or None.
-    ``with_grad`` False skips the gradient (no_grad evaluation). The logits are made here,
+    ``with_grad`` False skips the gradient (no_grad evaluation); ``with_entropy`` adds each
+    token's entropy, read from the log-probs the loss makes anyway. The logits are made here,
     not by the caller, so that the raw [c, V] tensor is freed as soon as its log-softmax
     exists (a caller's reference would keep it alive through the whole chunk)."""
     logits = F.linear(hidden, head_weight, head_bias)  # [c, V]: bf16 under bf16 autocast
@@ -100,8 +104,10 @@ def chunk_math(
     loss = -weighted_log_likelihood(logp, targets, weights).sum()
     objective = weights.objective if weights.objective is not None else loss.new_zeros(targets.shape[0])
     target_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
+    # before the gradient overwrites the log-probs: one [c, V] temporary, never [N, V]
+    entropy = torch.exp(logp).mul_(logp).sum(-1).neg_() if with_entropy else None  # [c]
     if not with_grad:
-        return ChunkResult(loss, objective, target_logp, None, None)
+        return ChunkResult(loss, objective, target_logp, None, None, entropy)
     # the log-probs are dead from here on, so their memory takes the gradient: the weights
     # are never a view of them (chunk_weights sees to it). Eager
     # only: the compiler plans its own buffers.
@@ -110,7 +116,7 @@ def chunk_math(
     if temperature != 1.0:
         grad.div_(temperature)
     grad_bias = grad.sum(0) if bias_grad else None
-    return ChunkResult(loss, objective, target_logp, grad.to(grad_dtype), grad_bias)
+    return ChunkResult(loss, objective, target_logp, grad.to(grad_dtype), grad_bias, entropy)
 
 
 _COMPILED: Callable[..., ChunkResult] | None = None

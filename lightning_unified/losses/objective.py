@@ -94,6 +94,9 @@ class WeightedNLL(NamedTuple):
     # [N] each token's share of ``objective`` (0 where scale == 0); detached, for the
     # objective of a subset of rows (each teacher's, with several)
     token_objective: Tensor | None = None
+    # [N] the policy's entropy at each token, at the loss temperature (0 where scale == 0);
+    # detached, None unless asked for (``entropy=True``): a diagnostic, never a gradient
+    token_entropy: Tensor | None = None
 
 
 def _kept_tokens(
@@ -146,6 +149,8 @@ class _ChunkPlan:
     grad_enabled: bool
     # the per-chunk math through torch.compile (see lightning_unified.losses.chunk_math)
     compile: bool = False
+    # each token's entropy too, from the chunk's log-probs (train/entropy)
+    entropy: bool = False
 
 
 class _ChunkedWeightedNLLFunction(torch.autograd.Function):
@@ -165,6 +170,8 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=acc)
         token_objective = hidden.new_zeros(num_tokens, dtype=acc)
         target_logp = hidden.new_zeros(num_tokens, dtype=acc)
+        # an empty tensor when not asked for: a Function's outputs are tensors
+        token_entropy = hidden.new_zeros(num_tokens if plan.entropy else 0, dtype=acc)
 
         math = compiled_chunk_math() if plan.compile else chunk_math
         for start in range(0, num_tokens, plan.chunk_size):
@@ -180,8 +187,11 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
                 temperature=plan.temperature,
                 with_grad=need_hidden or need_weight or need_bias,
                 bias_grad=need_bias,
+                with_entropy=plan.entropy,
             )
             loss += chunk.loss
+            if plan.entropy:
+                token_entropy[start:stop] = chunk.entropy
             token_objective[start:stop] = chunk.objective
             target_logp[start:stop] = chunk.target_logp
             if need_bias:
@@ -206,11 +216,12 @@ class _ChunkedWeightedNLLFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_bias.to(head_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(token_objective, target_logp)
-        return loss, token_objective, target_logp
+        ctx.mark_non_differentiable(token_objective, target_logp, token_entropy)
+        return loss, token_objective, target_logp, token_entropy
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_token_objective: Tensor, _grad_target_logp: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_token_objective: Tensor, _grad_target_logp: Tensor,
+                 _grad_token_entropy: Tensor):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grads = [
             grad * grad_loss.to(grad.dtype) if needed else None
@@ -239,6 +250,7 @@ def chunked_weighted_nll(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     compile: bool = False,
+    entropy: bool = False,
 ) -> WeightedNLL:
     """The one loss from final hidden states [..., H] and the output projection [V, H].
 
@@ -247,7 +259,8 @@ def chunked_weighted_nll(
     logits (the gradient includes its 1/temperature). ``chunk_size`` defaults to
     :func:`auto_chunk_size` for the device the hidden states are on. ``compile`` runs the
     per-chunk vocabulary math through ``torch.compile`` (fused kernels; the first call of
-    each weight builder compiles it).
+    each weight builder compiles it). ``entropy`` adds the policy's entropy at each token
+    (``token_entropy``), from each chunk's log-softmax: one more pass over the chunk.
     """
     _check_common(temperature, chunk_size)
     if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[-1]:
@@ -260,14 +273,16 @@ def chunked_weighted_nll(
     if chunk_size is None:
         chunk_size = auto_chunk_size(targets.shape[0], head_weight.shape[0], head_weight.shape[1], hidden.device)
     plan = _ChunkPlan(targets, scale, fields, teacher, weight_fn, temperature, chunk_size, torch.is_grad_enabled(),
-                      compile)
-    loss, kept_objective, kept_logp = _ChunkedWeightedNLLFunction.apply(
+                      compile, entropy)
+    loss, kept_objective, kept_logp, kept_entropy = _ChunkedWeightedNLLFunction.apply(
         flat_hidden.index_select(0, keep), head_weight, head_bias, plan
     )
     target_logp = kept_logp.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_logp)
     token_objective = kept_objective.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_objective)
+    token_entropy = (kept_entropy.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, kept_entropy)
+                     .reshape(hidden.shape[:-1]) if entropy else None)
     return WeightedNLL(loss, kept_objective.sum(), target_logp.reshape(hidden.shape[:-1]),
-                       token_objective.reshape(hidden.shape[:-1]))
+                       token_objective.reshape(hidden.shape[:-1]), token_entropy)
 
 
 def _logit_chunks(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, temperature: float,

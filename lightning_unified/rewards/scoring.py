@@ -41,6 +41,8 @@ class Scores(NamedTuple):
     total: Tensor
     parts: dict[str, Tensor]
     failed: list[RowFailure]
+    # each function's [B] scores as it gave them (NaN where it raised; not weighted)
+    values: dict[str, Tensor] = {}
 
 
 def compute_rewards(rewards: list[Reward], **inputs) -> Scores:
@@ -50,7 +52,7 @@ def compute_rewards(rewards: list[Reward], **inputs) -> Scores:
     flaky service, a reply its parser cannot read: the row is left out, not the run ended).
     A function that returns the wrong shape is the code's error, raised at once."""
     size = len(inputs["completions"])
-    total, parts, failed = torch.zeros(size), {}, {}
+    total, parts, failed, values = torch.zeros(size), {}, {}, {}
     for reward in rewards:
         name = reward_name(reward)
         value, errors = _scores(reward.fn, name, inputs, size)
@@ -59,10 +61,11 @@ def compute_rewards(rewards: list[Reward], **inputs) -> Scores:
         for row, failure in errors.items():
             failed.setdefault(row, failure)
         scored = torch.isfinite(value)
+        values[name] = value
         parts[name] = value[scored].mean() if scored.any() else torch.tensor(float("nan"))
         total = total + reward.weight * torch.where(scored, value, 0.0)
     total[sorted(failed)] = 0.0
-    return Scores(total, parts, [failed[row] for row in sorted(failed)])
+    return Scores(total, parts, [failed[row] for row in sorted(failed)], values)
 
 
 # the row-by-row retry of a batch call that raised stops after this many seconds, or twice

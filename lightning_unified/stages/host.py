@@ -37,6 +37,10 @@ class PolicyHost(Protocol):
     #: the rows that failed, by kind, and the run's limit on them (a
     #: :class:`~lightning_unified.failures.FailedRows`: ``lightning_unified.failures.report``)
     failures: object
+    #: the step's diagnostics kept on the device until its one read (a
+    #: :class:`~lightning_unified.metrics.DeviceMetrics`: a stage adds its scalars there, not
+    #: through ``log``, to have them reduced over ranks without a read of its own)
+    step_metrics: object
 
     @property
     def max_new_tokens(self) -> int:

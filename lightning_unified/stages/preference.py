@@ -7,6 +7,8 @@ import lightning as L
 
 from lightning_unified import batch as fields
 from lightning_unified.failures import mark_failed, report
+from lightning_unified.lightning_private import writes_logs_now
+from lightning_unified.metrics import rewards_to_device
 from lightning_unified.losses.advantages import reward_metrics
 from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.losses.preference import pairs_from_rewards, preference_terms
@@ -55,7 +57,7 @@ class PreferenceStage(Stage):
         n = batch[fields.RESPONSE_IDS].shape[0]
         completions = decode_responses(pl_module.tokenizer, batch)
         batch[fields.COMPLETIONS] = completions
-        rewards, parts, failed = compute_rewards(
+        rewards, _, failed, values = compute_rewards(
             self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
             completion_ids=batch[fields.RESPONSE_IDS], completion_mask=batch[fields.RESPONSE_MASK],
             # decoded only for functions that name them
@@ -64,12 +66,12 @@ class PreferenceStage(Stage):
         # a row a function cannot score is in no pair, counted; the run goes on
         mark_failed(batch, [f.row for f in failed])
         report(pl_module, "rewards", n, failed)
-        rewards = rewards.to(batch[fields.RESPONSE_IDS].device)
+        # each function's mean and spread over every rank (reward/<name>, reward/<name>_std)
+        rewards = rewards_to_device(pl_module.step_metrics if writes_logs_now(trainer) else None, rewards, values,
+                                    batch[fields.RESPONSE_IDS].device)
         batch[fields.REWARDS] = rewards
         valid = ~batch[fields.FAILED]
         batch[fields.PREFERENCE] = pairs_from_rewards(rewards, batch.get(fields.GROUP_SIZE, 1), valid)
-        for name, value in parts.items():
-            pl_module.log(f"reward/{name}", value, batch_size=n)
         pl_module.log("reward/reward_mean", reward_metrics(rewards, valid=valid)["reward_mean"], batch_size=n,
                       prog_bar=True)
 

@@ -7,7 +7,9 @@ import lightning as L
 
 from lightning_unified import batch as fields
 from lightning_unified.failures import mark_failed, report
+from lightning_unified.lightning_private import writes_logs_now
 from lightning_unified.losses import advantages as estimators
+from lightning_unified.metrics import rewards_to_device
 from lightning_unified.rewards.scoring import compute_rewards, decode_prompts, decode_responses, names_parameter
 from lightning_unified.specs import Sparse
 from lightning_unified.stages.base import Stage
@@ -50,7 +52,7 @@ class RewardsStage(Stage):
                                  "signal.rewards")
             completions = decode_responses(pl_module.tokenizer, batch)
             batch[fields.COMPLETIONS] = completions
-            rewards, parts, failed = compute_rewards(
+            rewards, _, failed, values = compute_rewards(
                 self.signal.rewards, completions=completions, references=batch.get(fields.REFERENCES, [None] * n),
                 completion_ids=response_ids, completion_mask=mask,
                 # decoded only for functions that name them (a reward model does)
@@ -58,8 +60,9 @@ class RewardsStage(Stage):
             # a row a function cannot score is left out of the loss and counted; the run goes on
             mark_failed(batch, [f.row for f in failed])
             report(pl_module, "rewards", n, failed)
-            for name, value in parts.items():
-                pl_module.log(f"reward/{name}", value, batch_size=n)
+            # each function's mean and spread over every rank (reward/<name>, reward/<name>_std)
+            rewards = rewards_to_device(pl_module.step_metrics if writes_logs_now(trainer) else None, rewards, values,
+                                        response_ids.device)
         batch[fields.REWARDS] = rewards.to(response_ids.device)
         group_size = batch.get(fields.GROUP_SIZE, 1)
         rewards, valid = batch[fields.REWARDS], batch.get(fields.FAILED)
