@@ -56,7 +56,7 @@ def _held_out_scores(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_reward_model_run_saves_a_classifier_that_reward_model_loads_and_that_ranks_held_out_pairs(tmp_path):
     directory = _run(tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     chosen, rejected = _held_out_scores(directory)
     assert (chosen > rejected).float().mean() > 0.5, (chosen, rejected)  # better than chance: here every pair
 
