@@ -30,6 +30,7 @@ _EXPORTS = {
     "PipelineError": "lightning_unified.stages",
     "PolicyHost": "lightning_unified.stages.host",
     "Preference": "lightning_unified.specs",
+    "RewardPairs": "lightning_unified.specs",
     "PreferenceStage": "lightning_unified.stages",
     "RankFailureWatch": "lightning_unified.callbacks",
     "Reference": "lightning_unified.specs",

@@ -30,6 +30,7 @@ TEACHER_PROMPTS = "teacher_prompts"  # list[str | None] of length B: the data's 
 TEACHER_NAMES = "teacher_names"  # list[str] of length B: the teacher each row's data names (signal.teachers)
 EXAMPLE_INDEX = "example_index"  # [B] long: each row's index in the data module's training examples (a teacher cache's key)
 PREFERENCE = "preference"  # [B] float: +1 on a chosen response, -1 on a rejected one, 0 on others (preference pairs)
+PAIR_MARGIN = "pair_margin"  # [B] float: the data's margin column, the reward gap its pair must reach (on both rows)
 
 # --- sample stage (on-policy batches) ----------------------------------------------
 BEHAVIOUR_LOGP = "behaviour_logp"  # [B, R] float, log mu(y_t) of the distribution sampled from, on the loss tokens

@@ -26,7 +26,7 @@ from lightning_unified.pipeline import build_batch_pipeline
 from lightning_unified.callbacks.progress_bar import step_progress_bar
 from lightning_unified.rewards.scoring import names_parameter, reward_name
 from lightning_unified.schedule import epochs_for, planned_steps
-from lightning_unified.specs import Preference
+from lightning_unified.specs import Preference, RewardPairs
 from lightning_unified.tasks.addition import checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,10 @@ def check_data_has_responses(datamodule, data_source, signal) -> None:
                          f"task.loss_on=last_assistant, so that the prompt is each conversation up to its last "
                          f"assistant turn (task.loss_on=all_assistant trains every turn of the data's own replies)")
     uses_data = not data_source.samples or data_source.probability < 1
-    if not uses_data or isinstance(signal, Preference):
+    if isinstance(signal, RewardPairs) and "chosen_ids" not in examples[0]:
+        raise ValueError(f"signal=reward_model trains on preference pairs, but {where} has no chosen and rejected "
+                         f"columns (task.columns.chosen, task.columns.rejected; the built-in task: task.pairs=true)")
+    if not uses_data or isinstance(signal, (Preference, RewardPairs)):
         return
     if "chosen_ids" in examples[0]:
         # the collator makes a batch of pairs whenever every example has both: a sparse or
@@ -244,7 +247,8 @@ def describe_method(cfg: DictConfig, run: Run) -> str:
 
 
 def _kind(spec) -> str:
-    return {"OffPolicy": "off_policy", "OnPolicy": "on_policy"}.get(type(spec).__name__, type(spec).__name__.lower())
+    return {"OffPolicy": "off_policy", "OnPolicy": "on_policy", "RewardPairs": "reward_model"}.get(
+        type(spec).__name__, type(spec).__name__.lower())
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:

@@ -39,6 +39,7 @@ from lightning_unified.models.lora import is_lora
 from lightning_unified.models.packing import Packing, uses_varlen_attention
 from lightning_unified.models.precision import compute_dtype, half_precision_master
 from lightning_unified.models.sharding import evaluate_without_inference_mode, initialise_root, is_sharded, shard_policy
+from lightning_unified.objectives import objective_for
 from lightning_unified.pipeline import build_batch_pipeline, loop_callbacks, not_yet_held
 from lightning_unified.progress import TrainingProgress
 from lightning_unified.rollout_updates import RolloutUpdates
@@ -114,6 +115,8 @@ class UnifiedModule(L.LightningModule):
         # the batch stages in their order, checked before the policy loads
         self.pipeline = build_batch_pipeline(data_source, signal, reference, stages, temperature)
         self.policy, self.tokenizer = trainable_policy(policy, tokenizer)
+        # a loss on a head of its own beside the one equation (a reward model's pairs); None for most methods
+        self.objective = objective_for(signal, self.policy)
         # EOS and the chat template's end-of-turn token end a response
         self.stop_token_ids = stop_token_ids(self.tokenizer)
         self.data_source, self.signal, self.reference = data_source, signal, reference
@@ -250,7 +253,10 @@ class UnifiedModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """Greedy answers to the held-out prompts, scored by each validation reward; with
-        ``validation.num_samples``, sampled ones too."""
+        ``validation.num_samples``, sampled ones too (a reward model: its held-out pairs'
+        accuracy and margin)."""
+        if self.objective is not None:
+            return self.objective.validate(self, batch)
         result = validate_batch(self, batch)
         if self.validation.enabled:
             validate_samples(self, batch, batch_idx)
@@ -290,7 +296,12 @@ class UnifiedModule(L.LightningModule):
         lost = half_precision_master(self.policy, self.trainer.precision)
         if lost:  # a named choice (model.dtype=bfloat16, bf16-true), said with its cost
             rank_zero_warn(lost)
-        return configure_optimization(self.policy, self.optimizer_factory, self.scheduler_factory, self.trainer)
+        return configure_optimization(self.trained_modules(), self.optimizer_factory, self.scheduler_factory,
+                                      self.trainer)
+
+    def trained_modules(self) -> nn.Module:
+        """What the optimizer steps: the policy, and an objective's own head when there is one."""
+        return self.policy if self.objective is None else nn.ModuleList([self.policy, self.objective])
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) shard the policy, with FSDP2's mixed precision
@@ -308,6 +319,11 @@ class UnifiedModule(L.LightningModule):
     def save_pretrained(self, directory: str, merged_directory: str | None = None) -> None:
         """The policy and tokenizer as a Hugging Face directory (with LoRA: the adapter, plus a
         merged model in ``merged_directory`` if given). Call it on every rank: a sharded
-        policy is gathered first (a collective), then rank 0 writes."""
+        policy is gathered first (a collective), then rank 0 writes. A reward model writes an
+        ``AutoModelForSequenceClassification`` directory instead (:mod:`lightning_unified.objectives`)."""
+        writer = attached_trainer(self) is None or self.trainer.is_global_zero
+        if self.objective is not None:
+            self.objective.save(self, directory, merged_directory, writer=writer)
+            return
         save_policy(self.policy, self.tokenizer, directory, merged_directory,
                     writer=attached_trainer(self) is None or self.trainer.is_global_zero)

@@ -9,7 +9,7 @@ import lightning as L
 from lightning_unified import batch as fields
 from lightning_unified.callbacks import NonFiniteGuard, RankFailureWatch, SampleLog
 from lightning_unified.callbacks.stage_hooks import CancelRolloutsOnFailure, StagesAfterBatch
-from lightning_unified.specs import Dense, Method, OffPolicy, OnPolicy, Preference, Reference, Sparse
+from lightning_unified.specs import Dense, Method, OffPolicy, OnPolicy, Preference, Reference, RewardPairs, Sparse
 from lightning_unified.stages import (
     AdvantagesStage,
     BatchPipeline,
@@ -28,6 +28,8 @@ def method_stages(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pr
                   reference: Reference | None = None, temperature: float | None = None) -> list[Stage]:
     """The stages the method needs, in the order a step's data flows."""
     check_method(data_source, signal, reference, temperature)
+    if isinstance(signal, RewardPairs):
+        return []  # the data's pairs go straight to the reward model's objective (lightning_unified.objectives)
     stages: list[Stage] = []
     if data_source.samples:
         stages.append(SampleStage(data_source))
@@ -56,8 +58,8 @@ def data_fields(data_source: OffPolicy | OnPolicy, signal: Sparse | Dense | Pref
            fields.TEACHER_PROMPTS}
     if not data_source.samples or data_source.probability < 1:
         out |= {fields.RESPONSE_IDS, fields.RESPONSE_MASK, fields.LOSS_MASK}
-        if isinstance(signal, Preference):
-            out |= {fields.PREFERENCE, fields.GROUP_SIZE}
+        if isinstance(signal, (Preference, RewardPairs)):
+            out |= {fields.PREFERENCE, fields.GROUP_SIZE, fields.PAIR_MARGIN}
     return out
 
 

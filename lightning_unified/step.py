@@ -82,6 +82,12 @@ def update_loss(host, batch: dict) -> dict:
     micro-batch a step the normaliser scales the loss here; with several it is known after
     the last, and step 10 applies it."""
     rows = host.updates.select(batch)
+    if host.objective is not None:
+        # a loss on a head of its own instead of w x grad log pi (a reward model's pairs):
+        # summed per micro-batch and normalised over the step as the one loss is
+        terms = host.objective.terms(host, rows)
+        host.step_sums.add(terms.loss, terms.objective, terms.mask, group_size=terms.group_size, counts=terms.counts)
+        return {"loss": scaled_for_step(host, terms.loss, terms.counts)}
     # fields that must see the policy as it is at this very update (a sequence-level
     # ratio, a preference margin, the spans' weights), once per optimizer step
     host.pipeline.on_update(host.trainer, host, rows)
@@ -111,15 +117,20 @@ def update_loss(host, batch: dict) -> dict:
     counts = count_tensor(mask, group_size, rows.get(fields.FAILED))
     host.step_sums.add(out.loss, out.objective, mask, rows.get(fields.TEACHER_INDEX), out.token_objective,
                        group_size=group_size, counts=counts)
+    return {"loss": scaled_for_step(host, out.loss, counts), "target_logp": target_logp}
+
+
+def scaled_for_step(host, loss: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's summed ``loss`` as its share of the optimizer step's mean."""
+    trainer = host.trainer
     if trainer.accumulate_grad_batches == 1:
         # on the device, never read here; the factor reaches every gradient through the
         # backward pass the loss makes anyway, not through a pass over them afterwards.
         # DDP and FSDP average gradients over ranks, so it carries the world size
         norm = normaliser_tensor(host.aggregation, all_reduce_sum(counts), count_empty=host.count_empty)
-        loss = out.loss * (trainer.world_size / norm).to(out.loss.dtype)
-    else:  # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
-        loss = out.loss * trainer.accumulate_grad_batches
-    return {"loss": loss, "target_logp": target_logp}
+        return loss * (trainer.world_size / norm).to(loss.dtype)
+    # Lightning divides the loss by accumulate_grad_batches; the step's normaliser replaces that
+    return loss * trainer.accumulate_grad_batches
 
 
 def normalise_update(host) -> None:
@@ -133,7 +144,7 @@ def normalise_update(host) -> None:
     trainer = host.trainer
     write = writes_logs_now(trainer)
     if write and host.detailed_metrics:
-        square = grad_square_sum(host.policy.parameters(), trainer.world_size)
+        square = grad_square_sum(host.trained_modules().parameters(), trainer.world_size)
         if square is not None:  # a step the non-finite guard skipped has none
             host.step_metrics.add("grad_square", square)
     total = host.step_sums.total(host.step_metrics)  # the step's one read back to the host
@@ -143,7 +154,7 @@ def normalise_update(host) -> None:
     grad_scale = 1.0  # what the gradients are multiplied by after the read
     if trainer.accumulate_grad_batches != 1:
         # one multi-tensor kernel for all gradients, not a launch per parameter
-        grads = [p.grad for p in host.policy.parameters() if p.grad is not None]
+        grads = [p.grad for p in host.trained_modules().parameters() if p.grad is not None]
         grad_scale = trainer.world_size / norm
         if grads:
             torch._foreach_mul_(grads, grad_scale)

@@ -26,6 +26,7 @@ from lightning_unified.specs import (
     Preference,
     Reference,
     Reward,
+    RewardPairs,
     Sampling,
     Sparse,
 )
@@ -126,6 +127,9 @@ BROKEN = {
                                                               temperature=0.7),
     "replay-without-accumulation": trainer_rule(accumulate_grad_batches=2, data_source=OnPolicy(updates_per_rollout=2),
                                                 signal=Sparse(rewards=[REWARD])),
+    "reward-model-trains-on-pairs": lambda: check_method(sampled(), RewardPairs()),
+    "reward-model-unsharded": trainer_rule(strategy=ModelParallelStrategy(), data_source=OffPolicy(),
+                                           signal=RewardPairs()),
     "self-teacher-copy-unsharded": trainer_rule(strategy=ModelParallelStrategy(), data_source=OffPolicy(), signal=Dense(
         teacher="self", teacher_context="{prompt}", self_teacher="ema")),
 }

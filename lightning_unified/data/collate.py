@@ -37,12 +37,13 @@ class ListDataset(Dataset):
 
 class TokenCollator:
     """Examples ``{prompt_ids, response_ids?, loss_mask?, reference?, reward?, prompt?, index?,
-    chosen_ids?, rejected_ids?, teacher?}`` (token id lists; ``loss_mask`` 1 on the response
+    chosen_ids?, rejected_ids?, margin?, teacher?}`` (token id lists; ``loss_mask`` 1 on the response
     tokens the loss trains on, all of them when absent; ``prompt`` the prompt as the data gave
     it) to a batch. Responses already end with their stop token. A batch where every example has
     a response is off-policy data; prompt-only examples give prompts only. A batch where
     every example has ``chosen_ids`` and ``rejected_ids`` is preference pairs: two rows per
-    example, chosen then rejected, marked +1 / -1 in ``preference``."""
+    example, chosen then rejected, marked +1 / -1 in ``preference`` (and their ``margin``, on both
+    rows, in ``pair_margin``)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -81,6 +82,11 @@ class TokenCollator:
         out = self(rows)
         out[fields.PREFERENCE] = torch.tensor([1.0, -1.0] * len(examples))
         out[fields.GROUP_SIZE] = 2
+        if all(e.get("margin") is not None for e in examples):  # TRL's margin column (a reward model's pairs)
+            out[fields.PAIR_MARGIN] = torch.tensor([float(e["margin"]) for e in examples]).repeat_interleave(2)
+        elif any(e.get("margin") is not None for e in examples):
+            raise ValueError("a batch of pairs where some examples have a margin and others do not: give every "
+                             "pair a margin (0 for none), or none")
         return out
 
 

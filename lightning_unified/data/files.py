@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # the columns a file may have, by their names in the code; task.columns renames them.
 # ``messages`` holds whole conversations (several assistant turns), in place of prompt and response
-COLUMNS = ("prompt", "messages", "tools", "response", "reference", "reward", "chosen", "rejected", "teacher",
-           "teacher_prompt")
+COLUMNS = ("prompt", "messages", "tools", "response", "reference", "reward", "chosen", "rejected", "margin",
+           "teacher", "teacher_prompt")
 OVERLONG = ("error", "drop")
 
 
@@ -190,11 +190,26 @@ def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: P
     elif "tools" in resolved:
         raise DataError(f"{path}: column {resolved['tools']!r} (tools) goes with a 'messages' column of conversations, "
                         f"which the file does not have; the file has columns {found}")
+    if "margin" in resolved and "chosen" not in resolved:
+        raise DataError(f"{path}: column {resolved['margin']!r} (margin) is a preference pair's reward margin, but the "
+                        f"file has no chosen and rejected columns (it has {found})")
     if ("chosen" in resolved) != ("rejected" in resolved):
         have, lack = ("chosen", "rejected") if "chosen" in resolved else ("rejected", "chosen")
         raise DataError(f"{path}: column {resolved[have]!r} ({have}) needs a {lack} column beside it for preference "
                         f"pairs; the file has columns {found}")
     return resolved
+
+
+def _number(value, column: str, where: str) -> float:
+    """A finite number from a cell (a CSV cell is text), or an error naming the column."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise DataError(f"{where}: column {column!r} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _check_text(value, what: str, where: str) -> str:
@@ -249,7 +264,7 @@ def tokenize_table(
     loss_on: str = "all_assistant",
 ) -> list[dict]:
     """Checked, tokenized examples ``{prompt_ids, response_ids?, loss_mask?, reference?,
-    reward?, chosen_ids?, rejected_ids?, teacher?}``; each response ends with ``stop_id``.
+    reward?, chosen_ids?, rejected_ids?, margin?, teacher?}``; each response ends with ``stop_id``.
     A ``messages`` column's conversation becomes a prompt and a response holding every turn
     after it, ``loss_mask`` 1 on the trained assistant turns (``loss_on``, see
     :mod:`lightning_unified.data.conversations`). ``teachers_seen``, when given, gets
@@ -293,16 +308,9 @@ def tokenize_table(
             if reference is None or (isinstance(reference, str) and not reference.strip()):
                 raise DataError(f"{where}: column {resolved['reference']!r} is empty")
             example["reference"] = str(reference)
-        if "reward" in resolved:
-            reward = record[resolved["reward"]]
-            if isinstance(reward, str):  # a CSV cell is text
-                try:
-                    reward = float(reward)
-                except ValueError:
-                    pass
-            if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
-                raise DataError(f"{where}: column {resolved['reward']!r} must be a finite number, got {reward!r}")
-            example["reward"] = float(reward)
+        for name in ("reward", "margin"):  # margin: TRL's, the reward gap a pair must reach (signal=reward_model)
+            if name in resolved:
+                example[name] = _number(record[resolved[name]], resolved[name], where)
         if "teacher_prompt" in resolved:  # the teacher's own prompt, for signal.teacher_context='{teacher_prompt}'
             example["teacher_prompt"] = _check_text(record[resolved["teacher_prompt"]], resolved["teacher_prompt"], where)
         if "teacher" in resolved:

@@ -171,3 +171,81 @@ def reward_metrics(rewards: Tensor, *, group_size: int | None = None, valid: Ten
         zero = _centred(groups, _valid(valid, groups)) == 0
         out["zero_signal_fraction"] = zero.all(-1).float().mean()
     return out
+
+
+# --- per-token advantages from a learned critic (GAE) ---------------------------------------
+
+
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float,
+                   episode_ends: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(advantages [B, T], returns [B, T]) by generalised advantage estimation (Schulman et
+    al. 2016), both 0 outside ``mask``.
+
+    ``rewards`` [B, T]: each token's reward (the reward model's score on a response's last
+    token, a per-token KL penalty, a turn's reward on its last token); ``values`` [B, T]: the
+    critic's V(s_t) at each token; ``mask`` [B, T]: the tokens the policy chose (response
+    tokens; not padding, not an environment's observation tokens). Masked-out tokens are
+    skipped, not zeros in the chain: the token after a chosen token is the next chosen one,
+    so an observation spliced between two turns neither bootstraps nor cuts the recursion;
+    their rewards are not read. ``episode_ends`` [B, T] bool: True on the last token of an
+    episode (a row may hold several laid end to end, and a row's last token always ends
+    one): nothing flows back across it, its next value is 0.
+
+    For the chosen tokens t_1 < t_2 < ... of a row, with V' = V(t_{i+1}) (0 after an
+    episode's end), delta_i = r_i + gamma * V' - V_i and A_i = sum_l (gamma * lam)^l
+    delta_{i+l} within the episode, computed as the reverse recursion A_i = delta_i +
+    gamma * lam * A_{i+1}; the critic's target is A_i + V_i. One pass over T, [B] at a
+    time, as verl's ``compute_gae_advantage_return`` (the loop is over tokens, the rows are
+    a vector)."""
+    if rewards.shape != values.shape or rewards.shape != mask.shape or rewards.dim() != 2:
+        raise ValueError(f"rewards, values and mask must be [B, T] alike, got {tuple(rewards.shape)}, "
+                         f"{tuple(values.shape)} and {tuple(mask.shape)}")
+    if episode_ends is not None and episode_ends.shape != rewards.shape:
+        raise ValueError(f"episode_ends must be [B, T] like the rewards, got {tuple(episode_ends.shape)}")
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)  # the recursion sums T terms
+    rewards, values, chosen = rewards.to(dtype), values.detach().to(dtype), mask.bool()
+    ends = torch.zeros_like(chosen) if episode_ends is None else episode_ends.bool()
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])  # [B] V of the next chosen token (0 past the row)
+    next_advantage = torch.zeros_like(next_value)  # [B] A of the next chosen token
+    for t in reversed(range(rewards.shape[1])):
+        # an episode that ends at t: nothing of the next one flows back into it
+        next_value = next_value.masked_fill(ends[:, t], 0.0)
+        next_advantage = next_advantage.masked_fill(ends[:, t], 0.0)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        here = delta + gamma * lam * next_advantage
+        keep = chosen[:, t]
+        advantages[:, t] = here.masked_fill(~keep, 0.0)
+        # a token the policy did not choose is skipped: the carry passes over it unchanged
+        next_value = torch.where(keep, values[:, t], next_value)
+        next_advantage = torch.where(keep, here, next_advantage)
+    returns = (advantages + values).masked_fill(~chosen, 0.0)
+    return advantages, returns
+
+
+def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
+    """[3] float64 (count, sum, sum of squares) of ``values`` [B, T] where ``mask``: what a
+    stage sums over ranks before :func:`whiten`, so every rank whitens with the global batch's
+    statistics (as the group baselines do)."""
+    kept = values.detach().double().masked_fill(~mask.bool(), 0.0)
+    return torch.stack([mask.bool().sum().double(), kept.sum(), kept.square().sum()])
+
+
+def whiten(values: Tensor, mask: Tensor, moments: Tensor | None = None, *, shift_mean: bool = True,
+           eps: float = 1e-8) -> Tensor:
+    """``values`` [B, T] scaled to unit variance over the ``mask``ed tokens (and centred with
+    ``shift_mean``), 0 elsewhere: PPO's advantage whitening. ``moments``: (count, sum, sum of
+    squares) from :func:`masked_moments`, summed over ranks; None takes this batch's own. The
+    variance is the unbiased one (verl's and TRL's ``masked_whiten``); with one token it is 0
+    and only ``eps`` divides."""
+    moments = masked_moments(values, mask) if moments is None else moments.double()
+    count, total, squares = moments.unbind()
+    mean = total / count.clamp_min(1.0)
+    variance = ((squares - total * mean) / (count - 1.0).clamp_min(1.0)).clamp_min(0.0)
+    mean, scale = mean.to(values.dtype), (variance + eps).rsqrt().to(values.dtype)
+    out = (values - mean) * scale
+    if not shift_mean:
+        out = out + mean
+    return out.masked_fill(~mask.bool(), 0.0)

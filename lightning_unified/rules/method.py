@@ -199,3 +199,29 @@ def self_teacher_copy_unsharded(trainer, host) -> str | None:
                 f"built for a sharded (FSDP2) policy yet, and trainer.strategy is FSDP2's ModelParallelStrategy; use "
                 f"trainer=ddp, or signal.self_teacher=live")
     return None
+
+
+@rule("reward-model-trains-on-pairs", "method", "signal", "data_source", "reference")
+def reward_model_trains_on_pairs(method) -> str | None:
+    """A reward model learns from the data's pairs; it samples nothing and has no policy to hold near a reference."""
+    if method.signal.kind != "reward_model":
+        return None
+    if _sampled(method):
+        return ("signal=reward_model trains a scalar head on the data's preference pairs and samples nothing: use "
+                "data_source=off_policy (the data's chosen and rejected columns; the built-in task: task.pairs=true)")
+    if method.reference is not None:
+        return ("signal=reward_model trains a scalar head, not a policy: a reference's KL penalty (reference=...) has "
+                "nothing to act on; drop it (reference=null) with data_source=off_policy")
+    return None
+
+
+@rule("reward-model-unsharded", "trainer", "signal", "trainer.strategy")
+def reward_model_unsharded(trainer, host) -> str | None:
+    """The reward model's scalar head and its save are not built for FSDP2's shards."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if host.signal.kind == "reward_model" and isinstance(trainer.strategy, ModelParallelStrategy):
+        return ("signal=reward_model's scalar head and its AutoModelForSequenceClassification save are not built for "
+                "a sharded (FSDP2) decoder yet, and trainer.strategy is FSDP2's ModelParallelStrategy; use trainer=ddp "
+                "(or one process), with LoRA for a large model")
+    return None

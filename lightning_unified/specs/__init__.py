@@ -14,7 +14,7 @@ settings where it is built; every rule that relates two settings is in
 ``data_source.py``     :class:`OffPolicy`, :class:`OnPolicy` (mixed: ``probability`` < 1)
 ``rewards.py``         :class:`Reward`
 ``teacher.py``         the six kinds of teacher, a tagged union
-``signal.py``          :class:`Sparse`, :class:`Dense`, :class:`Preference`
+``signal.py``          :class:`Sparse`, :class:`Dense`, :class:`Preference`, :class:`RewardPairs`
 ``reference.py``       :class:`Reference`: the KL penalty's reference
 ``method.py``          :class:`Method`: the three together, as the rules read them
 ``validation.py``      :class:`Validation`: k sampled answers per held-out prompt (pass@k)
@@ -29,7 +29,7 @@ from lightning_unified.specs.model import LOAD_OPTIONS, ModelRef
 from lightning_unified.specs.reference import KL_ESTIMATORS, TOKENIZER_MODES, Reference
 from lightning_unified.specs.rewards import Reward, as_rewards
 from lightning_unified.specs.sampling import BEHAVIOURS, ENGINES, Sampling
-from lightning_unified.specs.signal import PREFERENCE_LOSSES, TOPK_TAILS, Dense, Preference, Sparse
+from lightning_unified.specs.signal import PREFERENCE_LOSSES, TOPK_TAILS, Dense, Preference, RewardPairs, Sparse
 from lightning_unified.specs.teacher import (
     SELF_TEACHER,
     SELF_TEACHER_UPDATES,
@@ -51,6 +51,6 @@ __all__ = [
     "BEHAVIOURS", "ENGINES", "KL_ESTIMATORS", "LOAD_OPTIONS", "PREFERENCE_LOSSES", "SELF_TEACHER",
     "SELF_TEACHER_UPDATES", "TEACHER_ENGINES", "TEACHER_KINDS", "TOKENIZER_MODES", "TOPK_TAILS", "CachedTeacher",
     "Dense", "Environment", "HFTeacher", "Importance", "Method", "ModelRef", "OffPolicy", "OnPolicy", "Preference",
-    "Reference", "Reward", "Sampling", "SelfTeacher", "ServerTeacher", "SeveralTeachers", "Sparse", "TeacherEntry",
-    "TeacherSource", "VLLMTeacher", "Validation", "as_rewards", "loss_temperature", "teacher_entry",
+    "Reference", "Reward", "RewardPairs", "Sampling", "SelfTeacher", "ServerTeacher", "SeveralTeachers", "Sparse",
+    "TeacherEntry", "TeacherSource", "VLLMTeacher", "Validation", "as_rewards", "loss_temperature", "teacher_entry",
 ]

@@ -277,3 +277,33 @@ class Preference:
     @property
     def needs_reference(self) -> bool:
         return self.loss != "simpo"
+
+
+@dataclass
+class RewardPairs:
+    """A reward model: a scalar head on the causal LM, trained on preference pairs so that
+    each pair's chosen response scores above its rejected one (Bradley-Terry,
+    :func:`lightning_unified.losses.bradley_terry.bradley_terry_loss`).
+
+    Unlike the other signals it pushes no token's log-prob: the trained output is one number
+    per sequence, read at its last token, and nothing is sampled from it. It is the second
+    kind of objective beside the one equation (:mod:`lightning_unified.objectives`); the run
+    writes an ``AutoModelForSequenceClassification`` directory that
+    :class:`lightning_unified.rewards.RewardModel` loads. Pairs come from the data (``chosen``
+    / ``rejected`` columns, an optional ``margin`` column; the built-in task with
+    ``task.pairs=true``), held-out pairs from the validation data (``task.val_pairs=true``).
+    """
+
+    # the mean over pairs, as TRL's RewardTrainer (module.aggregation=null)
+    aggregation: ClassVar[str] = "pair_mean"
+    kind: ClassVar[str] = "reward_model"
+    # TRL's center_rewards_coefficient: adds c * (r_chosen + r_rejected)^2 per pair, which
+    # pulls the scores towards mean zero (Bradley-Terry alone leaves their offset free); 0.01
+    # is the paper's advice; null: off
+    center_rewards_coefficient: float | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "signal")
+        c = self.center_rewards_coefficient
+        if c is not None and not (isinstance(c, (int, float)) and c >= 0):
+            raise ValueError(f"signal.center_rewards_coefficient must be a number >= 0 or null, got {c!r}")

@@ -137,7 +137,9 @@ class AdditionDataModule(L.LightningDataModule):
     """Train and held-out addition problems. Training batches carry the reference
     response (off-policy data learns from it; on-policy sampling replaces it); held-out
     batches carry prompts and references only. ``pairs``: each training example is a
-    preference pair instead, the right answer against one with a digit changed."""
+    preference pair instead, the right answer against one with a digit changed;
+    ``val_pairs``: the held-out batches too (a reward model's pair accuracy), each problem's
+    wrong answer drawn from its own seed, so held-out pairs share no problem with training."""
 
     def __init__(
         self,
@@ -150,6 +152,7 @@ class AdditionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pairs: bool = False,
         shuffle: bool = True,
+        val_pairs: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -158,6 +161,9 @@ class AdditionDataModule(L.LightningDataModule):
         if pairs:  # preference pairs: the right answer (chosen) against one corrupted digit (rejected)
             rng = random.Random(f"pairs:{seed}")
             self.train_problems = [{**p, "rejected": corrupted_answer(p["response"], rng)} for p in self.train_problems]
+        if val_pairs:
+            rng = random.Random(f"val_pairs:{seed}")
+            self.val_problems = [{**p, "rejected": corrupted_answer(p["response"], rng)} for p in self.val_problems]
 
     def data_identity(self) -> dict:
         """What this run trains on, as its checkpoints keep it (a resume on other data is refused)."""
@@ -208,7 +214,8 @@ class AdditionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> StatefulDataLoader:
-        prompts = [{k: e[k] for k in ("prompt", "reference")} for e in self.val_problems]
+        keys = ("prompt", "reference", "response", "rejected") if self.hparams.val_pairs else ("prompt", "reference")
+        prompts = [{k: e[k] for k in keys} for e in self.val_problems]
         return StatefulDataLoader(
             PromptResponseDataset(prompts),
             batch_size=self.hparams.val_batch_size,

@@ -60,6 +60,7 @@ class FilesDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
         seed: int = 0,
         loss_on: str = "all_assistant",
+        val_pairs: bool = False,
     ):
         super().__init__()
         if tokenizer is None:
@@ -92,7 +93,12 @@ class FilesDataModule(L.LightningDataModule):
                 where=lambda i: locate_row(train, self.train_examples[i]["row"]))
             log.info("%s", describe(self.budget_batches, costs, max_tokens_per_batch))
         needs = sorted(name for name, fn in self._val_rewards.items() if names_parameter(fn, "references"))
-        if self.val_examples and needs and "reference" not in self.val_examples[0]:
+        self.val_pairs = val_pairs
+        if val_pairs and self.val_examples and "chosen_ids" not in self.val_examples[0]:
+            raise DataError(f"{val}: task.val_pairs=true ranks held-out pairs, but the file has no chosen and rejected "
+                            f"columns (task.columns.chosen, task.columns.rejected)")
+        # held-out pairs are ranked by a reward model, not answered greedily
+        if self.val_examples and needs and "reference" not in self.val_examples[0] and not val_pairs:
             column = dict(columns or {}).get("reference", "reference")
             raise DataError(f"{val}: task.val_rewards {needs} compare each answer with a reference, but the file has "
                             f"no {column!r} column (task.columns.reference)")
@@ -156,6 +162,8 @@ class FilesDataModule(L.LightningDataModule):
     def val_dataloader(self) -> StatefulDataLoader | list:
         if not self.val_examples:
             return []
-        # validation generates from the prompt; the responses stay out of the batch
-        prompts = [{k: v for k, v in e.items() if k in ("prompt_ids", "prompt", "reference")} for e in self.val_examples]
+        # validation generates from the prompt; the responses stay out of the batch, except a
+        # pair's two replies, which a reward model ranks (val_pairs)
+        keep = ("prompt_ids", "prompt", "reference") + (("chosen_ids", "rejected_ids", "margin") if self.val_pairs else ())
+        prompts = [{k: v for k, v in e.items() if k in keep} for e in self.val_examples]
         return self._loader(prompts, self.val_batch_size, train=False)
