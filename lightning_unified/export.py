@@ -28,6 +28,7 @@ from lightning_unified.models.model_card import CardFacts, write_model_card
 
 # Lightning keeps the module's weights under this key, the policy's under this prefix
 STATE, PREFIX = "state_dict", "policy."
+OBJECTIVE = "objective."  # a reward model's scalar head (lightning_unified.objectives)
 METADATA = "meta.pt"  # a distributed checkpoint's non-tensor state (Lightning's name)
 
 
@@ -185,10 +186,41 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge: bool = 
         raise ValueError(f"--merge: the run's policy has no LoRA adapters (model.lora.r is 0 in the config from "
                          f"{source}); export it without --merge")
     load_policy_weights(policy, checkpoint, meta)
+    head = reward_head(cfg, policy, checkpoint, meta)
     del meta  # the checkpoint's other tensors (the optimizer's state) are not needed past here
     policy.eval()
+    if head is not None:  # signal=reward_model: the decoder and its scalar head, as the run's own save writes them
+        from lightning_unified.models.scalar_head import as_sequence_classifier
+
+        out.mkdir(parents=True, exist_ok=True)
+        as_sequence_classifier(policy, head, tok.pad_token_id).save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+        write_model_card(out, facts, reward_model=True)
+        return out
     if merge:
         policy = policy.merge_and_unload()
     save_policy(policy, tok, str(out))
     write_model_card(out, facts, adapter=is_lora(policy))
     return out
+
+
+def reward_head(cfg: DictConfig, policy: nn.Module, checkpoint: Path, meta: dict) -> nn.Module | None:
+    """A reward model's (signal=reward_model) scalar head, loaded from the checkpoint's
+    ``objective.*`` weights; None for any other method. Without it the export would be the
+    causal LM's untrained output head, not the model the run trained."""
+    from lightning_unified.objectives import objective_for
+
+    signal = cfg.get("signal")
+    objective = objective_for(instantiate(signal, _convert_="all"), policy) if signal is not None else None
+    if objective is None:
+        return None
+    if checkpoint.is_dir() or STATE not in meta:
+        raise ValueError(f"{checkpoint}: a reward model's (signal=reward_model) checkpoint is a single .ckpt file "
+                         f"(its runs are not sharded)")
+    own = objective.state_dict()
+    stored = {k[len(OBJECTIVE):]: v for k, v in meta[STATE].items() if k.startswith(OBJECTIVE)}
+    if set(stored) != set(own):
+        raise ValueError(f"{checkpoint}: the reward model's head holds {sorted(stored)} there and {sorted(own)} in "
+                         f"the run's config: the config is not the one this checkpoint was trained with")
+    objective.load_state_dict(stored)
+    return objective.head

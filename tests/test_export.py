@@ -189,3 +189,49 @@ def test_exports_left_half_written_or_older_than_the_newest_kept_are_deleted(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_4", "step_4_merged"]
     with pytest.raises(ValueError, match=r"export_keep must be a whole number >= 1 or null, got 0"):
         PolicyExport(tmp_path, every=2, keep=0)
+
+
+def test_a_reward_models_exports_are_its_classifier_with_a_reward_model_card(tmp_path: Path) -> None:
+    """signal=reward_model with LoRA and save_merged: the step export (and the final save,
+    the same call) is one merged AutoModelForSequenceClassification with a card saying so
+    (it crashed writing a card into the merged directory the reward model never writes), and
+    scripts/export.py on its checkpoint writes the same classifier, with the trained head,
+    not the causal LM's untrained output head."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_unified.callbacks.export import policy_export
+    from lightning_unified.models.checkpoint import trainable_state
+
+    pytest.importorskip("peft")
+    run = build_run(compose_config(["experiment=reward_model", "task.pairs=true", "model.lora.r=4",
+                                    "save_merged=true", "checkpoint_every_n_steps=2"]), tmp_path / "run")
+    module, exports = run.module, policy_export(run.trainer)
+    with torch.no_grad():
+        module.objective.head.score.weight.normal_()  # a head of its own, not the initial one
+    want = module.objective.head.score.weight.detach().clone()
+
+    exports.write(SimpleNamespace(is_global_zero=True, global_step=2), module, tmp_path / "run" / "exports" / "step_2",
+                  tmp_path / "run" / "exports" / "step_2_merged")
+    assert sorted(p.name for p in (tmp_path / "run" / "exports").iterdir()) == ["step_2"]
+    front, body = card(tmp_path / "run" / "exports" / "step_2")
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "transformers", front
+    assert "AutoModelForSequenceClassification.from_pretrained(DIR)" in body and "# Reward model at" in body
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "exports" / "step_2")
+    torch.testing.assert_close(exported.score.weight, want)
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": trainable_state(module.state_dict(), module.policy), "global_step": 2,
+                "model_card": {"config": exports.config, "step": 2}}, checkpoint)
+    export_script(checkpoint, tmp_path / "hf")
+    assert OmegaConf.create(exports.config).signal._target_.endswith("RewardPairs")
+    converted = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert converted.config.architectures == ["LlamaForSequenceClassification"]
+    assert not (tmp_path / "hf" / "adapter_config.json").exists()
+    torch.testing.assert_close(converted.score.weight, want)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**inputs).logits, exported(**inputs).logits)
+    assert card(tmp_path / "hf")[0]["pipeline_tag"] == "text-classification"

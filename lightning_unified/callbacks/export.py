@@ -97,9 +97,13 @@ class PolicyExport(L.Callback):
               merged_directory: str | Path | None = None) -> None:
         """The policy (with LoRA: its adapter, plus the merged model in ``merged_directory``
         if given) and tokenizer in ``directory``, with a model card. Written as
-        ``<directory>.partial`` and renamed once whole; an earlier ``directory`` is replaced."""
+        ``<directory>.partial`` and renamed once whole; an earlier ``directory`` is replaced.
+        A reward model (an objective of its own, signal=reward_model) is written as one
+        classifier, its adapters merged in: no adapter, no second merged directory."""
         directory = Path(directory)
-        merged = Path(merged_directory) if merged_directory is not None and is_lora(pl_module.policy) else None
+        reward_model = getattr(pl_module, "objective", None) is not None
+        adapter = is_lora(pl_module.policy) and not reward_model
+        merged = Path(merged_directory) if merged_directory is not None and adapter else None
         partial, merged_partial = (None if d is None else d.with_name(d.name + PARTIAL) for d in (directory, merged))
         writer = trainer.is_global_zero
         if writer:
@@ -110,7 +114,7 @@ class PolicyExport(L.Callback):
         if not writer:
             return
         facts = self.facts(trainer.global_step)
-        write_model_card(partial, facts, adapter=is_lora(pl_module.policy))
+        write_model_card(partial, facts, adapter=adapter, reward_model=reward_model)
         if merged is not None:
             write_model_card(merged_partial, facts)
         for done, final in ((partial, directory), (merged_partial, merged)):

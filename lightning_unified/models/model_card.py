@@ -29,20 +29,24 @@ class CardFacts:
     base_model: str | None = None
 
 
-def front_matter(facts: CardFacts, adapter: bool) -> dict:
+def front_matter(facts: CardFacts, adapter: bool, reward_model: bool = False) -> dict:
     """The card's metadata, in the fields the Hub's model cards define."""
     tags = ["lightning_unified"]
     tags += [facts.choices[k] for k in ("data_source", "signal", "experiment") if facts.choices.get(k)]
-    meta = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    meta = {"library_name": "peft" if adapter else "transformers",
+            "pipeline_tag": "text-classification" if reward_model else "text-generation", "tags": tags}
     if facts.base_model:
         meta["base_model"] = facts.base_model
     return meta
 
 
-def model_card(facts: CardFacts, adapter: bool = False) -> str:
-    """The card's text: front matter, then the method, the figures, how to load it, the config."""
-    meta = yaml.safe_dump(front_matter(facts, adapter), sort_keys=False).strip()
-    lines = ["---", meta, "---", "", f"# Policy at optimizer step {facts.step}", "",
+def model_card(facts: CardFacts, adapter: bool = False, reward_model: bool = False) -> str:
+    """The card's text: front matter, then the method, the figures, how to load it, the config.
+    ``reward_model``: the directory is a reward model (signal=reward_model), an
+    ``AutoModelForSequenceClassification``, not a causal LM."""
+    meta = yaml.safe_dump(front_matter(facts, adapter, reward_model), sort_keys=False).strip()
+    title = "Reward model" if reward_model else "Policy"
+    lines = ["---", meta, "---", "", f"# {title} at optimizer step {facts.step}", "",
              "Trained with lightning_unified (SFT, distillation, RL and on-policy distillation as one "
              "weighted loss, in PyTorch Lightning).", "", "## Method", ""]
     source, signal = facts.choices.get("data_source"), facts.choices.get("signal")
@@ -60,7 +64,11 @@ def model_card(facts: CardFacts, adapter: bool = False) -> str:
     else:
         lines.append("Not validated before this export.")
     lines += ["", "## Load", "", "```python"]
-    if adapter:
+    if reward_model:  # one score per sequence; lightning_unified.rewards.RewardModel(DIR) scores completions with it
+        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                  "model = AutoModelForSequenceClassification.from_pretrained(DIR)",
+                  "tokenizer = AutoTokenizer.from_pretrained(DIR)"]
+    elif adapter:
         lines += ["from peft import AutoPeftModelForCausalLM", "", "model = AutoPeftModelForCausalLM.from_pretrained(DIR)"]
     else:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -71,7 +79,8 @@ def model_card(facts: CardFacts, adapter: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(directory: str | Path, facts: CardFacts, adapter: bool = False) -> Path:
+def write_model_card(directory: str | Path, facts: CardFacts, adapter: bool = False, reward_model: bool = False
+                     ) -> Path:
     path = Path(directory) / "README.md"
-    path.write_text(model_card(facts, adapter), encoding="utf-8")
+    path.write_text(model_card(facts, adapter, reward_model), encoding="utf-8")
     return path
