@@ -7,7 +7,7 @@ stderr, with a hint line, and the script exits with status 1; ``HYDRA_FULL_ERROR
 the traceback instead, as Hydra's own errors do. Anything else (a bug) keeps its traceback.
 
 Named: the package's own error classes (:data:`NAMED_ERRORS`), and the plain errors its
-checks raise (:data:`CHECK_ERRORS` raised by a line of this package, such as
+checks raise (:data:`CHECK_ERRORS` raised by a ``raise`` of this package, such as
 ``ValueError("data_source.probability must be in [0, 1], got 2")``). Hydra wraps an error
 raised while it builds an object from a config; the error it wraps is the one reported.
 """
@@ -15,7 +15,9 @@ raised while it builds an object from a config; the error it wraps is the one re
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,14 +65,20 @@ def named_error(error: BaseException) -> BaseException | None:
 
 
 def _raised_in_package(error: BaseException) -> bool:
-    """Whether the line that raised ``error`` is this package's (the last frame of its
-    traceback): its own check, not a library's failure passing through."""
+    """Whether ``error`` was raised by a ``raise`` statement of this package (the last frame
+    of its traceback): its own check, not a library's failure passing through, nor Python's
+    own TypeError or ValueError on a package line that is a bug (``None + 1``, a bad
+    unpacking), which keeps its traceback."""
     tb = error.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return PACKAGE in Path(tb.tb_frame.f_code.co_filename).resolve().parents
+    filename = tb.tb_frame.f_code.co_filename
+    if PACKAGE not in Path(filename).resolve().parents:
+        return False
+    # a raise statement's frame line is the line of its `raise` keyword (Python 3.11)
+    return re.search(r"(^|:)\s*raise\b", linecache.getline(filename, tb.tb_lineno).strip()) is not None
 
 
 def one_message(error: BaseException) -> str:

@@ -58,6 +58,22 @@ def test_an_error_hydra_wraps_is_reported_as_itself() -> None:
     assert named_error(RuntimeError("a bug")) is None
 
 
+def test_a_plain_error_of_a_bug_in_the_package_keeps_its_traceback() -> None:
+    """A TypeError or ValueError that Python raises on a package line that is no ``raise``
+    (a bug: None where a number belongs, a bad unpacking) is not a check's message: it keeps
+    its traceback, as any bug does; a check's own ``raise`` is still one message."""
+    from lightning_unified.errors import named_error
+    from lightning_unified.metrics import derived
+    from lightning_unified.specs import Validation
+
+    with pytest.raises(TypeError) as bug:
+        derived({"grad_square": None}, 1.0, 1.0)  # Python's own TypeError, on a line of metrics.py
+    assert named_error(bug.value) is None
+    with pytest.raises(ValueError) as check:
+        Validation(num_samples=0)
+    assert named_error(check.value) is check.value
+
+
 def test_every_error_class_of_the_package_is_reported_by_name() -> None:
     """Each exception class the package defines is a named error or declared internal."""
     from lightning_unified.errors import INTERNAL_ERRORS, NAMED_ERRORS
