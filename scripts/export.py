@@ -15,6 +15,7 @@ The logic is :mod:`lightning_unified.export`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -28,13 +29,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="the tokenizer's directory (default: the run's task's)")
     args = parser.parse_args(argv)
 
+    from lightning_unified.errors import HINT, named_error
     from lightning_unified.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, config=args.config,
                                 tokenizer=args.tokenizer)
-    except (FileNotFoundError, ValueError) as error:  # named problems: one line, no traceback
-        sys.exit(f"export: {error}")
+    except Exception as error:
+        # a problem the package names: one line, no traceback; anything else (a bug, a
+        # library's own failure) keeps its traceback, as does every error with HYDRA_FULL_ERROR=1
+        if named_error(error) is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"export: {error}\n{HINT}")
     print(f"wrote {out} (Hugging Face format)")
 
 

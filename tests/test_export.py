@@ -235,3 +235,15 @@ def test_a_reward_models_exports_are_its_classifier_with_a_reward_model_card(tmp
     with torch.no_grad():
         torch.testing.assert_close(converted(**inputs).logits, exported(**inputs).logits)
     assert card(tmp_path / "hf")[0]["pipeline_tag"] == "text-classification"
+
+
+def test_export_script_errors_are_one_line_unless_hydra_full_error(tmp_path: Path, monkeypatch) -> None:
+    """A named problem is one line with the hint; HYDRA_FULL_ERROR=1 shows its traceback,
+    as scripts/train.py does (the script caught every ValueError, a library's too, and
+    printed it without a hint or a way to the traceback)."""
+    missing = tmp_path / "none.ckpt"
+    with pytest.raises(SystemExit, match=r"export: .*no such checkpoint.*\n\(HYDRA_FULL_ERROR=1 shows the traceback\)"):
+        export_script(missing, tmp_path / "out")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        export_script(missing, tmp_path / "out")
