@@ -29,6 +29,7 @@ from lightning_unified.specs import (
     RewardPairs,
     Sampling,
     Sparse,
+    Validation,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
@@ -44,7 +45,8 @@ def trainer_rule(**trainer_settings):
     def broken() -> None:
         from types import SimpleNamespace
 
-        module = SimpleNamespace(data_source=trainer_settings.pop("data_source"), signal=trainer_settings.pop("signal"))
+        module = SimpleNamespace(data_source=trainer_settings.pop("data_source"), signal=trainer_settings.pop("signal"),
+                                 validation=trainer_settings.pop("validation", None))
         trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, **trainer_settings)
         enforce("trainer", trainer, module)
@@ -128,6 +130,8 @@ BROKEN = {
     "replay-without-accumulation": trainer_rule(accumulate_grad_batches=2, data_source=OnPolicy(updates_per_rollout=2),
                                                 signal=Sparse(rewards=[REWARD])),
     "reward-model-trains-on-pairs": lambda: check_method(sampled(), RewardPairs()),
+    "reward-model-validates-pairs": trainer_rule(data_source=OffPolicy(), signal=RewardPairs(),
+                                                 validation=Validation(num_samples=4)),
     "reward-model-unsharded": trainer_rule(strategy=ModelParallelStrategy(), data_source=OffPolicy(),
                                            signal=RewardPairs()),
     "self-teacher-copy-unsharded": trainer_rule(strategy=ModelParallelStrategy(), data_source=OffPolicy(), signal=Dense(

@@ -215,6 +215,16 @@ def reward_model_trains_on_pairs(method) -> str | None:
     return None
 
 
+@rule("reward-model-validates-pairs", "trainer", "signal", "validation.num_samples")
+def reward_model_validates_pairs(trainer, host) -> str | None:
+    """A reward model is validated on its held-out pairs; it writes no answers to sample."""
+    validation = getattr(host, "validation", None)
+    if host.signal.kind == "reward_model" and validation is not None and validation.num_samples is not None:
+        return (f"signal=reward_model is validated by its held-out pairs' accuracy and margin; it writes no answers, "
+                f"so validation.num_samples={validation.num_samples} has nothing to sample: set it to null")
+    return None
+
+
 @rule("reward-model-unsharded", "trainer", "signal", "trainer.strategy")
 def reward_model_unsharded(trainer, host) -> str | None:
     """The reward model's scalar head and its save are not built for FSDP2's shards."""
