@@ -116,6 +116,10 @@ class TransformersSchedule(LambdaLR):
         from transformers import get_scheduler
 
         made = get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+        if not isinstance(made, LambdaLR):  # reduce_lr_on_plateau: stepped by a metric, not every step
+            raise ValueError(f"TransformersSchedule name={name!r} is not a per-step schedule (transformers gives a "
+                             f"{type(made).__name__}); name one of linear, cosine, cosine_with_restarts, polynomial, "
+                             f"constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay")
         super().__init__(optimizer, made.lr_lambdas)
 
 

@@ -63,3 +63,16 @@ def test_a_dense_signal_is_configured_by_the_keys_users_type(tmp_path: Path) -> 
                                       f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_train=16"])
     assert isinstance(cli.model.signal.teacher, HFTeacher) and cli.model.signal.divergence == "reverse_kl"
     assert cli.model.pipeline.names[:2] == ["sample", "teacher"]
+
+
+def test_a_schedule_that_is_not_stepped_every_step_is_refused_by_name() -> None:
+    """``TransformersSchedule`` wraps transformers' per-step schedules; one stepped by a metric
+    (before: an AttributeError on ``lr_lambdas``) is named with the ones it takes."""
+    import torch
+
+    from lightning_unified.schedule import TransformersSchedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"name='reduce_lr_on_plateau' is not a per-step schedule.*cosine"):
+        TransformersSchedule(optimizer, "reduce_lr_on_plateau")
+    assert TransformersSchedule(optimizer, "linear", 0, 4).lr_lambdas[0](2) == 0.5
