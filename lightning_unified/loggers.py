@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
 from lightning_unified.lightning_private import started_wandb_run
+
+if TYPE_CHECKING:  # Hydra's config: a run without Hydra (a GPU image, LightningCLI) imports this module too
+    from omegaconf import DictConfig
 
 # a run's own MLflow store, under its directory: MLflow's recommended local backend (since
 # MLflow 3 a plain directory store, file:./mlruns, is refused unless MLFLOW_ALLOW_FILE_STORE
@@ -55,6 +57,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
             flat[prefix] = json.dumps(node, default=str)
         else:
             flat[prefix] = node
+
+    from omegaconf import OmegaConf
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
