@@ -10,6 +10,7 @@ of what was dropped is said in the log.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -203,10 +204,8 @@ def resolve_columns(found: list[str], columns: Mapping[str, str] | None, path: P
 def _number(value, column: str, where: str) -> float:
     """A finite number from a cell (a CSV cell is text), or an error naming the column."""
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):  # not a number: refused below, named
             value = float(value)
-        except ValueError:
-            pass
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise DataError(f"{where}: column {column!r} must be a finite number, got {value!r}")
     return float(value)
